@@ -1,0 +1,222 @@
+//! Compiles kernels/*.cu with nvcc (through the `cc` crate) into a static library of `extern "C"`
+//! launchers linked with the static CUDA runtime, and generates the Rust FFI from
+//! kernels/dropfuse.h with bindgen into OUT_DIR.
+//!
+//! Environment:
+//! - `NVCC`: path of nvcc. Otherwise `CUDA_HOME`/`CUDA_PATH` (`bin/nvcc`), then `PATH`, then the
+//!   project-local toolchain that `scripts/setup-cuda.sh` installs in `.cuda/`.
+//! - `DROPFUSE_CUDA_ARCHS`: comma-separated targets, e.g. `sm_80,sm_90,compute_90` (the default):
+//!   `sm_XY` is machine code for that GPU, `compute_XY` is PTX that newer GPUs JIT-compile.
+//! - `DOCS_RS`: skip nvcc (documentation builds without CUDA).
+
+use std::env;
+use std::path::{Path, PathBuf};
+
+const DEFAULT_ARCHS: &str = "sm_80,sm_90,compute_90";
+const SETUP_HINT: &str =
+    "run `bash scripts/setup-cuda.sh` (installs the pinned CUDA 13.0 compiler wheels into .cuda/ \
+     and libclang), or set NVCC / CUDA_HOME to an existing CUDA toolkit";
+
+fn main() {
+    let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
+    let out = PathBuf::from(env::var("OUT_DIR").unwrap());
+    let kernels = manifest.join("kernels");
+
+    println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-changed=kernels");
+    for var in [
+        "NVCC",
+        "CUDA_HOME",
+        "CUDA_PATH",
+        "PATH",
+        "DROPFUSE_CUDA_ARCHS",
+        "DOCS_RS",
+        "LIBCLANG_PATH",
+        "NVCC_PREPEND_FLAGS",
+        "NVCC_APPEND_FLAGS",
+        "NVCC_CCBIN",
+    ] {
+        println!("cargo:rerun-if-env-changed={var}");
+    }
+    println!("cargo:rerun-if-changed=.cuda/.installed");
+
+    let mut sources = Vec::new();
+    collect(&kernels, &mut sources);
+    sources.sort();
+    for s in &sources {
+        println!("cargo:rerun-if-changed={}", s.display());
+    }
+    let cu: Vec<&PathBuf> = sources
+        .iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "cu"))
+        .collect();
+
+    generate_bindings(&kernels.join("dropfuse.h"), &out.join("bindings.rs"));
+
+    if env::var_os("DOCS_RS").is_some() {
+        println!("cargo:warning=DOCS_RS is set: CUDA kernels are not compiled (documentation build)");
+        return;
+    }
+
+    let nvcc = find_nvcc(&manifest).unwrap_or_else(|| {
+        fail(&format!(
+            "no CUDA compiler (nvcc) found in NVCC, CUDA_HOME, CUDA_PATH, PATH or .cuda/: {SETUP_HINT}"
+        ))
+    });
+    let bin = nvcc.parent().unwrap().to_path_buf();
+    let root = bin.parent().unwrap().to_path_buf();
+
+    // cc runs `nvcc` from PATH (or $NVCC): put the chosen one first.
+    let path = env::var_os("PATH").unwrap_or_default();
+    let mut dirs = vec![bin.clone()];
+    dirs.extend(env::split_paths(&path));
+    env::set_var("PATH", env::join_paths(dirs).unwrap());
+
+    let archs = env::var("DROPFUSE_CUDA_ARCHS").unwrap_or_else(|_| DEFAULT_ARCHS.to_string());
+    let gencode =
+        parse_archs(&archs).unwrap_or_else(|e| fail(&format!("DROPFUSE_CUDA_ARCHS={archs:?}: {e}")));
+
+    let mut build = cc::Build::new();
+    build
+        .cuda(true)
+        .cudart("static")
+        // cc adds -G (device debug: slow kernels) in debug profiles; kernels are always optimized.
+        .debug(false)
+        .opt_level(3)
+        .std("c++17")
+        .include(&kernels)
+        .flag("-O3")
+        .flag("-lineinfo")
+        .flag("-Xcompiler=-fPIC")
+        .warnings(false);
+    for g in &gencode {
+        build.flag("-gencode").flag(g);
+    }
+    for f in &cu {
+        build.file(f);
+    }
+    if let Err(e) = build.try_compile("dropfuse_kernels") {
+        fail(&format!(
+            "nvcc ({}) failed to compile kernels/: {e}",
+            nvcc.display()
+        ));
+    }
+
+    // The static CUDA runtime: toolkits keep it in lib64/ (or targets/<arch>/lib), the wheels in lib/.
+    for dir in [
+        root.join("lib64"),
+        root.join("lib"),
+        root.join("targets/x86_64-linux/lib"),
+    ] {
+        if dir.join("libcudart_static.a").exists() {
+            println!("cargo:rustc-link-search=native={}", dir.display());
+        }
+    }
+    for lib in ["dl", "rt", "pthread"] {
+        println!("cargo:rustc-link-lib={lib}");
+    }
+}
+
+fn fail(msg: &str) -> ! {
+    eprintln!("\nerror: dropfuse build: {msg}\n");
+    panic!("dropfuse build: {msg}");
+}
+
+fn collect(dir: &Path, out: &mut Vec<PathBuf>) {
+    let entries =
+        std::fs::read_dir(dir).unwrap_or_else(|e| fail(&format!("cannot read {}: {e}", dir.display())));
+    for entry in entries.flatten() {
+        let p = entry.path();
+        if p.is_dir() {
+            collect(&p, out);
+        } else if p.extension().is_some_and(|e| e == "cu" || e == "cuh" || e == "h") {
+            out.push(p);
+        }
+    }
+}
+
+fn executable(p: &Path) -> bool {
+    p.is_file()
+}
+
+fn find_nvcc(manifest: &Path) -> Option<PathBuf> {
+    if let Some(p) = env::var_os("NVCC") {
+        let p = PathBuf::from(p);
+        if executable(&p) {
+            return Some(p);
+        }
+        // A bare name: look it up on PATH below.
+        if let Some(found) = which(&p) {
+            return Some(found);
+        }
+        fail(&format!("NVCC={} does not exist: {SETUP_HINT}", p.display()));
+    }
+    for var in ["CUDA_HOME", "CUDA_PATH"] {
+        if let Some(home) = env::var_os(var) {
+            let p = PathBuf::from(home).join("bin").join("nvcc");
+            if executable(&p) {
+                return Some(p);
+            }
+        }
+    }
+    if let Some(p) = which(Path::new("nvcc")) {
+        return Some(p);
+    }
+    let local = manifest.join(".cuda/site/nvidia/cu13/bin/nvcc");
+    executable(&local).then_some(local)
+}
+
+fn which(name: &Path) -> Option<PathBuf> {
+    let path = env::var_os("PATH")?;
+    env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| executable(p))
+}
+
+/// `sm_80,sm_90,compute_90` -> nvcc `-gencode` values.
+fn parse_archs(list: &str) -> Result<Vec<String>, String> {
+    let mut out = Vec::new();
+    for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let (kind, num) = item
+            .split_once('_')
+            .ok_or_else(|| format!("`{item}` is not of the form sm_XY or compute_XY"))?;
+        if num.is_empty()
+            || !num.chars().next().unwrap().is_ascii_digit()
+            || !num.chars().all(|c| c.is_ascii_alphanumeric())
+        {
+            return Err(format!("`{item}`: expected digits after `{kind}_`"));
+        }
+        match kind {
+            "sm" => out.push(format!("arch=compute_{num},code=sm_{num}")),
+            "compute" => out.push(format!("arch=compute_{num},code=compute_{num}")),
+            _ => return Err(format!("`{item}`: expected sm_XY or compute_XY")),
+        }
+    }
+    if out.is_empty() {
+        return Err("the list is empty".into());
+    }
+    Ok(out)
+}
+
+fn generate_bindings(header: &Path, dest: &Path) {
+    let bindings = bindgen::Builder::default()
+        .header(header.to_string_lossy())
+        .allowlist_function("dropfuse_.*")
+        .allowlist_type("dropfuse_.*")
+        .allowlist_var("DROPFUSE_.*")
+        .rustified_enum("dropfuse_dtype")
+        .derive_default(true)
+        .derive_debug(true)
+        .derive_copy(true)
+        .layout_tests(true)
+        .generate()
+        .unwrap_or_else(|e| {
+            fail(&format!(
+                "bindgen could not process {}: {e}. bindgen needs libclang: {SETUP_HINT}",
+                header.display()
+            ))
+        });
+    bindings
+        .write_to_file(dest)
+        .unwrap_or_else(|e| fail(&format!("cannot write {}: {e}", dest.display())));
+}

@@ -1,0 +1,64 @@
+// Element conversions and 16-byte vector access shared by the kernels.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+namespace dropfuse {
+
+template <typename T>
+struct Elem;
+
+template <>
+struct Elem<float> {
+  __device__ __forceinline__ static float to_f32(float v) { return v; }
+  __device__ __forceinline__ static float from_f32(float v) { return v; }
+};
+template <>
+struct Elem<__half> {
+  __device__ __forceinline__ static float to_f32(__half v) { return __half2float(v); }
+  __device__ __forceinline__ static __half from_f32(float v) { return __float2half_rn(v); }
+};
+template <>
+struct Elem<__nv_bfloat16> {
+  __device__ __forceinline__ static float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
+  __device__ __forceinline__ static __nv_bfloat16 from_f32(float v) { return __float2bfloat16_rn(v); }
+};
+
+// Elements per 16-byte vector.
+template <typename T>
+struct VecWidth {
+  static constexpr int value = 16 / static_cast<int>(sizeof(T));
+};
+
+// V elements: one 16-byte access when VEC (pointer 16-byte aligned), V scalar accesses otherwise.
+template <typename T, int V, bool VEC>
+__device__ __forceinline__ void load_elems(const T *p, T (&out)[V]) {
+  if constexpr (VEC) {
+    static_assert(V * sizeof(T) == 16, "vector access is 16 bytes");
+    const uint4 raw = *reinterpret_cast<const uint4 *>(p);
+    const T *e = reinterpret_cast<const T *>(&raw);
+#pragma unroll
+    for (int j = 0; j < V; ++j) out[j] = e[j];
+  } else {
+#pragma unroll
+    for (int j = 0; j < V; ++j) out[j] = p[j];
+  }
+}
+
+template <typename T, int V, bool VEC>
+__device__ __forceinline__ void store_elems(T *p, const T (&in)[V]) {
+  if constexpr (VEC) {
+    static_assert(V * sizeof(T) == 16, "vector access is 16 bytes");
+    uint4 raw;
+    T *e = reinterpret_cast<T *>(&raw);
+#pragma unroll
+    for (int j = 0; j < V; ++j) e[j] = in[j];
+    *reinterpret_cast<uint4 *>(p) = raw;
+  } else {
+#pragma unroll
+    for (int j = 0; j < V; ++j) p[j] = in[j];
+  }
+}
+
+}  // namespace dropfuse

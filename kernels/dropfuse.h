@@ -1,0 +1,82 @@
+/*
+ * dropfuse: C declarations of the CUDA kernel launchers. Rust's FFI (src/ffi.rs) is generated from
+ * this header by bindgen at build time.
+ *
+ * Conventions
+ *   - Every launcher enqueues its work on `stream` and returns a cudaError_t as int: 0 on success,
+ *     otherwise the error of the launch (or cudaErrorInvalidValue = 1 for a null pointer, a bad dtype
+ *     or a misaligned mask). Launchers never synchronize.
+ *   - The caller's current CUDA context must own `stream` and the memory (the Rust layer binds it).
+ *   - n == 0 is a no-op returning 0. Sizes and indices are 64-bit: tensors over 2^32 elements work.
+ *   - Data pointers may have any element alignment: 16-byte vector loads/stores are used when every
+ *     data pointer is 16-byte aligned, a scalar path otherwise. Masks must be 4-byte aligned.
+ *   - Out-of-place calls require non-overlapping input and output; in-place calls pass the same
+ *     pointer for both (each element is read and then written by the same thread).
+ *
+ * The mask contract (shared with the CPU reference, src/reference/)
+ *   Philox4x32-10 with the cuRAND constants: multipliers 0xD2511F53, 0xCD9E8D57; key increments
+ *   0x9E3779B9, 0xBB67AE85. Element e (its global index: element_offset + i for element i of the
+ *   slice being processed) gets the 32-bit word
+ *       word(e) = Philox4x32-10(counter = {lo(e/4), hi(e/4), lo(offset), hi(offset)},
+ *                               key     = {lo(seed), hi(seed)})[e % 4]
+ *   and is kept iff word(e) >= threshold, with threshold = round(p * 2^32) in [0, 2^32]
+ *   (so p = 0 keeps everything and p = 1 drops everything). A kept element becomes
+ *   round_to_T(float(x) * scale) with one f32 multiply and one round-to-nearest-even narrowing;
+ *   a dropped element becomes +0. scale = float(1 / (1 - p)) (0 for p = 1).
+ *   The decision depends only on (seed, offset, e): not on the GPU, the grid or the block shape.
+ *   Bit-packed masks: bit j of 32-bit word w is slice element 32w + j; unused bits of the last word
+ *   are written as 0. A mask holds ceil(n / 32) words.
+ */
+#ifndef DROPFUSE_H
+#define DROPFUSE_H
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Opaque CUDA stream; the same type as cudaStream_t and CUstream. */
+typedef struct CUstream_st *dropfuse_stream_t;
+
+/* Element type codes. */
+typedef enum dropfuse_dtype {
+  DROPFUSE_F32 = 0,
+  DROPFUSE_F16 = 1,
+  DROPFUSE_BF16 = 2,
+} dropfuse_dtype;
+
+/* Parameters of one dropout call (see the mask contract above). */
+typedef struct dropfuse_dropout_params {
+  uint64_t seed;           /* Philox key */
+  uint64_t offset;         /* Philox stream: counter words 2 and 3 */
+  uint64_t element_offset; /* global index of element 0 of this slice (tensor-parallel shards) */
+  uint64_t threshold;      /* drop iff word < threshold; 0 ..= 2^32 */
+  float scale;             /* multiplier of kept elements */
+} dropfuse_dropout_params;
+
+/* Writes the bit-packed keep mask of n elements: ceil(n/32) words. */
+int dropfuse_dropout_mask(uint32_t *mask, uint64_t n, const dropfuse_dropout_params *params,
+                          dropfuse_stream_t stream);
+
+/* y = dropout(x). Writes the bit mask too when `mask` is not null (ceil(n/32) words); with a null
+ * mask the backward regenerates the decisions from the same params. x == y is allowed (in place).
+ * Also the mask-free backward: dx = dropfuse_dropout_forward(dy) with the forward's params. */
+int dropfuse_dropout_forward(dropfuse_dtype dtype, const void *x, void *y, uint32_t *mask,
+                             uint64_t n, const dropfuse_dropout_params *params,
+                             dropfuse_stream_t stream);
+
+/* dx = dy * scale where the mask bit is set, +0 elsewhere (backward from a stored mask).
+ * dy == dx is allowed (in place). */
+int dropfuse_dropout_backward(dropfuse_dtype dtype, const void *dy, void *dx, const uint32_t *mask,
+                              uint64_t n, float scale, dropfuse_stream_t stream);
+
+/* Name and description of a status returned by the launchers (cudaGetErrorName/String). */
+const char *dropfuse_error_name(int status);
+const char *dropfuse_error_string(int status);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* DROPFUSE_H */

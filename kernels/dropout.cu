@@ -1,0 +1,218 @@
+// Dropout: bit-packed mask generation, forward (with or without a stored mask) and backward.
+//
+// Work split: a "chunk" is V consecutive elements (one 16-byte vector: V = 8 for f16/bf16, 4 for
+// f32); G = 32 / V consecutive lanes of a warp cover one 32-bit mask word, so mask words are
+// assembled with G-1 shuffles and written once, coalesced, with no atomics. Warps grid-stride over
+// the whole words of the tensor; the last n % 32 elements (a partial word) are done by warp 0 of
+// block 0 with one ballot. All indices are 64-bit.
+#include <stdint.h>
+
+#include "common/launch.cuh"
+#include "common/philox.cuh"
+#include "common/vec.cuh"
+#include "dropfuse.h"
+
+namespace dropfuse {
+namespace {
+
+constexpr int kThreads = 256;
+// Chunks per lane per iteration, loaded before any is used: 64 bytes in flight per lane for f32,
+// 32 for f16/bf16 (whose chunks need twice the Philox work; 4 would spill under 64 registers).
+template <typename T>
+__host__ __device__ constexpr int unroll() {
+  return sizeof(T) == 4 ? 4 : 2;
+}
+constexpr unsigned kFullWarp = 0xffffffffu;
+
+enum class Mode {
+  ForwardMask,    // y = dropout(x), write the bit mask
+  ForwardNoMask,  // y = dropout(x); also the mask-free backward
+  ApplyMask,      // y = x * scale where the stored mask bit is set (backward from a mask)
+};
+
+template <typename T>
+__device__ __forceinline__ T scaled_or_zero(T v, bool keep, float scale) {
+  return keep ? Elem<T>::from_f32(__fmul_rn(Elem<T>::to_f32(v), scale)) : Elem<T>::from_f32(0.0f);
+}
+
+// At least 4 resident blocks per SM (<= 64 registers): 1024 lanes per SM.
+template <typename T, bool VEC, Mode M>
+__global__ void __launch_bounds__(kThreads, 4)
+    dropout_kernel(const T *x, T *y, uint32_t *mask_out, const uint32_t *mask_in, uint64_t n,
+                   dropfuse_dropout_params p) {
+  constexpr int V = VecWidth<T>::value;
+  constexpr int G = 32 / V;
+  constexpr int kUnroll = unroll<T>();
+  const unsigned lane = threadIdx.x & 31u;
+  const uint64_t warp = (static_cast<uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  const uint64_t warps = (static_cast<uint64_t>(gridDim.x) * blockDim.x) >> 5;
+  const uint64_t words = n >> 5;  // whole mask words
+  const uint64_t chunks = words * G;
+  const PhiloxKey key = philox_key(p.seed);
+
+  for (uint64_t base = warp * (32 * kUnroll); base < chunks; base += warps * (32 * kUnroll)) {
+    T v[kUnroll][V];
+    uint32_t stored[kUnroll];
+    // All loads first, so each lane has kUnroll vectors in flight.
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const uint64_t c = base + u * 32 + lane;
+      if (c < chunks) {
+        load_elems<T, V, VEC>(x + c * V, v[u]);
+        if constexpr (M == Mode::ApplyMask) stored[u] = __ldg(mask_in + (c * V >> 5));
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const uint64_t c = base + u * 32 + lane;
+      const bool active = c < chunks;
+      uint32_t bits = 0;  // bit j: element c*V + j kept
+      if (active) {
+        if constexpr (M == Mode::ApplyMask) {
+          bits = (stored[u] >> ((lane % G) * V)) & ((1u << V) - 1u);
+        } else {
+          uint32_t w[V];
+          element_words<V>(key, p.offset, p.element_offset + c * V, w);
+#pragma unroll
+          for (int j = 0; j < V; ++j) bits |= static_cast<uint32_t>(keep_word(w[j], p.threshold)) << j;
+        }
+        T out[V];
+#pragma unroll
+        for (int j = 0; j < V; ++j) out[j] = scaled_or_zero(v[u][j], (bits >> j) & 1u, p.scale);
+        store_elems<T, V, VEC>(y + c * V, out);
+      }
+      if constexpr (M == Mode::ForwardMask) {
+        // Lane l holds the V bits at position (l % G) * V of word c*V/32; OR the G pieces together.
+        uint32_t word = bits << ((lane % G) * V);
+#pragma unroll
+        for (int s = 1; s < G; s <<= 1) word |= __shfl_xor_sync(kFullWarp, word, s);
+        if (active && lane % G == 0) mask_out[c * V >> 5] = word;
+      }
+    }
+  }
+
+  // The partial last word: n % 32 elements, one per lane of warp 0 of block 0.
+  if (blockIdx.x == 0 && threadIdx.x < 32 && (n & 31u) != 0) {
+    const uint64_t i = (words << 5) + lane;
+    const bool active = i < n;
+    bool keep = false;
+    if (active) {
+      if constexpr (M == Mode::ApplyMask) {
+        keep = (__ldg(mask_in + words) >> lane) & 1u;
+      } else {
+        keep = keep_word(element_word(key, p.offset, p.element_offset + i), p.threshold);
+      }
+      y[i] = scaled_or_zero(x[i], keep, p.scale);
+    }
+    if constexpr (M == Mode::ForwardMask) {
+      const uint32_t word = __ballot_sync(kFullWarp, keep);
+      if (lane == 0) mask_out[words] = word;
+    }
+  }
+}
+
+// Mask only: one thread per 32-bit word.
+__global__ void __launch_bounds__(kThreads)
+    mask_kernel(uint32_t *mask, uint64_t n, dropfuse_dropout_params p) {
+  const uint64_t words = (n + 31) >> 5;
+  const uint64_t stride = static_cast<uint64_t>(gridDim.x) * blockDim.x;
+  const PhiloxKey key = philox_key(p.seed);
+  for (uint64_t w = static_cast<uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x; w < words;
+       w += stride) {
+    const uint64_t first = w << 5;
+    uint32_t bits = 0;
+    if (first + 32 <= n) {
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        uint32_t r[8];
+        element_words<8>(key, p.offset, p.element_offset + first + 8 * q, r);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) bits |= static_cast<uint32_t>(keep_word(r[j], p.threshold)) << (8 * q + j);
+      }
+    } else {
+      for (uint64_t i = first; i < n; ++i) {
+        const uint32_t r = element_word(key, p.offset, p.element_offset + i);
+        bits |= static_cast<uint32_t>(keep_word(r, p.threshold)) << (i - first);
+      }
+    }
+    mask[w] = bits;
+  }
+}
+
+template <typename T, bool VEC, Mode M>
+cudaError_t launch_typed(const T *x, T *y, uint32_t *mask_out, const uint32_t *mask_in, uint64_t n,
+                         const dropfuse_dropout_params &p, cudaStream_t stream) {
+  constexpr int V = VecWidth<T>::value;
+  const uint64_t chunks = (n >> 5) * (32 / V);
+  const uint64_t per_block = static_cast<uint64_t>(kThreads) * unroll<T>();
+  unsigned grid = 0;
+  cudaError_t err = wave_grid(dropout_kernel<T, VEC, M>, kThreads, (chunks + per_block - 1) / per_block, &grid);
+  if (err != cudaSuccess) return err;
+  dropout_kernel<T, VEC, M><<<grid, kThreads, 0, stream>>>(x, y, mask_out, mask_in, n, p);
+  return cudaGetLastError();
+}
+
+template <typename T, Mode M>
+cudaError_t launch_aligned_or_not(const void *x, void *y, uint32_t *mask_out, const uint32_t *mask_in,
+                                  uint64_t n, const dropfuse_dropout_params &p, cudaStream_t stream) {
+  const T *xt = static_cast<const T *>(x);
+  T *yt = static_cast<T *>(y);
+  const bool aligned = ((reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(y)) & 15u) == 0;
+  return aligned ? launch_typed<T, true, M>(xt, yt, mask_out, mask_in, n, p, stream)
+                 : launch_typed<T, false, M>(xt, yt, mask_out, mask_in, n, p, stream);
+}
+
+template <Mode M>
+cudaError_t launch_dtype(dropfuse_dtype dtype, const void *x, void *y, uint32_t *mask_out,
+                         const uint32_t *mask_in, uint64_t n, const dropfuse_dropout_params &p,
+                         cudaStream_t stream) {
+  switch (dtype) {
+    case DROPFUSE_F32:
+      return launch_aligned_or_not<float, M>(x, y, mask_out, mask_in, n, p, stream);
+    case DROPFUSE_F16:
+      return launch_aligned_or_not<__half, M>(x, y, mask_out, mask_in, n, p, stream);
+    case DROPFUSE_BF16:
+      return launch_aligned_or_not<__nv_bfloat16, M>(x, y, mask_out, mask_in, n, p, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+bool misaligned_mask(const uint32_t *mask) { return (reinterpret_cast<uintptr_t>(mask) & 3u) != 0; }
+
+}  // namespace
+}  // namespace dropfuse
+
+using namespace dropfuse;
+
+extern "C" int dropfuse_dropout_mask(uint32_t *mask, uint64_t n, const dropfuse_dropout_params *params,
+                                     dropfuse_stream_t stream) {
+  if (n == 0) return cudaSuccess;
+  if (mask == nullptr || params == nullptr || misaligned_mask(mask)) return cudaErrorInvalidValue;
+  const uint64_t words = (n + 31) >> 5;
+  unsigned grid = 0;
+  cudaError_t err = wave_grid(mask_kernel, kThreads, (words + kThreads - 1) / kThreads, &grid);
+  if (err != cudaSuccess) return err;
+  mask_kernel<<<grid, kThreads, 0, stream>>>(mask, n, *params);
+  return cudaGetLastError();
+}
+
+extern "C" int dropfuse_dropout_forward(dropfuse_dtype dtype, const void *x, void *y, uint32_t *mask,
+                                        uint64_t n, const dropfuse_dropout_params *params,
+                                        dropfuse_stream_t stream) {
+  if (n == 0) return cudaSuccess;
+  if (x == nullptr || y == nullptr || params == nullptr) return cudaErrorInvalidValue;
+  if (mask != nullptr) {
+    if (misaligned_mask(mask)) return cudaErrorInvalidValue;
+    return launch_dtype<Mode::ForwardMask>(dtype, x, y, mask, nullptr, n, *params, stream);
+  }
+  return launch_dtype<Mode::ForwardNoMask>(dtype, x, y, nullptr, nullptr, n, *params, stream);
+}
+
+extern "C" int dropfuse_dropout_backward(dropfuse_dtype dtype, const void *dy, void *dx, const uint32_t *mask,
+                                         uint64_t n, float scale, dropfuse_stream_t stream) {
+  if (n == 0) return cudaSuccess;
+  if (dy == nullptr || dx == nullptr || mask == nullptr || misaligned_mask(mask)) return cudaErrorInvalidValue;
+  dropfuse_dropout_params p{};
+  p.scale = scale;
+  return launch_dtype<Mode::ApplyMask>(dtype, dy, dx, nullptr, mask, n, p, stream);
+}

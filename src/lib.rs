@@ -1,0 +1,31 @@
+//! # dropfuse
+//!
+//! Hand-written, fused CUDA kernels for stochastic regularization (dropout and its relatives), with
+//! a plain CPU reference that every kernel is compared against bit for bit.
+//!
+//! * [`Device`]: a CUDA context and stream; creating one on a machine without an NVIDIA driver or
+//!   GPU returns an [`Error`], nothing panics.
+//! * [`dropout`]: bit-packed mask generation, forward (with or without a stored mask), backward,
+//!   in-place variants, on cudarc slices and views, plus an `unsafe` raw-pointer layer.
+//! * [`reference`]: the CPU oracle (Philox4x32-10 and every kernel, written plainly).
+//! * [`rng`]: the `(seed, offset)` pair every random kernel takes, and a [`Generator`].
+//!
+//! The mask contract is documented in the README and in `kernels/dropfuse.h`.
+
+pub mod device;
+pub mod dropout;
+pub mod dtype;
+pub mod error;
+pub mod ffi;
+pub mod reference;
+pub mod rng;
+
+pub use device::Device;
+pub use dropout::Dropout;
+pub use dtype::{DType, Element};
+pub use error::{Error, Result};
+pub use rng::{Generator, PhiloxState};
+
+/// Re-exported so users need not depend on the same versions themselves.
+pub use cudarc;
+pub use half;

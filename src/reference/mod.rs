@@ -1,0 +1,54 @@
+//! The CPU reference ("oracle"): a plain, slow, bit-exact model of every dropfuse kernel.
+//!
+//! The CUDA kernels are tested by comparing their outputs with these functions bit for bit, and
+//! you can do the same with your own kernels. The contract:
+//!
+//! 1. **Generator.** Philox4x32-10 with the Random123 / cuRAND constants
+//!    ([`philox4x32_10`]). One round maps counter `c` and key `k` to
+//!    `[hi1 ^ c[1] ^ k[0], lo1, hi0 ^ c[3] ^ k[1], lo0]`, where `(hi0, lo0)` is the 64-bit
+//!    product `0xD2511F53 * c[0]` and `(hi1, lo1)` is `0xCD9E8D57 * c[2]`. Ten rounds; before
+//!    rounds 2 to 10 the key is bumped: `k[0] += 0x9E3779B9`, `k[1] += 0xBB67AE85` (wrapping).
+//!
+//! 2. **Random word of an element.** Element `e` is a *global* index: element `i` of a slice
+//!    whose first element has index `element_offset` is `e = element_offset + i`. With
+//!    [`PhiloxState`](crate::PhiloxState) `{ seed, offset }`, its word is
+//!
+//!    ```text
+//!    word(e) = philox4x32_10([lo32(e >> 2), hi32(e >> 2), lo32(offset), hi32(offset)],
+//!                            [lo32(seed), hi32(seed)])[e & 3]
+//!    ```
+//!
+//!    ([`philox::element_word`]). One Philox call yields the words of four consecutive elements.
+//!
+//! 3. **Threshold.** A drop probability `p` must be finite and in `[0, 1]`; anything else (NaN,
+//!    negative, above 1, infinite) is rejected with an invalid-argument error named `p`. The
+//!    threshold is `round(p * 2^32)` computed in `f64` (the multiply is exact, `round` is half
+//!    away from zero), a value in `[0, 2^32]` ([`dropout::drop_threshold`]). Element `e` is
+//!    **kept iff `word(e) as u64 >= threshold`** ([`dropout::keep`]): `p = 0` keeps everything,
+//!    `p = 1` (threshold 2^32) drops everything.
+//!
+//! 4. **Scale.** Kept elements are multiplied by `(1 / (1 - p)) as f32`, computed in `f64` and
+//!    rounded once to `f32`; for `p = 1` the scale is `0.0` ([`dropout::keep_scale`]).
+//!
+//! 5. **Mask.** The mask of `n` elements is `ceil(n / 32)` `u32` words; bit `j` of word `w` is the
+//!    keep decision of slice element `32 * w + j`, and the unused high bits of the last word are
+//!    0 ([`dropout::mask`]). Because decisions depend only on global indices, the mask of a slice
+//!    `[a, a + m)` computed with `element_offset = a` equals bits `a .. a + m` of the whole
+//!    tensor's mask: shards of one tensor can be processed independently.
+//!
+//! 6. **Arithmetic.** Values are widened exactly to `f32`, multiplied once by the scale in `f32`,
+//!    and rounded once back to the element type with round-to-nearest-even. Dropped elements are
+//!    `+0.0`, even when the input is NaN or infinite ([`dropout::apply_mask`]).
+//!
+//! 7. **Operations.** [`dropout::forward`] returns `(y, mask)`; [`dropout::backward_from_mask`]
+//!    applies a stored mask to `dy`; [`dropout::backward`] regenerates the mask from Philox and
+//!    gives the same result as the forward with the same `(p, state, element_offset)`.
+//!
+//! 8. **Validation.** Empty data (`x` or `dy`; `n` for [`dropout::mask`]), a mask whose length
+//!    is not exactly `ceil(n / 32)` (`mask`), and an `element_offset + n` that overflows `u64`
+//!    (`element_offset`) are invalid-argument errors, returned before any work is done.
+
+pub mod dropout;
+pub mod philox;
+
+pub use philox::philox4x32_10;

@@ -1,0 +1,152 @@
+//! The safe and raw API's validation, which needs no GPU: every bad argument gives the right
+//! `Error::InvalidArgument` before anything touches CUDA, and a missing driver is an error, not a
+//! panic.
+
+use dropfuse::dropout::{mask_words, raw};
+use dropfuse::{Device, Dropout, Error, PhiloxState};
+
+fn arg(e: Error) -> &'static str {
+    e.argument()
+        .unwrap_or_else(|| panic!("expected InvalidArgument, got {e:?}"))
+}
+
+#[test]
+fn probability_must_be_in_unit_interval() {
+    for p in [
+        f64::NAN,
+        -0.1,
+        -0.0 - 1e-300,
+        1.0 + 1e-12,
+        1.5,
+        f64::INFINITY,
+        f64::NEG_INFINITY,
+    ] {
+        assert_eq!(arg(Dropout::new(p).unwrap_err()), "p", "p = {p}");
+    }
+    for p in [0.0, 1e-9, 0.5, 0.999999, 1.0] {
+        assert!(Dropout::new(p).is_ok(), "p = {p}");
+    }
+}
+
+#[test]
+fn threshold_and_scale_follow_the_contract() {
+    let t = |p: f64| Dropout::new(p).unwrap().threshold();
+    assert_eq!(t(0.0), 0);
+    assert_eq!(t(1.0), 1 << 32);
+    assert_eq!(t(0.5), 1 << 31);
+    assert_eq!(t(1e-9), 4);
+    assert_eq!(t(0.999999), 4_294_963_001);
+    assert_eq!(t(1e-12), 0, "below 2^-33 rounds to keeping everything");
+    assert_eq!(Dropout::new(0.0).unwrap().scale(), 1.0);
+    assert_eq!(Dropout::new(0.5).unwrap().scale(), 2.0);
+    assert_eq!(Dropout::new(0.1).unwrap().scale(), (1.0f64 / 0.9) as f32);
+    assert_eq!(Dropout::new(1.0).unwrap().scale(), 0.0);
+}
+
+#[test]
+fn api_threshold_and_scale_agree_with_the_reference() {
+    // The API and the reference compute these independently; they must agree everywhere.
+    let mut p = 0.0f64;
+    while p <= 1.0 {
+        let d = Dropout::new(p).unwrap();
+        assert_eq!(
+            d.threshold(),
+            dropfuse::reference::dropout::drop_threshold(p).unwrap(),
+            "p = {p}"
+        );
+        assert_eq!(
+            d.scale(),
+            dropfuse::reference::dropout::keep_scale(p).unwrap(),
+            "p = {p}"
+        );
+        p += 0.000_731;
+    }
+}
+
+#[test]
+fn mask_words_is_ceil_n_over_32() {
+    assert_eq!(mask_words(0), 0);
+    assert_eq!(mask_words(1), 1);
+    assert_eq!(mask_words(32), 1);
+    assert_eq!(mask_words(33), 2);
+    assert_eq!(mask_words((1 << 32) + 37), (1 << 27) + 2);
+}
+
+#[test]
+fn raw_api_rejects_bad_pointers_and_sizes_before_any_cuda_call() {
+    let d = Dropout::new(0.5).unwrap();
+    let s = PhiloxState::new(1, 2);
+    let stream = std::ptr::null_mut();
+    let fake = 256usize as *mut f32; // never dereferenced: validation fails first
+    let m = 512usize as *mut u32;
+    unsafe {
+        assert_eq!(
+            arg(raw::forward::<f32>(&d, s, std::ptr::null(), fake, m, 10, stream).unwrap_err()),
+            "x"
+        );
+        assert_eq!(
+            arg(raw::forward::<f32>(&d, s, fake, std::ptr::null_mut(), m, 10, stream).unwrap_err()),
+            "y"
+        );
+        assert_eq!(
+            arg(raw::forward::<f32>(&d, s, fake, fake, m, 0, stream).unwrap_err()),
+            "x"
+        );
+        assert_eq!(
+            arg(raw::backward::<f32>(&d, std::ptr::null(), fake, fake, 10, stream).unwrap_err()),
+            "mask"
+        );
+        assert_eq!(
+            arg(raw::backward::<f32>(&d, m, std::ptr::null(), fake, 10, stream).unwrap_err()),
+            "dy"
+        );
+        assert_eq!(
+            arg(raw::backward::<f32>(&d, m, fake, std::ptr::null_mut(), 10, stream).unwrap_err()),
+            "dx"
+        );
+        assert_eq!(
+            arg(raw::mask(&d, s, std::ptr::null_mut(), 10, stream).unwrap_err()),
+            "mask"
+        );
+        assert_eq!(arg(raw::mask(&d, s, m, 0, stream).unwrap_err()), "n");
+        let shard = d.with_element_offset(u64::MAX - 5);
+        assert_eq!(
+            arg(raw::forward::<f32>(&shard, s, fake, fake, m, 10, stream).unwrap_err()),
+            "element_offset"
+        );
+        assert_eq!(
+            arg(raw::mask(&shard, s, m, 6, stream).unwrap_err()),
+            "element_offset"
+        );
+    }
+}
+
+#[test]
+fn device_without_driver_or_gpu_is_an_error_not_a_panic() {
+    match Device::new(0) {
+        Ok(dev) => {
+            // A GPU host: the handle works and reports a sensible device.
+            assert!(dev.sm_count().unwrap() > 0);
+            println!("device 0: {}", dev.name().unwrap());
+        }
+        Err(Error::NoDriver) | Err(Error::NoDevice { .. }) => {}
+        Err(e) => panic!("unexpected error without a GPU: {e:?}"),
+    }
+    // An ordinal past the last device is NoDevice (or NoDriver where there is no driver at all).
+    match Device::new(4096) {
+        Err(Error::NoDriver) | Err(Error::NoDevice { .. }) => {}
+        other => panic!("device 4096: {other:?}"),
+    }
+    let _ = Device::count();
+}
+
+#[test]
+fn errors_print_what_was_expected() {
+    let e = Dropout::new(2.0).unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        msg.contains("`p`") && msg.contains("[0, 1]") && msg.contains('2'),
+        "{msg}"
+    );
+    assert!(Error::NoDriver.to_string().contains("driver"));
+}
