@@ -5,14 +5,19 @@ use std::io::Write;
 
 use dropfuse::Device;
 
+/// Prints a SKIPPED line that `cargo test` shows even for passing tests.
+pub fn skip(test: &str, why: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "SKIPPED: {test}: {why}");
+}
+
 /// GPU 0, or `None` after printing a SKIPPED line that `cargo test` shows (written to the real
 /// stdout, not the captured one).
 pub fn gpu(test: &str) -> Option<Device> {
     match Device::new(0) {
         Ok(dev) => Some(dev),
         Err(e) => {
-            let mut out = std::io::stdout().lock();
-            let _ = writeln!(out, "SKIPPED: {test}: no CUDA device ({e})");
+            skip(test, &format!("no CUDA device ({e})"));
             None
         }
     }

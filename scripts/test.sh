@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The test command: installs what the build needs (scripts/setup-cuda.sh, idempotent), then runs
+# every test (GPU tests print SKIPPED without a GPU), clippy with -D warnings and the format check.
+#   bash scripts/test.sh            # all of it
+#   bash scripts/test.sh -- ARGS    # extra arguments for `cargo test`
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+bash scripts/setup-cuda.sh
+[ "${1:-}" = "--" ] && shift
+cargo test --all-targets "$@"
+cargo test --doc
+cargo clippy --all-targets -- -D warnings
+cargo fmt --all -- --check
