@@ -29,3 +29,8 @@ pub use rng::{Generator, PhiloxState};
 /// Re-exported so users need not depend on the same versions themselves.
 pub use cudarc;
 pub use half;
+
+// Compiles the README's Rust example as a doctest, so it cannot drift from the API.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
