@@ -7,6 +7,7 @@
 //!   project-local toolchain that `scripts/setup-cuda.sh` installs in `.cuda/`.
 //! - `DROPFUSE_CUDA_ARCHS`: comma-separated targets, e.g. `sm_80,sm_90,compute_90` (the default):
 //!   `sm_XY` is machine code for that GPU, `compute_XY` is PTX that newer GPUs JIT-compile.
+//! - `DROPFUSE_NVCC_FLAGS`: extra nvcc flags (whitespace-separated), e.g. the kernels' `-D` tuning knobs.
 //! - `DOCS_RS`: skip nvcc (documentation builds without CUDA).
 
 use std::env;
@@ -35,6 +36,7 @@ fn main() {
         "NVCC_PREPEND_FLAGS",
         "NVCC_APPEND_FLAGS",
         "NVCC_CCBIN",
+        "DROPFUSE_NVCC_FLAGS",
     ] {
         println!("cargo:rerun-if-env-changed={var}");
     }
@@ -91,6 +93,12 @@ fn main() {
         .warnings(false);
     for g in &gencode {
         build.flag("-gencode").flag(g);
+    }
+    // Extra nvcc flags, e.g. -D tuning knobs of the kernels (whitespace-separated).
+    if let Ok(extra) = env::var("DROPFUSE_NVCC_FLAGS") {
+        for f in extra.split_whitespace() {
+            build.flag(f);
+        }
     }
     for f in &cu {
         build.file(f);

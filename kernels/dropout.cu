@@ -1,10 +1,12 @@
 // Dropout: bit-packed mask generation, forward (with or without a stored mask) and backward.
 //
 // Work split: a "chunk" is V consecutive elements (one 16-byte vector: V = 8 for f16/bf16, 4 for
-// f32); G = 32 / V consecutive lanes of a warp cover one 32-bit mask word, so mask words are
-// assembled with G-1 shuffles and written once, coalesced, with no atomics. Warps grid-stride over
-// the whole words of the tensor; the last n % 32 elements (a partial word) are done by warp 0 of
-// block 0 with one ballot. All indices are 64-bit.
+// f32); G = 32 / V consecutive lanes of a warp cover one 32-bit mask word. For f16/bf16 each lane
+// stores its chunk's mask byte; for f32 the G lanes' nibbles are OR-ed with shuffles and one lane
+// stores the word: coalesced, each byte written once, no atomics. Warps grid-stride over the whole
+// words of the tensor; the last n % 32 elements (a partial word) are done by warp 0 of block 0 with
+// one ballot. All indices are 64-bit. The Philox work (one 32-bit word per element, IMAD-bound)
+// costs about as much time as moving f16 data, so the launch shape is tuned for overlap.
 #include <stdint.h>
 
 #include "common/launch.cuh"
@@ -16,12 +18,28 @@ namespace dropfuse {
 namespace {
 
 constexpr int kThreads = 256;
-// Chunks per lane per iteration, loaded before any is used: 64 bytes in flight per lane for f32,
-// 32 for f16/bf16 (whose chunks need twice the Philox work; 4 would spill under 64 registers).
+// Tuning knobs (defaults chosen by measurement on an H200, see BENCHMARKS.md); overridable with
+// DROPFUSE_NVCC_FLAGS="-DDROPFUSE_UNROLL_2B=..." for experiments.
+#ifndef DROPFUSE_UNROLL_2B  // chunks per lane per loop iteration, f16/bf16
+#define DROPFUSE_UNROLL_2B 2
+#endif
+#ifndef DROPFUSE_UNROLL_4B  // chunks per lane per loop iteration, f32
+#define DROPFUSE_UNROLL_4B 2
+#endif
+#ifndef DROPFUSE_MASK_BYTES  // f16/bf16: each lane stores its mask byte (no shuffles)
+#define DROPFUSE_MASK_BYTES 1
+#endif
+#ifndef DROPFUSE_MIN_BLOCKS  // resident blocks per SM the register budget must allow
+#define DROPFUSE_MIN_BLOCKS 4
+#endif
+// DROPFUSE_WAVES (common/launch.cuh): grid = waves x SMs x resident blocks, grid-stride beyond.
+
+// Chunks per lane per iteration, all loaded before any is used (loads in flight per lane).
 template <typename T>
 __host__ __device__ constexpr int unroll() {
-  return sizeof(T) == 4 ? 4 : 2;
+  return sizeof(T) == 4 ? DROPFUSE_UNROLL_4B : DROPFUSE_UNROLL_2B;
 }
+
 constexpr unsigned kFullWarp = 0xffffffffu;
 
 enum class Mode {
@@ -35,11 +53,23 @@ __device__ __forceinline__ T scaled_or_zero(T v, bool keep, float scale) {
   return keep ? Elem<T>::from_f32(__fmul_rn(Elem<T>::to_f32(v), scale)) : Elem<T>::from_f32(0.0f);
 }
 
-// At least 4 resident blocks per SM (<= 64 registers): 1024 lanes per SM.
+// What the kernels need of dropfuse_dropout_params, prepared on the host.
+struct Params {
+  PhiloxKey key;  // round keys of the seed
+  uint64_t offset;
+  uint64_t element_offset;
+  KeepTest keep;
+  float scale;
+};
+
+Params prepare(const dropfuse_dropout_params &p) {
+  return {philox_key(p.seed), p.offset, p.element_offset, keep_test(p.threshold), p.scale};
+}
+
 template <typename T, bool VEC, Mode M>
-__global__ void __launch_bounds__(kThreads, 4)
+__global__ void __launch_bounds__(kThreads, DROPFUSE_MIN_BLOCKS)
     dropout_kernel(const T *x, T *y, uint32_t *mask_out, const uint32_t *mask_in, uint64_t n,
-                   dropfuse_dropout_params p) {
+                   const __grid_constant__ Params p) {
   constexpr int V = VecWidth<T>::value;
   constexpr int G = 32 / V;
   constexpr int kUnroll = unroll<T>();
@@ -48,7 +78,6 @@ __global__ void __launch_bounds__(kThreads, 4)
   const uint64_t warps = (static_cast<uint64_t>(gridDim.x) * blockDim.x) >> 5;
   const uint64_t words = n >> 5;  // whole mask words
   const uint64_t chunks = words * G;
-  const PhiloxKey key = philox_key(p.seed);
 
   for (uint64_t base = warp * (32 * kUnroll); base < chunks; base += warps * (32 * kUnroll)) {
     T v[kUnroll][V];
@@ -72,16 +101,19 @@ __global__ void __launch_bounds__(kThreads, 4)
           bits = (stored[u] >> ((lane % G) * V)) & ((1u << V) - 1u);
         } else {
           uint32_t w[V];
-          element_words<V>(key, p.offset, p.element_offset + c * V, w);
+          element_words<V>(p.key, p.offset, p.element_offset + c * V, w);
 #pragma unroll
-          for (int j = 0; j < V; ++j) bits |= static_cast<uint32_t>(keep_word(w[j], p.threshold)) << j;
+          for (int j = 0; j < V; ++j) bits |= static_cast<uint32_t>(keep_word(w[j], p.keep)) << j;
         }
         T out[V];
 #pragma unroll
         for (int j = 0; j < V; ++j) out[j] = scaled_or_zero(v[u][j], (bits >> j) & 1u, p.scale);
         store_elems<T, V, VEC>(y + c * V, out);
       }
-      if constexpr (M == Mode::ForwardMask) {
+      if constexpr (M == Mode::ForwardMask && V == 8 && DROPFUSE_MASK_BYTES) {
+        // 8 elements per chunk: the chunk's bits are byte c of the (little-endian) mask words.
+        if (active) reinterpret_cast<uint8_t *>(mask_out)[c] = static_cast<uint8_t>(bits);
+      } else if constexpr (M == Mode::ForwardMask) {
         // Lane l holds the V bits at position (l % G) * V of word c*V/32; OR the G pieces together.
         uint32_t word = bits << ((lane % G) * V);
 #pragma unroll
@@ -100,7 +132,7 @@ __global__ void __launch_bounds__(kThreads, 4)
       if constexpr (M == Mode::ApplyMask) {
         keep = (__ldg(mask_in + words) >> lane) & 1u;
       } else {
-        keep = keep_word(element_word(key, p.offset, p.element_offset + i), p.threshold);
+        keep = keep_word(element_word(p.key, p.offset, p.element_offset + i), p.keep);
       }
       y[i] = scaled_or_zero(x[i], keep, p.scale);
     }
@@ -113,10 +145,9 @@ __global__ void __launch_bounds__(kThreads, 4)
 
 // Mask only: one thread per 32-bit word.
 __global__ void __launch_bounds__(kThreads)
-    mask_kernel(uint32_t *mask, uint64_t n, dropfuse_dropout_params p) {
+    mask_kernel(uint32_t *mask, uint64_t n, const __grid_constant__ Params p) {
   const uint64_t words = (n + 31) >> 5;
   const uint64_t stride = static_cast<uint64_t>(gridDim.x) * blockDim.x;
-  const PhiloxKey key = philox_key(p.seed);
   for (uint64_t w = static_cast<uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x; w < words;
        w += stride) {
     const uint64_t first = w << 5;
@@ -125,14 +156,14 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
         uint32_t r[8];
-        element_words<8>(key, p.offset, p.element_offset + first + 8 * q, r);
+        element_words<8>(p.key, p.offset, p.element_offset + first + 8 * q, r);
 #pragma unroll
-        for (int j = 0; j < 8; ++j) bits |= static_cast<uint32_t>(keep_word(r[j], p.threshold)) << (8 * q + j);
+        for (int j = 0; j < 8; ++j) bits |= static_cast<uint32_t>(keep_word(r[j], p.keep)) << (8 * q + j);
       }
     } else {
       for (uint64_t i = first; i < n; ++i) {
-        const uint32_t r = element_word(key, p.offset, p.element_offset + i);
-        bits |= static_cast<uint32_t>(keep_word(r, p.threshold)) << (i - first);
+        const uint32_t r = element_word(p.key, p.offset, p.element_offset + i);
+        bits |= static_cast<uint32_t>(keep_word(r, p.keep)) << (i - first);
       }
     }
     mask[w] = bits;
@@ -148,7 +179,7 @@ cudaError_t launch_typed(const T *x, T *y, uint32_t *mask_out, const uint32_t *m
   unsigned grid = 0;
   cudaError_t err = wave_grid(dropout_kernel<T, VEC, M>, kThreads, (chunks + per_block - 1) / per_block, &grid);
   if (err != cudaSuccess) return err;
-  dropout_kernel<T, VEC, M><<<grid, kThreads, 0, stream>>>(x, y, mask_out, mask_in, n, p);
+  dropout_kernel<T, VEC, M><<<grid, kThreads, 0, stream>>>(x, y, mask_out, mask_in, n, prepare(p));
   return cudaGetLastError();
 }
 
@@ -192,7 +223,7 @@ extern "C" int dropfuse_dropout_mask(uint32_t *mask, uint64_t n, const dropfuse_
   unsigned grid = 0;
   cudaError_t err = wave_grid(mask_kernel, kThreads, (words + kThreads - 1) / kThreads, &grid);
   if (err != cudaSuccess) return err;
-  mask_kernel<<<grid, kThreads, 0, stream>>>(mask, n, *params);
+  mask_kernel<<<grid, kThreads, 0, stream>>>(mask, n, prepare(*params));
   return cudaGetLastError();
 }
 

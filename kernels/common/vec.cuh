@@ -21,7 +21,11 @@ struct Elem<__half> {
 };
 template <>
 struct Elem<__nv_bfloat16> {
-  __device__ __forceinline__ static float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
+  // bf16 -> f32 is the bits shifted up by 16; a byte permute keeps it off the integer-multiply
+  // pipe that Philox saturates (the compiler would shift with IMAD).
+  __device__ __forceinline__ static float to_f32(__nv_bfloat16 v) {
+    return __uint_as_float(__byte_perm(0u, static_cast<uint32_t>(__bfloat16_as_ushort(v)), 0x5400));
+  }
   __device__ __forceinline__ static __nv_bfloat16 from_f32(float v) { return __float2bfloat16_rn(v); }
 };
 
