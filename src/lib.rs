@@ -7,7 +7,7 @@
 //!   GPU returns an [`Error`], nothing panics.
 //! * [`dropout`]: bit-packed mask generation, forward (with or without a stored mask), backward,
 //!   in-place variants, on cudarc slices and views, plus an `unsafe` raw-pointer layer.
-//! * [`reference`]: the CPU oracle (Philox4x32-10 and every kernel, written plainly).
+//! * [`reference`](mod@reference): the CPU oracle (Philox4x32-10 and every kernel, written plainly).
 //! * [`rng`]: the `(seed, offset)` pair every random kernel takes, and a [`Generator`].
 //!
 //! The mask contract is documented in the README and in `kernels/dropfuse.h`.

@@ -150,3 +150,25 @@ fn errors_print_what_was_expected() {
     );
     assert!(Error::NoDriver.to_string().contains("driver"));
 }
+
+#[test]
+fn generator_never_hands_out_the_same_stream_twice() {
+    let mut g = dropfuse::Generator::new(7);
+    assert_eq!(g.seed(), 7);
+    let a = g.next();
+    let b = g.next();
+    assert_eq!((a.seed, a.offset), (7, 0));
+    assert_eq!((b.seed, b.offset), (7, 1));
+    // a call that uses k streams (e.g. one per sample) reserves all of them
+    let c = g.next_streams(5);
+    assert_eq!(c.offset, 2);
+    assert_eq!(g.offset(), 7);
+    assert_eq!(g.next().offset, 7);
+    // resuming from a checkpoint continues the sequence
+    let mut resumed = dropfuse::Generator::with_offset(7, g.offset());
+    assert_eq!(resumed.next(), g.next());
+    // and distinct streams give distinct masks
+    let m1 = dropfuse::reference::dropout::mask(0.5, a, 0, 256).unwrap();
+    let m2 = dropfuse::reference::dropout::mask(0.5, b, 0, 256).unwrap();
+    assert_ne!(m1, m2);
+}
