@@ -23,7 +23,8 @@
 
 use std::ffi::c_void;
 
-use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
+use cudarc::driver::sys::CUdeviceptr;
+use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, DeviceSlice};
 
 use crate::dtype::Element;
 use crate::error::{Error, Result};
@@ -122,12 +123,9 @@ impl Dropout {
         n: usize,
         mask: &mut M,
     ) -> Result<()> {
-        self.check_len(n, "n")?;
-        check_mask_len(mask.len(), n)?;
-        check_stream(stream, mask.stream(), "mask")?;
-        bind(stream)?;
+        self.validate(stream, n, "n", &[Buf::mask(mask)])?;
         let (m, _gm) = mask.device_ptr_mut(stream);
-        // SAFETY: `mask` holds mask_words(n) u32 words on the stream's context (checked above).
+        // SAFETY: `mask` holds mask_words(n) u32 words on the stream's context (validated).
         unsafe { raw::mask(self, rng, m as *mut u32, n, stream.cu_stream()) }?;
         after(stream)
     }
@@ -142,30 +140,16 @@ impl Dropout {
         mask: &mut M,
     ) -> Result<()> {
         let n = x.len();
-        self.check_len(n, "x")?;
-        check_same_len(y.len(), n, "y")?;
-        check_mask_len(mask.len(), n)?;
-        check_stream(stream, x.stream(), "x")?;
-        check_stream(stream, y.stream(), "y")?;
-        check_stream(stream, mask.stream(), "mask")?;
-        bind(stream)?;
+        self.validate(
+            stream,
+            n,
+            "x",
+            &[Buf::data("x", x), Buf::data("y", y), Buf::mask(mask)],
+        )?;
         let (xp, _gx) = x.device_ptr(stream);
         let (yp, _gy) = y.device_ptr_mut(stream);
         let (mp, _gm) = mask.device_ptr_mut(stream);
-        // SAFETY: lengths and contexts checked above; x and y are distinct cudarc buffers (a shared
-        // and a mutable borrow), so they do not overlap.
-        unsafe {
-            raw::forward::<T>(
-                self,
-                rng,
-                xp as *const T,
-                yp as *mut T,
-                mp as *mut u32,
-                n,
-                stream.cu_stream(),
-            )
-        }?;
-        after(stream)
+        self.launch_forward::<T>(stream, rng, xp, yp, mp, n)
     }
 
     /// `y = dropout(x)` without storing a mask: the backward regenerates it from `rng`.
@@ -177,26 +161,10 @@ impl Dropout {
         y: &mut Y,
     ) -> Result<()> {
         let n = x.len();
-        self.check_len(n, "x")?;
-        check_same_len(y.len(), n, "y")?;
-        check_stream(stream, x.stream(), "x")?;
-        check_stream(stream, y.stream(), "y")?;
-        bind(stream)?;
+        self.validate(stream, n, "x", &[Buf::data("x", x), Buf::data("y", y)])?;
         let (xp, _gx) = x.device_ptr(stream);
         let (yp, _gy) = y.device_ptr_mut(stream);
-        // SAFETY: as in `forward`; a null mask means no mask is written.
-        unsafe {
-            raw::forward::<T>(
-                self,
-                rng,
-                xp as *const T,
-                yp as *mut T,
-                std::ptr::null_mut(),
-                n,
-                stream.cu_stream(),
-            )
-        }?;
-        after(stream)
+        self.launch_forward::<T>(stream, rng, xp, yp, NO_MASK, n)
     }
 
     /// In place: `x = dropout(x)`, and the bit mask.
@@ -208,26 +176,10 @@ impl Dropout {
         mask: &mut M,
     ) -> Result<()> {
         let n = x.len();
-        self.check_len(n, "x")?;
-        check_mask_len(mask.len(), n)?;
-        check_stream(stream, x.stream(), "x")?;
-        check_stream(stream, mask.stream(), "mask")?;
-        bind(stream)?;
+        self.validate(stream, n, "x", &[Buf::data("x", x), Buf::mask(mask)])?;
         let (xp, _gx) = x.device_ptr_mut(stream);
         let (mp, _gm) = mask.device_ptr_mut(stream);
-        // SAFETY: in place (x == y) is allowed by the launcher.
-        unsafe {
-            raw::forward::<T>(
-                self,
-                rng,
-                xp as *const T,
-                xp as *mut T,
-                mp as *mut u32,
-                n,
-                stream.cu_stream(),
-            )
-        }?;
-        after(stream)
+        self.launch_forward::<T>(stream, rng, xp, xp, mp, n)
     }
 
     /// In place, no mask stored.
@@ -238,23 +190,9 @@ impl Dropout {
         x: &mut X,
     ) -> Result<()> {
         let n = x.len();
-        self.check_len(n, "x")?;
-        check_stream(stream, x.stream(), "x")?;
-        bind(stream)?;
+        self.validate(stream, n, "x", &[Buf::data("x", x)])?;
         let (xp, _gx) = x.device_ptr_mut(stream);
-        // SAFETY: in place (x == y) is allowed by the launcher.
-        unsafe {
-            raw::forward::<T>(
-                self,
-                rng,
-                xp as *const T,
-                xp as *mut T,
-                std::ptr::null_mut(),
-                n,
-                stream.cu_stream(),
-            )
-        }?;
-        after(stream)
+        self.launch_forward::<T>(stream, rng, xp, xp, NO_MASK, n)
     }
 
     /// Backward from a stored mask: `dx = dy * scale` where the mask bit is set, 0 elsewhere.
@@ -266,28 +204,16 @@ impl Dropout {
         dx: &mut DX,
     ) -> Result<()> {
         let n = dy.len();
-        self.check_len(n, "dy")?;
-        check_same_len(dx.len(), n, "dx")?;
-        check_mask_len(mask.len(), n)?;
-        check_stream(stream, dy.stream(), "dy")?;
-        check_stream(stream, dx.stream(), "dx")?;
-        check_stream(stream, mask.stream(), "mask")?;
-        bind(stream)?;
+        self.validate(
+            stream,
+            n,
+            "dy",
+            &[Buf::data("dy", dy), Buf::data("dx", dx), Buf::mask(mask)],
+        )?;
         let (mp, _gm) = mask.device_ptr(stream);
         let (dyp, _gdy) = dy.device_ptr(stream);
         let (dxp, _gdx) = dx.device_ptr_mut(stream);
-        // SAFETY: lengths and contexts checked above; dy and dx are distinct buffers.
-        unsafe {
-            raw::backward::<T>(
-                self,
-                mp as *const u32,
-                dyp as *const T,
-                dxp as *mut T,
-                n,
-                stream.cu_stream(),
-            )
-        }?;
-        after(stream)
+        self.launch_backward::<T>(stream, mp, dyp, dxp, n)
     }
 
     /// Backward regenerating the mask from the forward's `rng` (and this dropout's element offset).
@@ -310,25 +236,10 @@ impl Dropout {
         grad: &mut G,
     ) -> Result<()> {
         let n = grad.len();
-        self.check_len(n, "grad")?;
-        check_mask_len(mask.len(), n)?;
-        check_stream(stream, grad.stream(), "grad")?;
-        check_stream(stream, mask.stream(), "mask")?;
-        bind(stream)?;
+        self.validate(stream, n, "grad", &[Buf::data("grad", grad), Buf::mask(mask)])?;
         let (mp, _gm) = mask.device_ptr(stream);
         let (gp, _gg) = grad.device_ptr_mut(stream);
-        // SAFETY: in place (dy == dx) is allowed by the launcher.
-        unsafe {
-            raw::backward::<T>(
-                self,
-                mp as *const u32,
-                gp as *const T,
-                gp as *mut T,
-                n,
-                stream.cu_stream(),
-            )
-        }?;
-        after(stream)
+        self.launch_backward::<T>(stream, mp, gp, gp, n)
     }
 
     /// In place backward regenerating the mask from `rng`.
@@ -339,6 +250,98 @@ impl Dropout {
         grad: &mut G,
     ) -> Result<()> {
         self.forward_maskless_inplace(stream, rng, grad)
+    }
+
+    /// Validates a call on `n` elements: `n` itself (reported as `first`), every buffer's length,
+    /// then every buffer's context; then binds the stream's context for the launcher.
+    fn validate(&self, stream: &CudaStream, n: usize, first: &'static str, bufs: &[Buf<'_>]) -> Result<()> {
+        self.check_len(n, first)?;
+        for b in bufs {
+            if b.is_mask {
+                check_mask_len(b.len, n)?;
+            } else {
+                check_same_len(b.len, n, b.name)?;
+            }
+        }
+        for b in bufs {
+            check_stream(stream, b.stream, b.name)?;
+        }
+        bind(stream)
+    }
+
+    /// The forward launch on validated pointers (kept alive by the caller's guards); `y` may equal
+    /// `x` (in place); `mask` is [`NO_MASK`] for the mask-free modes.
+    fn launch_forward<T: Element>(
+        &self,
+        stream: &CudaStream,
+        rng: PhiloxState,
+        x: CUdeviceptr,
+        y: CUdeviceptr,
+        mask: CUdeviceptr,
+        n: usize,
+    ) -> Result<()> {
+        let mask = if mask == NO_MASK {
+            std::ptr::null_mut()
+        } else {
+            mask as *mut u32
+        };
+        // SAFETY: lengths and contexts were validated; x and y are one buffer (in place) or two
+        // distinct cudarc buffers (a shared and a mutable borrow cannot overlap).
+        unsafe { raw::forward::<T>(self, rng, x as *const T, y as *mut T, mask, n, stream.cu_stream()) }?;
+        after(stream)
+    }
+
+    /// The backward-from-mask launch on validated pointers; `dx` may equal `dy` (in place).
+    fn launch_backward<T: Element>(
+        &self,
+        stream: &CudaStream,
+        mask: CUdeviceptr,
+        dy: CUdeviceptr,
+        dx: CUdeviceptr,
+        n: usize,
+    ) -> Result<()> {
+        // SAFETY: as in `launch_forward`.
+        unsafe {
+            raw::backward::<T>(
+                self,
+                mask as *const u32,
+                dy as *const T,
+                dx as *mut T,
+                n,
+                stream.cu_stream(),
+            )
+        }?;
+        after(stream)
+    }
+}
+
+/// No mask pointer (the mask-free modes).
+const NO_MASK: CUdeviceptr = 0;
+
+/// One buffer of a call, as validation sees it.
+struct Buf<'a> {
+    name: &'static str,
+    len: usize,
+    stream: &'a CudaStream,
+    is_mask: bool,
+}
+
+impl<'a> Buf<'a> {
+    fn data<T, S: DeviceSlice<T>>(name: &'static str, s: &'a S) -> Self {
+        Buf {
+            name,
+            len: s.len(),
+            stream: s.stream(),
+            is_mask: false,
+        }
+    }
+    fn mask<S: DeviceSlice<u32>>(s: &'a S) -> Self {
+        Buf {
+            name: "mask",
+            len: s.len(),
+            stream: s.stream(),
+            is_mask: true,
+        }
     }
 }
 
