@@ -12,6 +12,9 @@
 //!
 //! Without a GPU it says so and runs the CPU reference alone on 2^16 + 37 elements, printing the
 //! reference's own consistency checks (keep rate, backward from the mask == mask-free backward, ...).
+//!
+//! `cargo test --example tour` runs the same entry point: on a GPU at 2^16 + 37 elements (to keep the
+//! debug-build reference fast), without one the CPU reference exactly as above.
 
 use std::process::ExitCode;
 
@@ -36,19 +39,24 @@ const TIMED_LAUNCHES: u32 = 10;
 type BoxResult<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
 fn main() -> ExitCode {
-    let result = match Device::new(0) {
-        Ok(dev) => gpu_tour(&dev),
-        Err(e) => {
-            println!("No CUDA device found ({e}): running the CPU reference only.");
-            cpu_tour()
-        }
-    };
-    match result {
+    match tour(GPU_N, CPU_N) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// The tour: every kernel on GPU 0 at `gpu_n` elements, or without a GPU the CPU reference at
+/// `cpu_n` (at least 6000). `Ok(false)` if anything mismatches or a check fails.
+fn tour(gpu_n: usize, cpu_n: usize) -> BoxResult<bool> {
+    match Device::new(0) {
+        Ok(dev) => gpu_tour(&dev, gpu_n),
+        Err(e) => {
+            println!("No CUDA device found ({e}): running the CPU reference only.");
+            cpu_tour(cpu_n)
         }
     }
 }
@@ -141,8 +149,13 @@ fn download<T: Element, S: DevicePtr<T>>(dev: &Device, s: &S) -> dropfuse::Resul
 }
 
 /// Runs and checks every kernel for dtype `T`; appends one row per kernel.
-fn gpu_dtype<T: Element>(dev: &Device, rng: &mut Generator, seed: u64, rows: &mut Vec<Row>) -> BoxResult<()> {
-    let n = GPU_N;
+fn gpu_dtype<T: Element>(
+    dev: &Device,
+    n: usize,
+    rng: &mut Generator,
+    seed: u64,
+    rows: &mut Vec<Row>,
+) -> BoxResult<()> {
     let size = T::DTYPE.size() as u64;
     let dtype = T::DTYPE.name();
     let stream = dev.stream();
@@ -225,20 +238,20 @@ fn gpu_dtype<T: Element>(dev: &Device, rng: &mut Generator, seed: u64, rows: &mu
     Ok(())
 }
 
-fn gpu_tour(dev: &Device) -> BoxResult<bool> {
+fn gpu_tour(dev: &Device, n: usize) -> BoxResult<bool> {
     let name = dev.name()?;
     let (major, minor) = dev.compute_capability()?;
     println!(
-        "GPU 0: {name} (sm_{major}{minor}, {} SMs); dropout p = {P}, n = {GPU_N}",
+        "GPU 0: {name} (sm_{major}{minor}, {} SMs); dropout p = {P}, n = {n}",
         dev.sm_count()?
     );
     println!("checking every mask bit and output element against the CPU reference...\n");
 
     let mut rng = Generator::new(2024);
     let mut rows = Vec::new();
-    gpu_dtype::<f16>(dev, &mut rng, 1, &mut rows)?;
-    gpu_dtype::<bf16>(dev, &mut rng, 2, &mut rows)?;
-    gpu_dtype::<f32>(dev, &mut rng, 3, &mut rows)?;
+    gpu_dtype::<f16>(dev, n, &mut rng, 1, &mut rows)?;
+    gpu_dtype::<bf16>(dev, n, &mut rng, 2, &mut rows)?;
+    gpu_dtype::<f32>(dev, n, &mut rng, 3, &mut rows)?;
 
     println!(
         "{:<18} {:<5} {:>9} {:<16} {:>9} {:>9} {:>8}",
@@ -276,8 +289,7 @@ fn gpu_tour(dev: &Device) -> BoxResult<bool> {
 // ---------------------------------------------------------------- CPU ----
 
 /// The reference's own consistency checks for dtype `T`; prints one row each.
-fn cpu_dtype<T: Element>(seed: u64, state: PhiloxState) -> BoxResult<bool> {
-    let n = CPU_N;
+fn cpu_dtype<T: Element>(n: usize, seed: u64, state: PhiloxState) -> BoxResult<bool> {
     let dtype = T::DTYPE.name();
     let x: Vec<T> = random_input(n, seed);
     let dy: Vec<T> = random_input(n, seed ^ 0xd1);
@@ -354,14 +366,14 @@ fn cpu_dtype<T: Element>(seed: u64, state: PhiloxState) -> BoxResult<bool> {
     Ok(all)
 }
 
-fn cpu_tour() -> BoxResult<bool> {
-    println!("CPU reference: dropout p = {P}, n = {CPU_N}\n");
+fn cpu_tour(n: usize) -> BoxResult<bool> {
+    println!("CPU reference: dropout p = {P}, n = {n}\n");
     println!("{:<5} {:>7}  {:<52} result", "dtype", "n", "check");
     println!("{}", "-".repeat(74));
     let mut rng = Generator::new(2024);
-    let mut ok = cpu_dtype::<f16>(1, rng.next())?;
-    ok &= cpu_dtype::<bf16>(2, rng.next())?;
-    ok &= cpu_dtype::<f32>(3, rng.next())?;
+    let mut ok = cpu_dtype::<f16>(n, 1, rng.next())?;
+    ok &= cpu_dtype::<bf16>(n, 2, rng.next())?;
+    ok &= cpu_dtype::<f32>(n, 3, rng.next())?;
     println!();
     println!(
         "{}",
@@ -372,4 +384,15 @@ fn cpu_tour() -> BoxResult<bool> {
         }
     );
     Ok(ok)
+}
+
+#[cfg(test)]
+mod tests {
+    /// The tour's own entry point and checks: without a GPU the CPU reference at its normal size,
+    /// with one every kernel at 2^16 + 37 elements (the debug-build reference stays fast).
+    #[test]
+    fn tour_matches_the_reference() {
+        let ok = super::tour((1 << 16) + 37, super::CPU_N).expect("tour failed");
+        assert!(ok, "the tour found a mismatch or a failed check");
+    }
 }
