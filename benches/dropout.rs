@@ -1,67 +1,105 @@
-//! Dropout kernel benchmarks (criterion, `harness = false`).
+//! Dropout kernel benchmarks (criterion, `harness = false`), plus summary lines of our own.
 //!
-//! For f16, bf16 and f32 at `n = 2^DROPFUSE_BENCH_N` elements (default 2^28) this times:
+//! Kernels timed, and the bytes each launch on `n` elements of `size` bytes moves (the throughput):
 //!
-//! | kernel              | bytes moved (throughput)            |
-//! |---------------------|-------------------------------------|
-//! | `mask`              | mask (`ceil(n/32)` words, ~n/8)     |
-//! | `forward_mask`      | read x + write y + write mask       |
-//! | `forward_maskless`  | read x + write y                    |
-//! | `backward_mask`     | read dy + write dx + read mask      |
-//! | `backward_maskless` | read dy + write dx                  |
-//! | `copy`              | device-to-device copy of x: 2·n·size (the bandwidth baseline) |
+//! | kernel              | bytes moved                                                   |
+//! |---------------------|---------------------------------------------------------------|
+//! | `copy`              | device-to-device copy of x: `2·n·size` (the bandwidth baseline) |
+//! | `mask`              | write the mask: `4·ceil(n/32)` (~n/8)                          |
+//! | `forward_mask`      | read x + write y + write mask: `2·n·size + 4·ceil(n/32)`       |
+//! | `forward_maskless`  | read x + write y: `2·n·size`                                   |
+//! | `backward_mask`     | read dy + write dx + read mask: `2·n·size + 4·ceil(n/32)`      |
+//! | `backward_maskless` | read dy + write dx: `2·n·size`                                 |
 //!
-//! Every measurement is taken with CUDA events around back-to-back launches on the device's
-//! stream (`iter_custom`), so host-side overhead only matters if it is longer than a kernel.
+//! Every measurement is taken with CUDA events around back-to-back launches on the device's single
+//! stream, so host-side overhead only matters when it is longer than a kernel (small sizes).
 //!
-//! Besides criterion's report, one greppable summary line per kernel is printed to stdout, from
-//! this file's own event timing (median over `REPEATS` timings of `LAUNCHES` launches each):
+//! Two kinds of summary are printed, from this file's own event timing (median over repeats of a
+//! number of launches each), independent of criterion's filter (`--bench __none__` prints only them):
+//!
+//! - `method=burst`: f16, bf16 and f32 at `n = 2^DROPFUSE_BENCH_N`, every kernel, the copy first;
+//!   20 repeats of 10 launches. After each dtype's lines, criterion times the same kernels
+//!   (`iter_custom`, group `dropout/<dtype>/n=<n>`).
+//! - `method=sweep`: f16 and f32 at every `n = 2^k`, `k = 12..=30`: `copy`, `forward_mask`,
+//!   `forward_maskless`, `backward_mask`; per size the launch count makes one timed window about
+//!   2 ms of GPU work (10 to 20000 launches), 7 repeats. The buffers are allocated once per dtype
+//!   at the largest size and smaller sizes run on prefixes.
+//!
+//! One line per kernel, dtype and size:
 //!
 //! ```text
-//! DROPFUSE_BENCH kernel=forward_mask dtype=f16 n=268435456 ms=0.2850 bytes=1107296256 gbps=3885.3 copy_ms=0.2700 copy_gbps=3976.5 copy_fraction=0.977
+//! DROPFUSE_BENCH method=burst kernel=forward_mask dtype=f16 n=268435456 ms=0.28500 bytes=1107296256 gbps=3885.3 copy_ms=0.27000 copy_gbps=3976.5 copy_fraction=0.977
 //! ```
 //!
-//! `copy_fraction` is the kernel's bandwidth over the copy's, measured in the same run.
+//! `copy_fraction` is the kernel's bandwidth over the copy's, at the same dtype and size, measured
+//! in the same run. With `DROPFUSE_BENCH_JSON` the same rows are appended as JSON lines, in the
+//! schema shared with the PyTorch peer (`benches/peers/`):
+//!
+//! ```text
+//! {"impl":"dropfuse","kernel":"forward_mask","dtype":"f16","n":268435456,"p":0.1,"method":"burst",
+//!  "launches":10,"repeats":20,"ms":0.285,"bytes":1107296256,"gbps":3885.3,"copy_ms":0.27,
+//!  "copy_gbps":3976.5,"copy_fraction":0.977,"gpu":"NVIDIA H200","date":"2026-11-28",
+//!  "commit":"unknown","side":"dropfuse"}
+//! ```
+//!
+//! (one line each; copy rows have `"impl":"copy","kernel":"copy"`; `date` is UTC).
 //!
 //! Environment:
-//! - `DROPFUSE_BENCH_N`: log2 of the element count (default 28).
-//! - `DROPFUSE_BENCH_JSON`: a file to which the summary lines are appended as JSON lines.
+//! - `DROPFUSE_BENCH_N`: log2 of the burst element count (default 28).
+//! - `DROPFUSE_BENCH_JSON`: a file to which the rows are appended as JSON lines.
+//! - `DROPFUSE_BENCH_SWEEP`: `0` skips the size sweep.
+//! - `DROPFUSE_BENCH_SWEEP_MAX`: log2 of the sweep's largest size (default 30, at least 12).
+//! - `DROPFUSE_COMMIT`: the `commit` field of the JSON rows (default `unknown`).
 //!
 //! Without a CUDA device this prints `SKIPPED: dropout benches: no CUDA device (...)` and registers
 //! no benchmark, so `cargo bench` still succeeds on GPU-less machines.
 
+use std::fs::File;
 use std::io::Write;
-use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use dropfuse::cudarc::driver::sys::CUevent_flags;
-use dropfuse::cudarc::driver::{CudaSlice, CudaStream};
+use dropfuse::cudarc::driver::{CudaEvent, CudaSlice};
 use dropfuse::dropout::mask_words;
 use dropfuse::half::{bf16, f16};
 use dropfuse::{Device, Dropout, Element, Error, Generator};
 
-/// Default log2 of the element count.
+/// Default log2 of the burst element count.
 const DEFAULT_LOG2_N: u32 = 28;
 /// Drop probability used throughout (the kernels' speed does not depend on it).
 const P: f64 = 0.1;
-/// Summary timing: launches per event-timed repeat, repeats (the median is reported), warm-up.
-const LAUNCHES: u32 = 10;
-const REPEATS: usize = 20;
-const WARMUP_LAUNCHES: u32 = 5;
+/// Burst timing: launches per event-timed repeat, repeats (the median is reported).
+const BURST_LAUNCHES: u64 = 10;
+const BURST_REPEATS: usize = 20;
+/// Launches before any timing of a kernel and size (clocks, caches, first-launch costs).
+const WARMUP_LAUNCHES: u64 = 5;
+/// Sweep sizes: `2^SWEEP_MIN_LOG2 ..= 2^SWEEP_MAX_LOG2` elements (the top from the environment).
+const SWEEP_MIN_LOG2: u32 = 12;
+const SWEEP_MAX_LOG2: u32 = 30;
+/// Sweep timing: launches of the quick per-call estimate, target GPU time of one timed window,
+/// bounds of the launch count, repeats.
+const SWEEP_PROBE_LAUNCHES: u64 = 10;
+const SWEEP_WINDOW_MS: f64 = 2.0;
+const SWEEP_MIN_LAUNCHES: u64 = 10;
+const SWEEP_MAX_LAUNCHES: u64 = 20_000;
+const SWEEP_REPEATS: usize = 7;
+/// Elements of the value pattern uploaded once and copied over the inputs.
+const PATTERN_LEN: usize = 1 << 20;
 
-/// The kernels benchmarked, in report order.
+/// The kernels benchmarked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kernel {
+    Copy,
     Mask,
     ForwardMask,
     ForwardMaskless,
     BackwardMask,
     BackwardMaskless,
-    Copy,
 }
 
 impl Kernel {
+    /// Burst order: the copy (the baseline of the others) first.
     const ALL: [Kernel; 6] = [
         Kernel::Copy,
         Kernel::Mask,
@@ -70,15 +108,30 @@ impl Kernel {
         Kernel::BackwardMask,
         Kernel::BackwardMaskless,
     ];
+    /// The sweep's kernels, the copy first.
+    const SWEEP: [Kernel; 4] = [
+        Kernel::Copy,
+        Kernel::ForwardMask,
+        Kernel::ForwardMaskless,
+        Kernel::BackwardMask,
+    ];
 
     fn name(self) -> &'static str {
         match self {
+            Kernel::Copy => "copy",
             Kernel::Mask => "mask",
             Kernel::ForwardMask => "forward_mask",
             Kernel::ForwardMaskless => "forward_maskless",
             Kernel::BackwardMask => "backward_mask",
             Kernel::BackwardMaskless => "backward_maskless",
+        }
+    }
+
+    /// The JSON `impl` field: who provides the kernel.
+    fn implementation(self) -> &'static str {
+        match self {
             Kernel::Copy => "copy",
+            _ => "dropfuse",
         }
     }
 
@@ -94,7 +147,23 @@ impl Kernel {
     }
 }
 
-/// Device buffers of one dtype and the state the launches need.
+/// How a row was measured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Method {
+    Burst,
+    Sweep,
+}
+
+impl Method {
+    fn name(self) -> &'static str {
+        match self {
+            Method::Burst => "burst",
+            Method::Sweep => "sweep",
+        }
+    }
+}
+
+/// Device buffers of one dtype, sized for the largest `n` timed; smaller sizes use prefixes.
 struct Bench<T: Element> {
     dev: Device,
     drop: Dropout,
@@ -107,16 +176,31 @@ struct Bench<T: Element> {
     dx: CudaSlice<T>,
     /// The bit mask (written by `mask` / `forward_mask`, read by `backward_mask`).
     mask: CudaSlice<u32>,
+    /// Timing events, created once (with timing enabled) and re-recorded.
+    start: CudaEvent,
+    end: CudaEvent,
 }
 
 impl<T: Element> Bench<T> {
     fn new(dev: &Device, n: usize) -> Result<Self, Error> {
+        let stream = dev.stream();
+        let driver = |call| move |e| Error::driver(call, e);
         // Values do not change the kernels' speed; a cheap varied pattern avoids all-zero data.
-        let host: Vec<T> = (0..n)
+        // It is uploaded once and copied over x, so no host buffer of n elements is needed.
+        let pattern: Vec<T> = (0..PATTERN_LEN.min(n))
             .map(|i| T::from_f32((i % 251) as f32 * 0.01 - 1.25))
             .collect();
-        let x = dev.upload(&host)?;
-        drop(host);
+        let pattern = dev.upload(&pattern)?;
+        let mut x = dev.zeros::<T>(n)?;
+        for start in (0..n).step_by(pattern.len()) {
+            let len = pattern.len().min(n - start);
+            stream
+                .memcpy_dtod(&pattern.slice(..len), &mut x.slice_mut(start..start + len))
+                .map_err(driver("cuMemcpyDtoDAsync"))?;
+        }
+        // `None` would create events with timing disabled.
+        let flags = Some(CUevent_flags::CU_EVENT_DEFAULT);
+        let ctx = dev.context();
         let mut bench = Bench {
             dev: dev.clone(),
             drop: Dropout::new(P)?,
@@ -125,138 +209,246 @@ impl<T: Element> Bench<T> {
             y: dev.zeros(n)?,
             dx: dev.zeros(n)?,
             mask: dev.zeros(mask_words(n))?,
+            start: ctx.new_event(flags).map_err(driver("cuEventCreate"))?,
+            end: ctx.new_event(flags).map_err(driver("cuEventCreate"))?,
         };
         // A valid mask for `backward_mask`, and everything touched once.
-        bench.launch(Kernel::ForwardMask)?;
+        bench.launch(Kernel::ForwardMask, n)?;
         bench.dev.synchronize()?;
+        drop(pattern);
         Ok(bench)
     }
 
-    fn n(&self) -> usize {
+    /// The largest `n` this bench can time.
+    fn capacity(&self) -> usize {
         self.x.len()
     }
 
-    /// Enqueues one launch of `kernel` (no synchronization).
-    fn launch(&mut self, kernel: Kernel) -> Result<(), Error> {
+    /// Enqueues one launch of `kernel` on the first `n` elements (no synchronization). Kept lean:
+    /// the prefix views are a few words on the stack, the rest is the safe API's own checks.
+    fn launch(&mut self, kernel: Kernel, n: usize) -> Result<(), Error> {
         let stream = self.dev.stream();
-        // A fresh Philox stream per call, as in training.
-        let state = self.rng.next();
+        let x = self.x.slice(..n);
+        let words = mask_words(n);
         match kernel {
-            Kernel::Mask => self.drop.mask(stream, state, self.x.len(), &mut self.mask),
-            Kernel::ForwardMask => self
-                .drop
-                .forward(stream, state, &self.x, &mut self.y, &mut self.mask),
-            Kernel::ForwardMaskless => self.drop.forward_maskless(stream, state, &self.x, &mut self.y),
-            Kernel::BackwardMask => self.drop.backward(stream, &self.mask, &self.x, &mut self.dx),
-            Kernel::BackwardMaskless => self.drop.backward_maskless(stream, state, &self.x, &mut self.dx),
             Kernel::Copy => stream
-                .memcpy_dtod(&self.x, &mut self.dx)
+                .memcpy_dtod(&x, &mut self.dx.slice_mut(..n))
                 .map_err(|e| Error::driver("cuMemcpyDtoDAsync", e)),
+            // A fresh Philox stream per call, as in training.
+            Kernel::Mask => self
+                .drop
+                .mask(stream, self.rng.next(), n, &mut self.mask.slice_mut(..words)),
+            Kernel::ForwardMask => self.drop.forward(
+                stream,
+                self.rng.next(),
+                &x,
+                &mut self.y.slice_mut(..n),
+                &mut self.mask.slice_mut(..words),
+            ),
+            Kernel::ForwardMaskless => {
+                self.drop
+                    .forward_maskless(stream, self.rng.next(), &x, &mut self.y.slice_mut(..n))
+            }
+            Kernel::BackwardMask => {
+                self.drop
+                    .backward(stream, &self.mask.slice(..words), &x, &mut self.dx.slice_mut(..n))
+            }
+            Kernel::BackwardMaskless => {
+                self.drop
+                    .backward_maskless(stream, self.rng.next(), &x, &mut self.dx.slice_mut(..n))
+            }
         }
     }
 
-    /// GPU time of `launches` back-to-back launches of `kernel`, measured with CUDA events.
-    fn time(&mut self, kernel: Kernel, launches: u64) -> Result<Duration, Error> {
-        let stream: Arc<CudaStream> = self.dev.stream().clone();
-        // `None` would create events with timing disabled.
-        let flags = Some(CUevent_flags::CU_EVENT_DEFAULT);
-        let start = stream
-            .record_event(flags)
+    /// GPU time of `launches` back-to-back launches of `kernel` on `n` elements (CUDA events).
+    fn time(&mut self, kernel: Kernel, n: usize, launches: u64) -> Result<Duration, Error> {
+        let stream = self.dev.stream().clone();
+        self.start
+            .record(&stream)
             .map_err(|e| Error::driver("cuEventRecord", e))?;
         for _ in 0..launches {
-            self.launch(kernel)?;
+            self.launch(kernel, n)?;
         }
-        let end = stream
-            .record_event(flags)
+        self.end
+            .record(&stream)
             .map_err(|e| Error::driver("cuEventRecord", e))?;
         // elapsed_ms waits for both events.
-        let ms = start
-            .elapsed_ms(&end)
+        let ms = self
+            .start
+            .elapsed_ms(&self.end)
             .map_err(|e| Error::driver("cuEventElapsedTime", e))?;
         Ok(Duration::from_secs_f64(f64::from(ms) / 1e3))
     }
 
-    /// Median milliseconds per launch: `REPEATS` event timings of `LAUNCHES` launches, after warm-up.
-    fn median_ms(&mut self, kernel: Kernel) -> Result<f64, Error> {
-        self.time(kernel, u64::from(WARMUP_LAUNCHES))?;
-        let mut ms: Vec<f64> = (0..REPEATS)
-            .map(|_| Ok(self.time(kernel, u64::from(LAUNCHES))?.as_secs_f64() * 1e3 / f64::from(LAUNCHES)))
+    /// Milliseconds per launch of `launches` launches.
+    fn ms_per_launch(&mut self, kernel: Kernel, n: usize, launches: u64) -> Result<f64, Error> {
+        Ok(self.time(kernel, n, launches)?.as_secs_f64() * 1e3 / launches as f64)
+    }
+
+    /// Median milliseconds per launch over `repeats` timings of `launches` launches (no warm-up).
+    fn median_ms(&mut self, kernel: Kernel, n: usize, launches: u64, repeats: usize) -> Result<f64, Error> {
+        let mut ms: Vec<f64> = (0..repeats)
+            .map(|_| self.ms_per_launch(kernel, n, launches))
             .collect::<Result<_, Error>>()?;
         ms.sort_by(f64::total_cmp);
         Ok(ms[ms.len() / 2])
     }
-}
 
-/// `n` from `DROPFUSE_BENCH_N` (log2), default 2^28.
-fn element_count() -> usize {
-    let log2 = match std::env::var("DROPFUSE_BENCH_N") {
-        Ok(s) => match s.trim().parse::<u32>() {
-            Ok(v) if (5..=33).contains(&v) => v,
-            _ => {
-                eprintln!("DROPFUSE_BENCH_N={s:?} is not a log2 size in 5..=33: using {DEFAULT_LOG2_N}");
-                DEFAULT_LOG2_N
+    fn warm_up(&mut self, kernel: Kernel, n: usize) -> Result<(), Error> {
+        self.time(kernel, n, WARMUP_LAUNCHES).map(drop)
+    }
+
+    /// One row: warm-up, then `repeats` timings of `launches` launches (for `None`, of a count that
+    /// makes one timed window about `SWEEP_WINDOW_MS` of GPU work, estimated first).
+    fn measure(
+        &mut self,
+        kernel: Kernel,
+        n: usize,
+        method: Method,
+        launches: Option<u64>,
+        repeats: usize,
+        copy: Option<(f64, u64)>,
+    ) -> Result<Row, Error> {
+        self.warm_up(kernel, n)?;
+        let launches = match launches {
+            Some(l) => l,
+            None => {
+                // A quick estimate, then one window at the count it suggests to refine it: a few
+                // launches overstate the per-call time by the latency of the first one.
+                let mut launches = SWEEP_PROBE_LAUNCHES;
+                for _ in 0..2 {
+                    let estimate = self.ms_per_launch(kernel, n, launches)?;
+                    launches = ((SWEEP_WINDOW_MS / estimate).ceil() as u64)
+                        .clamp(SWEEP_MIN_LAUNCHES, SWEEP_MAX_LAUNCHES);
+                }
+                launches
             }
-        },
-        Err(_) => DEFAULT_LOG2_N,
-    };
-    1usize << log2
+        };
+        let ms = self.median_ms(kernel, n, launches, repeats)?;
+        let bytes = kernel.bytes(n, T::DTYPE.size());
+        // The copy row is its own baseline.
+        let (copy_ms, copy_bytes) = copy.unwrap_or((ms, bytes));
+        Ok(Row {
+            kernel,
+            dtype: T::DTYPE.name(),
+            n,
+            method,
+            launches,
+            repeats,
+            ms,
+            bytes,
+            copy_ms,
+            copy_bytes,
+        })
+    }
+
+    /// Times the copy, then every other kernel of `kernels` against it, on `n` elements.
+    fn rows(
+        &mut self,
+        kernels: &[Kernel],
+        n: usize,
+        method: Method,
+        launches: Option<u64>,
+        repeats: usize,
+        out: &mut Output,
+    ) -> Result<(), Error> {
+        let copy = self.measure(Kernel::Copy, n, method, launches, repeats, None)?;
+        let baseline = Some((copy.ms, copy.bytes));
+        out.emit(&copy);
+        for &kernel in kernels.iter().filter(|&&k| k != Kernel::Copy) {
+            let row = self.measure(kernel, n, method, launches, repeats, baseline)?;
+            out.emit(&row);
+        }
+        Ok(())
+    }
 }
 
-/// One summary line's numbers.
-struct Summary {
+/// One measured kernel at one dtype and size: rendered as a text line and as a JSON line.
+struct Row {
     kernel: Kernel,
     dtype: &'static str,
     n: usize,
+    method: Method,
+    launches: u64,
+    repeats: usize,
+    /// Median milliseconds per launch.
     ms: f64,
     bytes: u64,
+    /// The copy's, at the same dtype and size.
     copy_ms: f64,
     copy_bytes: u64,
 }
 
-impl Summary {
-    /// GB/s (10^9 bytes per second) of `bytes` moved in `ms`.
-    fn gbps(bytes: u64, ms: f64) -> f64 {
-        bytes as f64 / ms / 1e6
+/// GB/s (10^9 bytes per second) of `bytes` moved in `ms`.
+fn gbps(bytes: u64, ms: f64) -> f64 {
+    bytes as f64 / ms / 1e6
+}
+
+impl Row {
+    fn gbps(&self) -> f64 {
+        gbps(self.bytes, self.ms)
+    }
+
+    fn copy_gbps(&self) -> f64 {
+        gbps(self.copy_bytes, self.copy_ms)
     }
 
     fn copy_fraction(&self) -> f64 {
-        Self::gbps(self.bytes, self.ms) / Self::gbps(self.copy_bytes, self.copy_ms)
+        self.gbps() / self.copy_gbps()
     }
 
     /// The greppable stdout line.
-    fn line(&self) -> String {
+    fn text(&self) -> String {
         format!(
-            "DROPFUSE_BENCH kernel={} dtype={} n={} ms={:.4} bytes={} gbps={:.1} copy_ms={:.4} copy_gbps={:.1} \
-             copy_fraction={:.3}",
+            "DROPFUSE_BENCH method={} kernel={} dtype={} n={} ms={:.5} bytes={} gbps={:.1} copy_ms={:.5} \
+             copy_gbps={:.1} copy_fraction={:.3}",
+            self.method.name(),
             self.kernel.name(),
             self.dtype,
             self.n,
             self.ms,
             self.bytes,
-            Self::gbps(self.bytes, self.ms),
+            self.gbps(),
             self.copy_ms,
-            Self::gbps(self.copy_bytes, self.copy_ms),
+            self.copy_gbps(),
             self.copy_fraction(),
         )
     }
 
-    /// The same as a JSON object (one line).
-    fn json(&self, gpu: &str, unix_time: u64) -> String {
+    /// The same as one JSON line, in the schema shared with the PyTorch peer.
+    fn json(&self, meta: &Meta) -> String {
         format!(
-            "{{\"kernel\":\"{}\",\"dtype\":\"{}\",\"n\":{},\"ms\":{:.6},\"bytes\":{},\"gbps\":{:.3},\
-             \"copy_ms\":{:.6},\"copy_gbps\":{:.3},\"copy_fraction\":{:.5},\"gpu\":\"{}\",\"unix_time\":{}}}",
+            "{{\"impl\":\"{}\",\"kernel\":\"{}\",\"dtype\":\"{}\",\"n\":{},\"p\":{},\"method\":\"{}\",\
+             \"launches\":{},\"repeats\":{},\"ms\":{},\"bytes\":{},\"gbps\":{},\"copy_ms\":{},\
+             \"copy_gbps\":{},\"copy_fraction\":{},\"gpu\":\"{}\",\"date\":\"{}\",\"commit\":\"{}\",\
+             \"side\":\"dropfuse\"}}",
+            self.kernel.implementation(),
             self.kernel.name(),
             self.dtype,
             self.n,
-            self.ms,
+            P,
+            self.method.name(),
+            self.launches,
+            self.repeats,
+            json_num(self.ms, 7),
             self.bytes,
-            Self::gbps(self.bytes, self.ms),
-            self.copy_ms,
-            Self::gbps(self.copy_bytes, self.copy_ms),
-            self.copy_fraction(),
-            json_escape(gpu),
-            unix_time,
+            json_num(self.gbps(), 3),
+            json_num(self.copy_ms, 7),
+            json_num(self.copy_gbps(), 3),
+            json_num(self.copy_fraction(), 5),
+            json_escape(&meta.gpu),
+            meta.date,
+            json_escape(&meta.commit),
         )
+    }
+}
+
+/// A JSON number with `decimals` decimals (`null` when not finite, which JSON cannot express).
+fn json_num(v: f64, decimals: usize) -> String {
+    if v.is_finite() {
+        format!("{v:.decimals$}")
+    } else {
+        "null".to_string()
     }
 }
 
@@ -273,53 +465,105 @@ fn json_escape(s: &str) -> String {
     out
 }
 
-/// Prints (and appends to `DROPFUSE_BENCH_JSON`) one summary line per kernel of dtype `T`.
-fn summarize<T: Element>(bench: &mut Bench<T>, gpu: &str) -> Result<(), Error> {
-    let (n, size, dtype) = (bench.n(), T::DTYPE.size(), T::DTYPE.name());
-    let copy_ms = bench.median_ms(Kernel::Copy)?;
-    let copy_bytes = Kernel::Copy.bytes(n, size);
-    let unix_time = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let mut json = std::env::var_os("DROPFUSE_BENCH_JSON").and_then(|path| {
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .map_err(|e| eprintln!("cannot open DROPFUSE_BENCH_JSON={path:?}: {e}"))
+/// The run's fields common to every JSON row.
+struct Meta {
+    gpu: String,
+    /// UTC, `YYYY-MM-DD`.
+    date: String,
+    commit: String,
+}
+
+/// `YYYY-MM-DD` of the UTC day `secs` seconds after the Unix epoch (Howard Hinnant's
+/// `civil_from_days`, proleptic Gregorian).
+fn utc_date(secs: u64) -> String {
+    let z = (secs / 86_400) as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097); // day of the 400-year era, 0..=146096
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365; // 0..=399
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100); // day of the March-based year, 0..=365
+    let mp = (5 * doy + 2) / 153; // March = 0
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}")
+}
+
+/// Where rows go: stdout, and `DROPFUSE_BENCH_JSON` when set.
+struct Output {
+    meta: Meta,
+    json: Option<File>,
+}
+
+impl Output {
+    fn new(gpu: String) -> Self {
+        let secs = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let commit = std::env::var("DROPFUSE_COMMIT")
             .ok()
-    });
-    for kernel in Kernel::ALL {
-        let ms = if kernel == Kernel::Copy {
-            copy_ms
-        } else {
-            bench.median_ms(kernel)?
-        };
-        let s = Summary {
-            kernel,
-            dtype,
-            n,
-            ms,
-            bytes: kernel.bytes(n, size),
-            copy_ms,
-            copy_bytes,
-        };
-        println!("{}", s.line());
-        if let Some(file) = json.as_mut() {
-            if let Err(e) = writeln!(file, "{}", s.json(gpu, unix_time)) {
+            .filter(|c| !c.trim().is_empty())
+            .unwrap_or_else(|| "unknown".to_string());
+        let json = std::env::var_os("DROPFUSE_BENCH_JSON").and_then(|path| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .map_err(|e| eprintln!("cannot open DROPFUSE_BENCH_JSON={path:?}: {e}"))
+                .ok()
+        });
+        Output {
+            meta: Meta {
+                gpu,
+                date: utc_date(secs),
+                commit,
+            },
+            json,
+        }
+    }
+
+    fn emit(&mut self, row: &Row) {
+        println!("{}", row.text());
+        if let Some(file) = self.json.as_mut() {
+            if let Err(e) = writeln!(file, "{}", row.json(&self.meta)) {
                 eprintln!("cannot write DROPFUSE_BENCH_JSON: {e}");
             }
         }
     }
-    Ok(())
 }
 
-/// The summary lines, then one criterion group per dtype.
-fn bench_dtype<T: Element>(c: &mut Criterion, dev: &Device, gpu: &str, n: usize) {
+/// A log2 size from the environment variable `name`, `default` when unset or out of `range`.
+fn env_log2(name: &str, default: u32, range: std::ops::RangeInclusive<u32>) -> u32 {
+    match std::env::var(name) {
+        Ok(s) => match s.trim().parse::<u32>() {
+            Ok(v) if range.contains(&v) => v,
+            _ => {
+                eprintln!(
+                    "{name}={s:?} is not a log2 size in {}..={}: using {default}",
+                    range.start(),
+                    range.end()
+                );
+                default
+            }
+        },
+        Err(_) => default,
+    }
+}
+
+/// Burst rows, then one criterion group, for dtype `T` at `n` elements.
+fn bench_dtype<T: Element>(c: &mut Criterion, dev: &Device, out: &mut Output, n: usize) {
     let dtype = T::DTYPE.name();
     let mut bench = Bench::<T>::new(dev, n).unwrap_or_else(|e| panic!("{dtype}: setting up n = {n}: {e}"));
-    summarize(&mut bench, gpu).unwrap_or_else(|e| panic!("{dtype}: summary timing: {e}"));
+    bench
+        .rows(
+            &Kernel::ALL,
+            n,
+            Method::Burst,
+            Some(BURST_LAUNCHES),
+            BURST_REPEATS,
+            out,
+        )
+        .unwrap_or_else(|e| panic!("{dtype}: burst timing: {e}"));
 
     let mut group = c.benchmark_group(format!("dropout/{dtype}/n={n}"));
     group
@@ -331,13 +575,28 @@ fn bench_dtype<T: Element>(c: &mut Criterion, dev: &Device, gpu: &str, n: usize)
         group.bench_function(kernel.name(), |b| {
             b.iter_custom(|iters| {
                 bench
-                    .time(kernel, iters)
+                    .time(kernel, n, iters)
                     .unwrap_or_else(|e| panic!("{dtype} {}: {e}", kernel.name()))
             })
         });
     }
     group.finish();
     // `bench` (several GiB at f32) is freed here, before the next dtype allocates.
+}
+
+/// Sweep rows for dtype `T`, every `2^k` elements, `k = SWEEP_MIN_LOG2..=max_log2`.
+fn sweep_dtype<T: Element>(dev: &Device, out: &mut Output, max_log2: u32) {
+    let dtype = T::DTYPE.name();
+    let max_n = 1usize << max_log2;
+    let mut bench =
+        Bench::<T>::new(dev, max_n).unwrap_or_else(|e| panic!("{dtype}: setting up n = {max_n}: {e}"));
+    debug_assert_eq!(bench.capacity(), max_n);
+    for log2 in SWEEP_MIN_LOG2..=max_log2 {
+        let n = 1usize << log2;
+        bench
+            .rows(&Kernel::SWEEP, n, Method::Sweep, None, SWEEP_REPEATS, out)
+            .unwrap_or_else(|e| panic!("{dtype}: sweep timing at n = {n}: {e}"));
+    }
 }
 
 fn dropout_benches(c: &mut Criterion) {
@@ -348,12 +607,28 @@ fn dropout_benches(c: &mut Criterion) {
             return;
         }
     };
+    // cudarc tracks every buffer's reads and writes with CUDA events once a context has a
+    // non-default stream (as `Device::new` creates): each safe call then adds a
+    // cuStreamWaitEvent per buffer before the launch and a cuEventRecord per buffer after it
+    // (forward with a mask: 5 waits, 3 records, each with a context check), host time that
+    // dominates small kernels' launch rate. Everything here runs on the one stream, in order, so
+    // that tracking protects nothing. It only applies to buffers allocated after this call.
+    // SAFETY: all buffers are allocated, used and freed on `dev.stream()` alone.
+    unsafe { dev.context().disable_event_tracking() };
     let gpu = dev.name().unwrap_or_else(|_| "unknown GPU".to_string());
-    let n = element_count();
+    let n = 1usize << env_log2("DROPFUSE_BENCH_N", DEFAULT_LOG2_N, 5..=33);
+    let sweep = std::env::var("DROPFUSE_BENCH_SWEEP").map_or(true, |v| v.trim() != "0");
+    let sweep_max = env_log2("DROPFUSE_BENCH_SWEEP_MAX", SWEEP_MAX_LOG2, SWEEP_MIN_LOG2..=33);
     println!("dropout benches on {gpu}: n = {n} elements, p = {P}");
-    bench_dtype::<f16>(c, &dev, &gpu, n);
-    bench_dtype::<bf16>(c, &dev, &gpu, n);
-    bench_dtype::<f32>(c, &dev, &gpu, n);
+    let mut out = Output::new(gpu);
+    bench_dtype::<f16>(c, &dev, &mut out, n);
+    bench_dtype::<bf16>(c, &dev, &mut out, n);
+    bench_dtype::<f32>(c, &dev, &mut out, n);
+    if sweep {
+        println!("dropout size sweep: n = 2^{SWEEP_MIN_LOG2} ..= 2^{sweep_max}, f16 and f32");
+        sweep_dtype::<f16>(&dev, &mut out, sweep_max);
+        sweep_dtype::<f32>(&dev, &mut out, sweep_max);
+    }
 }
 
 criterion_group!(benches, dropout_benches);
