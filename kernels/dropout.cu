@@ -5,8 +5,10 @@
 // stores its chunk's mask byte; for f32 the G lanes' nibbles are OR-ed with shuffles and one lane
 // stores the word: coalesced, each byte written once, no atomics. Warps grid-stride over the whole
 // words of the tensor; the last n % 32 elements (a partial word) are done by warp 0 of block 0 with
-// one ballot. All indices are 64-bit. The Philox work (one 32-bit word per element, IMAD-bound)
-// costs about as much time as moving f16 data, so the launch shape is tuned for overlap.
+// one ballot. All indices are 64-bit. The Philox work (one 32-bit word per element) costs about as
+// much SM time as moving f16 data takes, so every instruction per element counts: Philox's
+// lane-independent first rounds are precomputed (common/philox.cuh), scaling is branch-free with
+// packed rounding, and the launch shape is tuned for overlap (BENCHMARKS.md).
 #include <stdint.h>
 
 #include "common/launch.cuh"
@@ -53,17 +55,29 @@ __device__ __forceinline__ T scaled_or_zero(T v, bool keep, float scale) {
   return keep ? Elem<T>::from_f32(__fmul_rn(Elem<T>::to_f32(v), scale)) : Elem<T>::from_f32(0.0f);
 }
 
+// out[j] = bit j of `bits` ? x[j] * scale (rounded once to T) : +0. Branch-free: every product is
+// computed and dropped ones are selected away, and 16-bit results are rounded two at a time.
+template <typename T, int V>
+__device__ __forceinline__ void scale_kept(const T (&x)[V], uint32_t bits, float scale, T (&out)[V]) {
+  float f[V];
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
+    const float s = __fmul_rn(Elem<T>::to_f32(x[j]), scale);
+    f[j] = (bits >> j) & 1u ? s : 0.0f;
+  }
+  Elem<T>::from_f32(f, out);
+}
+
 // What the kernels need of dropfuse_dropout_params, prepared on the host.
 struct Params {
-  PhiloxKey key;  // round keys of the seed
-  uint64_t offset;
+  PhiloxStream philox;
   uint64_t element_offset;
   KeepTest keep;
   float scale;
 };
 
 Params prepare(const dropfuse_dropout_params &p) {
-  return {philox_key(p.seed), p.offset, p.element_offset, keep_test(p.threshold), p.scale};
+  return {philox_stream(p.seed, p.offset, p.element_offset), p.element_offset, keep_test(p.threshold), p.scale};
 }
 
 template <typename T, bool VEC, Mode M>
@@ -101,13 +115,12 @@ __global__ void __launch_bounds__(kThreads, DROPFUSE_MIN_BLOCKS)
           bits = (stored[u] >> ((lane % G) * V)) & ((1u << V) - 1u);
         } else {
           uint32_t w[V];
-          element_words<V>(p.key, p.offset, p.element_offset + c * V, w);
+          element_words<V>(p.philox, p.element_offset + c * V, w);
 #pragma unroll
           for (int j = 0; j < V; ++j) bits |= static_cast<uint32_t>(keep_word(w[j], p.keep)) << j;
         }
         T out[V];
-#pragma unroll
-        for (int j = 0; j < V; ++j) out[j] = scaled_or_zero(v[u][j], (bits >> j) & 1u, p.scale);
+        scale_kept(v[u], bits, p.scale, out);
         store_elems<T, V, VEC>(y + c * V, out);
       }
       if constexpr (M == Mode::ForwardMask && V == 8 && DROPFUSE_MASK_BYTES) {
@@ -132,7 +145,7 @@ __global__ void __launch_bounds__(kThreads, DROPFUSE_MIN_BLOCKS)
       if constexpr (M == Mode::ApplyMask) {
         keep = (__ldg(mask_in + words) >> lane) & 1u;
       } else {
-        keep = keep_word(element_word(p.key, p.offset, p.element_offset + i), p.keep);
+        keep = keep_word(element_word(p.philox, p.element_offset + i), p.keep);
       }
       y[i] = scaled_or_zero(x[i], keep, p.scale);
     }
@@ -156,13 +169,13 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
         uint32_t r[8];
-        element_words<8>(p.key, p.offset, p.element_offset + first + 8 * q, r);
+        element_words<8>(p.philox, p.element_offset + first + 8 * q, r);
 #pragma unroll
         for (int j = 0; j < 8; ++j) bits |= static_cast<uint32_t>(keep_word(r[j], p.keep)) << (8 * q + j);
       }
     } else {
       for (uint64_t i = first; i < n; ++i) {
-        const uint32_t r = element_word(p.key, p.offset, p.element_offset + i);
+        const uint32_t r = element_word(p.philox, p.element_offset + i);
         bits |= static_cast<uint32_t>(keep_word(r, p.keep)) << (i - first);
       }
     }

@@ -13,11 +13,27 @@ template <>
 struct Elem<float> {
   __device__ __forceinline__ static float to_f32(float v) { return v; }
   __device__ __forceinline__ static float from_f32(float v) { return v; }
+  template <int V>
+  __device__ __forceinline__ static void from_f32(const float (&f)[V], float (&out)[V]) {
+#pragma unroll
+    for (int j = 0; j < V; ++j) out[j] = f[j];
+  }
 };
 template <>
 struct Elem<__half> {
   __device__ __forceinline__ static float to_f32(__half v) { return __half2float(v); }
   __device__ __forceinline__ static __half from_f32(float v) { return __float2half_rn(v); }
+  // Pairs: one packed conversion (F2FP) rounds two values.
+  template <int V>
+  __device__ __forceinline__ static void from_f32(const float (&f)[V], __half (&out)[V]) {
+    static_assert(V % 2 == 0, "pairs");
+#pragma unroll
+    for (int j = 0; j < V; j += 2) {
+      const __half2 h = __floats2half2_rn(f[j], f[j + 1]);
+      out[j] = __low2half(h);
+      out[j + 1] = __high2half(h);
+    }
+  }
 };
 template <>
 struct Elem<__nv_bfloat16> {
@@ -27,6 +43,16 @@ struct Elem<__nv_bfloat16> {
     return __uint_as_float(__byte_perm(0u, static_cast<uint32_t>(__bfloat16_as_ushort(v)), 0x5400));
   }
   __device__ __forceinline__ static __nv_bfloat16 from_f32(float v) { return __float2bfloat16_rn(v); }
+  template <int V>
+  __device__ __forceinline__ static void from_f32(const float (&f)[V], __nv_bfloat16 (&out)[V]) {
+    static_assert(V % 2 == 0, "pairs");
+#pragma unroll
+    for (int j = 0; j < V; j += 2) {
+      const __nv_bfloat162 h = __floats2bfloat162_rn(f[j], f[j + 1]);
+      out[j] = __low2bfloat16(h);
+      out[j + 1] = __high2bfloat16(h);
+    }
+  }
 };
 
 // Elements per 16-byte vector.
