@@ -34,6 +34,9 @@ constexpr int kThreads = 256;
 #ifndef DROPFUSE_MIN_BLOCKS  // resident blocks per SM the register budget must allow
 #define DROPFUSE_MIN_BLOCKS 4
 #endif
+#ifndef DROPFUSE_MIN_BLOCKS_ALIGNED  // the same for Philox kernels whose chunks start a Philox block
+#define DROPFUSE_MIN_BLOCKS_ALIGNED 6
+#endif
 // DROPFUSE_WAVES (common/launch.cuh): grid = waves x SMs x resident blocks, grid-stride beyond.
 
 // Chunks per lane per iteration, all loaded before any is used (loads in flight per lane).
@@ -49,6 +52,14 @@ enum class Mode {
   ForwardNoMask,  // y = dropout(x); also the mask-free backward
   ApplyMask,      // y = x * scale where the stored mask bit is set (backward from a mask)
 };
+
+// Register budget: kernels specialised for block-aligned launches (element offset a multiple of 4,
+// so each chunk's words are whole Philox blocks) need fewer registers and run more warps per SM,
+// which hides more of the memory latency behind the Philox work (measured, BENCHMARKS.md).
+template <Mode M, bool kBlockAligned>
+constexpr int min_blocks() {
+  return M != Mode::ApplyMask && kBlockAligned ? DROPFUSE_MIN_BLOCKS_ALIGNED : DROPFUSE_MIN_BLOCKS;
+}
 
 template <typename T>
 __device__ __forceinline__ T scaled_or_zero(T v, bool keep, float scale) {
@@ -80,8 +91,8 @@ Params prepare(const dropfuse_dropout_params &p) {
   return {philox_stream(p.seed, p.offset, p.element_offset), p.element_offset, keep_test(p.threshold), p.scale};
 }
 
-template <typename T, bool VEC, Mode M>
-__global__ void __launch_bounds__(kThreads, DROPFUSE_MIN_BLOCKS)
+template <typename T, bool VEC, Mode M, bool kBlockAligned>
+__global__ void __launch_bounds__(kThreads, min_blocks<M, kBlockAligned>())
     dropout_kernel(const T *x, T *y, uint32_t *mask_out, const uint32_t *mask_in, uint64_t n,
                    const __grid_constant__ Params p) {
   constexpr int V = VecWidth<T>::value;
@@ -115,7 +126,7 @@ __global__ void __launch_bounds__(kThreads, DROPFUSE_MIN_BLOCKS)
           bits = (stored[u] >> ((lane % G) * V)) & ((1u << V) - 1u);
         } else {
           uint32_t w[V];
-          element_words<V>(p.philox, p.element_offset + c * V, w);
+          element_words<V, kBlockAligned>(p.philox, p.element_offset + c * V, w);
 #pragma unroll
           for (int j = 0; j < V; ++j) bits |= static_cast<uint32_t>(keep_word(w[j], p.keep)) << j;
         }
@@ -169,7 +180,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
         uint32_t r[8];
-        element_words<8>(p.philox, p.element_offset + first + 8 * q, r);
+        element_words<8, false>(p.philox, p.element_offset + first + 8 * q, r);
 #pragma unroll
         for (int j = 0; j < 8; ++j) bits |= static_cast<uint32_t>(keep_word(r[j], p.keep)) << (8 * q + j);
       }
@@ -183,27 +194,35 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <typename T, bool VEC, Mode M>
+template <typename T, bool VEC, Mode M, bool kBlockAligned>
 cudaError_t launch_typed(const T *x, T *y, uint32_t *mask_out, const uint32_t *mask_in, uint64_t n,
                          const dropfuse_dropout_params &p, cudaStream_t stream) {
   constexpr int V = VecWidth<T>::value;
   const uint64_t chunks = (n >> 5) * (32 / V);
   const uint64_t per_block = static_cast<uint64_t>(kThreads) * unroll<T>();
+  auto kernel = dropout_kernel<T, VEC, M, kBlockAligned>;
   unsigned grid = 0;
-  cudaError_t err = wave_grid(dropout_kernel<T, VEC, M>, kThreads, (chunks + per_block - 1) / per_block, &grid);
+  cudaError_t err = wave_grid(kernel, kThreads, (chunks + per_block - 1) / per_block, &grid);
   if (err != cudaSuccess) return err;
-  dropout_kernel<T, VEC, M><<<grid, kThreads, 0, stream>>>(x, y, mask_out, mask_in, n, prepare(p));
+  kernel<<<grid, kThreads, 0, stream>>>(x, y, mask_out, mask_in, n, prepare(p));
   return cudaGetLastError();
 }
 
+// Picks the instantiation: 16-byte vectors when both data pointers allow them, and for the Philox
+// modes with vectors, the block-aligned kernel when the element offset is a multiple of 4 (any
+// offset of a whole tensor, and of shards cut at multiples of 4). Other launches take the general
+// kernel, which handles any alignment and offset.
 template <typename T, Mode M>
 cudaError_t launch_aligned_or_not(const void *x, void *y, uint32_t *mask_out, const uint32_t *mask_in,
                                   uint64_t n, const dropfuse_dropout_params &p, cudaStream_t stream) {
   const T *xt = static_cast<const T *>(x);
   T *yt = static_cast<T *>(y);
   const bool aligned = ((reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(y)) & 15u) == 0;
-  return aligned ? launch_typed<T, true, M>(xt, yt, mask_out, mask_in, n, p, stream)
-                 : launch_typed<T, false, M>(xt, yt, mask_out, mask_in, n, p, stream);
+  if (!aligned) return launch_typed<T, false, M, false>(xt, yt, mask_out, mask_in, n, p, stream);
+  if constexpr (M != Mode::ApplyMask) {
+    if ((p.element_offset & 3u) == 0) return launch_typed<T, true, M, true>(xt, yt, mask_out, mask_in, n, p, stream);
+  }
+  return launch_typed<T, true, M, false>(xt, yt, mask_out, mask_in, n, p, stream);
 }
 
 template <Mode M>

@@ -98,15 +98,16 @@ __device__ __forceinline__ uint32_t element_word(const PhiloxStream &s, uint64_t
 
 // Words of V consecutive elements e .. e+V-1 (V a multiple of 4): V/4 Philox calls when e is a
 // multiple of 4, one more otherwise. `e % 4` is the same for every chunk of a launch, so the branch
-// is uniform; all array indices are compile-time constants (the words stay in registers). When all
+// is uniform; kBlockAligned (the caller guarantees e % 4 == 0) drops the other branch, which frees
+// the registers of the extra block; all array indices are compile-time constants (the words stay in registers). When all
 // blocks share the stream's high word (the usual case, uniform across a warp), round 1's product of
 // block b + j is M0 * lo(b) + j * M0: one multiply per chunk, 64-bit adds for the rest.
-template <int V>
+template <int V, bool kBlockAligned>
 __device__ __forceinline__ void element_words(const PhiloxStream &s, uint64_t e, uint32_t (&w)[V]) {
   static_assert(V % 4 == 0, "V must be a multiple of 4");
-  constexpr int kBlocks = V / 4 + 1;  // at most
+  constexpr int kBlocks = V / 4 + (kBlockAligned ? 0 : 1);  // at most
   const uint64_t block = e >> 2;
-  const unsigned shift = static_cast<unsigned>(e & 3);
+  const unsigned shift = kBlockAligned ? 0u : static_cast<unsigned>(e & 3);
   const int blocks = V / 4 + (shift != 0);
   uint32_t r[4 * kBlocks];
   const bool fast = hi32(block) == s.hi && lo32(block) <= 0xffffffffu - kBlocks;
