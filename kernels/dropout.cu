@@ -28,6 +28,9 @@ constexpr int kThreads = 256;
 #ifndef DROPFUSE_UNROLL_4B  // chunks per lane per loop iteration, f32
 #define DROPFUSE_UNROLL_4B 2
 #endif
+#ifndef DROPFUSE_UNROLL_APPLY  // the same for applying a stored mask (no Philox), any dtype; 0: as above
+#define DROPFUSE_UNROLL_APPLY 0
+#endif
 #ifndef DROPFUSE_MASK_BYTES  // f16/bf16: each lane stores its mask byte (no shuffles)
 #define DROPFUSE_MASK_BYTES 1
 #endif
@@ -39,12 +42,6 @@ constexpr int kThreads = 256;
 #endif
 // DROPFUSE_WAVES (common/launch.cuh): grid = waves x SMs x resident blocks, grid-stride beyond.
 
-// Chunks per lane per iteration, all loaded before any is used (loads in flight per lane).
-template <typename T>
-__host__ __device__ constexpr int unroll() {
-  return sizeof(T) == 4 ? DROPFUSE_UNROLL_4B : DROPFUSE_UNROLL_2B;
-}
-
 constexpr unsigned kFullWarp = 0xffffffffu;
 
 enum class Mode {
@@ -52,6 +49,13 @@ enum class Mode {
   ForwardNoMask,  // y = dropout(x); also the mask-free backward
   ApplyMask,      // y = x * scale where the stored mask bit is set (backward from a mask)
 };
+
+// Chunks per lane per iteration, all loaded before any is used (loads in flight per lane).
+template <typename T, Mode M>
+__host__ __device__ constexpr int unroll() {
+  if (M == Mode::ApplyMask && DROPFUSE_UNROLL_APPLY > 0) return DROPFUSE_UNROLL_APPLY;
+  return sizeof(T) == 4 ? DROPFUSE_UNROLL_4B : DROPFUSE_UNROLL_2B;
+}
 
 // Register budget: kernels specialised for block-aligned launches (element offset a multiple of 4,
 // so each chunk's words are whole Philox blocks) need fewer registers and run more warps per SM,
@@ -97,7 +101,7 @@ __global__ void __launch_bounds__(kThreads, min_blocks<M, kBlockAligned>())
                    const __grid_constant__ Params p) {
   constexpr int V = VecWidth<T>::value;
   constexpr int G = 32 / V;
-  constexpr int kUnroll = unroll<T>();
+  constexpr int kUnroll = unroll<T, M>();
   const unsigned lane = threadIdx.x & 31u;
   const uint64_t warp = (static_cast<uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
   const uint64_t warps = (static_cast<uint64_t>(gridDim.x) * blockDim.x) >> 5;
@@ -199,7 +203,7 @@ cudaError_t launch_typed(const T *x, T *y, uint32_t *mask_out, const uint32_t *m
                          const dropfuse_dropout_params &p, cudaStream_t stream) {
   constexpr int V = VecWidth<T>::value;
   const uint64_t chunks = (n >> 5) * (32 / V);
-  const uint64_t per_block = static_cast<uint64_t>(kThreads) * unroll<T>();
+  const uint64_t per_block = static_cast<uint64_t>(kThreads) * unroll<T, M>();
   auto kernel = dropout_kernel<T, VEC, M, kBlockAligned>;
   unsigned grid = 0;
   cudaError_t err = wave_grid(kernel, kThreads, (chunks + per_block - 1) / per_block, &grid);

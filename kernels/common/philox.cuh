@@ -46,7 +46,9 @@ __device__ __forceinline__ uint4 philox_rounds(uint4 c, const PhiloxKey &k) {
 // One launch's Philox stream: the seed's round keys, the stream offset (counter words 2 and 3) and
 // the parts of rounds 1 and 2 that do not depend on the low counter word when the high counter
 // word (block >> 32) is `hi`. Every block below 2^32 (elements below 2^34) shares hi = 0, so most
-// launches run the fast path, which multiplies 2 fewer times per block (IMAD.WIDE is the bound).
+// launches run the fast path: 18 of a block's 20 products are left (round 1's M1 product and round
+// 2's M0 product are per launch), and the round-1 M0 products of a chunk's blocks are one multiply
+// plus 64-bit adds. Measured on an H200 together with branch-free scaling: 7% faster f16 forward.
 struct PhiloxStream {
   PhiloxKey key;
   uint32_t off_lo, off_hi;
