@@ -62,12 +62,22 @@ struct VecWidth {
   static constexpr int value = 16 / static_cast<int>(sizeof(T));
 };
 
+// Tuning knob (DROPFUSE_NVCC_FLAGS=-DDROPFUSE_STREAMING=1): evict-first cache hints on the 16-byte
+// data accesses (ld/st.global.cs), for measuring whether they help a single streaming pass.
+#ifndef DROPFUSE_STREAMING
+#define DROPFUSE_STREAMING 0
+#endif
+
 // V elements: one 16-byte access when VEC (pointer 16-byte aligned), V scalar accesses otherwise.
 template <typename T, int V, bool VEC>
 __device__ __forceinline__ void load_elems(const T *p, T (&out)[V]) {
   if constexpr (VEC) {
     static_assert(V * sizeof(T) == 16, "vector access is 16 bytes");
+#if DROPFUSE_STREAMING
+    const uint4 raw = __ldcs(reinterpret_cast<const uint4 *>(p));
+#else
     const uint4 raw = *reinterpret_cast<const uint4 *>(p);
+#endif
     const T *e = reinterpret_cast<const T *>(&raw);
 #pragma unroll
     for (int j = 0; j < V; ++j) out[j] = e[j];
@@ -85,7 +95,11 @@ __device__ __forceinline__ void store_elems(T *p, const T (&in)[V]) {
     T *e = reinterpret_cast<T *>(&raw);
 #pragma unroll
     for (int j = 0; j < V; ++j) e[j] = in[j];
+#if DROPFUSE_STREAMING
+    __stcs(reinterpret_cast<uint4 *>(p), raw);
+#else
     *reinterpret_cast<uint4 *>(p) = raw;
+#endif
   } else {
 #pragma unroll
     for (int j = 0; j < V; ++j) p[j] = in[j];
