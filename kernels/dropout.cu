@@ -40,6 +40,9 @@ constexpr int kThreads = 256;
 #ifndef DROPFUSE_MIN_BLOCKS_ALIGNED  // the same for Philox kernels whose chunks start a Philox block
 #define DROPFUSE_MIN_BLOCKS_ALIGNED 6
 #endif
+#ifndef DROPFUSE_PREFETCH  // 1: load the next grid-stride iteration's data before computing this one's
+#define DROPFUSE_PREFETCH 0
+#endif
 // DROPFUSE_WAVES (common/launch.cuh): grid = waves x SMs x resident blocks, grid-stride beyond.
 
 constexpr unsigned kFullWarp = 0xffffffffu;
@@ -108,18 +111,28 @@ __global__ void __launch_bounds__(kThreads, min_blocks<M, kBlockAligned>())
   const uint64_t words = n >> 5;  // whole mask words
   const uint64_t chunks = words * G;
 
-  for (uint64_t base = warp * (32 * kUnroll); base < chunks; base += warps * (32 * kUnroll)) {
-    T v[kUnroll][V];
-    uint32_t stored[kUnroll];
-    // All loads first, so each lane has kUnroll vectors in flight.
+  const uint64_t step = warps * (32 * kUnroll);
+  // Loads of the kUnroll chunks of the iteration at `b` (those below `chunks`), all issued before
+  // any is used, so each lane has kUnroll vectors in flight.
+  auto load = [&](uint64_t b, T (&v)[kUnroll][V], uint32_t (&stored)[kUnroll]) {
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      const uint64_t c = base + u * 32 + lane;
+      const uint64_t c = b + u * 32 + lane;
       if (c < chunks) {
         load_elems<T, V, VEC>(x + c * V, v[u]);
         if constexpr (M == Mode::ApplyMask) stored[u] = __ldg(mask_in + (c * V >> 5));
       }
     }
+  };
+  T v[kUnroll][V];
+  uint32_t stored[kUnroll];
+  if (DROPFUSE_PREFETCH) load(warp * (32 * kUnroll), v, stored);
+  for (uint64_t base = warp * (32 * kUnroll); base < chunks; base += step) {
+    if (!DROPFUSE_PREFETCH) load(base, v, stored);
+    // Prefetch: the next iteration's loads are in flight while this one computes.
+    T next_v[kUnroll][V];
+    uint32_t next_stored[kUnroll];
+    if (DROPFUSE_PREFETCH) load(base + step, next_v, next_stored);
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const uint64_t c = base + u * 32 + lane;
@@ -147,6 +160,14 @@ __global__ void __launch_bounds__(kThreads, min_blocks<M, kBlockAligned>())
 #pragma unroll
         for (int s = 1; s < G; s <<= 1) word |= __shfl_xor_sync(kFullWarp, word, s);
         if (active && lane % G == 0) mask_out[c * V >> 5] = word;
+      }
+    }
+    if (DROPFUSE_PREFETCH) {
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+#pragma unroll
+        for (int j = 0; j < V; ++j) v[u][j] = next_v[u][j];
+        stored[u] = next_stored[u];
       }
     }
   }
