@@ -29,7 +29,7 @@ constexpr int kThreads = 256;
 #define DROPFUSE_UNROLL_4B 2
 #endif
 #ifndef DROPFUSE_UNROLL_APPLY  // the same for applying a stored mask (no Philox), any dtype; 0: as above
-#define DROPFUSE_UNROLL_APPLY 0
+#define DROPFUSE_UNROLL_APPLY 4
 #endif
 #ifndef DROPFUSE_MASK_BYTES  // f16/bf16: each lane stores its mask byte (no shuffles)
 #define DROPFUSE_MASK_BYTES 1
