@@ -43,7 +43,8 @@ constexpr int kThreads = 256;
 #ifndef DROPFUSE_PREFETCH  // 1: load the next grid-stride iteration's data before computing this one's
 #define DROPFUSE_PREFETCH 0
 #endif
-// DROPFUSE_WAVES (common/launch.cuh): grid = waves x SMs x resident blocks, grid-stride beyond.
+// Grid size: waves x SMs x resident blocks, grid-stride beyond (waves_for below; DROPFUSE_WAVES
+// in common/launch.cuh overrides it for tuning builds).
 
 constexpr unsigned kFullWarp = 0xffffffffu;
 
@@ -219,6 +220,18 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// Waves of blocks in the grid. Measured on an H200 (BENCHMARKS.md, tuning run 2): kernels bound by
+// memory alone (f32, applying a stored mask) run best with many blocks (32 waves); the f16/bf16
+// Philox kernels, which alternate between compute and memory, need fewer, more so for smaller
+// tensors (2^26 elements: 12 waves 0.931 of copy, 16 waves 0.911, 32 waves 0.895; 2^30: 32 waves best).
+template <typename T, Mode M>
+int waves_for(uint64_t n) {
+  if (sizeof(T) == 4 || M == Mode::ApplyMask) return 32;
+  if (n <= (uint64_t{1} << 27)) return 12;
+  if (n <= (uint64_t{1} << 28)) return 16;
+  return 32;
+}
+
 template <typename T, bool VEC, Mode M, bool kBlockAligned>
 cudaError_t launch_typed(const T *x, T *y, uint32_t *mask_out, const uint32_t *mask_in, uint64_t n,
                          const dropfuse_dropout_params &p, cudaStream_t stream) {
@@ -227,7 +240,7 @@ cudaError_t launch_typed(const T *x, T *y, uint32_t *mask_out, const uint32_t *m
   const uint64_t per_block = static_cast<uint64_t>(kThreads) * unroll<T, M>();
   auto kernel = dropout_kernel<T, VEC, M, kBlockAligned>;
   unsigned grid = 0;
-  cudaError_t err = wave_grid(kernel, kThreads, (chunks + per_block - 1) / per_block, &grid);
+  cudaError_t err = wave_grid(kernel, kThreads, (chunks + per_block - 1) / per_block, &grid, waves_for<T, M>(n));
   if (err != cudaSuccess) return err;
   kernel<<<grid, kThreads, 0, stream>>>(x, y, mask_out, mask_in, n, prepare(p));
   return cudaGetLastError();

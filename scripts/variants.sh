@@ -4,7 +4,7 @@
 # measured in one device call, each next to a device copy timed in the same process.
 #
 #   bash scripts/variants.sh NAME='NVCC FLAGS' [NAME='NVCC FLAGS' ...]
-#   bash scripts/variants.sh base= apply4=-DDROPFUSE_UNROLL_APPLY=4 waves8=-DDROPFUSE_WAVES=8
+#   bash scripts/variants.sh base= apply4=-DDROPFUSE_UNROLL_APPLY=4 waves8=-DDROPFUSE_WAVES=8  (overrides the per-kernel choice)
 #
 # then, on the GPU host from the project root:  bash .gpu-variants/run.sh   (output also in $OUT)
 # The knobs are the DROPFUSE_* macros at the top of kernels/dropout.cu and kernels/common/launch.cuh.

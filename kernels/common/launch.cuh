@@ -31,21 +31,23 @@ inline cudaError_t sm_count(int *out) {
   return cudaSuccess;
 }
 
-// A grid of at most DROPFUSE_WAVES full waves (SMs x resident blocks per SM) and at least one
-// block; kernels grid-stride over the rest. `blocks_wanted` is what covering the work once takes.
+// A grid of at most `waves` full waves (SMs x resident blocks per SM) and at least one block;
+// kernels grid-stride over the rest. `blocks_wanted` is what covering the work once takes.
+// DROPFUSE_WAVES, when defined (tuning builds), overrides every caller's choice.
 template <typename Kernel>
-inline cudaError_t wave_grid(Kernel kernel, int threads, uint64_t blocks_wanted, unsigned *grid) {
+inline cudaError_t wave_grid(Kernel kernel, int threads, uint64_t blocks_wanted, unsigned *grid,
+                             int waves = 16) {
   int sms = 0;
   cudaError_t err = sm_count(&sms);
   if (err != cudaSuccess) return err;
   int per_sm = 0;
   err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0);
   if (err != cudaSuccess) return err;
-#ifndef DROPFUSE_WAVES  // measured on an H200: 16 waves beat 1 (grid-stride) and 64
-#define DROPFUSE_WAVES 16
+#ifdef DROPFUSE_WAVES
+  waves = DROPFUSE_WAVES;
 #endif
   const uint64_t wave =
-      static_cast<uint64_t>(DROPFUSE_WAVES) * static_cast<uint64_t>(sms) * static_cast<uint64_t>(std::max(per_sm, 1));
+      static_cast<uint64_t>(std::max(waves, 1)) * static_cast<uint64_t>(sms) * static_cast<uint64_t>(std::max(per_sm, 1));
   *grid = static_cast<unsigned>(std::max<uint64_t>(1, std::min(blocks_wanted, wave)));
   return cudaSuccess;
 }
