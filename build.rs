@@ -213,6 +213,7 @@ fn generate_bindings(header: &Path, dest: &Path) {
         .allowlist_type("dropfuse_.*")
         .allowlist_var("DROPFUSE_.*")
         .rustified_enum("dropfuse_dtype")
+        .rustified_enum("dropfuse_normalize")
         .derive_default(true)
         .derive_debug(true)
         .derive_copy(true)

@@ -71,6 +71,44 @@ int dropfuse_dropout_forward(dropfuse_dtype dtype, const void *x, void *y, uint3
 int dropfuse_dropout_backward(dropfuse_dtype dtype, const void *dy, void *dx, const uint32_t *mask,
                               uint64_t n, float scale, dropfuse_stream_t stream);
 
+/* ---- DropBlock (the contract: src/drop_block.rs) ----
+ * A 2D tensor [N, C, H, W] is passed as 3D with D = 1 and block_d = 1. */
+typedef enum dropfuse_normalize {
+  DROPFUSE_NORMALIZE_GLOBAL = 0,     /* scale = numel / kept (whole tensor) */
+  DROPFUSE_NORMALIZE_PER_SAMPLE = 1, /* scale_n = C*D*H*W / kept_n */
+  DROPFUSE_NORMALIZE_OFF = 2,        /* scale = 1 */
+} dropfuse_normalize;
+
+typedef struct dropfuse_drop_block_params {
+  uint64_t seed;        /* Philox key */
+  uint64_t offset;      /* Philox stream */
+  uint64_t n, c;        /* samples, channels */
+  uint64_t d, h, w;     /* spatial extents (D = 1 for 2D) */
+  uint64_t block_d, block_h, block_w; /* block extents, each already min(block_size, extent) */
+  uint64_t threshold;   /* a seed is drawn iff its word < threshold; 0 ..= 2^32 */
+  int shared_channels;  /* nonzero: one mask plane per sample, shared by its channels */
+  dropfuse_normalize normalize;
+} dropfuse_drop_block_params;
+
+/* Bytes of shared memory the mask kernel may use per block; a shape is supported iff
+ * 8 * block_a * rows * ceil(w / 32) <= this, with (block_a, rows) = (block_d, h) when d > 1 and
+ * (block_h, 1) otherwise (one output slab of a plane and the seed slabs it depends on). */
+#define DROPFUSE_DROP_BLOCK_SMEM 49152
+
+/* Writes the keep mask (ceil(numel/32) words) and stats (n + 1 u64: kept elements of each sample,
+ * then of the whole tensor; zeroed by the call). Then, when x is not null, y = x * keep * scale
+ * with the scale of params->normalize computed on the device from stats (no host synchronisation).
+ * x == y is allowed (in place). */
+int dropfuse_drop_block_forward(dropfuse_dtype dtype, const void *x, void *y, uint32_t *mask,
+                                uint64_t *stats, const dropfuse_drop_block_params *params,
+                                dropfuse_stream_t stream);
+
+/* dx = dy * keep * scale from a stored mask and the forward's stats (same params: shape and
+ * normalize). dy == dx is allowed. */
+int dropfuse_drop_block_backward(dropfuse_dtype dtype, const void *dy, void *dx, const uint32_t *mask,
+                                 const uint64_t *stats, const dropfuse_drop_block_params *params,
+                                 dropfuse_stream_t stream);
+
 /* Name and description of a status returned by the launchers (cudaGetErrorName/String). */
 const char *dropfuse_error_name(int status);
 const char *dropfuse_error_string(int status);

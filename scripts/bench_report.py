@@ -143,12 +143,23 @@ def table(header, align, body):
     return lines
 
 
+def is_drop_block(kernel):
+    return str(kernel).startswith("drop_block")
+
+
+def dropout_rows(rows):
+    """The dropout family's rows (and the copies at dropout sizes): not DropBlock's."""
+    block_ns = {k[4] for k in rows if is_drop_block(k[2])}
+    return {k: r for k, r in rows.items() if not is_drop_block(k[2]) and not (k[2] == "copy" and k[4] in block_ns)}
+
+
 def burst_n(rows):
     ns = [k[4] for k in rows if k[5] == "burst" and k[0] == "dropfuse"] or [k[4] for k in rows if k[5] == "burst"]
     return max(ns) if ns else None
 
 
 def burst_tables(rows):
+    rows = dropout_rows(rows)
     n = burst_n(rows)
     if n is None:
         return ["No burst results."]
@@ -244,6 +255,54 @@ def sweep_tables(rows):
     return lines
 
 
+# DropBlock: peers in table order; a "(reimpl)" suffix marks the peer script's re-implementation,
+# used when the library is not installed.
+BLOCK_PEERS = ["timm.drop_block_2d", "timm.drop_block_fast_2d", "torchvision.drop_block2d",
+               "torchvision.drop_block3d", "torch.compile.drop_block_2d", "torch.mask_mul"]
+# (kernel, peer, minimum speed-up): issue 4's acceptance.
+BLOCK_TARGETS = [
+    ("drop_block_2d_forward", "timm.drop_block_2d", 4.0),
+    ("drop_block_2d_forward", "torchvision.drop_block2d", 25.0),
+]
+
+
+def block_peer(rows, kernel, dtype, n, peer):
+    """The peer row for `peer`, or its re-implementation's ("(reimpl)" suffix)."""
+    return rows.get(("peer", peer, kernel, dtype, n, "burst")) or rows.get(
+        ("peer", peer + "(reimpl)", kernel, dtype, n, "burst"))
+
+
+def drop_block_tables(rows):
+    keys = sorted((k for k in rows if k[0] == "dropfuse" and k[1] == "dropfuse" and is_drop_block(k[2])),
+                  key=lambda k: (k[2], order(DTYPES, k[3]), k[4]))
+    if not keys:
+        return ["No DropBlock results."]
+    peers = [p for p in BLOCK_PEERS if any(block_peer(rows, k[2], k[3], k[4], p) for k in keys)]
+    lines = ["DropBlock (p = 0.1, global normalisation, one mask per channel): ms per call (median of "
+             "event-timed windows); \"of copy\" = bandwidth (x, y and bit mask) over a device copy of x in the same "
+             "run; speed-up = peer ms / dropfuse ms; \"(reimpl)\" = the peer script's re-implementation, timed "
+             "because the library was not installed.", ""]
+    header = ["kernel", "shape", "block", "dtype", "dropfuse ms", "GB/s", "of copy"]
+    align = ["---", "---", "---:", "---", "---:", "---:", "---:"]
+    for p in peers:
+        header += [f"`{p}` ms", "speed-up"]
+        align += ["---:", "---:"]
+    body = []
+    for key in keys:
+        d = rows[key]
+        r = [key[2], d.get("shape", str(key[4])), d.get("block_size", ""), key[3], fmt_ms(d["ms"]),
+             fmt(d.get("gbps"), ".1f"), fmt(d.get("copy_fraction"), ".3f")]
+        for p in peers:
+            q = block_peer(rows, key[2], key[3], key[4], p)
+            if q is None:
+                r += ["", ""]
+            else:
+                tag = " (reimpl)" if q["impl"].endswith("(reimpl)") else ""
+                r += [fmt_ms(q["ms"]) + tag, fmt(q["ms"] / d["ms"], ".2f", "x") if d["ms"] else ""]
+        body.append(r)
+    return lines + table(header, align, body)
+
+
 def uniq(rows, field, side=None):
     vals = sorted({str(r.get(field)) for k, r in rows.items() if r.get(field) and (side is None or k[0] == side)})
     return ", ".join(vals) if vals else "unknown"
@@ -254,6 +313,7 @@ def report(rows, command):
              f"torch {uniq(rows, 'torch', 'peer')}. Produced by `{command}`.", ""]
     lines += ["### Burst", ""] + burst_tables(rows)
     lines += ["", "### Size sweep", ""] + sweep_tables(rows)
+    lines += ["", "### DropBlock", ""] + drop_block_tables(rows)
     return "\n".join(lines) + "\n"
 
 
@@ -341,6 +401,22 @@ def check(rows):
                 add(frac >= MIN_COPY_FRACTION, f"{what} copy_fraction", f"{frac:.3f} (target >= {MIN_COPY_FRACTION})")
     if sweep and not compared:
         add(False, f"sweep vs {SWEEP_PEER}", "no data (no size measured on both sides)")
+
+    for kernel, peer, min_speedup in BLOCK_TARGETS:
+        found = [k for k in rows if k[0] == "dropfuse" and k[1] == "dropfuse" and k[2] == kernel]
+        if not found:
+            add(False, f"{kernel} speed-up vs {peer}", "no data")
+            continue
+        for key in found:
+            d = rows[key]
+            q = block_peer(rows, kernel, key[3], key[4], peer)
+            what = f"{kernel} {key[3]} {d.get('shape', key[4])} speed-up vs {peer}"
+            if q is None or not d["ms"]:
+                add(False, what, "no data")
+                continue
+            s = q["ms"] / d["ms"]
+            tag = " (peer re-implemented: library not installed)" if q["impl"].endswith("(reimpl)") else ""
+            add(s >= min_speedup, what + tag, f"{s:.2f}x (target >= {min_speedup}x; {q['ms']:.4f} / {d['ms']:.4f} ms)")
     return res
 
 

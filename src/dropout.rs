@@ -345,7 +345,7 @@ impl<'a> Buf<'a> {
     }
 }
 
-fn check_same_len(got: usize, n: usize, name: &'static str) -> Result<()> {
+pub(crate) fn check_same_len(got: usize, n: usize, name: &'static str) -> Result<()> {
     if got != n {
         return Err(Error::invalid(
             name,
@@ -356,7 +356,7 @@ fn check_same_len(got: usize, n: usize, name: &'static str) -> Result<()> {
     Ok(())
 }
 
-fn check_mask_len(got: usize, n: usize) -> Result<()> {
+pub(crate) fn check_mask_len(got: usize, n: usize) -> Result<()> {
     let want = mask_words(n);
     if got != want {
         return Err(Error::invalid(
@@ -369,7 +369,7 @@ fn check_mask_len(got: usize, n: usize) -> Result<()> {
 }
 
 /// Memory must belong to the context of the stream the call is enqueued on.
-fn check_stream(stream: &CudaStream, buf: &CudaStream, name: &'static str) -> Result<()> {
+pub(crate) fn check_stream(stream: &CudaStream, buf: &CudaStream, name: &'static str) -> Result<()> {
     let (want, got) = (stream.context(), buf.context());
     if want != got {
         return Err(Error::invalid(
@@ -382,7 +382,7 @@ fn check_stream(stream: &CudaStream, buf: &CudaStream, name: &'static str) -> Re
 }
 
 /// The launchers use the CUDA runtime, which launches into the thread's current context.
-fn bind(stream: &CudaStream) -> Result<()> {
+pub(crate) fn bind(stream: &CudaStream) -> Result<()> {
     stream
         .context()
         .bind_to_thread()
@@ -390,7 +390,7 @@ fn bind(stream: &CudaStream) -> Result<()> {
 }
 
 /// Reports an error cudarc recorded while ordering the buffers' events around the launch.
-fn after(stream: &CudaStream) -> Result<()> {
+pub(crate) fn after(stream: &CudaStream) -> Result<()> {
     stream
         .context()
         .check_err()
@@ -493,7 +493,7 @@ pub mod raw {
         ffi::check(status, "dropfuse_dropout_backward")
     }
 
-    fn dtype(d: crate::DType) -> ffi::dropfuse_dtype {
+    pub(crate) fn dtype(d: crate::DType) -> ffi::dropfuse_dtype {
         match d {
             crate::DType::F32 => ffi::dropfuse_dtype::DROPFUSE_F32,
             crate::DType::F16 => ffi::dropfuse_dtype::DROPFUSE_F16,

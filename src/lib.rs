@@ -13,6 +13,7 @@
 //! The mask contract is documented in the README and in `kernels/dropfuse.h`.
 
 pub mod device;
+pub mod drop_block;
 pub mod dropout;
 pub mod dtype;
 pub mod error;

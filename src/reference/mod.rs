@@ -47,7 +47,13 @@
 //! 8. **Validation.** Empty data (`x` or `dy`; `n` for [`dropout::mask`]), a mask whose length
 //!    is not exactly `ceil(n / 32)` (`mask`), and an `element_offset + n` that overflows `u64`
 //!    (`element_offset`) are invalid-argument errors, returned before any work is done.
+//!
+//! 9. **DropBlock.** [`drop_block`] implements the block-dropout contract of
+//!    [`crate::drop_block`]: seeds drawn with the same Philox words (seed `i` is drawn iff
+//!    `word(i) < threshold`), blocks painted around them, bit-packed masks like dropout's, per-sample
+//!    kept counts and scales, forward and backward.
 
+pub mod drop_block;
 pub mod dropout;
 pub mod philox;
 

@@ -1,0 +1,434 @@
+// DropBlock: seed bitmap, dilation and kept-count in one bit-packed mask kernel, then one
+// memory-bound pass applying the mask with the scale computed on the device from the counts.
+//
+// Mask kernel: one thread block per (mask plane, tile of output slabs). A plane is viewed as A slabs
+// of B rows of W units: (A, B) = (D, H) for 3D and (H, 1) for 2D, so a tile needs the seeds of its
+// own slabs and of the bA - 1 slabs before them. In shared memory, one bit per unit, rows padded to
+// whole 32-bit words:
+//   1. seed bits of the tile's valid seed positions (Philox words of their global seed indices);
+//   2. horizontal dilation: bit w of a row is set iff a seed lies in [w - bW + 1, w];
+//   3. dilation across the B rows of a slab (3D), then across slabs: the dropped bitmap;
+//   4. the keep bits are gathered into the element-indexed mask words (plain stores inside the
+//      tile's element range, atomicAnd/atomicOr on the two words it shares with its neighbours) and
+//      counted: one atomic add per block into the sample's and the tensor's counters.
+// Apply kernel: like dropout's backward from a mask, with the scale of each element's sample
+// computed from the counters (f64 division rounded once to f32, 0 when nothing is kept).
+#include <stdint.h>
+
+#include "common/launch.cuh"
+#include "common/philox.cuh"
+#include "common/vec.cuh"
+#include "dropfuse.h"
+
+namespace dropfuse {
+namespace {
+
+constexpr int kMaskThreads = 256;
+constexpr int kApplyThreads = 256;
+constexpr int kApplyUnroll = 4;  // chunks in flight per lane, as dropout's backward
+
+// Everything the mask kernel needs, prepared on the host.
+struct Geometry {
+  PhiloxStream philox;
+  uint64_t samples;       // n: stats[n] counts the whole tensor
+  uint64_t c;             // channels
+  uint64_t planes;        // mask planes: n * c, or n with shared channels
+  uint64_t spatial;       // units of a plane
+  uint64_t valid;         // seed positions of a plane
+  uint64_t numel;         // elements of the tensor
+  uint64_t jobs;          // planes * tiles
+  uint32_t A, B, W, Wk;   // slabs, rows per slab, units per row, words per row
+  uint32_t bA, bB, bW;    // block extents
+  uint32_t vA, vB, vW;    // valid (seed) extents
+  uint32_t tile, tiles;   // output slabs per tile, tiles per plane
+  uint32_t cap_rows;      // rows of each shared-memory bitmap
+  uint32_t threshold;     // seed drawn iff all || word < threshold
+  bool all;
+  bool shared;
+};
+
+// Bits [pos, pos + 32) of a bit row of `words` words; bits outside the row read as 0.
+__device__ __forceinline__ uint32_t extract32(const uint32_t *row, uint32_t words, int64_t pos) {
+  const int64_t lo_idx = pos >= 0 ? pos >> 5 : -((-pos + 31) >> 5);
+  const uint32_t sh = static_cast<uint32_t>(pos - lo_idx * 32);
+  const uint32_t lo = lo_idx >= 0 && lo_idx < words ? row[lo_idx] : 0u;
+  const uint32_t hi = lo_idx + 1 >= 0 && lo_idx + 1 < words ? row[lo_idx + 1] : 0u;
+  return __funnelshift_r(lo, hi, sh);
+}
+
+__device__ __forceinline__ uint32_t low_bits(uint32_t len) { return len >= 32 ? ~0u : (1u << len) - 1u; }
+
+__global__ void __launch_bounds__(kMaskThreads)
+    drop_block_mask_kernel(uint32_t *mask, unsigned long long *stats, const __grid_constant__ Geometry g) {
+  extern __shared__ uint32_t smem[];
+  __shared__ unsigned long long block_kept;
+  __shared__ int any_seed;
+  uint32_t *const bufA = smem;
+  uint32_t *const bufB = smem + static_cast<size_t>(g.cap_rows) * g.Wk;
+  const unsigned tid = threadIdx.x;
+
+  for (uint64_t job = blockIdx.x; job < g.jobs; job += gridDim.x) {
+    const uint64_t q = job / g.tiles;
+    const uint32_t tile = static_cast<uint32_t>(job % g.tiles);
+    const uint32_t a0 = tile * g.tile;
+    const uint32_t a1 = min(a0 + g.tile, g.A);
+    // Seed slabs the tile depends on: [s0, s1).
+    const uint32_t s0 = a0 + 1 > g.bA ? a0 + 1 - g.bA : 0u;
+    const uint32_t s1 = min(a1, g.vA);
+    const uint32_t seed_rows = s1 > s0 ? (s1 - s0) * g.B : 0u;
+    const uint32_t out_rows = (a1 - a0) * g.B;
+    const uint32_t zero_words = max(seed_rows, out_rows) * g.Wk;
+
+    for (uint32_t i = tid; i < zero_words; i += blockDim.x) bufA[i] = 0u;
+    if (tid == 0) {
+      block_kept = 0;
+      any_seed = 0;
+    }
+    __syncthreads();
+
+    // 1. Seeds: global seed indices [i0, i1) are this tile's seed slabs, in order.
+    const uint64_t per_slab = static_cast<uint64_t>(g.vB) * g.vW;
+    const uint64_t i0 = q * g.valid + s0 * per_slab;
+    const uint64_t i1 = i0 + (s1 > s0 ? (s1 - s0) * per_slab : 0u);
+    if (i1 > i0 && (g.all || g.threshold != 0)) {
+      bool drawn_any = false;
+      for (uint64_t blk = (i0 >> 2) + tid; blk <= ((i1 - 1) >> 2); blk += blockDim.x) {
+        const uint4 r = philox_block(g.philox, blk);
+        const uint32_t words[4] = {r.x, r.y, r.z, r.w};
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const uint64_t idx = blk * 4 + j;
+          if (idx >= i0 && idx < i1 && (g.all || words[j] < g.threshold)) {
+            const uint64_t local = idx - i0;
+            const uint32_t uw = static_cast<uint32_t>(local % g.vW);
+            const uint64_t rest = local / g.vW;
+            const uint32_t ub = static_cast<uint32_t>(rest % g.vB);
+            const uint32_t ua = static_cast<uint32_t>(rest / g.vB);
+            atomicOr(&bufA[(static_cast<size_t>(ua) * g.B + ub) * g.Wk + (uw >> 5)], 1u << (uw & 31));
+            drawn_any = true;
+          }
+        }
+      }
+      if (drawn_any) any_seed = 1;  // benign race: every writer stores 1
+    }
+    __syncthreads();
+
+    // 2.-3. Dilation; `dropped` ends up holding out_rows rows (all zero when no seed was drawn).
+    const uint32_t *dropped = bufA;
+    if (any_seed) {
+      // 2. Horizontal: bufB[row] = OR over t < bW of bufA[row] shifted up by t.
+      for (uint32_t i = tid; i < seed_rows * g.Wk; i += blockDim.x) {
+        const uint32_t row = i / g.Wk, k = i % g.Wk;
+        const uint32_t *src = bufA + static_cast<size_t>(row) * g.Wk;
+        uint32_t acc = 0;
+        for (uint32_t t = 0; t < g.bW; ++t) acc |= extract32(src, g.Wk, static_cast<int64_t>(k) * 32 - t);
+        bufB[i] = acc;
+      }
+      __syncthreads();
+      const uint32_t *hv = bufB;  // rows dilated within their slab
+      uint32_t *free_buf = bufA;
+      if (g.B > 1) {
+        // 3a. Within a slab: row h gathers seed rows [h - bB + 1, h] of the valid rows [0, vB).
+        for (uint32_t i = tid; i < seed_rows * g.Wk; i += blockDim.x) {
+          const uint32_t row = i / g.Wk, k = i % g.Wk;
+          const uint32_t slab = row / g.B, h = row % g.B;
+          const uint32_t lo = h + 1 > g.bB ? h + 1 - g.bB : 0u;
+          const uint32_t hi = min(h + 1, g.vB);
+          uint32_t acc = 0;
+          for (uint32_t u = lo; u < hi; ++u) acc |= bufB[(static_cast<size_t>(slab) * g.B + u) * g.Wk + k];
+          bufA[i] = acc;
+        }
+        __syncthreads();
+        hv = bufA;
+        free_buf = bufB;
+      }
+      // 3b. Across slabs: output slab a gathers seed slabs [a - bA + 1, a] within [s0, s1).
+      for (uint32_t i = tid; i < out_rows * g.Wk; i += blockDim.x) {
+        const uint32_t row = i / g.Wk, k = i % g.Wk;
+        const uint32_t a = a0 + row / g.B, h = row % g.B;
+        const uint32_t lo = max(s0, a + 1 > g.bA ? a + 1 - g.bA : 0u);
+        const uint32_t hi = min(a + 1, s1);
+        uint32_t acc = 0;
+        for (uint32_t u = lo; u < hi; ++u) acc |= hv[(static_cast<size_t>(u - s0) * g.B + h) * g.Wk + k];
+        free_buf[i] = acc;
+      }
+      __syncthreads();
+      dropped = free_buf;
+    }
+
+    // 4. Keep bits into the mask words of each channel that uses this plane, and the count.
+    const uint64_t sample = g.shared ? q : q / g.c;
+    const uint64_t copies = g.shared ? g.c : 1;
+    const uint64_t tile_units = static_cast<uint64_t>(out_rows) * g.W;
+    unsigned long long kept = 0;
+    for (uint64_t copy = 0; copy < copies; ++copy) {
+      const uint64_t plane_elem = (g.shared ? q * g.c + copy : q) * g.spatial;
+      const uint64_t e0 = plane_elem + static_cast<uint64_t>(a0) * g.B * g.W;
+      const uint64_t e1 = e0 + tile_units;
+      // The block holding the tensor's last element also writes the zero padding of its last word.
+      const uint64_t end = e1 == g.numel ? (g.numel + 31) & ~uint64_t{31} : e1;
+      const uint64_t w_first = e0 >> 5, w_last = (end - 1) >> 5;
+      for (uint64_t wd = w_first + tid; wd <= w_last; wd += blockDim.x) {
+        const uint64_t lo = max(wd * 32, e0), hi = min(wd * 32 + 32, end);
+        const uint64_t data_hi = min(hi, e1);
+        uint32_t bits = 0;
+        for (uint64_t pos = lo; pos < data_hi;) {
+          const uint64_t local = pos - e0;
+          const uint32_t r = static_cast<uint32_t>(local / g.W), w = static_cast<uint32_t>(local % g.W);
+          const uint32_t len = static_cast<uint32_t>(min(static_cast<uint64_t>(g.W - w), data_hi - pos));
+          const uint32_t seg = ~extract32(dropped + static_cast<size_t>(r) * g.Wk, g.Wk, w) & low_bits(len);
+          bits |= seg << (pos - wd * 32);
+          pos += len;
+        }
+        if (copy == 0) kept += __popc(bits);
+        const uint32_t range = low_bits(static_cast<uint32_t>(hi - lo)) << (lo - wd * 32);
+        if (range == ~0u) {
+          mask[wd] = bits;
+        } else {  // shared with a neighbouring tile or plane: touch only our bits
+          atomicAnd(&mask[wd], bits | ~range);
+          atomicOr(&mask[wd], bits);
+        }
+      }
+    }
+    // Count: warp sums, then one shared and one global atomic per block per counter.
+#pragma unroll
+    for (int s = 16; s > 0; s >>= 1) kept += __shfl_xor_sync(0xffffffffu, kept, s);
+    if ((tid & 31u) == 0 && kept != 0) atomicAdd(&block_kept, kept);
+    __syncthreads();
+    if (tid == 0 && block_kept != 0) {
+      const unsigned long long total = block_kept * copies;
+      atomicAdd(&stats[sample], total);
+      atomicAdd(&stats[g.samples], total);
+    }
+    __syncthreads();  // the shared bitmaps and counters are reused by the next job
+  }
+}
+
+// scale = total / kept in f64, rounded once to f32; 0 when nothing is kept.
+__device__ __forceinline__ float scale_of(uint64_t total, unsigned long long kept) {
+  return kept == 0 ? 0.0f : __double2float_rn(__ull2double_rn(total) / __ull2double_rn(kept));
+}
+
+struct ApplyParams {
+  uint64_t numel;
+  uint64_t sample_elems;
+  uint64_t samples;
+  int normalize;
+};
+
+// The scale of sample n (per-sample mode) or of every element (the others).
+__device__ __forceinline__ float sample_scale(const unsigned long long *stats, const ApplyParams &p, uint64_t n) {
+  switch (p.normalize) {
+    case DROPFUSE_NORMALIZE_GLOBAL:
+      return scale_of(p.numel, stats[p.samples]);
+    case DROPFUSE_NORMALIZE_PER_SAMPLE:
+      return scale_of(p.sample_elems, stats[n]);
+    default:
+      return 1.0f;
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ T apply_one(T v, bool keep, float scale) {
+  return keep ? Elem<T>::from_f32(__fmul_rn(Elem<T>::to_f32(v), scale)) : Elem<T>::from_f32(0.0f);
+}
+
+// kPerSample: scales change along the tensor (per-sample mode); otherwise one scale for all.
+template <typename T, bool VEC, bool kPerSample>
+__global__ void __launch_bounds__(kApplyThreads)
+    drop_block_apply_kernel(const T *x, T *y, const uint32_t *mask, const unsigned long long *stats,
+                            const __grid_constant__ ApplyParams p) {
+  constexpr int V = VecWidth<T>::value;
+  // The scale of the sample [lo, hi) seen last (per-sample mode), or of everything.
+  uint64_t lo = 0, hi = kPerSample ? 0 : ~uint64_t{0};
+  float scale = kPerSample ? 0.0f : sample_scale(stats, p, 0);
+  const unsigned lane = threadIdx.x & 31u;
+  const uint64_t warp = (static_cast<uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  const uint64_t warps = (static_cast<uint64_t>(gridDim.x) * blockDim.x) >> 5;
+  const uint64_t chunks = p.numel / V;
+
+  for (uint64_t base = warp * (32 * kApplyUnroll); base < chunks; base += warps * (32 * kApplyUnroll)) {
+    T v[kApplyUnroll][V];
+    uint32_t stored[kApplyUnroll];
+#pragma unroll
+    for (int u = 0; u < kApplyUnroll; ++u) {
+      const uint64_t c = base + u * 32 + lane;
+      if (c < chunks) {
+        load_elems<T, V, VEC>(x + c * V, v[u]);
+        stored[u] = __ldg(mask + (c * V >> 5));
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kApplyUnroll; ++u) {
+      const uint64_t c = base + u * 32 + lane;
+      if (c >= chunks) continue;
+      const uint64_t e0 = c * V;
+      const uint32_t bits = (stored[u] >> (e0 & 31u)) & ((1u << V) - 1u);  // V divides 32
+      T out[V];
+      if (!kPerSample || (e0 >= lo && e0 + V <= hi)) {
+#pragma unroll
+        for (int j = 0; j < V; ++j) out[j] = apply_one(v[u][j], (bits >> j) & 1u, scale);
+      } else if constexpr (kPerSample) {  // a new sample begins: element by element
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+          const uint64_t e = e0 + j;
+          if (e < lo || e >= hi) {
+            const uint64_t n = e / p.sample_elems;
+            lo = n * p.sample_elems;
+            hi = lo + p.sample_elems;
+            scale = sample_scale(stats, p, n);
+          }
+          out[j] = apply_one(v[u][j], (bits >> j) & 1u, scale);
+        }
+      }
+      store_elems<T, V, VEC>(y + c * V, out);
+    }
+  }
+  // The last numel % V elements.
+  if (blockIdx.x == 0) {
+    for (uint64_t e = chunks * V + threadIdx.x; e < p.numel; e += blockDim.x) {
+      const uint64_t n = e / p.sample_elems;
+      const bool keep = (__ldg(mask + (e >> 5)) >> (e & 31u)) & 1u;
+      y[e] = apply_one(x[e], keep, sample_scale(stats, p, n));
+    }
+  }
+}
+
+// Host side --------------------------------------------------------------------------------------
+
+bool valid_params(const dropfuse_drop_block_params &p) {
+  if (p.n == 0 || p.c == 0 || p.d == 0 || p.h == 0 || p.w == 0) return false;
+  if (p.block_d == 0 || p.block_d > p.d || p.block_h == 0 || p.block_h > p.h || p.block_w == 0 || p.block_w > p.w)
+    return false;
+  if (p.d > 1u << 30 || p.h > 1u << 30 || p.w > 1u << 30) return false;  // 32-bit unit coordinates
+  if (p.threshold > (uint64_t{1} << 32)) return false;
+  return p.normalize == DROPFUSE_NORMALIZE_GLOBAL || p.normalize == DROPFUSE_NORMALIZE_PER_SAMPLE ||
+         p.normalize == DROPFUSE_NORMALIZE_OFF;
+}
+
+// The geometry of a launch; false when one slab and its seed slabs do not fit in shared memory.
+bool make_geometry(const dropfuse_drop_block_params &p, Geometry *g, size_t *smem) {
+  const bool three_d = p.d > 1;
+  g->philox = philox_stream(p.seed, p.offset, 0);
+  g->samples = p.n;
+  g->c = p.c;
+  g->planes = p.shared_channels ? p.n : p.n * p.c;
+  g->spatial = p.d * p.h * p.w;
+  g->numel = p.n * p.c * g->spatial;
+  g->A = static_cast<uint32_t>(three_d ? p.d : p.h);
+  g->B = static_cast<uint32_t>(three_d ? p.h : 1);
+  g->W = static_cast<uint32_t>(p.w);
+  g->Wk = (g->W + 31) / 32;
+  g->bA = static_cast<uint32_t>(three_d ? p.block_d : p.block_h);
+  g->bB = static_cast<uint32_t>(three_d ? p.block_h : 1);
+  g->bW = static_cast<uint32_t>(p.block_w);
+  g->vA = g->A - g->bA + 1;
+  g->vB = g->B - g->bB + 1;
+  g->vW = g->W - g->bW + 1;
+  g->valid = static_cast<uint64_t>(g->vA) * g->vB * g->vW;
+  const uint64_t slab_words = static_cast<uint64_t>(g->B) * g->Wk;
+  const uint64_t budget_words = DROPFUSE_DROP_BLOCK_SMEM / (2 * sizeof(uint32_t));  // two bitmaps
+  if (g->bA * slab_words > budget_words) return false;
+  const uint64_t tile = budget_words / slab_words - (g->bA - 1);  // >= 1
+  g->tile = static_cast<uint32_t>(tile < g->A ? tile : g->A);
+  g->tiles = (g->A + g->tile - 1) / g->tile;
+  g->cap_rows = (g->tile + g->bA - 1) * g->B;
+  g->jobs = g->planes * g->tiles;
+  g->all = p.threshold > 0xffffffffull;
+  g->threshold = static_cast<uint32_t>(g->all ? 0xffffffffull : p.threshold);
+  g->shared = p.shared_channels != 0;
+  *smem = 2 * static_cast<size_t>(g->cap_rows) * g->Wk * sizeof(uint32_t);
+  return true;
+}
+
+template <typename T, bool VEC, bool kPerSample>
+cudaError_t apply_grid(const void *x, void *y, const uint32_t *mask, const unsigned long long *stats,
+                       const ApplyParams &ap, uint64_t wanted, cudaStream_t stream) {
+  auto kernel = drop_block_apply_kernel<T, VEC, kPerSample>;
+  unsigned grid = 0;
+  const cudaError_t err = wave_grid(kernel, kApplyThreads, wanted, &grid, 32);
+  if (err != cudaSuccess) return err;
+  kernel<<<grid, kApplyThreads, 0, stream>>>(static_cast<const T *>(x), static_cast<T *>(y), mask, stats, ap);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_apply(const void *x, void *y, const uint32_t *mask, const uint64_t *stats,
+                         const dropfuse_drop_block_params &p, cudaStream_t stream) {
+  ApplyParams ap;
+  ap.samples = p.n;
+  ap.sample_elems = p.c * p.d * p.h * p.w;
+  ap.numel = p.n * ap.sample_elems;
+  ap.normalize = p.normalize;
+  constexpr int V = VecWidth<T>::value;
+  const uint64_t chunks = ap.numel / V;
+  const uint64_t per_block = static_cast<uint64_t>(kApplyThreads) * kApplyUnroll;
+  const uint64_t wanted = (chunks + per_block - 1) / per_block;
+  const auto *st = reinterpret_cast<const unsigned long long *>(stats);
+  const bool aligned = ((reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(y)) & 15u) == 0;
+  if (ap.normalize == DROPFUSE_NORMALIZE_PER_SAMPLE) {
+    return aligned ? apply_grid<T, true, true>(x, y, mask, st, ap, wanted, stream)
+                   : apply_grid<T, false, true>(x, y, mask, st, ap, wanted, stream);
+  }
+  return aligned ? apply_grid<T, true, false>(x, y, mask, st, ap, wanted, stream)
+                 : apply_grid<T, false, false>(x, y, mask, st, ap, wanted, stream);
+}
+
+cudaError_t launch_apply_dtype(dropfuse_dtype dtype, const void *x, void *y, const uint32_t *mask,
+                               const uint64_t *stats, const dropfuse_drop_block_params &p, cudaStream_t stream) {
+  switch (dtype) {
+    case DROPFUSE_F32:
+      return launch_apply<float>(x, y, mask, stats, p, stream);
+    case DROPFUSE_F16:
+      return launch_apply<__half>(x, y, mask, stats, p, stream);
+    case DROPFUSE_BF16:
+      return launch_apply<__nv_bfloat16>(x, y, mask, stats, p, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+bool misaligned4(const void *p) { return (reinterpret_cast<uintptr_t>(p) & 3u) != 0; }
+bool misaligned8(const void *p) { return (reinterpret_cast<uintptr_t>(p) & 7u) != 0; }
+
+}  // namespace
+}  // namespace dropfuse
+
+using namespace dropfuse;
+
+extern "C" int dropfuse_drop_block_forward(dropfuse_dtype dtype, const void *x, void *y, uint32_t *mask,
+                                           uint64_t *stats, const dropfuse_drop_block_params *params,
+                                           dropfuse_stream_t stream) {
+  if (params == nullptr || mask == nullptr || stats == nullptr || misaligned4(mask) || misaligned8(stats))
+    return cudaErrorInvalidValue;
+  if ((x == nullptr) != (y == nullptr)) return cudaErrorInvalidValue;
+  if (dtype != DROPFUSE_F32 && dtype != DROPFUSE_F16 && dtype != DROPFUSE_BF16) return cudaErrorInvalidValue;
+  const dropfuse_drop_block_params &p = *params;
+  if (!valid_params(p)) return cudaErrorInvalidValue;
+  Geometry g;
+  size_t smem = 0;
+  if (!make_geometry(p, &g, &smem)) return cudaErrorInvalidValue;
+  cudaError_t err = cudaMemsetAsync(stats, 0, (p.n + 1) * sizeof(uint64_t), stream);
+  if (err != cudaSuccess) return err;
+  int sms = 0, per_sm = 0;
+  err = sm_count(&sms);
+  if (err != cudaSuccess) return err;
+  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, drop_block_mask_kernel, kMaskThreads, smem);
+  if (err != cudaSuccess) return err;
+  const uint64_t cap = static_cast<uint64_t>(sms) * (per_sm > 0 ? per_sm : 1) * 16;
+  const unsigned grid = static_cast<unsigned>(g.jobs < cap ? g.jobs : cap);
+  drop_block_mask_kernel<<<grid, kMaskThreads, smem, stream>>>(
+      mask, reinterpret_cast<unsigned long long *>(stats), g);
+  err = cudaGetLastError();
+  if (err != cudaSuccess || x == nullptr) return err;
+  return launch_apply_dtype(dtype, x, y, mask, stats, p, static_cast<cudaStream_t>(stream));
+}
+
+extern "C" int dropfuse_drop_block_backward(dropfuse_dtype dtype, const void *dy, void *dx, const uint32_t *mask,
+                                            const uint64_t *stats, const dropfuse_drop_block_params *params,
+                                            dropfuse_stream_t stream) {
+  if (params == nullptr || dy == nullptr || dx == nullptr || mask == nullptr || stats == nullptr ||
+      misaligned4(mask) || misaligned8(stats))
+    return cudaErrorInvalidValue;
+  if (!valid_params(*params)) return cudaErrorInvalidValue;
+  return launch_apply_dtype(dtype, dy, dx, mask, stats, *params, static_cast<cudaStream_t>(stream));
+}

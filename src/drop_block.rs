@@ -1,0 +1,463 @@
+//! DropBlock (Ghiasi et al. 2018): drops contiguous `block_size`-sized regions of each feature map
+//! instead of independent units, for 2D (`[N, C, H, W]`) and 3D (`[N, C, D, H, W]`) tensors.
+//!
+//! The contract (what the CPU reference [`crate::reference::drop_block`] implements and the GPU
+//! kernels match bit for bit):
+//!
+//! 1. **Blocks.** Per spatial axis `a` of size `S_a`, the block extent is `b_a = min(block_size, S_a)`
+//!    and seeds may only be drawn at the `v_a = S_a - b_a + 1` positions where a whole block fits
+//!    (the "valid region", as in the original TensorFlow code and torchvision).
+//! 2. **Seed rate.** `gamma = gamma_scale * p * spatial / (block volume * valid-region volume)`,
+//!    computed in `f64` in that order; the seed threshold is `round(min(gamma, 1) * 2^32)`.
+//! 3. **Seeds.** A mask plane is one `(sample, channel)` feature map, or one sample when channels
+//!    share the mask ([`DropBlock::shared_channels`], timm's coupled-channel mode). The seed at valid
+//!    position `u` of plane `q` has the global index `i = q * valid + lin(u)` (row-major over the
+//!    valid region) and is drawn iff the dropout contract's Philox word of element `i`, for the
+//!    call's `(seed, offset)`, is below the seed threshold: one decision per seed position.
+//! 4. **Blocks around seeds.** A drawn seed `u` drops the units `s` with `u_a <= s_a < u_a + b_a` on
+//!    every axis: the seed is the block's first corner, so an odd block is centred on `u + b / 2` and
+//!    an even block extends `b / 2` units before its centre `u + b / 2` and `b / 2 - 1` after it.
+//!    The drop mask is the union of all blocks.
+//! 5. **Mask.** One keep bit per element of `x`, packed like dropout masks
+//!    ([`crate::dropout::mask_words`]): bit `j` of word `w` is element `32 w + j`.
+//! 6. **Scale** (one `f32` per sample, written to device memory, no host synchronisation):
+//!    [`Normalize::Global`] `numel / kept` over the whole tensor (timm, torchvision),
+//!    [`Normalize::PerSample`] `(C * spatial) / kept_n`, [`Normalize::Off`] `1`; computed in `f64`,
+//!    rounded once to `f32`; with `Global` or `PerSample`, `0` when nothing is kept (the output is
+//!    then all zero).
+//!
+//! Unlike dropout, `p` is a target rate, not a guarantee: `p = 1` drops everything only when the
+//! block covers whole axes (gamma reaches 1), and overlapping blocks make the dropped fraction a
+//! little lower than `p` (the reference's tests quantify it).
+//! 7. **Output.** `y = keep ? x * scale : +0`, one `f32` multiply and one rounding, exactly like
+//!    dropout; backward `dx = keep ? dy * scale : +0` from the stored mask and scales.
+
+use crate::error::{Error, Result};
+
+/// How the kept units are rescaled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Normalize {
+    /// `numel / kept` over the whole tensor (timm and torchvision).
+    #[default]
+    Global,
+    /// `(C * spatial) / kept_n` for each sample `n`.
+    PerSample,
+    /// No rescaling: kept units pass unchanged.
+    Off,
+}
+
+/// A validated DropBlock configuration.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DropBlock {
+    p: f64,
+    block_size: usize,
+    gamma_scale: f64,
+    shared_channels: bool,
+    normalize: Normalize,
+}
+
+impl DropBlock {
+    /// Drop probability `p` (finite, in `[0, 1]`) and block size (>= 1) per spatial axis; gamma
+    /// scale 1, one mask per channel, global normalisation.
+    pub fn new(p: f64, block_size: usize) -> Result<Self> {
+        if !(p.is_finite() && (0.0..=1.0).contains(&p)) {
+            return Err(Error::invalid("p", "a drop probability in [0, 1]", p));
+        }
+        if block_size == 0 {
+            return Err(Error::invalid("block_size", "at least 1", block_size));
+        }
+        Ok(DropBlock {
+            p,
+            block_size,
+            gamma_scale: 1.0,
+            shared_channels: false,
+            normalize: Normalize::Global,
+        })
+    }
+
+    /// Multiplies the seed rate (timm's `gamma_scale`); finite and `>= 0`.
+    pub fn with_gamma_scale(mut self, gamma_scale: f64) -> Result<Self> {
+        if !(gamma_scale.is_finite() && gamma_scale >= 0.0) {
+            return Err(Error::invalid("gamma_scale", "a finite value >= 0", gamma_scale));
+        }
+        self.gamma_scale = gamma_scale;
+        Ok(self)
+    }
+
+    /// One mask per sample shared by all its channels (timm's coupled-channel mode) when `true`.
+    pub fn with_shared_channels(mut self, shared: bool) -> Self {
+        self.shared_channels = shared;
+        self
+    }
+
+    /// The rescaling of kept units.
+    pub fn with_normalize(mut self, normalize: Normalize) -> Self {
+        self.normalize = normalize;
+        self
+    }
+
+    pub fn p(&self) -> f64 {
+        self.p
+    }
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+    pub fn gamma_scale(&self) -> f64 {
+        self.gamma_scale
+    }
+    pub fn shared_channels(&self) -> bool {
+        self.shared_channels
+    }
+    pub fn normalize(&self) -> Normalize {
+        self.normalize
+    }
+}
+
+/// The usual DropBlock schedule: `p` ramped linearly from `start` to `end` over `steps` steps,
+/// then held at `end` (`steps == 0`: `end` from the first step).
+/// `end` exactly from step `steps` on, and never outside `[min(start, end), max(start, end)]`
+/// (so a ramp of valid probabilities stays valid despite rounding).
+pub fn linear_schedule(start: f64, end: f64, steps: u64, step: u64) -> f64 {
+    if step >= steps {
+        return end;
+    }
+    let p = start + (end - start) * (step as f64) / (steps as f64);
+    p.clamp(start.min(end), start.max(end))
+}
+
+// ------------------------------------------------------------------------------------------------
+// GPU API
+
+use std::ffi::c_void;
+
+use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
+
+use crate::dropout::{after, bind, check_mask_len, check_same_len, check_stream};
+use crate::dtype::Element;
+use crate::ffi;
+use crate::rng::PhiloxState;
+
+/// Shared memory the mask kernel may use per thread block (`DROPFUSE_DROP_BLOCK_SMEM`).
+const SMEM_BYTES: u64 = ffi::DROPFUSE_DROP_BLOCK_SMEM as u64;
+
+/// A validated DropBlock tensor shape: `[N, C, H, W]` or `[N, C, D, H, W]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Shape {
+    n: u64,
+    c: u64,
+    /// `[D, H, W]`, `D = 1` for 2D.
+    s: [u64; 3],
+    numel: usize,
+}
+
+impl Shape {
+    fn new(shape: &[usize]) -> Result<Self> {
+        let bad = |expected: &str| Error::invalid("shape", expected, format!("{shape:?}"));
+        let (n, c, s) = match *shape {
+            [n, c, h, w] => (n, c, [1, h, w]),
+            [n, c, d, h, w] => (n, c, [d, h, w]),
+            _ => return Err(bad("[N, C, H, W] or [N, C, D, H, W]")),
+        };
+        if n == 0 || c == 0 || s.contains(&0) {
+            return Err(bad("no zero dimension (an empty tensor)"));
+        }
+        if s.iter().any(|&d| d > 1 << 30) {
+            return Err(bad("spatial dimensions of at most 2^30"));
+        }
+        let numel = s
+            .iter()
+            .fold(n.checked_mul(c), |acc, &d| acc.and_then(|a| a.checked_mul(d)))
+            .ok_or_else(|| bad("a number of elements that fits in usize"))?;
+        Ok(Shape {
+            n: n as u64,
+            c: c as u64,
+            s: s.map(|d| d as u64),
+            numel,
+        })
+    }
+}
+
+/// Length of the `stats` buffer of a call on `shape`: one `u64` per sample (kept elements of the
+/// sample) and one for the whole tensor.
+pub fn stats_len(shape: &[usize]) -> Result<usize> {
+    let s = Shape::new(shape)?;
+    Ok(s.n as usize + 1)
+}
+
+impl DropBlock {
+    /// Block extent per spatial axis `[D, H, W]` (1 along D for 2D).
+    fn extents(&self, s: &Shape) -> [u64; 3] {
+        let b = self.block_size as u64;
+        let mut e = s.s.map(|d| b.min(d));
+        if s.s[0] == 1 {
+            e[0] = 1;
+        }
+        e
+    }
+
+    /// The seed threshold for this shape (contract point 2).
+    fn threshold(&self, s: &Shape) -> u64 {
+        let e = self.extents(s);
+        let spatial: u64 = s.s.iter().product();
+        let vol: u64 = e.iter().product();
+        let valid: u64 = s.s.iter().zip(e).map(|(&d, b)| d - b + 1).product();
+        let gamma = self.gamma_scale * self.p * spatial as f64 / (vol as f64 * valid as f64);
+        (gamma.min(1.0) * 4_294_967_296.0).round() as u64
+    }
+
+    /// Launch parameters; rejects shapes whose mask rows exceed the kernel's shared memory.
+    fn params(&self, shape: &[usize], rng: PhiloxState) -> Result<(Shape, ffi::dropfuse_drop_block_params)> {
+        let s = Shape::new(shape)?;
+        let e = self.extents(&s);
+        // One output slab plus the seed slabs before it, two bitmaps (kernels/dropfuse.h).
+        let (block_a, rows) = if s.s[0] > 1 { (e[0], s.s[1]) } else { (e[1], 1) };
+        let need = 8 * block_a * rows * s.s[2].div_ceil(32);
+        if need > SMEM_BYTES {
+            return Err(Error::invalid(
+                "shape",
+                format!(
+                    "a feature map whose block of rows fits the mask kernel's shared memory \
+                     ({need} bytes needed, {SMEM_BYTES} available)"
+                ),
+                format!("{shape:?} with block_size {}", self.block_size),
+            ));
+        }
+        let p = ffi::dropfuse_drop_block_params {
+            seed: rng.seed,
+            offset: rng.offset,
+            n: s.n,
+            c: s.c,
+            d: s.s[0],
+            h: s.s[1],
+            w: s.s[2],
+            block_d: e[0],
+            block_h: e[1],
+            block_w: e[2],
+            threshold: self.threshold(&s),
+            shared_channels: self.shared_channels as i32,
+            normalize: match self.normalize {
+                Normalize::Global => ffi::dropfuse_normalize::DROPFUSE_NORMALIZE_GLOBAL,
+                Normalize::PerSample => ffi::dropfuse_normalize::DROPFUSE_NORMALIZE_PER_SAMPLE,
+                Normalize::Off => ffi::dropfuse_normalize::DROPFUSE_NORMALIZE_OFF,
+            },
+        };
+        Ok((s, p))
+    }
+
+    /// `y = x * keep * scale`, the bit mask (`mask_words(numel)` words) and `stats`
+    /// ([`stats_len`] counters: kept elements per sample, then in total). The scale is computed on
+    /// the device from the counters: nothing waits for the host.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward<
+        T: Element,
+        X: DevicePtr<T>,
+        Y: DevicePtrMut<T>,
+        M: DevicePtrMut<u32>,
+        S: DevicePtrMut<u64>,
+    >(
+        &self,
+        stream: &CudaStream,
+        rng: PhiloxState,
+        shape: &[usize],
+        x: &X,
+        y: &mut Y,
+        mask: &mut M,
+        stats: &mut S,
+    ) -> Result<()> {
+        let (s, p) = self.params(shape, rng)?;
+        check_same_len(x.len(), s.numel, "x")?;
+        check_same_len(y.len(), s.numel, "y")?;
+        check_mask_len(mask.len(), s.numel)?;
+        check_stats_len(stats.len(), &s)?;
+        check_stream(stream, x.stream(), "x")?;
+        check_stream(stream, y.stream(), "y")?;
+        check_stream(stream, mask.stream(), "mask")?;
+        check_stream(stream, stats.stream(), "stats")?;
+        bind(stream)?;
+        let (xp, _gx) = x.device_ptr(stream);
+        let (yp, _gy) = y.device_ptr_mut(stream);
+        let (mp, _gm) = mask.device_ptr_mut(stream);
+        let (sp, _gs) = stats.device_ptr_mut(stream);
+        // SAFETY: lengths and contexts validated above; x and y are distinct cudarc buffers (a
+        // shared and a mutable borrow cannot alias), mask and stats likewise; the guards keep the
+        // buffers alive and ordered on `stream` until the launch is enqueued.
+        let status = unsafe {
+            ffi::dropfuse_drop_block_forward(
+                crate::dropout::raw::dtype(T::DTYPE),
+                xp as *const c_void,
+                yp as *mut c_void,
+                mp as *mut u32,
+                sp as *mut u64,
+                &p,
+                stream.cu_stream() as ffi::dropfuse_stream_t,
+            )
+        };
+        ffi::check(status, "dropfuse_drop_block_forward")?;
+        after(stream)
+    }
+
+    /// In place: `x = x * keep * scale`, with the mask and stats as [`DropBlock::forward`].
+    pub fn forward_inplace<T: Element, X: DevicePtrMut<T>, M: DevicePtrMut<u32>, S: DevicePtrMut<u64>>(
+        &self,
+        stream: &CudaStream,
+        rng: PhiloxState,
+        shape: &[usize],
+        x: &mut X,
+        mask: &mut M,
+        stats: &mut S,
+    ) -> Result<()> {
+        let (s, p) = self.params(shape, rng)?;
+        check_same_len(x.len(), s.numel, "x")?;
+        check_mask_len(mask.len(), s.numel)?;
+        check_stats_len(stats.len(), &s)?;
+        check_stream(stream, x.stream(), "x")?;
+        check_stream(stream, mask.stream(), "mask")?;
+        check_stream(stream, stats.stream(), "stats")?;
+        bind(stream)?;
+        let (xp, _gx) = x.device_ptr_mut(stream);
+        let (mp, _gm) = mask.device_ptr_mut(stream);
+        let (sp, _gs) = stats.device_ptr_mut(stream);
+        // SAFETY: as in `forward`; x is both input and output (each element read, then written,
+        // by the same thread).
+        let status = unsafe {
+            ffi::dropfuse_drop_block_forward(
+                crate::dropout::raw::dtype(T::DTYPE),
+                xp as *const c_void,
+                xp as *mut c_void,
+                mp as *mut u32,
+                sp as *mut u64,
+                &p,
+                stream.cu_stream() as ffi::dropfuse_stream_t,
+            )
+        };
+        ffi::check(status, "dropfuse_drop_block_forward")?;
+        after(stream)
+    }
+
+    /// Only the mask and the stats (no data): e.g. to inspect or reuse a mask.
+    pub fn mask<M: DevicePtrMut<u32>, S: DevicePtrMut<u64>>(
+        &self,
+        stream: &CudaStream,
+        rng: PhiloxState,
+        shape: &[usize],
+        mask: &mut M,
+        stats: &mut S,
+    ) -> Result<()> {
+        let (s, p) = self.params(shape, rng)?;
+        check_mask_len(mask.len(), s.numel)?;
+        check_stats_len(stats.len(), &s)?;
+        check_stream(stream, mask.stream(), "mask")?;
+        check_stream(stream, stats.stream(), "stats")?;
+        bind(stream)?;
+        let (mp, _gm) = mask.device_ptr_mut(stream);
+        let (sp, _gs) = stats.device_ptr_mut(stream);
+        // SAFETY: as in `forward`; null x and y ask the launcher for the mask and stats only.
+        let status = unsafe {
+            ffi::dropfuse_drop_block_forward(
+                ffi::dropfuse_dtype::DROPFUSE_F32,
+                std::ptr::null(),
+                std::ptr::null_mut(),
+                mp as *mut u32,
+                sp as *mut u64,
+                &p,
+                stream.cu_stream() as ffi::dropfuse_stream_t,
+            )
+        };
+        ffi::check(status, "dropfuse_drop_block_forward")?;
+        after(stream)
+    }
+
+    /// `dx = dy * keep * scale` from the forward's mask and stats (same shape and configuration).
+    pub fn backward<
+        T: Element,
+        M: DevicePtr<u32>,
+        S: DevicePtr<u64>,
+        DY: DevicePtr<T>,
+        DX: DevicePtrMut<T>,
+    >(
+        &self,
+        stream: &CudaStream,
+        shape: &[usize],
+        mask: &M,
+        stats: &S,
+        dy: &DY,
+        dx: &mut DX,
+    ) -> Result<()> {
+        let (s, p) = self.params(shape, PhiloxState::new(0, 0))?;
+        check_same_len(dy.len(), s.numel, "dy")?;
+        check_same_len(dx.len(), s.numel, "dx")?;
+        check_mask_len(mask.len(), s.numel)?;
+        check_stats_len(stats.len(), &s)?;
+        check_stream(stream, dy.stream(), "dy")?;
+        check_stream(stream, dx.stream(), "dx")?;
+        check_stream(stream, mask.stream(), "mask")?;
+        check_stream(stream, stats.stream(), "stats")?;
+        bind(stream)?;
+        let (mp, _gm) = mask.device_ptr(stream);
+        let (sp, _gs) = stats.device_ptr(stream);
+        let (dyp, _gdy) = dy.device_ptr(stream);
+        let (dxp, _gdx) = dx.device_ptr_mut(stream);
+        // SAFETY: as in `forward`.
+        let status = unsafe {
+            ffi::dropfuse_drop_block_backward(
+                crate::dropout::raw::dtype(T::DTYPE),
+                dyp as *const c_void,
+                dxp as *mut c_void,
+                mp as *const u32,
+                sp as *const u64,
+                &p,
+                stream.cu_stream() as ffi::dropfuse_stream_t,
+            )
+        };
+        ffi::check(status, "dropfuse_drop_block_backward")?;
+        after(stream)
+    }
+
+    /// In place backward: `g = g * keep * scale`.
+    pub fn backward_inplace<T: Element, M: DevicePtr<u32>, S: DevicePtr<u64>, G: DevicePtrMut<T>>(
+        &self,
+        stream: &CudaStream,
+        shape: &[usize],
+        mask: &M,
+        stats: &S,
+        grad: &mut G,
+    ) -> Result<()> {
+        let (s, p) = self.params(shape, PhiloxState::new(0, 0))?;
+        check_same_len(grad.len(), s.numel, "grad")?;
+        check_mask_len(mask.len(), s.numel)?;
+        check_stats_len(stats.len(), &s)?;
+        check_stream(stream, grad.stream(), "grad")?;
+        check_stream(stream, mask.stream(), "mask")?;
+        check_stream(stream, stats.stream(), "stats")?;
+        bind(stream)?;
+        let (mp, _gm) = mask.device_ptr(stream);
+        let (sp, _gs) = stats.device_ptr(stream);
+        let (gp, _gg) = grad.device_ptr_mut(stream);
+        // SAFETY: as in `forward_inplace`.
+        let status = unsafe {
+            ffi::dropfuse_drop_block_backward(
+                crate::dropout::raw::dtype(T::DTYPE),
+                gp as *const c_void,
+                gp as *mut c_void,
+                mp as *const u32,
+                sp as *const u64,
+                &p,
+                stream.cu_stream() as ffi::dropfuse_stream_t,
+            )
+        };
+        ffi::check(status, "dropfuse_drop_block_backward")?;
+        after(stream)
+    }
+}
+
+fn check_stats_len(got: usize, s: &Shape) -> Result<()> {
+    let want = s.n as usize + 1;
+    if got != want {
+        return Err(Error::invalid(
+            "stats",
+            format!("{want} u64 counters (N + 1)"),
+            format!("{got}"),
+        ));
+    }
+    Ok(())
+}

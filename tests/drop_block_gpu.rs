@@ -1,0 +1,409 @@
+//! DropBlock on the GPU vs the CPU reference, bit for bit: masks, per-sample counts, outputs and
+//! gradients over random 2D and 3D shapes, block sizes (larger than the map, equal, odd, even),
+//! probabilities (0, near 1, 1), gamma scales, channel sharing, normalisation modes and dtypes,
+//! with views that break 16-byte alignment. Without a GPU every test prints a SKIPPED line.
+//!
+//! `DROPFUSE_PROPTEST_CASES` raises the number of random cases per property (default 24).
+
+mod common;
+
+use common::{cases, gpu};
+use dropfuse::cudarc::driver::CudaSlice;
+use dropfuse::drop_block::{stats_len, DropBlock, Normalize};
+use dropfuse::dropout::mask_words;
+use dropfuse::reference::drop_block as reference;
+use dropfuse::{Device, Element, PhiloxState};
+use half::{bf16, f16};
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestCaseError, TestRunner};
+
+const GUARD: usize = 3;
+const MASK_SENTINEL: u32 = 0xDEAD_BEEF;
+const STATS_SENTINEL: u64 = 0xFEED_FACE_CAFE_BEEF;
+
+trait Bits: Element + dropfuse::cudarc::driver::DeviceRepr + std::fmt::Debug {}
+impl Bits for f32 {}
+impl Bits for f16 {}
+impl Bits for bf16 {}
+
+fn splitmix(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Values in [-8, 8) with a sprinkle of infinities and NaN (dropped ones must become +0).
+fn values<T: Element>(n: usize, seed: u64) -> Vec<T> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            let r = splitmix(&mut s);
+            match r % 97 {
+                0 => T::from_f32(f32::INFINITY),
+                1 => T::from_f32(f32::NAN),
+                _ => T::from_f32(((r >> 40) as f32 / (1u64 << 24) as f32) * 16.0 - 8.0),
+            }
+        })
+        .collect()
+}
+
+#[derive(Debug, Clone)]
+struct Case {
+    shape: Vec<usize>,
+    block: usize,
+    p: f64,
+    gamma_scale: f64,
+    shared: bool,
+    normalize: Normalize,
+    state: PhiloxState,
+    /// View offsets in elements into larger buffers (break 16-byte alignment when nonzero).
+    x_off: usize,
+    y_off: usize,
+    data_seed: u64,
+}
+
+impl Case {
+    fn cfg(&self) -> DropBlock {
+        DropBlock::new(self.p, self.block)
+            .unwrap()
+            .with_gamma_scale(self.gamma_scale)
+            .unwrap()
+            .with_shared_channels(self.shared)
+            .with_normalize(self.normalize)
+    }
+}
+
+fn case() -> impl Strategy<Value = Case> {
+    let dim = prop_oneof![3 => 1usize..=12, 2 => 12usize..=70, 1 => prop::sample::select(vec![31usize, 32, 33, 63, 64, 65])];
+    let shape = prop_oneof![
+        (1usize..=3, 1usize..=4, dim.clone(), dim.clone()).prop_map(|(n, c, h, w)| vec![n, c, h, w]),
+        (1usize..=2, 1usize..=3, 1usize..=9, dim.clone(), dim)
+            .prop_map(|(n, c, d, h, w)| vec![n, c, d, h, w]),
+    ];
+    let p = prop_oneof![
+        Just(0.0),
+        Just(1.0),
+        Just(0.1),
+        Just(0.5),
+        Just(0.999),
+        0.0f64..=1.0
+    ];
+    let gamma_scale = prop_oneof![3 => Just(1.0), 1 => 0.0f64..4.0, 1 => Just(50.0)];
+    let normalize = prop::sample::select(vec![Normalize::Global, Normalize::PerSample, Normalize::Off]);
+    (
+        shape,
+        1usize..=9,
+        p,
+        gamma_scale,
+        any::<bool>(),
+        normalize,
+        (any::<u64>(), any::<u64>()),
+        (0usize..9, 0usize..9),
+        any::<u64>(),
+    )
+        .prop_map(
+            |(shape, block, p, gamma_scale, shared, normalize, (seed, offset), (x_off, y_off), data_seed)| {
+                Case {
+                    shape,
+                    block,
+                    p,
+                    gamma_scale,
+                    shared,
+                    normalize,
+                    state: PhiloxState::new(seed, offset),
+                    x_off,
+                    y_off,
+                    data_seed,
+                }
+            },
+        )
+}
+
+fn ok<V>(r: dropfuse::Result<V>, what: &str) -> Result<V, TestCaseError> {
+    r.map_err(|e| TestCaseError::fail(format!("{what}: {e}")))
+}
+
+fn dl<T: dropfuse::cudarc::driver::DeviceRepr>(
+    dev: &Device,
+    s: &CudaSlice<T>,
+) -> Result<Vec<T>, TestCaseError> {
+    dev.download(s)
+        .map_err(|e| TestCaseError::fail(format!("download: {e}")))
+}
+
+fn upload_at<T: Bits>(dev: &Device, off: usize, data: &[T], fill: T) -> Result<CudaSlice<T>, TestCaseError> {
+    let mut host = vec![fill; off + data.len() + GUARD];
+    host[off..off + data.len()].copy_from_slice(data);
+    ok(dev.upload(&host), "upload")
+}
+
+fn same_bits<T: Element>(got: &[T], want: &[T], what: &str) -> Result<(), TestCaseError> {
+    prop_assert_eq!(got.len(), want.len());
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        if g.to_bits_u32() != w.to_bits_u32() {
+            return Err(TestCaseError::fail(format!(
+                "{what}: element {i}: got bits {:#x}, want {:#x}",
+                g.to_bits_u32(),
+                w.to_bits_u32()
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn check_case<T: Bits>(dev: &Device, c: &Case) -> Result<(), TestCaseError> {
+    let s = dev.stream();
+    let cfg = c.cfg();
+    let numel: usize = c.shape.iter().product();
+    let n = c.shape[0];
+    let x = values::<T>(numel, c.data_seed);
+    let dy = values::<T>(numel, !c.data_seed);
+    let want = ok(
+        reference::forward(&cfg, &c.shape, &x, c.state),
+        "reference forward",
+    )?;
+    let want_dx = ok(
+        reference::backward(&c.shape, &dy, &want.mask, &want.scales),
+        "reference backward",
+    )?;
+
+    let sentinel = T::from_f32(-12345.0);
+    let xd = upload_at(dev, c.x_off, &x, sentinel)?;
+    let mut yd = upload_at(dev, c.y_off, &vec![sentinel; numel], sentinel)?;
+    let mut md = ok(
+        dev.upload(&vec![MASK_SENTINEL; mask_words(numel) + GUARD]),
+        "upload",
+    )?;
+    let mut sd = ok(dev.upload(&vec![STATS_SENTINEL; n + 1 + GUARD]), "upload")?;
+    let words = mask_words(numel);
+    ok(
+        cfg.forward(
+            s,
+            c.state,
+            &c.shape,
+            &xd.slice(c.x_off..c.x_off + numel),
+            &mut yd.slice_mut(c.y_off..c.y_off + numel),
+            &mut md.slice_mut(0..words),
+            &mut sd.slice_mut(0..n + 1),
+        ),
+        "forward",
+    )?;
+    let mask = dl(dev, &md)?;
+    prop_assert_eq!(&mask[..words], &want.mask[..], "mask");
+    prop_assert!(
+        mask[words..].iter().all(|&w| w == MASK_SENTINEL),
+        "mask guard written"
+    );
+    let stats = dl(dev, &sd)?;
+    prop_assert_eq!(&stats[..n], &want.counts[..], "per-sample counts");
+    prop_assert_eq!(stats[n], want.counts.iter().sum::<u64>(), "total count");
+    prop_assert!(
+        stats[n + 1..].iter().all(|&w| w == STATS_SENTINEL),
+        "stats guard written"
+    );
+    let y = dl(dev, &yd)?;
+    same_bits(&y[c.y_off..c.y_off + numel], &want.y, "y")?;
+    prop_assert!(
+        y[..c.y_off]
+            .iter()
+            .chain(&y[c.y_off + numel..])
+            .all(|v| v.to_bits_u32() == sentinel.to_bits_u32()),
+        "y guard written"
+    );
+
+    // Backward from the GPU's own mask and stats.
+    let dyd = upload_at(dev, c.y_off, &dy, sentinel)?;
+    let mut dxd = upload_at(dev, c.x_off, &vec![sentinel; numel], sentinel)?;
+    ok(
+        cfg.backward(
+            s,
+            &c.shape,
+            &md.slice(0..words),
+            &sd.slice(0..n + 1),
+            &dyd.slice(c.y_off..c.y_off + numel),
+            &mut dxd.slice_mut(c.x_off..c.x_off + numel),
+        ),
+        "backward",
+    )?;
+    let dx = dl(dev, &dxd)?;
+    same_bits(&dx[c.x_off..c.x_off + numel], &want_dx, "dx")?;
+
+    // In place: the same output and mask.
+    let mut xi = upload_at(dev, c.x_off, &x, sentinel)?;
+    let mut mi = ok(dev.zeros::<u32>(words), "zeros")?;
+    let mut si = ok(dev.zeros::<u64>(n + 1), "zeros")?;
+    ok(
+        cfg.forward_inplace(
+            s,
+            c.state,
+            &c.shape,
+            &mut xi.slice_mut(c.x_off..c.x_off + numel),
+            &mut mi,
+            &mut si,
+        ),
+        "forward_inplace",
+    )?;
+    same_bits(&dl(dev, &xi)?[c.x_off..c.x_off + numel], &want.y, "in-place y")?;
+    prop_assert_eq!(dl(dev, &mi)?, want.mask.clone(), "in-place mask");
+    Ok(())
+}
+
+fn run_property<T: Bits>(test: &str) {
+    let Some(dev) = gpu(test) else { return };
+    let mut runner = TestRunner::new(Config {
+        cases: cases(24),
+        failure_persistence: None,
+        ..Config::default()
+    });
+    if let Err(e) = runner.run(&case(), |c| check_case::<T>(&dev, &c)) {
+        panic!("{test}: {e}");
+    }
+}
+
+#[test]
+fn gpu_drop_block_matches_reference_f32() {
+    run_property::<f32>("gpu_drop_block_matches_reference_f32");
+}
+
+#[test]
+fn gpu_drop_block_matches_reference_f16() {
+    run_property::<f16>("gpu_drop_block_matches_reference_f16");
+}
+
+#[test]
+fn gpu_drop_block_matches_reference_bf16() {
+    run_property::<bf16>("gpu_drop_block_matches_reference_bf16");
+}
+
+fn fixed(shape: &[usize], block: usize, p: f64, shared: bool, normalize: Normalize, seed: u64) -> Case {
+    Case {
+        shape: shape.to_vec(),
+        block,
+        p,
+        gamma_scale: 1.0,
+        shared,
+        normalize,
+        state: PhiloxState::new(seed, seed / 3),
+        x_off: (seed % 3) as usize,
+        y_off: 0,
+        data_seed: seed,
+    }
+}
+
+/// Edge shapes: 1x1 maps, maps smaller than and equal to the block, even blocks, rows of exactly
+/// 32 units and one more, maps whose rows or slabs do not fit one tile of the mask kernel (several
+/// thread blocks per plane), and many tiny planes sharing mask words.
+#[test]
+fn gpu_drop_block_edge_shapes() {
+    let Some(dev) = gpu("gpu_drop_block_edge_shapes") else {
+        return;
+    };
+    let shapes: &[(&[usize], usize)] = &[
+        (&[3, 5, 1, 1], 7),
+        (&[2, 3, 7, 7], 7),
+        (&[2, 3, 5, 6], 9),
+        (&[2, 2, 8, 8], 4),
+        (&[1, 3, 32, 32], 2),
+        (&[1, 2, 33, 33], 6),
+        (&[7, 13, 3, 5], 2),
+        (&[1, 1, 1, 1, 1], 3),
+        (&[2, 2, 4, 4, 4], 4),
+        (&[1, 2, 5, 9, 40], 3),
+        (&[1, 1, 2500, 70], 7),    // 2D: more rows than one tile holds
+        (&[1, 1, 40, 300, 64], 5), // 3D: more slabs than one tile holds
+        (&[2, 3, 2, 700, 33], 7),
+    ];
+    for (i, &(shape, block)) in shapes.iter().enumerate() {
+        for (j, &p) in [0.0, 0.2, 0.9, 1.0].iter().enumerate() {
+            let normalize = [Normalize::Global, Normalize::PerSample, Normalize::Off][(i + j) % 3];
+            let c = fixed(shape, block, p, (i + j) % 2 == 1, normalize, (i * 10 + j) as u64);
+            check_case::<f32>(&dev, &c).unwrap_or_else(|e| panic!("{c:?}: {e}"));
+            check_case::<f16>(&dev, &c).unwrap_or_else(|e| panic!("{c:?}: {e}"));
+            check_case::<bf16>(&dev, &c).unwrap_or_else(|e| panic!("{c:?}: {e}"));
+        }
+    }
+}
+
+/// Invalid arguments are typed errors and nothing is written.
+#[test]
+fn gpu_drop_block_invalid_arguments_write_nothing() {
+    let Some(dev) = gpu("gpu_drop_block_invalid_arguments_write_nothing") else {
+        return;
+    };
+    let s = dev.stream();
+    let cfg = DropBlock::new(0.5, 3).unwrap();
+    let state = PhiloxState::new(1, 2);
+    let shape = [2usize, 3, 4, 5];
+    let numel = 120;
+    let x = dev.upload(&vec![1.0f32; numel]).unwrap();
+    let fill = vec![7.0f32; numel];
+    let mut y = dev.upload(&fill).unwrap();
+    let mut m = dev.upload(&[MASK_SENTINEL; 4]).unwrap();
+    let mut m_short = dev.upload(&[MASK_SENTINEL; 3]).unwrap();
+    let mut st = dev.upload(&[STATS_SENTINEL; 3]).unwrap();
+    let mut st_long = dev.upload(&[STATS_SENTINEL; 4]).unwrap();
+    let arg = |e: dropfuse::Error| {
+        e.argument()
+            .unwrap_or_else(|| panic!("not InvalidArgument: {e:?}"))
+    };
+    assert_eq!(stats_len(&shape).unwrap(), 3);
+    assert_eq!(
+        arg(cfg
+            .forward(s, state, &[2, 3, 4], &x, &mut y, &mut m, &mut st)
+            .unwrap_err()),
+        "shape"
+    );
+    assert_eq!(
+        arg(cfg
+            .forward(s, state, &[2, 3, 0, 5], &x, &mut y, &mut m, &mut st)
+            .unwrap_err()),
+        "shape"
+    );
+    assert_eq!(
+        arg(cfg
+            .forward(s, state, &[2, 3, 4, 6], &x, &mut y, &mut m, &mut st)
+            .unwrap_err()),
+        "x"
+    );
+    assert_eq!(
+        arg(cfg
+            .forward(s, state, &shape, &x, &mut y.slice_mut(0..119), &mut m, &mut st)
+            .unwrap_err()),
+        "y"
+    );
+    assert_eq!(
+        arg(cfg
+            .forward(s, state, &shape, &x, &mut y, &mut m_short, &mut st)
+            .unwrap_err()),
+        "mask"
+    );
+    assert_eq!(
+        arg(cfg
+            .forward(s, state, &shape, &x, &mut y, &mut m, &mut st_long)
+            .unwrap_err()),
+        "stats"
+    );
+    assert_eq!(
+        arg(cfg.backward(s, &shape, &m, &st_long, &x, &mut y).unwrap_err()),
+        "stats"
+    );
+    assert_eq!(
+        arg(cfg.backward(s, &shape, &m_short, &st, &x, &mut y).unwrap_err()),
+        "mask"
+    );
+    // A 3D map whose block of rows does not fit the mask kernel's shared memory.
+    let wide = [1usize, 1, 8, 64, 4096];
+    assert_eq!(
+        arg(DropBlock::new(0.1, 8)
+            .unwrap()
+            .mask(s, state, &wide, &mut m, &mut st)
+            .unwrap_err()),
+        "shape"
+    );
+    assert_eq!(dev.download(&y).unwrap(), fill, "y written despite the error");
+    assert_eq!(dev.download(&m).unwrap(), [MASK_SENTINEL; 4]);
+    assert_eq!(dev.download(&st).unwrap(), [STATS_SENTINEL; 3]);
+    assert_eq!(dev.download(&st_long).unwrap(), [STATS_SENTINEL; 4]);
+}
