@@ -15,6 +15,8 @@
 // computed from the counters (f64 division rounded once to f32, 0 when nothing is kept).
 #include <stdint.h>
 
+#include <type_traits>
+
 #include "common/launch.cuh"
 #include "common/philox.cuh"
 #include "common/vec.cuh"
@@ -23,7 +25,7 @@
 namespace dropfuse {
 namespace {
 
-constexpr int kMaskThreads = 256;
+constexpr int kMaskThreads = 128;
 constexpr int kApplyThreads = 256;
 constexpr int kApplyUnroll = 4;  // chunks in flight per lane, as dropout's backward
 
@@ -45,26 +47,37 @@ struct Geometry {
   uint32_t threshold;     // seed drawn iff all || word < threshold
   bool all;
   bool shared;
+  bool narrow;            // rows of at most 64 units: the kNarrow kernel
 };
 
-// Bits [pos, pos + 32) of a bit row of `words` words; bits outside the row read as 0.
-__device__ __forceinline__ uint32_t extract32(const uint32_t *row, uint32_t words, int64_t pos) {
-  const int64_t lo_idx = pos >= 0 ? pos >> 5 : -((-pos + 31) >> 5);
+// Bits [pos, pos + 32) of a bit row of `words` 32-bit words; bits outside the row read as 0.
+__device__ __forceinline__ uint32_t extract32(const uint32_t *row, int words, int pos) {
+  const int lo_idx = pos >= 0 ? pos >> 5 : -((31 - pos) >> 5);
   const uint32_t sh = static_cast<uint32_t>(pos - lo_idx * 32);
   const uint32_t lo = lo_idx >= 0 && lo_idx < words ? row[lo_idx] : 0u;
   const uint32_t hi = lo_idx + 1 >= 0 && lo_idx + 1 < words ? row[lo_idx + 1] : 0u;
   return __funnelshift_r(lo, hi, sh);
 }
 
+// The same for a row of at most 64 units held in one 64-bit word.
+__device__ __forceinline__ uint32_t extract32(const uint64_t *row, int, int pos) {
+  return static_cast<uint32_t>(pos >= 0 ? row[0] >> pos : row[0] << -pos);
+}
+
 __device__ __forceinline__ uint32_t low_bits(uint32_t len) { return len >= 32 ? ~0u : (1u << len) - 1u; }
 
+// Rows are bit arrays of W units in shared memory: one 64-bit word when W <= 64 (kNarrow: whole-row
+// shifts), else ceil(W / 32) 32-bit words.
+template <bool kNarrow>
 __global__ void __launch_bounds__(kMaskThreads)
     drop_block_mask_kernel(uint32_t *mask, unsigned long long *stats, const __grid_constant__ Geometry g) {
-  extern __shared__ uint32_t smem[];
+  using Word = typename std::conditional<kNarrow, uint64_t, uint32_t>::type;
+  extern __shared__ uint64_t smem_raw[];
   __shared__ unsigned long long block_kept;
   __shared__ int any_seed;
-  uint32_t *const bufA = smem;
-  uint32_t *const bufB = smem + static_cast<size_t>(g.cap_rows) * g.Wk;
+  const uint32_t Wk = kNarrow ? 1u : g.Wk;  // words per row
+  Word *const bufA = reinterpret_cast<Word *>(smem_raw);
+  Word *const bufB = bufA + g.cap_rows * Wk;
   const unsigned tid = threadIdx.x;
 
   for (uint64_t job = blockIdx.x; job < g.jobs; job += gridDim.x) {
@@ -77,9 +90,9 @@ __global__ void __launch_bounds__(kMaskThreads)
     const uint32_t s1 = min(a1, g.vA);
     const uint32_t seed_rows = s1 > s0 ? (s1 - s0) * g.B : 0u;
     const uint32_t out_rows = (a1 - a0) * g.B;
-    const uint32_t zero_words = max(seed_rows, out_rows) * g.Wk;
+    const uint32_t zero_words = max(seed_rows, out_rows) * Wk;
 
-    for (uint32_t i = tid; i < zero_words; i += blockDim.x) bufA[i] = 0u;
+    for (uint32_t i = tid; i < zero_words; i += blockDim.x) bufA[i] = 0;
     if (tid == 0) {
       block_kept = 0;
       any_seed = 0;
@@ -93,18 +106,26 @@ __global__ void __launch_bounds__(kMaskThreads)
     if (i1 > i0 && (g.all || g.threshold != 0)) {
       bool drawn_any = false;
       for (uint64_t blk = (i0 >> 2) + tid; blk <= ((i1 - 1) >> 2); blk += blockDim.x) {
-        const uint4 r = philox_block(g.philox, blk);
+        // Blocks below 2^32 (seed indices below 2^34) take Philox's fast path (common/philox.cuh).
+        const uint4 r = hi32(blk) == g.philox.hi ? philox_fast(g.philox, static_cast<uint64_t>(kPhiloxM0) * lo32(blk))
+                                                 : philox_block(g.philox, blk);
         const uint32_t words[4] = {r.x, r.y, r.z, r.w};
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
           const uint64_t idx = blk * 4 + j;
           if (idx >= i0 && idx < i1 && (g.all || words[j] < g.threshold)) {
+            // Rare (a fraction gamma of the positions): the divisions stay off the common path.
             const uint64_t local = idx - i0;
             const uint32_t uw = static_cast<uint32_t>(local % g.vW);
             const uint64_t rest = local / g.vW;
             const uint32_t ub = static_cast<uint32_t>(rest % g.vB);
             const uint32_t ua = static_cast<uint32_t>(rest / g.vB);
-            atomicOr(&bufA[(static_cast<size_t>(ua) * g.B + ub) * g.Wk + (uw >> 5)], 1u << (uw & 31));
+            const uint32_t row = ua * g.B + ub;
+            if constexpr (kNarrow) {
+              atomicOr(reinterpret_cast<unsigned long long *>(&bufA[row]), 1ull << uw);
+            } else {
+              atomicOr(&bufA[row * Wk + (uw >> 5)], 1u << (uw & 31));
+            }
             drawn_any = true;
           }
         }
@@ -114,28 +135,37 @@ __global__ void __launch_bounds__(kMaskThreads)
     __syncthreads();
 
     // 2.-3. Dilation; `dropped` ends up holding out_rows rows (all zero when no seed was drawn).
-    const uint32_t *dropped = bufA;
+    const Word *dropped = bufA;
     if (any_seed) {
-      // 2. Horizontal: bufB[row] = OR over t < bW of bufA[row] shifted up by t.
-      for (uint32_t i = tid; i < seed_rows * g.Wk; i += blockDim.x) {
-        const uint32_t row = i / g.Wk, k = i % g.Wk;
-        const uint32_t *src = bufA + static_cast<size_t>(row) * g.Wk;
-        uint32_t acc = 0;
-        for (uint32_t t = 0; t < g.bW; ++t) acc |= extract32(src, g.Wk, static_cast<int64_t>(k) * 32 - t);
-        bufB[i] = acc;
+      // 2. Horizontal: bit w of a row is set iff a seed lies in [w - bW + 1, w].
+      for (uint32_t i = tid; i < seed_rows * Wk; i += blockDim.x) {
+        if constexpr (kNarrow) {
+          // Shifts by 0 .. bW-1 OR-ed in log2(bW) steps: d covers [0, len), then [0, 2 len).
+          uint64_t d = bufA[i];
+          uint32_t len = 1;
+          for (; 2 * len <= g.bW; len *= 2) d |= d << len;
+          if (len < g.bW) d |= d << (g.bW - len);
+          bufB[i] = d;
+        } else {
+          const uint32_t row = i / Wk, k = i % Wk;
+          const uint32_t *src = bufA + row * Wk;
+          uint32_t acc = 0;
+          for (uint32_t t = 0; t < g.bW; ++t) acc |= extract32(src, Wk, static_cast<int>(k * 32) - static_cast<int>(t));
+          bufB[i] = acc;
+        }
       }
       __syncthreads();
-      const uint32_t *hv = bufB;  // rows dilated within their slab
-      uint32_t *free_buf = bufA;
+      const Word *hv = bufB;  // rows dilated within their slab
+      Word *free_buf = bufA;
       if (g.B > 1) {
         // 3a. Within a slab: row h gathers seed rows [h - bB + 1, h] of the valid rows [0, vB).
-        for (uint32_t i = tid; i < seed_rows * g.Wk; i += blockDim.x) {
-          const uint32_t row = i / g.Wk, k = i % g.Wk;
+        for (uint32_t i = tid; i < seed_rows * Wk; i += blockDim.x) {
+          const uint32_t row = i / Wk, k = i % Wk;
           const uint32_t slab = row / g.B, h = row % g.B;
           const uint32_t lo = h + 1 > g.bB ? h + 1 - g.bB : 0u;
           const uint32_t hi = min(h + 1, g.vB);
-          uint32_t acc = 0;
-          for (uint32_t u = lo; u < hi; ++u) acc |= bufB[(static_cast<size_t>(slab) * g.B + u) * g.Wk + k];
+          Word acc = 0;
+          for (uint32_t u = lo; u < hi; ++u) acc |= bufB[(slab * g.B + u) * Wk + k];
           bufA[i] = acc;
         }
         __syncthreads();
@@ -143,13 +173,13 @@ __global__ void __launch_bounds__(kMaskThreads)
         free_buf = bufB;
       }
       // 3b. Across slabs: output slab a gathers seed slabs [a - bA + 1, a] within [s0, s1).
-      for (uint32_t i = tid; i < out_rows * g.Wk; i += blockDim.x) {
-        const uint32_t row = i / g.Wk, k = i % g.Wk;
+      for (uint32_t i = tid; i < out_rows * Wk; i += blockDim.x) {
+        const uint32_t row = i / Wk, k = i % Wk;
         const uint32_t a = a0 + row / g.B, h = row % g.B;
         const uint32_t lo = max(s0, a + 1 > g.bA ? a + 1 - g.bA : 0u);
         const uint32_t hi = min(a + 1, s1);
-        uint32_t acc = 0;
-        for (uint32_t u = lo; u < hi; ++u) acc |= hv[(static_cast<size_t>(u - s0) * g.B + h) * g.Wk + k];
+        Word acc = 0;
+        for (uint32_t u = lo; u < hi; ++u) acc |= hv[((u - s0) * g.B + h) * Wk + k];
         free_buf[i] = acc;
       }
       __syncthreads();
@@ -159,7 +189,7 @@ __global__ void __launch_bounds__(kMaskThreads)
     // 4. Keep bits into the mask words of each channel that uses this plane, and the count.
     const uint64_t sample = g.shared ? q : q / g.c;
     const uint64_t copies = g.shared ? g.c : 1;
-    const uint64_t tile_units = static_cast<uint64_t>(out_rows) * g.W;
+    const uint32_t tile_units = out_rows * g.W;  // < 2^32: bounded by the shared-memory budget
     unsigned long long kept = 0;
     for (uint64_t copy = 0; copy < copies; ++copy) {
       const uint64_t plane_elem = (g.shared ? q * g.c + copy : q) * g.spatial;
@@ -170,15 +200,20 @@ __global__ void __launch_bounds__(kMaskThreads)
       const uint64_t w_first = e0 >> 5, w_last = (end - 1) >> 5;
       for (uint64_t wd = w_first + tid; wd <= w_last; wd += blockDim.x) {
         const uint64_t lo = max(wd * 32, e0), hi = min(wd * 32 + 32, end);
-        const uint64_t data_hi = min(hi, e1);
+        // Tile-local unit positions [p, p_end) of this word's data bits, row by row.
+        uint32_t p = static_cast<uint32_t>(lo - e0);
+        const uint32_t p_end = static_cast<uint32_t>(min(hi, e1) - e0);
+        uint32_t r = p / g.W, w = p % g.W;
+        uint32_t shift = static_cast<uint32_t>(lo - wd * 32);
         uint32_t bits = 0;
-        for (uint64_t pos = lo; pos < data_hi;) {
-          const uint64_t local = pos - e0;
-          const uint32_t r = static_cast<uint32_t>(local / g.W), w = static_cast<uint32_t>(local % g.W);
-          const uint32_t len = static_cast<uint32_t>(min(static_cast<uint64_t>(g.W - w), data_hi - pos));
-          const uint32_t seg = ~extract32(dropped + static_cast<size_t>(r) * g.Wk, g.Wk, w) & low_bits(len);
-          bits |= seg << (pos - wd * 32);
-          pos += len;
+        while (p < p_end) {
+          const uint32_t len = min(g.W - w, p_end - p);
+          const uint32_t seg = ~extract32(dropped + r * Wk, Wk, static_cast<int>(w)) & low_bits(len);
+          bits |= seg << shift;
+          shift += len;
+          p += len;
+          ++r;
+          w = 0;
         }
         if (copy == 0) kept += __popc(bits);
         const uint32_t range = low_bits(static_cast<uint32_t>(hi - lo)) << (lo - wd * 32);
@@ -307,7 +342,7 @@ bool valid_params(const dropfuse_drop_block_params &p) {
 }
 
 // The geometry of a launch; false when one slab and its seed slabs do not fit in shared memory.
-bool make_geometry(const dropfuse_drop_block_params &p, Geometry *g, size_t *smem) {
+bool make_geometry(const dropfuse_drop_block_params &p, int sms, Geometry *g, size_t *smem) {
   const bool three_d = p.d > 1;
   g->philox = philox_stream(p.seed, p.offset, 0);
   g->samples = p.n;
@@ -326,10 +361,20 @@ bool make_geometry(const dropfuse_drop_block_params &p, Geometry *g, size_t *sme
   g->vB = g->B - g->bB + 1;
   g->vW = g->W - g->bW + 1;
   g->valid = static_cast<uint64_t>(g->vA) * g->vB * g->vW;
-  const uint64_t slab_words = static_cast<uint64_t>(g->B) * g->Wk;
-  const uint64_t budget_words = DROPFUSE_DROP_BLOCK_SMEM / (2 * sizeof(uint32_t));  // two bitmaps
-  if (g->bA * slab_words > budget_words) return false;
-  const uint64_t tile = budget_words / slab_words - (g->bA - 1);  // >= 1
+  // Shared memory: two bitmaps of cap_rows rows; a row is 8 bytes in the narrow kernel (W <= 64),
+  // 4 * Wk bytes otherwise.
+  g->narrow = g->W <= 64 && 2 * 8 * static_cast<uint64_t>(g->bA) * g->B <= DROPFUSE_DROP_BLOCK_SMEM;
+  const uint64_t row_bytes = g->narrow ? 8 : 4 * static_cast<uint64_t>(g->Wk);
+  const uint64_t budget_rows = DROPFUSE_DROP_BLOCK_SMEM / (2 * row_bytes);
+  if (static_cast<uint64_t>(g->bA) * g->B > budget_rows) return false;
+  uint64_t tile = budget_rows / g->B - (g->bA - 1);  // >= 1 output slabs per block
+  // Few, large planes: smaller tiles so that every SM gets several blocks.
+  const uint64_t want_jobs = 4 * static_cast<uint64_t>(sms);
+  if (g->planes * ((g->A + tile - 1) / tile) < want_jobs) {
+    const uint64_t tiles_wanted = (want_jobs + g->planes - 1) / g->planes;
+    const uint64_t small = (g->A + tiles_wanted - 1) / tiles_wanted;
+    tile = small < tile ? (small > 0 ? small : 1) : tile;
+  }
   g->tile = static_cast<uint32_t>(tile < g->A ? tile : g->A);
   g->tiles = (g->A + g->tile - 1) / g->tile;
   g->cap_rows = (g->tile + g->bA - 1) * g->B;
@@ -337,7 +382,7 @@ bool make_geometry(const dropfuse_drop_block_params &p, Geometry *g, size_t *sme
   g->all = p.threshold > 0xffffffffull;
   g->threshold = static_cast<uint32_t>(g->all ? 0xffffffffull : p.threshold);
   g->shared = p.shared_channels != 0;
-  *smem = 2 * static_cast<size_t>(g->cap_rows) * g->Wk * sizeof(uint32_t);
+  *smem = 2 * static_cast<size_t>(g->cap_rows) * row_bytes;
   return true;
 }
 
@@ -404,20 +449,21 @@ extern "C" int dropfuse_drop_block_forward(dropfuse_dtype dtype, const void *x, 
   if (dtype != DROPFUSE_F32 && dtype != DROPFUSE_F16 && dtype != DROPFUSE_BF16) return cudaErrorInvalidValue;
   const dropfuse_drop_block_params &p = *params;
   if (!valid_params(p)) return cudaErrorInvalidValue;
+  int sms = 0;
+  cudaError_t err = sm_count(&sms);
+  if (err != cudaSuccess) return err;
   Geometry g;
   size_t smem = 0;
-  if (!make_geometry(p, &g, &smem)) return cudaErrorInvalidValue;
-  cudaError_t err = cudaMemsetAsync(stats, 0, (p.n + 1) * sizeof(uint64_t), stream);
+  if (!make_geometry(p, sms, &g, &smem)) return cudaErrorInvalidValue;
+  err = cudaMemsetAsync(stats, 0, (p.n + 1) * sizeof(uint64_t), stream);
   if (err != cudaSuccess) return err;
-  int sms = 0, per_sm = 0;
-  err = sm_count(&sms);
-  if (err != cudaSuccess) return err;
-  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, drop_block_mask_kernel, kMaskThreads, smem);
+  auto kernel = g.narrow ? drop_block_mask_kernel<true> : drop_block_mask_kernel<false>;
+  int per_sm = 0;
+  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kMaskThreads, smem);
   if (err != cudaSuccess) return err;
   const uint64_t cap = static_cast<uint64_t>(sms) * (per_sm > 0 ? per_sm : 1) * 16;
   const unsigned grid = static_cast<unsigned>(g.jobs < cap ? g.jobs : cap);
-  drop_block_mask_kernel<<<grid, kMaskThreads, smem, stream>>>(
-      mask, reinterpret_cast<unsigned long long *>(stats), g);
+  kernel<<<grid, kMaskThreads, smem, stream>>>(mask, reinterpret_cast<unsigned long long *>(stats), g);
   err = cudaGetLastError();
   if (err != cudaSuccess || x == nullptr) return err;
   return launch_apply_dtype(dtype, x, y, mask, stats, p, static_cast<cudaStream_t>(stream));
