@@ -1,4 +1,5 @@
-//! Randomized differential fuzzing: every dropout kernel on GPU 0 against the CPU reference.
+//! Randomized differential fuzzing: every dropout and DropBlock kernel on GPU 0 against the CPU
+//! reference.
 //!
 //! ```text
 //! cargo run --release --example fuzz -- [--seconds S] [--seed U64] [--max-n N] [--case CASE]
@@ -9,7 +10,9 @@
 //!   (a `rand::rngs::StdRng`); the same seed draws the same cases.
 //! * `--max-n N` (default 2^20): the largest tensor length drawn (every `n` is in `1..=N`).
 //! * `--case CASE`: rerun exactly one case, given as the reproducer string a mismatch prints,
-//!   e.g. `dtype=f16,kernel=forward,n=33,p=0.5,seed=1,offset=2,eo=3,xo=1,yo=2,mo=0,data=9`.
+//!   e.g. `dtype=f16,kernel=forward,n=33,p=0.5,seed=1,offset=2,eo=3,xo=1,yo=2,mo=0,data=9`, or for
+//!   DropBlock `dtype=bf16,kernel=drop_block_forward,shape=2x3x7x33,block=4,p=0.5,gamma=1.0,
+//!   shared=false,norm=global,seed=1,offset=2,xo=1,yo=2,mo=0,so=1,data=9` (one line, no spaces).
 //!
 //! Each case picks a dtype (f16, bf16, f32), a kernel (`mask`, `forward`, `forward_maskless`,
 //! `forward_inplace`, `forward_maskless_inplace`, `backward` (from the mask), `backward_maskless`,
@@ -20,6 +23,18 @@
 //! 2^34 and the largest one allowed, `u64::MAX - n`), view offsets 0..7 (elements) and 0..3 (mask
 //! words) into larger buffers so the pointers are not 16-byte aligned, and a data seed for the
 //! inputs (uniform values, arbitrary bit patterns, NaN, ±Inf, -0, subnormals, extremes).
+//!
+//! DropBlock cases (kernels `drop_block_mask`, `drop_block_forward`, `drop_block_forward_inplace`,
+//! `drop_block_backward` (from a stored mask and stats), `drop_block_backward_inplace`) draw a 2D
+//! `[N, C, H, W]` or 3D `[N, C, D, H, W]` shape (`shape=NxCxHxW`, mostly small, now and then medium;
+//! maps smaller than, equal to and one more than the block, 1x1 maps, rows of 31/32/33 and 63/64/65
+//! units; at most `N` elements, and the kernel's shared-memory limit always holds), a block size
+//! 1..=9 (`block`), `p` (0, 1, near 1, common, random), a gamma scale (`gamma`: 1, 0, random, large
+//! enough that every seed is drawn), channel sharing (`shared`), the normalisation (`norm`:
+//! `global`, `per_sample`, `off`), the Philox seed and offset, view offsets (`xo`, `yo`: elements,
+//! `mo`: mask words, `so`: `u64` counters) and the data seed. They have no `n` (the shape's element
+//! count) and no `eo` (DropBlock has no element offset). The mask, the `N + 1` kept counters and the
+//! outputs are compared with `dropfuse::reference::drop_block`, with the same guard checks.
 //!
 //! The kernel runs on views into sentinel-filled buffers with guard slots after the view; the
 //! mask words and every output element are compared bit for bit with `dropfuse::reference`, the
@@ -38,7 +53,12 @@
 //! self-checks of the CPU reference instead, on the same random cases: the mask against the
 //! Philox contract re-derived here, forward against the element-wise contract and against
 //! `apply_mask` of its mask, backward from the mask against the mask-free backward, the shard
-//! property at a random split point, and the keep rate within a loose (8 sigma) bound.
+//! property at a random split point, and the keep rate within a loose (8 sigma) bound. For
+//! DropBlock: the seed threshold from the contract's formula, the drawn seeds against the Philox
+//! words re-derived here, the mask against blocks painted independently (a unit is dropped iff a
+//! drawn seed of its plane covers it, counted with prefix sums), counts, scales of each
+//! normalisation, forward and backward arithmetic, and the keep rate within a tail bound
+//! (Freedman's inequality, exceeded with probability below 1e-12) of its exact expectation.
 
 use std::fmt;
 use std::process::ExitCode;
@@ -46,8 +66,11 @@ use std::str::FromStr;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use dropfuse::cudarc::driver::DeviceRepr;
+use dropfuse::drop_block::{stats_len, DropBlock, Normalize};
 use dropfuse::dropout::mask_words;
+use dropfuse::ffi::DROPFUSE_DROP_BLOCK_SMEM;
 use dropfuse::half::{bf16, f16};
+use dropfuse::reference::drop_block as block_ref;
 use dropfuse::reference::dropout as reference;
 use dropfuse::reference::philox4x32_10;
 use dropfuse::{DType, Device, Dropout, Element, Error, PhiloxState};
@@ -64,6 +87,15 @@ const USAGE: &str =
 const GUARD: usize = 5;
 /// What the mask buffers hold outside the view.
 const MASK_SENTINEL: u32 = 0xDEAD_BEEF;
+/// What DropBlock's stats buffers hold outside the view.
+const STATS_SENTINEL: u64 = 0xFEED_FACE_CAFE_BEEF;
+/// DropBlock cases: at most this many elements, unless `--max-n` is smaller (1 in 10 cases).
+const BLOCK_MEDIUM_N: usize = 1 << 17;
+/// DropBlock cases: at most this many elements otherwise.
+const BLOCK_SMALL_N: usize = 1 << 12;
+/// DropBlock cases: at most this many block units painted by the CPU reference (expected), so a
+/// case with every seed drawn stays quick.
+const BLOCK_PAINT_BUDGET: f64 = (1u64 << 20) as f64;
 /// At most this many differing indices are printed per buffer.
 const SHOW: usize = 4;
 /// 2^32 as f64.
@@ -153,7 +185,7 @@ fn clock_seed() -> u64 {
 
 // -------------------------------------------------------------- cases ----
 
-/// The kernels (methods of `Dropout`).
+/// The kernels (methods of `Dropout`, and of `DropBlock` for the `DropBlock*` ones).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kernel {
     Mask,
@@ -165,10 +197,15 @@ enum Kernel {
     BackwardMaskless,
     BackwardInplace,
     BackwardMasklessInplace,
+    DropBlockMask,
+    DropBlockForward,
+    DropBlockForwardInplace,
+    DropBlockBackward,
+    DropBlockBackwardInplace,
 }
 
 impl Kernel {
-    const ALL: [Kernel; 9] = [
+    const ALL: [Kernel; 14] = [
         Kernel::Mask,
         Kernel::Forward,
         Kernel::ForwardMaskless,
@@ -178,6 +215,11 @@ impl Kernel {
         Kernel::BackwardMaskless,
         Kernel::BackwardInplace,
         Kernel::BackwardMasklessInplace,
+        Kernel::DropBlockMask,
+        Kernel::DropBlockForward,
+        Kernel::DropBlockForwardInplace,
+        Kernel::DropBlockBackward,
+        Kernel::DropBlockBackwardInplace,
     ];
 
     fn name(self) -> &'static str {
@@ -191,13 +233,34 @@ impl Kernel {
             Kernel::BackwardMaskless => "backward_maskless",
             Kernel::BackwardInplace => "backward_inplace",
             Kernel::BackwardMasklessInplace => "backward_maskless_inplace",
+            Kernel::DropBlockMask => "drop_block_mask",
+            Kernel::DropBlockForward => "drop_block_forward",
+            Kernel::DropBlockForwardInplace => "drop_block_forward_inplace",
+            Kernel::DropBlockBackward => "drop_block_backward",
+            Kernel::DropBlockBackwardInplace => "drop_block_backward_inplace",
         }
     }
+    /// Writes a mask (and, for DropBlock, the stats).
     fn writes_mask(self) -> bool {
-        matches!(self, Kernel::Mask | Kernel::Forward | Kernel::ForwardInplace)
+        matches!(
+            self,
+            Kernel::Mask
+                | Kernel::Forward
+                | Kernel::ForwardInplace
+                | Kernel::DropBlockMask
+                | Kernel::DropBlockForward
+                | Kernel::DropBlockForwardInplace
+        )
     }
+    /// Reads a stored mask (and, for DropBlock, the stats).
     fn reads_mask(self) -> bool {
-        matches!(self, Kernel::Backward | Kernel::BackwardInplace)
+        matches!(
+            self,
+            Kernel::Backward
+                | Kernel::BackwardInplace
+                | Kernel::DropBlockBackward
+                | Kernel::DropBlockBackwardInplace
+        )
     }
     fn in_place(self) -> bool {
         matches!(
@@ -206,8 +269,74 @@ impl Kernel {
                 | Kernel::ForwardMasklessInplace
                 | Kernel::BackwardInplace
                 | Kernel::BackwardMasklessInplace
+                | Kernel::DropBlockForwardInplace
+                | Kernel::DropBlockBackwardInplace
         )
     }
+    /// A method of `DropBlock` (the case carries a [`BlockSpec`]).
+    fn is_drop_block(self) -> bool {
+        matches!(
+            self,
+            Kernel::DropBlockMask
+                | Kernel::DropBlockForward
+                | Kernel::DropBlockForwardInplace
+                | Kernel::DropBlockBackward
+                | Kernel::DropBlockBackwardInplace
+        )
+    }
+}
+
+/// The DropBlock part of a case: shape and configuration (the drop probability is `Case::p`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct BlockSpec {
+    /// `[N, C, H, W]` (`rank` 4) or `[N, C, D, H, W]` (`rank` 5) in the first `rank` entries, 0 after them.
+    dims: [usize; 5],
+    rank: usize,
+    block_size: usize,
+    gamma_scale: f64,
+    shared: bool,
+    normalize: Normalize,
+    /// View offset of the stats (`u64` counters) into a larger buffer.
+    so: usize,
+}
+
+impl BlockSpec {
+    fn shape(&self) -> &[usize] {
+        &self.dims[..self.rank]
+    }
+    fn numel(&self) -> usize {
+        self.shape().iter().product()
+    }
+    fn cfg(&self, p: f64) -> dropfuse::Result<DropBlock> {
+        Ok(DropBlock::new(p, self.block_size)?
+            .with_gamma_scale(self.gamma_scale)?
+            .with_shared_channels(self.shared)
+            .with_normalize(self.normalize))
+    }
+}
+
+fn normalize_name(n: Normalize) -> &'static str {
+    match n {
+        Normalize::Global => "global",
+        Normalize::PerSample => "per_sample",
+        Normalize::Off => "off",
+    }
+}
+
+/// Shared memory the DropBlock mask kernel needs for `shape` (`kernels/dropfuse.h`); shapes above
+/// `DROPFUSE_DROP_BLOCK_SMEM` are rejected by the API and never drawn.
+fn smem_need(shape: &[usize], block_size: usize) -> u64 {
+    let (d, h, w) = match *shape {
+        [_, _, h, w] => (1, h, w),
+        [_, _, d, h, w] => (d, h, w),
+        _ => return u64::MAX,
+    };
+    let (block_a, rows) = if d > 1 {
+        (block_size.min(d), h)
+    } else {
+        (block_size.min(h), 1)
+    };
+    8 * block_a as u64 * rows as u64 * w.div_ceil(32) as u64
 }
 
 /// One fuzz case: everything needed to rerun it exactly (`Display` and `FromStr` round-trip).
@@ -229,6 +358,9 @@ struct Case {
     mo: usize,
     /// Seed of the input values.
     data: u64,
+    /// `Some` exactly for the DropBlock kernels (then `n` is the shape's element count and `eo`
+    /// is 0).
+    block: Option<BlockSpec>,
 }
 
 impl Case {
@@ -240,6 +372,29 @@ impl Case {
 impl fmt::Display for Case {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // `{:?}` of an f64 is the shortest string that parses back to the same bits.
+        if let Some(b) = &self.block {
+            let shape: Vec<String> = b.shape().iter().map(|d| d.to_string()).collect();
+            return write!(
+                f,
+                "dtype={},kernel={},shape={},block={},p={:?},gamma={:?},shared={},norm={},seed={},\
+                 offset={},xo={},yo={},mo={},so={},data={}",
+                self.dtype.name(),
+                self.kernel.name(),
+                shape.join("x"),
+                b.block_size,
+                self.p,
+                b.gamma_scale,
+                b.shared,
+                normalize_name(b.normalize),
+                self.seed,
+                self.offset,
+                self.xo,
+                self.yo,
+                self.mo,
+                b.so,
+                self.data
+            );
+        }
         write!(
             f,
             "dtype={},kernel={},n={},p={:?},seed={},offset={},eo={},xo={},yo={},mo={},data={}",
@@ -261,12 +416,18 @@ impl fmt::Display for Case {
 impl FromStr for Case {
     type Err = String;
 
-    /// `key=value` pairs separated by commas, every key exactly once (the `Display` form).
+    /// `key=value` pairs separated by commas, every key of the kernel's family exactly once (the
+    /// `Display` form): dropout kernels take `n` and `eo`, DropBlock kernels `shape`, `block`,
+    /// `gamma`, `shared`, `norm` and `so` instead.
     fn from_str(s: &str) -> Result<Self, String> {
-        const KEYS: [&str; 11] = [
-            "dtype", "kernel", "n", "p", "seed", "offset", "eo", "xo", "yo", "mo", "data",
+        const KEYS: [&str; 17] = [
+            "dtype", "kernel", "n", "p", "seed", "offset", "eo", "xo", "yo", "mo", "data", "shape", "block",
+            "gamma", "shared", "norm", "so",
         ];
-        let mut values: [Option<&str>; 11] = [None; 11];
+        /// The keys only dropout cases take, and those only DropBlock cases take.
+        const DROPOUT_ONLY: [&str; 2] = ["n", "eo"];
+        const BLOCK_ONLY: [&str; 6] = ["shape", "block", "gamma", "shared", "norm", "so"];
+        let mut values: [Option<&str>; 17] = [None; 17];
         for pair in s.trim().split(',') {
             let (key, value) = pair
                 .split_once('=')
@@ -279,33 +440,93 @@ impl FromStr for Case {
                 return Err(format!("key {key:?} given twice"));
             }
         }
-        let get = |k: usize| values[k].ok_or_else(|| format!("missing key {:?}", KEYS[k]));
+        let index = |key: &str| KEYS.iter().position(|&k| k == key).expect("a known key");
+        let get = |key: &str| values[index(key)].ok_or_else(|| format!("missing key {key:?}"));
         fn num<T: FromStr>(key: &str, v: &str) -> Result<T, String> {
             v.parse().map_err(|_| format!("{key}: cannot parse {v:?}"))
         }
-        let dtype = match get(0)? {
+        let dtype = match get("dtype")? {
             "f32" => DType::F32,
             "f16" => DType::F16,
             "bf16" => DType::BF16,
             other => return Err(format!("dtype: expected f32, f16 or bf16, got {other:?}")),
         };
-        let kernel_name = get(1)?;
+        let kernel_name = get("kernel")?;
         let kernel = Kernel::ALL
             .into_iter()
             .find(|k| k.name() == kernel_name)
             .ok_or_else(|| format!("kernel: unknown kernel {kernel_name:?}"))?;
+        let foreign: &[&str] = if kernel.is_drop_block() {
+            &DROPOUT_ONLY
+        } else {
+            &BLOCK_ONLY
+        };
+        if let Some(k) = foreign.iter().find(|&&k| values[index(k)].is_some()) {
+            return Err(format!("key {k:?} does not apply to kernel {kernel_name}"));
+        }
+        let block = if kernel.is_drop_block() {
+            let shape_text = get("shape")?;
+            let dims: Vec<usize> = shape_text
+                .split('x')
+                .map(|d| num("shape", d))
+                .collect::<Result<_, _>>()?;
+            if !(dims.len() == 4 || dims.len() == 5) || dims.contains(&0) {
+                return Err(format!(
+                    "shape: expected NxCxHxW or NxCxDxHxW without zeros, got {shape_text:?}"
+                ));
+            }
+            if dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).is_none() {
+                return Err(format!("shape: {shape_text:?} has too many elements"));
+            }
+            let mut padded = [0usize; 5];
+            padded[..dims.len()].copy_from_slice(&dims);
+            let spec = BlockSpec {
+                dims: padded,
+                rank: dims.len(),
+                block_size: num("block", get("block")?)?,
+                gamma_scale: num("gamma", get("gamma")?)?,
+                shared: num("shared", get("shared")?)?,
+                normalize: match get("norm")? {
+                    "global" => Normalize::Global,
+                    "per_sample" => Normalize::PerSample,
+                    "off" => Normalize::Off,
+                    other => return Err(format!("norm: expected global, per_sample or off, got {other:?}")),
+                },
+                so: num("so", get("so")?)?,
+            };
+            if spec.block_size == 0 {
+                return Err("block: must be >= 1".into());
+            }
+            if !(spec.gamma_scale.is_finite() && spec.gamma_scale >= 0.0) {
+                return Err(format!(
+                    "gamma: must be finite and >= 0, got {}",
+                    spec.gamma_scale
+                ));
+            }
+            if spec.so > 1024 {
+                return Err("so: view offsets must be <= 1024".into());
+            }
+            Some(spec)
+        } else {
+            None
+        };
+        let (n, eo) = match &block {
+            Some(b) => (b.numel(), 0),
+            None => (num("n", get("n")?)?, num("eo", get("eo")?)?),
+        };
         let case = Case {
             dtype,
             kernel,
-            n: num("n", get(2)?)?,
-            p: num("p", get(3)?)?,
-            seed: num("seed", get(4)?)?,
-            offset: num("offset", get(5)?)?,
-            eo: num("eo", get(6)?)?,
-            xo: num("xo", get(7)?)?,
-            yo: num("yo", get(8)?)?,
-            mo: num("mo", get(9)?)?,
-            data: num("data", get(10)?)?,
+            n,
+            p: num("p", get("p")?)?,
+            seed: num("seed", get("seed")?)?,
+            offset: num("offset", get("offset")?)?,
+            eo,
+            xo: num("xo", get("xo")?)?,
+            yo: num("yo", get("yo")?)?,
+            mo: num("mo", get("mo")?)?,
+            data: num("data", get("data")?)?,
+            block,
         };
         if case.n == 0 {
             return Err("n: must be >= 1".into());
@@ -409,9 +630,116 @@ fn draw_element_offset(rng: &mut StdRng, n: usize) -> u64 {
     eo.min(top)
 }
 
+/// A spatial extent of a DropBlock map for block size `block`: 1, at most the block, the block and
+/// its neighbours, rows of 31/32/33 and 63/64/65 units, small, medium, and (`wide`) long rows.
+fn draw_extent(rng: &mut StdRng, block: usize, wide: bool) -> usize {
+    let pick = |rng: &mut StdRng, v: &[usize]| v[rng.random_range(0..v.len())];
+    match rng.random_range(0..14u32) {
+        0 => 1,
+        1 => rng.random_range(1..=block),
+        2 | 3 => (block + rng.random_range(0..=2usize)).saturating_sub(1).max(1),
+        4 | 5 => pick(rng, &[31, 32, 33]),
+        6 => pick(rng, &[63, 64, 65]),
+        7 => rng.random_range(13..=70),
+        8 if wide => rng.random_range(71..=600),
+        _ => rng.random_range(1..=12),
+    }
+}
+
+/// A DropBlock shape and configuration, and its drop probability: at most `max_n` elements (and
+/// mostly at most [`BLOCK_SMALL_N`]), within the kernel's shared memory and the reference's
+/// painting budget.
+fn draw_block_spec(rng: &mut StdRng, max_n: usize) -> (BlockSpec, f64) {
+    let pick = |rng: &mut StdRng, v: &[f64]| v[rng.random_range(0..v.len())];
+    loop {
+        let block_size = rng.random_range(1..=9usize);
+        let rank = if rng.random_bool(0.6) { 4 } else { 5 };
+        let medium = rng.random_range(0..10u32) == 0;
+        let limit = max_n.min(if medium { BLOCK_MEDIUM_N } else { BLOCK_SMALL_N });
+        let mut dims = [0usize; 5];
+        dims[0] = if rng.random_range(0..4u32) == 0 {
+            rng.random_range(1..=8)
+        } else {
+            rng.random_range(1..=3)
+        };
+        dims[1] = if rng.random_range(0..4u32) == 0 {
+            rng.random_range(1..=16)
+        } else {
+            rng.random_range(1..=4)
+        };
+        for d in &mut dims[2..rank] {
+            *d = draw_extent(rng, block_size, medium && rank == 4);
+        }
+        let p = match rng.random_range(0..8u32) {
+            0 => 0.0,
+            1 => 1.0,
+            2 => 1.0 - rng.random_range(0.0..1e-6),
+            3 => pick(rng, &[0.05, 0.1, 0.2, 0.5, 0.9, 0.999]),
+            4 => draw_p(rng),
+            _ => rng.random::<f64>(),
+        };
+        let spec = BlockSpec {
+            dims,
+            rank,
+            block_size,
+            gamma_scale: match rng.random_range(0..20u32) {
+                0..=9 => 1.0,
+                10 => 0.0,
+                11 | 12 => pick(rng, &[0.5, 2.0, 50.0]),
+                // gamma >= 1 whenever p > 0: every seed is drawn, every unit dropped.
+                13 => 1e9,
+                _ => rng.random_range(0.0..4.0),
+            },
+            shared: rng.random_bool(0.3),
+            normalize: [Normalize::Global, Normalize::PerSample, Normalize::Off][rng.random_range(0..3)],
+            so: rng.random_range(0..4),
+        };
+        // Shrink to the budgets: halve N or C while they exceed 1, then the longest spatial axis.
+        let mut spec = spec;
+        loop {
+            let g = BlockGrid::new(&spec);
+            let seed_rate = g.seed_probability(g.threshold(spec.gamma_scale, p));
+            let paints = g.planes as f64 * g.valid as f64 * seed_rate * g.vol() as f64;
+            if spec.numel() <= limit && paints <= BLOCK_PAINT_BUDGET {
+                break;
+            }
+            let a = if spec.dims[0] * spec.dims[1] > 1 {
+                if spec.dims[0] >= spec.dims[1] {
+                    0
+                } else {
+                    1
+                }
+            } else {
+                (2..rank).max_by_key(|&a| spec.dims[a]).unwrap_or(2)
+            };
+            spec.dims[a] = spec.dims[a].div_ceil(2);
+        }
+        if smem_need(spec.shape(), block_size) <= u64::from(DROPFUSE_DROP_BLOCK_SMEM) {
+            return (spec, p);
+        }
+    }
+}
+
 fn draw_case(rng: &mut StdRng, max_n: usize) -> Case {
     let dtype = [DType::F16, DType::BF16, DType::F32][rng.random_range(0..3)];
     let kernel = Kernel::ALL[rng.random_range(0..Kernel::ALL.len())];
+    if kernel.is_drop_block() {
+        let (spec, p) = draw_block_spec(rng, max_n);
+        return Case {
+            dtype,
+            kernel,
+            n: spec.numel(),
+            p,
+            seed: draw_u64(rng),
+            offset: draw_u64(rng),
+            eo: 0,
+            xo: rng.random_range(0..8),
+            yo: rng.random_range(0..8),
+            mo: rng.random_range(0..4),
+            data: rng.random(),
+            block: Some(spec),
+        };
+    }
     let n = draw_n(rng, max_n);
     let p = draw_p(rng);
     let seed = draw_u64(rng);
@@ -429,6 +757,7 @@ fn draw_case(rng: &mut StdRng, max_n: usize) -> Case {
         yo: rng.random_range(0..8),
         mo: rng.random_range(0..4),
         data: rng.random(),
+        block: None,
     }
 }
 
@@ -509,13 +838,21 @@ fn sentinel<T: Element>() -> T {
 
 // --------------------------------------------------------- comparison ----
 
-/// Anything compared bit for bit: elements and mask words.
+/// Anything compared bit for bit: elements, mask words and DropBlock's counters.
 trait Word: DeviceRepr + Copy {
-    fn bits(self) -> u32;
+    fn bits(self) -> u64;
     fn is_nan(self) -> bool;
 }
 impl Word for u32 {
-    fn bits(self) -> u32 {
+    fn bits(self) -> u64 {
+        u64::from(self)
+    }
+    fn is_nan(self) -> bool {
+        false
+    }
+}
+impl Word for u64 {
+    fn bits(self) -> u64 {
         self
     }
     fn is_nan(self) -> bool {
@@ -525,8 +862,8 @@ impl Word for u32 {
 macro_rules! element_word {
     ($($t:ty),*) => {$(
         impl Word for $t {
-            fn bits(self) -> u32 {
-                self.to_bits_u32()
+            fn bits(self) -> u64 {
+                u64::from(self.to_bits_u32())
             }
             fn is_nan(self) -> bool {
                 self.to_f32().is_nan()
@@ -605,6 +942,7 @@ fn gpu_case<T: FuzzElement>(dev: &Device, c: &Case) -> dropfuse::Result<Vec<Stri
         Kernel::BackwardMaskless | Kernel::BackwardMasklessInplace => {
             reference::backward(&x, c.p, state, c.eo)?
         }
+        other => unreachable!("{} is not a dropout kernel", other.name()),
     };
 
     let x_host = padded(c.xo, &x, sentinel::<T>());
@@ -633,6 +971,7 @@ fn gpu_case<T: FuzzElement>(dev: &Device, c: &Case) -> dropfuse::Result<Vec<Stri
         Kernel::BackwardMaskless => drop.backward_maskless(s, state, &xb.slice(xr), &mut yb.slice_mut(yr))?,
         Kernel::BackwardInplace => drop.backward_inplace(s, &mb.slice(mr), &mut xb.slice_mut(xr))?,
         Kernel::BackwardMasklessInplace => drop.backward_maskless_inplace(s, state, &mut xb.slice_mut(xr))?,
+        other => unreachable!("{} is not a dropout kernel", other.name()),
     }
     dev.synchronize()?;
 
@@ -671,6 +1010,149 @@ fn gpu_case<T: FuzzElement>(dev: &Device, c: &Case) -> dropfuse::Result<Vec<Stri
             &mut bad,
         );
     } else if c.kernel != Kernel::Mask {
+        compare(
+            &format!("{k} output"),
+            &dev.download(&yb)?,
+            c.yo,
+            &want_y,
+            sentinel::<T>(),
+            true,
+            &mut bad,
+        );
+        compare(
+            &format!("{k} input (must be unchanged)"),
+            &dev.download(&xb)?,
+            0,
+            &x_host,
+            x_host[0],
+            false,
+            &mut bad,
+        );
+    }
+    Ok(bad)
+}
+
+/// Runs DropBlock case `c` (shape and configuration `b`) on the GPU and compares everything it
+/// wrote (and must not have written) with the reference. Returns the differences.
+fn gpu_block_case<T: FuzzElement>(dev: &Device, c: &Case, b: &BlockSpec) -> dropfuse::Result<Vec<String>> {
+    let s = dev.stream();
+    let shape = b.shape();
+    let (n, words, counters) = (c.n, mask_words(c.n), stats_len(shape)?);
+    let state = c.state();
+    let cfg = b.cfg(c.p)?;
+    // x, and dy for the backward kernels.
+    let x: Vec<T> = values(n, c.data);
+    let want = block_ref::forward(&cfg, shape, &x, state)?;
+    let mut want_stats = want.counts.clone();
+    want_stats.push(want.counts.iter().sum());
+    let want_y: Vec<T> = match c.kernel {
+        Kernel::DropBlockMask => Vec::new(),
+        Kernel::DropBlockForward | Kernel::DropBlockForwardInplace => want.y.clone(),
+        _ => block_ref::backward(shape, &x, &want.mask, &want.scales)?,
+    };
+
+    let x_host = padded(c.xo, &x, sentinel::<T>());
+    let mask_in_host = padded(c.mo, &want.mask, MASK_SENTINEL);
+    let stats_in_host = padded(b.so, &want_stats, STATS_SENTINEL);
+    let mut xb = dev.upload(&x_host)?;
+    let mb = dev.upload(&mask_in_host)?;
+    let sb = dev.upload(&stats_in_host)?;
+    let mut yb = dev.upload(&vec![sentinel::<T>(); c.yo + n + GUARD])?;
+    let mut mout = dev.upload(&vec![MASK_SENTINEL; c.mo + words + GUARD])?;
+    let mut sout = dev.upload(&vec![STATS_SENTINEL; b.so + counters + GUARD])?;
+    let (xr, yr) = (c.xo..c.xo + n, c.yo..c.yo + n);
+    let (mr, sr) = (c.mo..c.mo + words, b.so..b.so + counters);
+
+    match c.kernel {
+        Kernel::DropBlockMask => {
+            cfg.mask(s, state, shape, &mut mout.slice_mut(mr), &mut sout.slice_mut(sr))?
+        }
+        Kernel::DropBlockForward => cfg.forward(
+            s,
+            state,
+            shape,
+            &xb.slice(xr),
+            &mut yb.slice_mut(yr),
+            &mut mout.slice_mut(mr),
+            &mut sout.slice_mut(sr),
+        )?,
+        Kernel::DropBlockForwardInplace => cfg.forward_inplace(
+            s,
+            state,
+            shape,
+            &mut xb.slice_mut(xr),
+            &mut mout.slice_mut(mr),
+            &mut sout.slice_mut(sr),
+        )?,
+        Kernel::DropBlockBackward => cfg.backward(
+            s,
+            shape,
+            &mb.slice(mr),
+            &sb.slice(sr),
+            &xb.slice(xr),
+            &mut yb.slice_mut(yr),
+        )?,
+        Kernel::DropBlockBackwardInplace => {
+            cfg.backward_inplace(s, shape, &mb.slice(mr), &sb.slice(sr), &mut xb.slice_mut(xr))?
+        }
+        other => unreachable!("{} is not a DropBlock kernel", other.name()),
+    }
+    dev.synchronize()?;
+
+    let k = c.kernel.name();
+    let mut bad = Vec::new();
+    if c.kernel.writes_mask() {
+        compare(
+            &format!("{k} mask"),
+            &dev.download(&mout)?,
+            c.mo,
+            &want.mask,
+            MASK_SENTINEL,
+            false,
+            &mut bad,
+        );
+        compare(
+            &format!("{k} stats (kept per sample, total)"),
+            &dev.download(&sout)?,
+            b.so,
+            &want_stats,
+            STATS_SENTINEL,
+            false,
+            &mut bad,
+        );
+    }
+    if c.kernel.reads_mask() {
+        compare(
+            &format!("{k} input mask (must be unchanged)"),
+            &dev.download(&mb)?,
+            0,
+            &mask_in_host,
+            0,
+            false,
+            &mut bad,
+        );
+        compare(
+            &format!("{k} input stats (must be unchanged)"),
+            &dev.download(&sb)?,
+            0,
+            &stats_in_host,
+            0,
+            false,
+            &mut bad,
+        );
+    }
+    if c.kernel.in_place() {
+        compare(
+            &format!("{k} data (in place)"),
+            &dev.download(&xb)?,
+            c.xo,
+            &want_y,
+            sentinel::<T>(),
+            true,
+            &mut bad,
+        );
+    } else {
+        // The mask kernel writes no data: its output buffer must still be all sentinel.
         compare(
             &format!("{k} output"),
             &dev.download(&yb)?,
@@ -886,6 +1368,320 @@ fn cpu_case<T: FuzzElement>(c: &Case) -> dropfuse::Result<Vec<String>> {
     Ok(bad)
 }
 
+/// The fuzzer's own view of a DropBlock shape, from the contract in `dropfuse::drop_block` (not
+/// from the reference): a 2D map `[H, W]` is the 3D map `[1, H, W]`.
+struct BlockGrid {
+    n: usize,
+    c: usize,
+    /// Spatial extents `[D, H, W]`.
+    dims: [usize; 3],
+    /// Block extents `min(block_size, S_a)`.
+    b: [usize; 3],
+    /// Valid (seed) extents `S_a - b_a + 1`.
+    v: [usize; 3],
+    spatial: usize,
+    valid: usize,
+    shared: bool,
+    /// Mask planes: `N`, shared by the channels, or `N * C`.
+    planes: usize,
+}
+
+impl BlockGrid {
+    fn new(spec: &BlockSpec) -> BlockGrid {
+        let shape = spec.shape();
+        let dims = if shape.len() == 4 {
+            [1, shape[2], shape[3]]
+        } else {
+            [shape[2], shape[3], shape[4]]
+        };
+        let b = dims.map(|d| spec.block_size.min(d));
+        let v = [0, 1, 2].map(|a| dims[a] - b[a] + 1);
+        BlockGrid {
+            n: shape[0],
+            c: shape[1],
+            dims,
+            b,
+            v,
+            spatial: dims.iter().product(),
+            valid: v.iter().product(),
+            shared: spec.shared,
+            planes: if spec.shared {
+                shape[0]
+            } else {
+                shape[0] * shape[1]
+            },
+        }
+    }
+
+    fn vol(&self) -> usize {
+        self.b.iter().product()
+    }
+
+    /// `round(min(gamma, 1) * 2^32)` with `gamma = gamma_scale * p * spatial / (vol * valid)`.
+    fn threshold(&self, gamma_scale: f64, p: f64) -> u64 {
+        let gamma = gamma_scale * p * self.spatial as f64 / (self.vol() as f64 * self.valid as f64);
+        (gamma.min(1.0) * TWO_POW_32).round() as u64
+    }
+
+    /// The probability that a seed is drawn (its word is below `threshold`).
+    fn seed_probability(&self, threshold: u64) -> f64 {
+        (threshold as f64 / TWO_POW_32).min(1.0)
+    }
+
+    /// Position `[d, h, w]` of unit `u` (row-major over the map).
+    fn position(&self, u: usize) -> [usize; 3] {
+        let (h, w) = (self.dims[1], self.dims[2]);
+        [u / (h * w), u / w % h, u % w]
+    }
+
+    /// Per axis, the inclusive range of seed positions whose block covers coordinate `s`.
+    fn seed_range(&self, a: usize, s: usize) -> (usize, usize) {
+        ((s + 1).saturating_sub(self.b[a]), s.min(self.v[a] - 1))
+    }
+
+    /// The keep mask of the drawn seeds `seeds` (`planes * valid` flags): an element is dropped
+    /// iff a drawn seed of its plane covers its unit, counted with a 3D prefix sum of the seeds.
+    fn mask(&self, seeds: &[bool]) -> Vec<u32> {
+        let [v0, v1, v2] = self.v;
+        let at = |i: usize, j: usize, k: usize| (i * (v1 + 1) + j) * (v2 + 1) + k;
+        let mut sum = vec![0i64; (v0 + 1) * (v1 + 1) * (v2 + 1)];
+        let mut dropped = vec![false; self.planes * self.spatial];
+        for q in 0..self.planes {
+            for i in 0..v0 {
+                for j in 0..v1 {
+                    for k in 0..v2 {
+                        let drawn = i64::from(seeds[q * self.valid + (i * v1 + j) * v2 + k]);
+                        sum[at(i + 1, j + 1, k + 1)] = drawn
+                            + sum[at(i, j + 1, k + 1)]
+                            + sum[at(i + 1, j, k + 1)]
+                            + sum[at(i + 1, j + 1, k)]
+                            - sum[at(i, j, k + 1)]
+                            - sum[at(i, j + 1, k)]
+                            - sum[at(i + 1, j, k)]
+                            + sum[at(i, j, k)];
+                    }
+                }
+            }
+            for u in 0..self.spatial {
+                let s = self.position(u);
+                let [(l0, h0), (l1, h1), (l2, h2)] = [0, 1, 2].map(|a| self.seed_range(a, s[a]));
+                let (h0, h1, h2) = (h0 + 1, h1 + 1, h2 + 1);
+                let in_window =
+                    sum[at(h0, h1, h2)] - sum[at(l0, h1, h2)] - sum[at(h0, l1, h2)] - sum[at(h0, h1, l2)]
+                        + sum[at(l0, l1, h2)]
+                        + sum[at(l0, h1, l2)]
+                        + sum[at(h0, l1, l2)]
+                        - sum[at(l0, l1, l2)];
+                dropped[q * self.spatial + u] = in_window > 0;
+            }
+        }
+        let numel = self.n * self.c * self.spatial;
+        let mut mask = vec![0u32; mask_words(numel)];
+        for e in 0..numel {
+            let (plane_nc, u) = (e / self.spatial, e % self.spatial);
+            let q = if self.shared { plane_nc / self.c } else { plane_nc };
+            if !dropped[q * self.spatial + u] {
+                mask[e / 32] |= 1 << (e % 32);
+            }
+        }
+        mask
+    }
+
+    /// The expected number of kept elements when each seed is drawn with probability `q`, and a
+    /// deviation from it that is exceeded with probability below 1e-12 (see [`tail_bound`]): one
+    /// seed changes at most a block volume of units, in `C` channels when they share the mask.
+    fn expected_kept(&self, q: f64) -> (f64, f64) {
+        let mut mean = 0.0;
+        for u in 0..self.spatial {
+            let s = self.position(u);
+            let cover: usize = (0..3)
+                .map(|a| {
+                    let (lo, hi) = self.seed_range(a, s[a]);
+                    hi - lo + 1
+                })
+                .product();
+            mean += (1.0 - q).powi(cover as i32);
+        }
+        let reach = (self.vol() * if self.shared { self.c } else { 1 }) as f64;
+        let seeds = self.planes as f64 * self.valid as f64;
+        ((self.n * self.c) as f64 * mean, tail_bound(seeds, q, reach))
+    }
+}
+
+/// A deviation `t` with `P(|f - E f| >= t) < 1e-12` for a function `f` of `m` independent seeds,
+/// each drawn with probability `q` and changing `f` by at most `c`: Freedman's inequality for the
+/// Doob martingale of `f` (increments at most `c`, conditional variances at most `q (1 - q) c^2`):
+/// `P(|f - E f| >= t) <= 2 exp(-t^2 / (2 (V + c t / 3)))` with `V = m q (1 - q) c^2`. A
+/// Chebyshev-style "k sigma" bound is not enough: with a single rare seed deciding a whole small
+/// map it is exceeded far too often over millions of cases.
+fn tail_bound(m: f64, q: f64, c: f64) -> f64 {
+    let l = (2.0 / 1e-12f64).ln();
+    let v = m * q * (1.0 - q) * c * c;
+    let a = c * l / 3.0;
+    a + (a * a + 2.0 * l * v).sqrt()
+}
+
+/// What the reference says about one DropBlock case: the input of [`check_block`] (the tests
+/// break it on purpose to show the checks catch it).
+#[derive(Debug, Clone)]
+struct BlockOutputs<T> {
+    threshold: u64,
+    seeds: Vec<bool>,
+    /// `reference::drop_block::mask`.
+    mask: Vec<u32>,
+    fwd: block_ref::Forward<T>,
+    /// `reference::drop_block::backward` with `dy = x` from the forward's mask and scales.
+    dx: Vec<T>,
+}
+
+impl<T: Element> BlockOutputs<T> {
+    fn of(cfg: &DropBlock, shape: &[usize], x: &[T], state: PhiloxState) -> dropfuse::Result<Self> {
+        let fwd = block_ref::forward(cfg, shape, x, state)?;
+        let dx = block_ref::backward(shape, x, &fwd.mask, &fwd.scales)?;
+        Ok(BlockOutputs {
+            threshold: block_ref::seed_threshold(cfg, &shape[2..]),
+            seeds: block_ref::seeds(cfg, shape, state)?,
+            mask: block_ref::mask(cfg, shape, state)?,
+            fwd,
+            dx,
+        })
+    }
+}
+
+/// Checks the reference's outputs `r` for DropBlock case `c` (spec `b`, input `x`) against the
+/// contract re-derived here; returns the failures.
+fn check_block<T: FuzzElement>(c: &Case, b: &BlockSpec, x: &[T], r: &BlockOutputs<T>) -> Vec<String> {
+    let g = BlockGrid::new(b);
+    let numel = c.n;
+    let state = c.state();
+    let mut bad = Vec::new();
+
+    // Seed threshold: the contract's formula.
+    let threshold = g.threshold(b.gamma_scale, c.p);
+    if r.threshold != threshold {
+        bad.push(format!(
+            "seed threshold: contract {threshold}, reference {}",
+            r.threshold
+        ));
+    }
+
+    // Seeds: seed i is drawn iff its Philox word (re-derived here) is below the threshold.
+    let mut cache = None;
+    let seeds: Vec<bool> = (0..g.planes * g.valid)
+        .map(|i| u64::from(contract_word(state, i as u64, &mut cache)) < threshold)
+        .collect();
+    if r.seeds.len() != seeds.len() {
+        bad.push(format!(
+            "seeds: {} flags, want planes * valid = {}",
+            r.seeds.len(),
+            seeds.len()
+        ));
+    } else if let Some(i) = (0..seeds.len()).find(|&i| r.seeds[i] != seeds[i]) {
+        let differ = (0..seeds.len()).filter(|&i| r.seeds[i] != seeds[i]).count();
+        bad.push(format!(
+            "seeds vs the Philox contract: {differ} differ, first [{i}] got {} want {}",
+            r.seeds[i], seeds[i]
+        ));
+    }
+
+    // Blocks: dropped iff covered by a drawn seed of the plane.
+    let want_mask = g.mask(&seeds);
+    compare(
+        "mask() vs blocks of the contract's seeds",
+        &r.mask,
+        0,
+        &want_mask,
+        0,
+        false,
+        &mut bad,
+    );
+    compare(
+        "forward's mask vs blocks of the contract's seeds",
+        &r.fwd.mask,
+        0,
+        &want_mask,
+        0,
+        false,
+        &mut bad,
+    );
+
+    // Counts per sample and the scales of the normalisation.
+    let per_sample = numel / g.n;
+    let counts: Vec<u64> = (0..g.n)
+        .map(|s| {
+            (s * per_sample..(s + 1) * per_sample)
+                .filter(|&e| bit(&want_mask, e))
+                .count() as u64
+        })
+        .collect();
+    compare("counts", &r.fwd.counts, 0, &counts, 0, false, &mut bad);
+    let total: u64 = counts.iter().sum();
+    let ratio = |num: usize, kept: u64| {
+        if kept == 0 {
+            0.0
+        } else {
+            (num as f64 / kept as f64) as f32
+        }
+    };
+    let scales: Vec<f32> = match b.normalize {
+        Normalize::Global => vec![ratio(numel, total); g.n],
+        Normalize::PerSample => counts.iter().map(|&k| ratio(per_sample, k)).collect(),
+        Normalize::Off => vec![1.0; g.n],
+    };
+    compare("scales", &r.fwd.scales, 0, &scales, -1.0, false, &mut bad);
+
+    // Forward and backward (dy = x): kept ? round(v * scale_n) : +0.
+    let want_y: Vec<T> = (0..numel)
+        .map(|e| {
+            if bit(&want_mask, e) {
+                T::from_f32(x[e].to_f32() * scales[e / per_sample])
+            } else {
+                T::from_bits(0)
+            }
+        })
+        .collect();
+    compare(
+        "forward y vs kept ? x * scale : +0",
+        &r.fwd.y,
+        0,
+        &want_y,
+        sentinel::<T>(),
+        true,
+        &mut bad,
+    );
+    compare(
+        "backward dx vs kept ? dy * scale : +0",
+        &r.dx,
+        0,
+        &want_y,
+        sentinel::<T>(),
+        true,
+        &mut bad,
+    );
+
+    // Keep rate: within a 1e-12 tail bound (+ 1) of the exact expectation; exact at the ends.
+    let kept: u64 = r.mask.iter().map(|w| u64::from(w.count_ones())).sum();
+    let q = g.seed_probability(threshold);
+    let (expected, bound) = g.expected_kept(q);
+    let slack = bound + 1.0;
+    if (kept as f64 - expected).abs() > slack
+        || (threshold == 0 && kept != numel as u64)
+        || (threshold >= 1 << 32 && kept != 0)
+    {
+        bad.push(format!(
+            "keep rate: {kept} of {numel} kept, expected {expected:.1} +- {slack:.1}"
+        ));
+    }
+    bad
+}
+
+/// Self-checks of the DropBlock reference on case `c` (no GPU); returns the failures.
+fn cpu_block_case<T: FuzzElement>(c: &Case, b: &BlockSpec) -> dropfuse::Result<Vec<String>> {
+    let x: Vec<T> = values(c.n, c.data);
+    let r = BlockOutputs::of(&b.cfg(c.p)?, b.shape(), &x, c.state())?;
+    Ok(check_block(c, b, &x, &r))
+}
+
 // --------------------------------------------------------------- run ----
 
 enum Backend {
@@ -895,12 +1691,22 @@ enum Backend {
 
 fn run_case(backend: &Backend, c: &Case) -> dropfuse::Result<Vec<String>> {
     match (backend, c.dtype) {
-        (Backend::Gpu(dev), DType::F32) => gpu_case::<f32>(dev, c),
-        (Backend::Gpu(dev), DType::F16) => gpu_case::<f16>(dev, c),
-        (Backend::Gpu(dev), DType::BF16) => gpu_case::<bf16>(dev, c),
-        (Backend::Cpu, DType::F32) => cpu_case::<f32>(c),
-        (Backend::Cpu, DType::F16) => cpu_case::<f16>(c),
-        (Backend::Cpu, DType::BF16) => cpu_case::<bf16>(c),
+        (Backend::Gpu(dev), DType::F32) => run_on::<f32>(Some(dev), c),
+        (Backend::Gpu(dev), DType::F16) => run_on::<f16>(Some(dev), c),
+        (Backend::Gpu(dev), DType::BF16) => run_on::<bf16>(Some(dev), c),
+        (Backend::Cpu, DType::F32) => run_on::<f32>(None, c),
+        (Backend::Cpu, DType::F16) => run_on::<f16>(None, c),
+        (Backend::Cpu, DType::BF16) => run_on::<bf16>(None, c),
+    }
+}
+
+/// Case `c` for element type `T`: on the GPU `dev`, or the reference self-checks without one.
+fn run_on<T: FuzzElement>(dev: Option<&Device>, c: &Case) -> dropfuse::Result<Vec<String>> {
+    match (dev, &c.block) {
+        (Some(dev), None) => gpu_case::<T>(dev, c),
+        (Some(dev), Some(b)) => gpu_block_case::<T>(dev, c, b),
+        (None, None) => cpu_case::<T>(c),
+        (None, Some(b)) => cpu_block_case::<T>(c, b),
     }
 }
 
@@ -1038,16 +1844,188 @@ mod tests {
         assert_eq!((s.cases, s.mismatches), (1, 0), "{s}");
     }
 
+    /// `--case` reruns a DropBlock case: 3D, map depth below the block, rows of 33 units, shared
+    /// channels, the extreme Philox stream, every view offset misaligned.
+    #[test]
+    fn one_drop_block_case_reruns() {
+        let case = format!(
+            "dtype=bf16,kernel=drop_block_backward_inplace,shape=2x3x4x33x5,block=6,p=0.999,gamma=2.5,\
+             shared=true,norm=per_sample,seed={m},offset={m},xo=7,yo=3,mo=3,so=2,data=5",
+            m = u64::MAX
+        );
+        let cfg = parse_args(args(&format!("--case {case}"))).unwrap().unwrap();
+        let c = cfg.case.unwrap();
+        assert_eq!(
+            (c.n, c.eo, c.block.unwrap().shape()),
+            (2 * 3 * 4 * 33 * 5, 0, &[2, 3, 4, 33, 5][..])
+        );
+        assert_eq!(c.to_string(), case);
+        let s = run(&cfg).expect("fuzz run");
+        assert_eq!((s.cases, s.mismatches), (1, 0), "{s}");
+    }
+
     #[test]
     fn case_strings_round_trip() {
         let mut rng = StdRng::seed_from_u64(1);
+        let mut blocks = 0;
         for _ in 0..5000 {
             let c = draw_case(&mut rng, 1 << 20);
             assert!((1..=1 << 20).contains(&c.n), "{c}");
             assert!(c.eo.checked_add(c.n as u64).is_some(), "{c}");
+            assert_eq!(c.block.is_some(), c.kernel.is_drop_block(), "{c}");
+            if let Some(b) = &c.block {
+                blocks += 1;
+                assert_eq!((c.n, c.eo), (b.numel(), 0), "{c}");
+                assert!(c.n <= BLOCK_MEDIUM_N && (1..=9).contains(&b.block_size), "{c}");
+                assert!(
+                    smem_need(b.shape(), b.block_size) <= u64::from(DROPFUSE_DROP_BLOCK_SMEM),
+                    "{c}"
+                );
+                b.cfg(c.p).unwrap_or_else(|e| panic!("{c}: {e}"));
+            }
             let back: Case = c.to_string().parse().unwrap_or_else(|e| panic!("{c}: {e}"));
             assert_eq!(back, c);
             assert_eq!(back.p.to_bits(), c.p.to_bits());
+        }
+        assert!(blocks > 1000, "{blocks} DropBlock cases of 5000");
+        // Small limits hold for DropBlock shapes too.
+        for _ in 0..500 {
+            let c = draw_case(&mut rng, 40);
+            assert!((1..=40).contains(&c.n), "{c}");
+        }
+    }
+
+    /// DropBlock case strings: every key of the family exactly once, none of the other family's,
+    /// valid values.
+    #[test]
+    fn bad_drop_block_cases_are_rejected() {
+        let ok = "dtype=f32,kernel=drop_block_mask,shape=1x1x1x1,block=1,p=0,gamma=1,shared=false,\
+                  norm=global,seed=0,offset=0,xo=0,yo=0,mo=0,so=0,data=0";
+        let c: Case = ok.parse().unwrap();
+        assert_eq!((c.n, c.block.unwrap().rank), (1, 4));
+        for (from, to) in [
+            ("shape=1x1x1x1", "shape=1x1x1"),
+            ("shape=1x1x1x1", "shape=1x1x1x1x1x1"),
+            ("shape=1x1x1x1", "shape=1x0x1x1"),
+            ("shape=1x1x1x1", "shape=1x1x1xa"),
+            ("block=1", "block=0"),
+            ("gamma=1", "gamma=-1"),
+            ("gamma=1", "gamma=inf"),
+            ("shared=false", "shared=2"),
+            ("norm=global", "norm=batch"),
+            ("p=0", "p=1.01"),
+            ("so=0", "so=2000"),
+            ("so=0,", ""),
+            ("data=0", "data=0,n=1"),
+            ("data=0", "data=0,eo=0"),
+            ("kernel=drop_block_mask", "kernel=drop_block"),
+        ] {
+            let bad = ok.replacen(from, to, 1);
+            assert_ne!(bad, ok);
+            assert!(bad.parse::<Case>().is_err(), "{bad}");
+        }
+        // Dropout kernels take none of the DropBlock keys.
+        let dropout = "dtype=f32,kernel=mask,n=1,p=0,seed=0,offset=0,eo=0,xo=0,yo=0,mo=0,data=0";
+        for extra in [
+            "shape=1x1x1x1",
+            "block=1",
+            "gamma=1",
+            "shared=true",
+            "norm=off",
+            "so=0",
+        ] {
+            let bad = format!("{dropout},{extra}");
+            assert!(bad.parse::<Case>().is_err(), "{bad}");
+        }
+    }
+
+    /// The DropBlock self-check passes the reference and catches deliberately broken variants of
+    /// it: wrong seeds, blocks shifted or one unit short, channels shared or not as asked, another
+    /// Philox stream, wrong counts, scales, outputs or gradients, another normalisation.
+    #[test]
+    fn drop_block_self_check_catches_a_broken_reference() {
+        let c: Case = "dtype=f32,kernel=drop_block_forward,shape=2x3x9x10,block=3,p=0.5,gamma=1.0,\
+                       shared=false,norm=per_sample,seed=7,offset=1,xo=0,yo=0,mo=0,so=0,data=3"
+            .parse()
+            .unwrap();
+        let b = c.block.unwrap();
+        let x: Vec<f32> = values(c.n, c.data);
+        let with = |spec: BlockSpec, state: PhiloxState| {
+            BlockOutputs::of(&spec.cfg(c.p).unwrap(), spec.shape(), &x, state).unwrap()
+        };
+        let good = with(b, c.state());
+        assert_eq!(check_block(&c, &b, &x, &good), Vec::<String>::new());
+        // Every sample has dropped and kept units, so every variant below changes something.
+        let per_sample = (c.n / 2) as u64;
+        assert!(
+            good.fwd.counts.iter().all(|&k| 0 < k && k < per_sample),
+            "{:?}",
+            good.fwd.counts
+        );
+
+        let mut broken: Vec<(&str, BlockOutputs<f32>)> = vec![
+            (
+                "blocks one unit short",
+                with(BlockSpec { block_size: 2, ..b }, c.state()),
+            ),
+            (
+                "channels shared",
+                with(BlockSpec { shared: true, ..b }, c.state()),
+            ),
+            (
+                "global normalisation",
+                with(
+                    BlockSpec {
+                        normalize: Normalize::Global,
+                        ..b
+                    },
+                    c.state(),
+                ),
+            ),
+            (
+                "next Philox offset",
+                with(b, PhiloxState::new(c.seed, c.offset + 1)),
+            ),
+        ];
+        let mut v = good.clone();
+        let first = v.seeds.iter().position(|&s| s).unwrap();
+        v.seeds[first] = false;
+        broken.push(("a drawn seed missing", v));
+        // Every block one unit to the right: unit w takes the keep bit of unit w - 1.
+        let mut v = good.clone();
+        let w = 10;
+        let mut shifted = vec![0u32; v.mask.len()];
+        for e in 0..c.n {
+            if e % w == 0 || bit(&v.mask, e - 1) {
+                shifted[e / 32] |= 1 << (e % 32);
+            }
+        }
+        v.mask = shifted.clone();
+        v.fwd.mask = shifted;
+        broken.push(("blocks shifted by one unit", v));
+        let mut v = good.clone();
+        v.fwd.mask[0] ^= 1 << 5;
+        broken.push(("a forward mask bit flipped", v));
+        let mut v = good.clone();
+        v.fwd.counts[1] += 1;
+        broken.push(("a count off by one", v));
+        let mut v = good.clone();
+        v.fwd.scales[0] = f32::from_bits(v.fwd.scales[0].to_bits() + 1);
+        broken.push(("a scale one ulp off", v));
+        let mut v = good.clone();
+        let kept = (0..c.n)
+            .find(|&e| bit(&v.mask, e) && v.fwd.y[e].is_finite())
+            .unwrap();
+        v.fwd.y[kept] = f32::from_bits(v.fwd.y[kept].to_bits() ^ 1);
+        broken.push(("a kept output one ulp off", v));
+        let mut v = good.clone();
+        let dropped = (0..c.n).find(|&e| !bit(&v.mask, e)).unwrap();
+        v.dx[dropped] = -0.0;
+        broken.push(("a dropped gradient -0", v));
+
+        for (what, r) in &broken {
+            let failures = check_block(&c, &b, &x, r);
+            assert!(!failures.is_empty(), "not caught: {what}");
         }
     }
 

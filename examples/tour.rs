@@ -1,5 +1,5 @@
-//! A tour of dropfuse: every dropout kernel on the GPU, checked bit for bit against the CPU
-//! reference, with event-timed bandwidth next to a device-to-device copy of the same bytes.
+//! A tour of dropfuse: every dropout and DropBlock kernel on the GPU, checked bit for bit against
+//! the CPU reference, with event-timed bandwidth next to a device-to-device copy of the same bytes.
 //!
 //! ```text
 //! cargo run --release --example tour
@@ -8,21 +8,34 @@
 //! With a GPU: for f16, bf16 and f32 at n = 2^24 + 37 elements it runs mask generation, forward
 //! (with and without a stored mask) and backward (from the mask and mask-free), compares every
 //! mask bit and output element with `dropfuse::reference::dropout`, and prints a table
-//! `kernel | dtype | n | match | ms | GB/s | of copy`. The exit code is 1 if anything mismatches.
+//! `kernel | dtype | n | match | ms | GB/s | of copy`. Then DropBlock (p = 0.1, global
+//! normalisation, one mask per channel) on a 2D map `8 x 64 x 56 x 56` (block 7) and a 3D volume
+//! `2 x 16 x 8 x 28 x 28` (block 5), for each dtype: `mask`, `forward`, `forward_inplace`,
+//! `backward` and `backward_inplace`, each compared with `dropfuse::reference::drop_block` (mask
+//! bits, the `N + 1` kept counters, every output element), in rows of the same table, with a copy
+//! of the same x as baseline for each shape and dtype. Bytes moved: x + y (dy + dx) + mask bits, like the dropout rows (the
+//! `N + 1` counters are left out). The exit code is 1 if anything mismatches.
 //!
 //! Without a GPU it says so and runs the CPU reference alone on 2^16 + 37 elements, printing the
-//! reference's own consistency checks (keep rate, backward from the mask == mask-free backward, ...).
+//! reference's own consistency checks (keep rate, backward from the mask == mask-free backward, ...),
+//! then the DropBlock reference's on `4 x 8 x 28 x 28` (block 7) and `2 x 4 x 8 x 16 x 16` (block 5):
+//! seeds drawn from Philox, dropped units == units covered by a drawn seed's block, keep rate,
+//! counts, scales, forward and backward arithmetic.
 //!
-//! `cargo test --example tour` runs the same entry point: on a GPU at 2^16 + 37 elements (to keep the
-//! debug-build reference fast), without one the CPU reference exactly as above.
+//! `cargo test --example tour` runs the same entry point: on a GPU at 2^16 + 37 elements and the
+//! small DropBlock shapes (to keep the debug-build reference fast), without one the CPU reference
+//! exactly as above.
 
 use std::process::ExitCode;
 
 use dropfuse::cudarc::driver::sys::CUevent_flags;
 use dropfuse::cudarc::driver::{CudaSlice, DevicePtr};
+use dropfuse::drop_block::{stats_len, DropBlock};
 use dropfuse::dropout::mask_words;
 use dropfuse::half::{bf16, f16};
+use dropfuse::reference::drop_block as block_ref;
 use dropfuse::reference::dropout as reference;
+use dropfuse::reference::philox::element_word;
 use dropfuse::{Device, Dropout, Element, Error, Generator, PhiloxState};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -36,10 +49,55 @@ const CPU_N: usize = (1 << 16) + 37;
 /// Timed launches per kernel (after one warm-up launch); the mean is reported.
 const TIMED_LAUNCHES: u32 = 10;
 
+/// A DropBlock shape of the tour.
+#[derive(Debug, Clone, Copy)]
+struct BlockShape {
+    /// Prefix of the kernel names in the table: `drop_block_2d` or `drop_block_3d`.
+    name: &'static str,
+    /// `[N, C, H, W]` or `[N, C, D, H, W]`.
+    shape: &'static [usize],
+    block: usize,
+}
+
+impl BlockShape {
+    fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// DropBlock on the GPU: an ImageNet-like 2D map with the paper's block 7 and a 3D volume, small
+/// enough (1.6 M and 0.2 M elements) for the CPU reference to check them in well under a second.
+const GPU_BLOCKS: [BlockShape; 2] = [
+    BlockShape {
+        name: "drop_block_2d",
+        shape: &[8, 64, 56, 56],
+        block: 7,
+    },
+    BlockShape {
+        name: "drop_block_3d",
+        shape: &[2, 16, 8, 28, 28],
+        block: 5,
+    },
+];
+
+/// DropBlock on the CPU alone, and on the GPU under `cargo test` (debug-build reference).
+const SMALL_BLOCKS: [BlockShape; 2] = [
+    BlockShape {
+        name: "drop_block_2d",
+        shape: &[4, 8, 28, 28],
+        block: 7,
+    },
+    BlockShape {
+        name: "drop_block_3d",
+        shape: &[2, 4, 8, 16, 16],
+        block: 5,
+    },
+];
+
 type BoxResult<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
 fn main() -> ExitCode {
-    match tour(GPU_N, CPU_N) {
+    match tour(GPU_N, CPU_N, &GPU_BLOCKS) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
         Err(e) => {
@@ -49,14 +107,15 @@ fn main() -> ExitCode {
     }
 }
 
-/// The tour: every kernel on GPU 0 at `gpu_n` elements, or without a GPU the CPU reference at
-/// `cpu_n` (at least 6000). `Ok(false)` if anything mismatches or a check fails.
-fn tour(gpu_n: usize, cpu_n: usize) -> BoxResult<bool> {
+/// The tour: every dropout kernel on GPU 0 at `gpu_n` elements and DropBlock on `gpu_blocks`, or
+/// without a GPU the CPU reference at `cpu_n` (at least 6000) and on [`SMALL_BLOCKS`]. `Ok(false)`
+/// if anything mismatches or a check fails.
+fn tour(gpu_n: usize, cpu_n: usize, gpu_blocks: &[BlockShape]) -> BoxResult<bool> {
     match Device::new(0) {
-        Ok(dev) => gpu_tour(&dev, gpu_n),
+        Ok(dev) => gpu_tour(&dev, gpu_n, gpu_blocks),
         Err(e) => {
             println!("No CUDA device found ({e}): running the CPU reference only.");
-            cpu_tour(cpu_n)
+            cpu_tour(cpu_n, &SMALL_BLOCKS)
         }
     }
 }
@@ -97,6 +156,21 @@ fn mask_mismatches(got: &[u32], want: &[u32]) -> usize {
         .sum()
 }
 
+/// Number of `u64` counters that differ (DropBlock's kept counts).
+fn counter_mismatches(got: &[u64], want: &[u64]) -> usize {
+    if got.len() != want.len() {
+        return got.len().max(want.len());
+    }
+    got.iter().zip(want).filter(|(a, b)| a != b).count()
+}
+
+/// DropBlock's `stats` as the kernels write them: the per-sample kept counts, then their sum.
+fn stats_of(counts: &[u64]) -> Vec<u64> {
+    let mut stats = counts.to_vec();
+    stats.push(counts.iter().sum());
+    stats
+}
+
 fn match_text(mismatches: usize) -> String {
     if mismatches == 0 {
         "yes".to_string()
@@ -109,7 +183,7 @@ fn match_text(mismatches: usize) -> String {
 
 /// One row of the GPU table.
 struct Row {
-    kernel: &'static str,
+    kernel: String,
     dtype: &'static str,
     n: usize,
     mismatches: usize,
@@ -225,7 +299,7 @@ fn gpu_dtype<T: Element>(
     ];
     for (kernel, mismatches, ms, bytes) in table {
         rows.push(Row {
-            kernel,
+            kernel: kernel.to_string(),
             dtype,
             n,
             mismatches,
@@ -238,26 +312,147 @@ fn gpu_dtype<T: Element>(
     Ok(())
 }
 
-fn gpu_tour(dev: &Device, n: usize) -> BoxResult<bool> {
+/// Runs and checks DropBlock (`mask`, `forward`, `forward_inplace`, `backward`,
+/// `backward_inplace`) on `bs` for dtype `T`; appends a copy baseline of the same `x` and one row
+/// per kernel.
+fn gpu_drop_block<T: Element>(
+    dev: &Device,
+    bs: &BlockShape,
+    rng: &mut Generator,
+    seed: u64,
+    rows: &mut Vec<Row>,
+) -> BoxResult<()> {
+    let (shape, n) = (bs.shape, bs.numel());
+    let size = T::DTYPE.size() as u64;
+    let dtype = T::DTYPE.name();
+    let stream = dev.stream();
+    let cfg = DropBlock::new(P, bs.block)?;
+    let state: PhiloxState = rng.next();
+
+    let x_host: Vec<T> = random_input(n, seed);
+    let dy_host: Vec<T> = random_input(n, seed ^ 0xd1);
+
+    // The oracle (plain CPU code): y, mask, counts and scales; dx from that mask and those scales.
+    let want = block_ref::forward(&cfg, shape, &x_host, state)?;
+    let want_dx = block_ref::backward(shape, &dy_host, &want.mask, &want.scales)?;
+    let want_stats = stats_of(&want.counts);
+
+    let x = dev.upload(&x_host)?;
+    let dy = dev.upload(&dy_host)?;
+    let mut y = dev.zeros::<T>(n)?;
+    let mut dx = dev.zeros::<T>(n)?;
+    let mut mask = dev.zeros::<u32>(mask_words(n))?;
+    let mut mask2 = dev.zeros::<u32>(mask_words(n))?;
+    let mut stats = dev.zeros::<u64>(stats_len(shape)?)?;
+    let mut stats2 = dev.zeros::<u64>(stats_len(shape)?)?;
+
+    // Correctness: run each kernel once, download, compare.
+    cfg.mask(stream, state, shape, &mut mask2, &mut stats2)?;
+    let mask_bad = mask_mismatches(&dev.download(&mask2)?, &want.mask)
+        + counter_mismatches(&dev.download(&stats2)?, &want_stats);
+
+    cfg.forward(stream, state, shape, &x, &mut y, &mut mask, &mut stats)?;
+    let fwd_bad = element_mismatches(&download(dev, &y)?, &want.y)
+        + mask_mismatches(&dev.download(&mask)?, &want.mask)
+        + counter_mismatches(&dev.download(&stats)?, &want_stats);
+
+    let mut xi = dev.upload(&x_host)?;
+    cfg.forward_inplace(stream, state, shape, &mut xi, &mut mask2, &mut stats2)?;
+    let fwd_ip_bad = element_mismatches(&download(dev, &xi)?, &want.y)
+        + mask_mismatches(&dev.download(&mask2)?, &want.mask)
+        + counter_mismatches(&dev.download(&stats2)?, &want_stats);
+
+    // `mask` and `stats` now hold the forward's (checked above).
+    cfg.backward(stream, shape, &mask, &stats, &dy, &mut dx)?;
+    let bwd_bad = element_mismatches(&download(dev, &dx)?, &want_dx);
+
+    let mut gi = dev.upload(&dy_host)?;
+    cfg.backward_inplace(stream, shape, &mask, &stats, &mut gi)?;
+    let bwd_ip_bad = element_mismatches(&download(dev, &gi)?, &want_dx);
+
+    // Timing, with a device-to-device copy of x (read n + write n elements) as baseline.
+    let data = 2 * n as u64 * size;
+    let mask_bytes = mask_words(n) as u64 * 4;
+    let mut copy_dst: CudaSlice<T> = dev.zeros(n)?;
+    let copy_ms = time_ms(dev, || {
+        stream
+            .memcpy_dtod(&x, &mut copy_dst)
+            .map_err(|e| Error::driver("cuMemcpyDtoDAsync", e))
+    })?;
+    std::mem::drop(copy_dst);
+    let mask_ms = time_ms(dev, || cfg.mask(stream, state, shape, &mut mask2, &mut stats2))?;
+    let fwd_ms = time_ms(dev, || {
+        cfg.forward(stream, state, shape, &x, &mut y, &mut mask, &mut stats)
+    })?;
+    let fwd_ip_ms = time_ms(dev, || {
+        cfg.forward_inplace(stream, state, shape, &mut xi, &mut mask2, &mut stats2)
+    })?;
+    let bwd_ms = time_ms(dev, || cfg.backward(stream, shape, &mask, &stats, &dy, &mut dx))?;
+    let bwd_ip_ms = time_ms(dev, || {
+        cfg.backward_inplace(stream, shape, &mask, &stats, &mut gi)
+    })?;
+
+    let table = [
+        ("copy", 0, copy_ms, data),
+        ("mask", mask_bad, mask_ms, mask_bytes),
+        ("forward", fwd_bad, fwd_ms, data + mask_bytes),
+        ("forward_inplace", fwd_ip_bad, fwd_ip_ms, data + mask_bytes),
+        ("backward", bwd_bad, bwd_ms, data + mask_bytes),
+        ("backward_inplace", bwd_ip_bad, bwd_ip_ms, data + mask_bytes),
+    ];
+    for (kernel, mismatches, ms, bytes) in table {
+        rows.push(Row {
+            kernel: if kernel == "copy" {
+                kernel.to_string()
+            } else {
+                format!("{}_{kernel}", bs.name)
+            },
+            dtype,
+            n,
+            mismatches,
+            ms,
+            bytes,
+            copy_ms,
+            copy_bytes: data,
+        });
+    }
+    Ok(())
+}
+
+fn gpu_tour(dev: &Device, n: usize, blocks: &[BlockShape]) -> BoxResult<bool> {
     let name = dev.name()?;
     let (major, minor) = dev.compute_capability()?;
     println!(
         "GPU 0: {name} (sm_{major}{minor}, {} SMs); dropout p = {P}, n = {n}",
         dev.sm_count()?
     );
-    println!("checking every mask bit and output element against the CPU reference...\n");
+    for bs in blocks {
+        println!(
+            "{}: DropBlock p = {P}, block {}, shape {:?} (n = {})",
+            bs.name,
+            bs.block,
+            bs.shape,
+            bs.numel()
+        );
+    }
+    println!("checking every mask bit, counter and output element against the CPU reference...\n");
 
     let mut rng = Generator::new(2024);
     let mut rows = Vec::new();
     gpu_dtype::<f16>(dev, n, &mut rng, 1, &mut rows)?;
     gpu_dtype::<bf16>(dev, n, &mut rng, 2, &mut rows)?;
     gpu_dtype::<f32>(dev, n, &mut rng, 3, &mut rows)?;
+    for bs in blocks {
+        gpu_drop_block::<f16>(dev, bs, &mut rng, 4, &mut rows)?;
+        gpu_drop_block::<bf16>(dev, bs, &mut rng, 5, &mut rows)?;
+        gpu_drop_block::<f32>(dev, bs, &mut rng, 6, &mut rows)?;
+    }
 
     println!(
-        "{:<18} {:<5} {:>9} {:<16} {:>9} {:>9} {:>8}",
+        "{:<30} {:<5} {:>9} {:<16} {:>9} {:>9} {:>8}",
         "kernel", "dtype", "n", "match", "ms", "GB/s", "of copy"
     );
-    println!("{}", "-".repeat(80));
+    println!("{}", "-".repeat(92));
     for r in &rows {
         let matched = if r.kernel == "copy" {
             "(baseline)".to_string()
@@ -265,7 +460,7 @@ fn gpu_tour(dev: &Device, n: usize) -> BoxResult<bool> {
             match_text(r.mismatches)
         };
         println!(
-            "{:<18} {:<5} {:>9} {:<16} {:>9.4} {:>9.1} {:>7.1}%",
+            "{:<30} {:<5} {:>9} {:<16} {:>9.4} {:>9.1} {:>7.1}%",
             r.kernel,
             r.dtype,
             r.n,
@@ -281,7 +476,7 @@ fn gpu_tour(dev: &Device, n: usize) -> BoxResult<bool> {
         println!("all kernels match the CPU reference bit for bit");
         Ok(true)
     } else {
-        println!("MISMATCH: {bad} elements/bits differ from the CPU reference");
+        println!("MISMATCH: {bad} elements/bits/counters differ from the CPU reference");
         Ok(false)
     }
 }
@@ -366,7 +561,222 @@ fn cpu_dtype<T: Element>(n: usize, seed: u64, state: PhiloxState) -> BoxResult<b
     Ok(all)
 }
 
-fn cpu_tour(n: usize) -> BoxResult<bool> {
+/// The tour's own view of a DropBlock shape, written from the contract in `dropfuse::drop_block`
+/// (not from the reference): a 2D map `[H, W]` is the 3D map `[1, H, W]`, one mask plane per
+/// `(sample, channel)`.
+struct Grid {
+    n: usize,
+    c: usize,
+    /// Spatial extents `[D, H, W]`.
+    dims: [usize; 3],
+    /// Block extents `min(block_size, S_a)`.
+    b: [usize; 3],
+    /// Valid (seed) extents `S_a - b_a + 1`.
+    v: [usize; 3],
+    spatial: usize,
+    valid: usize,
+}
+
+impl Grid {
+    fn new(shape: &[usize], block: usize) -> Grid {
+        let dims = match *shape {
+            [_, _, h, w] => [1, h, w],
+            [_, _, d, h, w] => [d, h, w],
+            _ => panic!("not a DropBlock shape: {shape:?}"),
+        };
+        let b = dims.map(|d| block.min(d));
+        let v = [0, 1, 2].map(|a| dims[a] - b[a] + 1);
+        Grid {
+            n: shape[0],
+            c: shape[1],
+            dims,
+            b,
+            v,
+            spatial: dims.iter().product(),
+            valid: v.iter().product(),
+        }
+    }
+
+    fn numel(&self) -> usize {
+        self.n * self.c * self.spatial
+    }
+
+    /// `round(min(gamma, 1) * 2^32)`, `gamma = p * spatial / (block volume * valid volume)`.
+    fn threshold(&self, p: f64) -> u64 {
+        let vol: usize = self.b.iter().product();
+        let gamma_scale = 1.0; // the tour uses DropBlock::new's default
+        let gamma = gamma_scale * p * self.spatial as f64 / (vol as f64 * self.valid as f64);
+        (gamma.min(1.0) * 4_294_967_296.0).round() as u64
+    }
+
+    /// Spatial position `[d, h, w]` of element `e`, and its plane.
+    fn unit(&self, e: usize) -> ([usize; 3], usize) {
+        let s = e % self.spatial;
+        let (h, w) = (self.dims[1], self.dims[2]);
+        ([s / (h * w), s / w % h, s % w], e / self.spatial)
+    }
+
+    /// Per axis, the inclusive range of seed positions whose block covers unit coordinate `s`.
+    fn seed_range(&self, a: usize, s: usize) -> (usize, usize) {
+        ((s + 1).saturating_sub(self.b[a]), s.min(self.v[a] - 1))
+    }
+
+    /// Whether a drawn seed of its plane covers element `e` (brute force over the window).
+    fn covered(&self, seeds: &[bool], e: usize) -> bool {
+        let (s, q) = self.unit(e);
+        let r = [0, 1, 2].map(|a| self.seed_range(a, s[a]));
+        (r[0].0..=r[0].1).any(|i| {
+            (r[1].0..=r[1].1).any(|j| {
+                (r[2].0..=r[2].1).any(|k| seeds[q * self.valid + (i * self.v[1] + j) * self.v[2] + k])
+            })
+        })
+    }
+
+    /// The expected number of kept elements when each seed is drawn with probability
+    /// `q = threshold / 2^32`, and a deviation from it exceeded with probability below 1e-12:
+    /// Freedman's inequality for the Doob martingale over the independent seeds, each of which
+    /// changes at most a block volume `c` of kept elements (conditional variance at most
+    /// `q (1 - q) c^2`), so `P(|kept - E kept| >= t) <= 2 exp(-t^2 / (2 (V + c t / 3)))`.
+    fn expected_kept(&self, threshold: u64) -> (f64, f64) {
+        let q = (threshold as f64 / 4_294_967_296.0).min(1.0);
+        let mut mean = 0.0;
+        for e in 0..self.spatial {
+            let (s, _) = self.unit(e);
+            let cover: usize = (0..3)
+                .map(|a| {
+                    let (lo, hi) = self.seed_range(a, s[a]);
+                    hi - lo + 1
+                })
+                .product();
+            mean += (1.0 - q).powi(cover as i32);
+        }
+        let planes = (self.n * self.c) as f64;
+        let vol: usize = self.b.iter().product();
+        let c = vol as f64;
+        let v = planes * self.valid as f64 * q * (1.0 - q) * c * c;
+        let l = (2.0 / 1e-12f64).ln();
+        let bound = c * l / 3.0 + ((c * l / 3.0).powi(2) + 2.0 * l * v).sqrt();
+        (planes * mean, bound)
+    }
+}
+
+/// The DropBlock reference's consistency checks on `bs` for dtype `T`; prints one row each.
+fn cpu_drop_block<T: Element>(bs: &BlockShape, seed: u64, state: PhiloxState) -> BoxResult<bool> {
+    let (shape, n) = (bs.shape, bs.numel());
+    let dtype = T::DTYPE.name();
+    let cfg = DropBlock::new(P, bs.block)?;
+    let g = Grid::new(shape, bs.block);
+    let x: Vec<T> = random_input(n, seed);
+    let dy: Vec<T> = random_input(n, seed ^ 0xd1);
+
+    let seeds = block_ref::seeds(&cfg, shape, state)?;
+    let mask = block_ref::mask(&cfg, shape, state)?;
+    let fwd = block_ref::forward(&cfg, shape, &x, state)?;
+    let dx = block_ref::backward(shape, &dy, &fwd.mask, &fwd.scales)?;
+
+    let mut checks: Vec<(String, bool)> = Vec::new();
+
+    // Seeds: seed i is drawn iff the Philox word of element i is below the threshold.
+    let threshold = g.threshold(P);
+    let drawn = seeds.iter().filter(|&&s| s).count();
+    let seeds_ok = block_ref::seed_threshold(&cfg, &shape[2..]) == threshold
+        && seeds.len() == g.n * g.c * g.valid
+        && seeds
+            .iter()
+            .enumerate()
+            .all(|(i, &s)| s == (u64::from(element_word(state, i as u64)) < threshold));
+    checks.push((
+        format!("{drawn} seeds: drawn iff Philox word < {threshold}"),
+        seeds_ok,
+    ));
+
+    // Blocks: an element is dropped iff a drawn seed of its plane covers it.
+    let cover_ok = g.numel() == n && (0..n).all(|e| reference::mask_bit(&mask, e) != g.covered(&seeds, e));
+    checks.push(("dropped == covered by a drawn seed's block".to_string(), cover_ok));
+
+    // Keep rate within a 1e-12 tail bound of its expectation.
+    let kept: u64 = fwd.counts.iter().sum();
+    let (mean, bound) = g.expected_kept(threshold);
+    checks.push((
+        format!(
+            "keep rate {:.4} vs expected {:.4} +- {:.4}",
+            kept as f64 / n as f64,
+            mean / n as f64,
+            bound / n as f64
+        ),
+        (kept as f64 - mean).abs() <= bound + 1.0,
+    ));
+
+    // Mask shape: ceil(numel / 32) words, unused high bits of the last word zero.
+    let used = n % 32;
+    let tail_ok = used == 0 || mask[mask.len() - 1] >> used == 0;
+    checks.push((
+        format!("mask has ceil(n/32) = {} words, unused bits 0", mask_words(n)),
+        mask.len() == mask_words(n) && tail_ok,
+    ));
+    checks.push((
+        "forward's mask == mask()".to_string(),
+        mask_mismatches(&fwd.mask, &mask) == 0,
+    ));
+
+    // Counts: kept mask bits of each sample; scales: numel / kept (global normalisation).
+    let per_sample = n / g.n;
+    let counts_ok = fwd.counts.len() == g.n
+        && (0..g.n).all(|s| {
+            let k = (s * per_sample..(s + 1) * per_sample)
+                .filter(|&e| reference::mask_bit(&mask, e))
+                .count();
+            fwd.counts[s] == k as u64
+        });
+    let scale = if kept == 0 {
+        0.0
+    } else {
+        (n as f64 / kept as f64) as f32
+    };
+    let scales_ok = fwd.scales.len() == g.n && fwd.scales.iter().all(|s| s.to_bits() == scale.to_bits());
+    checks.push((
+        format!("counts per sample, scale numel/kept = {scale:.5}"),
+        counts_ok && scales_ok,
+    ));
+
+    // y and dx: kept elements are v * scale rounded once, dropped ones +0.
+    let apply = |v: &[T], out: &[T]| {
+        (0..n)
+            .filter(|&i| {
+                let want = if reference::mask_bit(&mask, i) {
+                    T::from_f32(v[i].to_f32() * scale)
+                } else {
+                    T::from_f32(0.0)
+                };
+                out[i].to_bits_u32() != want.to_bits_u32()
+            })
+            .count()
+    };
+    checks.push((
+        "forward y == kept ? x * scale : +0".to_string(),
+        apply(&x, &fwd.y) == 0,
+    ));
+    checks.push((
+        "backward dx == kept ? dy * scale : +0".to_string(),
+        apply(&dy, &dx) == 0,
+    ));
+
+    // A different Philox stream gives a different mask.
+    let other = block_ref::mask(&cfg, shape, PhiloxState::new(state.seed, state.offset + 1))?;
+    checks.push(("next offset gives a different mask".to_string(), other != mask));
+
+    let mut all = true;
+    for (check, ok) in checks {
+        all &= ok;
+        println!(
+            "{dtype:<5} {n:>7}  {check:<52} {}",
+            if ok { "ok" } else { "FAILED" }
+        );
+    }
+    Ok(all)
+}
+
+fn cpu_tour(n: usize, blocks: &[BlockShape]) -> BoxResult<bool> {
     println!("CPU reference: dropout p = {P}, n = {n}\n");
     println!("{:<5} {:>7}  {:<52} result", "dtype", "n", "check");
     println!("{}", "-".repeat(74));
@@ -374,6 +784,18 @@ fn cpu_tour(n: usize) -> BoxResult<bool> {
     let mut ok = cpu_dtype::<f16>(n, 1, rng.next())?;
     ok &= cpu_dtype::<bf16>(n, 2, rng.next())?;
     ok &= cpu_dtype::<f32>(n, 3, rng.next())?;
+    for bs in blocks {
+        println!();
+        println!(
+            "CPU reference: {}: DropBlock p = {P}, block {}, shape {:?}\n",
+            bs.name, bs.block, bs.shape
+        );
+        println!("{:<5} {:>7}  {:<52} result", "dtype", "n", "check");
+        println!("{}", "-".repeat(74));
+        ok &= cpu_drop_block::<f16>(bs, 4, rng.next())?;
+        ok &= cpu_drop_block::<bf16>(bs, 5, rng.next())?;
+        ok &= cpu_drop_block::<f32>(bs, 6, rng.next())?;
+    }
     println!();
     println!(
         "{}",
@@ -389,10 +811,11 @@ fn cpu_tour(n: usize) -> BoxResult<bool> {
 #[cfg(test)]
 mod tests {
     /// The tour's own entry point and checks: without a GPU the CPU reference at its normal size,
-    /// with one every kernel at 2^16 + 37 elements (the debug-build reference stays fast).
+    /// with one every kernel at 2^16 + 37 elements and DropBlock on the small shapes (the
+    /// debug-build reference stays fast).
     #[test]
     fn tour_matches_the_reference() {
-        let ok = super::tour((1 << 16) + 37, super::CPU_N).expect("tour failed");
+        let ok = super::tour((1 << 16) + 37, super::CPU_N, &super::SMALL_BLOCKS).expect("tour failed");
         assert!(ok, "the tour found a mismatch or a failed check");
     }
 }
