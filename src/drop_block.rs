@@ -130,10 +130,11 @@ pub fn linear_schedule(start: f64, end: f64, steps: u64, step: u64) -> f64 {
 
 use std::ffi::c_void;
 
+use cudarc::driver::sys::CUdeviceptr;
 use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
 
 use crate::dropout::{after, bind, check_mask_len, check_same_len, check_stream};
-use crate::dtype::Element;
+use crate::dtype::{DType, Element};
 use crate::ffi;
 use crate::rng::PhiloxState;
 
@@ -244,6 +245,32 @@ impl DropBlock {
         Ok((s, p))
     }
 
+    /// Validates a call: the shape (and shared-memory fit), every data buffer's length (`numel`),
+    /// the mask's and the stats' lengths, then every buffer's context; binds the stream's context.
+    fn validate(
+        &self,
+        stream: &CudaStream,
+        shape: &[usize],
+        rng: PhiloxState,
+        data: &[(&'static str, usize, &CudaStream)],
+        mask: (usize, &CudaStream),
+        stats: (usize, &CudaStream),
+    ) -> Result<ffi::dropfuse_drop_block_params> {
+        let (s, p) = self.params(shape, rng)?;
+        for &(name, len, _) in data {
+            check_same_len(len, s.numel, name)?;
+        }
+        check_mask_len(mask.0, s.numel)?;
+        check_stats_len(stats.0, &s)?;
+        for &(name, _, buf) in data {
+            check_stream(stream, buf, name)?;
+        }
+        check_stream(stream, mask.1, "mask")?;
+        check_stream(stream, stats.1, "stats")?;
+        bind(stream)?;
+        Ok(p)
+    }
+
     /// `y = x * keep * scale`, the bit mask (`mask_words(numel)` words) and `stats`
     /// ([`stats_len`] counters: kept elements per sample, then in total). The scale is computed on
     /// the device from the counters: nothing waits for the host.
@@ -264,36 +291,21 @@ impl DropBlock {
         mask: &mut M,
         stats: &mut S,
     ) -> Result<()> {
-        let (s, p) = self.params(shape, rng)?;
-        check_same_len(x.len(), s.numel, "x")?;
-        check_same_len(y.len(), s.numel, "y")?;
-        check_mask_len(mask.len(), s.numel)?;
-        check_stats_len(stats.len(), &s)?;
-        check_stream(stream, x.stream(), "x")?;
-        check_stream(stream, y.stream(), "y")?;
-        check_stream(stream, mask.stream(), "mask")?;
-        check_stream(stream, stats.stream(), "stats")?;
-        bind(stream)?;
+        let p = self.validate(
+            stream,
+            shape,
+            rng,
+            &[("x", x.len(), x.stream()), ("y", y.len(), y.stream())],
+            (mask.len(), mask.stream()),
+            (stats.len(), stats.stream()),
+        )?;
         let (xp, _gx) = x.device_ptr(stream);
         let (yp, _gy) = y.device_ptr_mut(stream);
         let (mp, _gm) = mask.device_ptr_mut(stream);
         let (sp, _gs) = stats.device_ptr_mut(stream);
-        // SAFETY: lengths and contexts validated above; x and y are distinct cudarc buffers (a
-        // shared and a mutable borrow cannot alias), mask and stats likewise; the guards keep the
-        // buffers alive and ordered on `stream` until the launch is enqueued.
-        let status = unsafe {
-            ffi::dropfuse_drop_block_forward(
-                crate::dropout::raw::dtype(T::DTYPE),
-                xp as *const c_void,
-                yp as *mut c_void,
-                mp as *mut u32,
-                sp as *mut u64,
-                &p,
-                stream.cu_stream() as ffi::dropfuse_stream_t,
-            )
-        };
-        ffi::check(status, "dropfuse_drop_block_forward")?;
-        after(stream)
+        // SAFETY: validated; x and y are distinct cudarc buffers (a shared and a mutable borrow
+        // cannot alias); the guards keep every buffer alive and ordered on `stream`.
+        unsafe { launch_forward(T::DTYPE, xp, yp, mp, sp, &p, stream) }
     }
 
     /// In place: `x = x * keep * scale`, with the mask and stats as [`DropBlock::forward`].
@@ -306,32 +318,20 @@ impl DropBlock {
         mask: &mut M,
         stats: &mut S,
     ) -> Result<()> {
-        let (s, p) = self.params(shape, rng)?;
-        check_same_len(x.len(), s.numel, "x")?;
-        check_mask_len(mask.len(), s.numel)?;
-        check_stats_len(stats.len(), &s)?;
-        check_stream(stream, x.stream(), "x")?;
-        check_stream(stream, mask.stream(), "mask")?;
-        check_stream(stream, stats.stream(), "stats")?;
-        bind(stream)?;
+        let p = self.validate(
+            stream,
+            shape,
+            rng,
+            &[("x", x.len(), x.stream())],
+            (mask.len(), mask.stream()),
+            (stats.len(), stats.stream()),
+        )?;
         let (xp, _gx) = x.device_ptr_mut(stream);
         let (mp, _gm) = mask.device_ptr_mut(stream);
         let (sp, _gs) = stats.device_ptr_mut(stream);
-        // SAFETY: as in `forward`; x is both input and output (each element read, then written,
-        // by the same thread).
-        let status = unsafe {
-            ffi::dropfuse_drop_block_forward(
-                crate::dropout::raw::dtype(T::DTYPE),
-                xp as *const c_void,
-                xp as *mut c_void,
-                mp as *mut u32,
-                sp as *mut u64,
-                &p,
-                stream.cu_stream() as ffi::dropfuse_stream_t,
-            )
-        };
-        ffi::check(status, "dropfuse_drop_block_forward")?;
-        after(stream)
+        // SAFETY: as in `forward`; x is input and output (each element is read, then written, by
+        // the same thread).
+        unsafe { launch_forward(T::DTYPE, xp, xp, mp, sp, &p, stream) }
     }
 
     /// Only the mask and the stats (no data): e.g. to inspect or reuse a mask.
@@ -343,28 +343,18 @@ impl DropBlock {
         mask: &mut M,
         stats: &mut S,
     ) -> Result<()> {
-        let (s, p) = self.params(shape, rng)?;
-        check_mask_len(mask.len(), s.numel)?;
-        check_stats_len(stats.len(), &s)?;
-        check_stream(stream, mask.stream(), "mask")?;
-        check_stream(stream, stats.stream(), "stats")?;
-        bind(stream)?;
+        let p = self.validate(
+            stream,
+            shape,
+            rng,
+            &[],
+            (mask.len(), mask.stream()),
+            (stats.len(), stats.stream()),
+        )?;
         let (mp, _gm) = mask.device_ptr_mut(stream);
         let (sp, _gs) = stats.device_ptr_mut(stream);
         // SAFETY: as in `forward`; null x and y ask the launcher for the mask and stats only.
-        let status = unsafe {
-            ffi::dropfuse_drop_block_forward(
-                ffi::dropfuse_dtype::DROPFUSE_F32,
-                std::ptr::null(),
-                std::ptr::null_mut(),
-                mp as *mut u32,
-                sp as *mut u64,
-                &p,
-                stream.cu_stream() as ffi::dropfuse_stream_t,
-            )
-        };
-        ffi::check(status, "dropfuse_drop_block_forward")?;
-        after(stream)
+        unsafe { launch_forward(DType::F32, 0, 0, mp, sp, &p, stream) }
     }
 
     /// `dx = dy * keep * scale` from the forward's mask and stats (same shape and configuration).
@@ -383,34 +373,20 @@ impl DropBlock {
         dy: &DY,
         dx: &mut DX,
     ) -> Result<()> {
-        let (s, p) = self.params(shape, PhiloxState::new(0, 0))?;
-        check_same_len(dy.len(), s.numel, "dy")?;
-        check_same_len(dx.len(), s.numel, "dx")?;
-        check_mask_len(mask.len(), s.numel)?;
-        check_stats_len(stats.len(), &s)?;
-        check_stream(stream, dy.stream(), "dy")?;
-        check_stream(stream, dx.stream(), "dx")?;
-        check_stream(stream, mask.stream(), "mask")?;
-        check_stream(stream, stats.stream(), "stats")?;
-        bind(stream)?;
+        let p = self.validate(
+            stream,
+            shape,
+            PhiloxState::new(0, 0),
+            &[("dy", dy.len(), dy.stream()), ("dx", dx.len(), dx.stream())],
+            (mask.len(), mask.stream()),
+            (stats.len(), stats.stream()),
+        )?;
         let (mp, _gm) = mask.device_ptr(stream);
         let (sp, _gs) = stats.device_ptr(stream);
         let (dyp, _gdy) = dy.device_ptr(stream);
         let (dxp, _gdx) = dx.device_ptr_mut(stream);
         // SAFETY: as in `forward`.
-        let status = unsafe {
-            ffi::dropfuse_drop_block_backward(
-                crate::dropout::raw::dtype(T::DTYPE),
-                dyp as *const c_void,
-                dxp as *mut c_void,
-                mp as *const u32,
-                sp as *const u64,
-                &p,
-                stream.cu_stream() as ffi::dropfuse_stream_t,
-            )
-        };
-        ffi::check(status, "dropfuse_drop_block_backward")?;
-        after(stream)
+        unsafe { launch_backward(T::DTYPE, dyp, dxp, mp, sp, &p, stream) }
     }
 
     /// In place backward: `g = g * keep * scale`.
@@ -422,32 +398,73 @@ impl DropBlock {
         stats: &S,
         grad: &mut G,
     ) -> Result<()> {
-        let (s, p) = self.params(shape, PhiloxState::new(0, 0))?;
-        check_same_len(grad.len(), s.numel, "grad")?;
-        check_mask_len(mask.len(), s.numel)?;
-        check_stats_len(stats.len(), &s)?;
-        check_stream(stream, grad.stream(), "grad")?;
-        check_stream(stream, mask.stream(), "mask")?;
-        check_stream(stream, stats.stream(), "stats")?;
-        bind(stream)?;
+        let p = self.validate(
+            stream,
+            shape,
+            PhiloxState::new(0, 0),
+            &[("grad", grad.len(), grad.stream())],
+            (mask.len(), mask.stream()),
+            (stats.len(), stats.stream()),
+        )?;
         let (mp, _gm) = mask.device_ptr(stream);
         let (sp, _gs) = stats.device_ptr(stream);
         let (gp, _gg) = grad.device_ptr_mut(stream);
         // SAFETY: as in `forward_inplace`.
-        let status = unsafe {
-            ffi::dropfuse_drop_block_backward(
-                crate::dropout::raw::dtype(T::DTYPE),
-                gp as *const c_void,
-                gp as *mut c_void,
-                mp as *const u32,
-                sp as *const u64,
-                &p,
-                stream.cu_stream() as ffi::dropfuse_stream_t,
-            )
-        };
-        ffi::check(status, "dropfuse_drop_block_backward")?;
-        after(stream)
+        unsafe { launch_backward(T::DTYPE, gp, gp, mp, sp, &p, stream) }
     }
+}
+
+/// The forward launcher on validated device pointers (`x == y == 0`: mask and stats only).
+///
+/// # Safety
+/// The pointers are valid device memory of the stream's context of the lengths `p` implies, and
+/// stay alive until the work enqueued on `stream` has run.
+unsafe fn launch_forward(
+    dtype: DType,
+    x: CUdeviceptr,
+    y: CUdeviceptr,
+    mask: CUdeviceptr,
+    stats: CUdeviceptr,
+    p: &ffi::dropfuse_drop_block_params,
+    stream: &CudaStream,
+) -> Result<()> {
+    let status = ffi::dropfuse_drop_block_forward(
+        crate::dropout::raw::dtype(dtype),
+        x as *const c_void,
+        y as *mut c_void,
+        mask as *mut u32,
+        stats as *mut u64,
+        p,
+        stream.cu_stream() as ffi::dropfuse_stream_t,
+    );
+    ffi::check(status, "dropfuse_drop_block_forward")?;
+    after(stream)
+}
+
+/// The backward launcher on validated device pointers.
+///
+/// # Safety
+/// As [`launch_forward`].
+unsafe fn launch_backward(
+    dtype: DType,
+    dy: CUdeviceptr,
+    dx: CUdeviceptr,
+    mask: CUdeviceptr,
+    stats: CUdeviceptr,
+    p: &ffi::dropfuse_drop_block_params,
+    stream: &CudaStream,
+) -> Result<()> {
+    let status = ffi::dropfuse_drop_block_backward(
+        crate::dropout::raw::dtype(dtype),
+        dy as *const c_void,
+        dx as *mut c_void,
+        mask as *const u32,
+        stats as *const u64,
+        p,
+        stream.cu_stream() as ffi::dropfuse_stream_t,
+    );
+    ffi::check(status, "dropfuse_drop_block_backward")?;
+    after(stream)
 }
 
 fn check_stats_len(got: usize, s: &Shape) -> Result<()> {
