@@ -410,3 +410,79 @@ fn gpu_drop_block_invalid_arguments_write_nothing() {
     assert_eq!(dev.download(&st).unwrap(), [STATS_SENTINEL; 3]);
     assert_eq!(dev.download(&st_long).unwrap(), [STATS_SENTINEL; 4]);
 }
+
+/// A tensor of more than 2^32 elements ([65537, 1, 256, 256] f16, 4 295 032 832 elements): 64-bit
+/// indexing in the mask and apply kernels. Planes are independent, so the first, middle and last
+/// samples (including those whose mask words and elements lie beyond 2^32) are checked against the
+/// reference's per-plane oracle, and the tensor's counter against the sum of the samples'.
+#[test]
+fn gpu_drop_block_huge_tensor_over_2_pow_32() {
+    let test = "gpu_drop_block_huge_tensor_over_2_pow_32";
+    let Some(dev) = gpu(test) else {
+        return;
+    };
+    let shape = [65_537usize, 1, 256, 256];
+    let plane = 256 * 256;
+    let numel: usize = shape.iter().product();
+    assert!(numel > 1 << 32);
+    let (free, _) = dev.context().mem_get_info().unwrap();
+    let need = 2 * numel * 2 + mask_words(numel) * 4 + (1 << 30);
+    if free < need {
+        common::skip(test, &format!("needs {need} bytes of GPU memory, {free} free"));
+        return;
+    }
+    let s = dev.stream();
+    let cfg = DropBlock::new(0.2, 7).unwrap();
+    let state = PhiloxState::new(0xfeed_beef, 3);
+    // x: the same 256 x 256 plane pattern in every sample, copied on the device.
+    let pattern = values::<f16>(plane, 77)
+        .into_iter()
+        .map(|v| {
+            if v.to_f32().is_finite() {
+                v
+            } else {
+                f16::from_f32(1.0)
+            }
+        })
+        .collect::<Vec<_>>();
+    let pd = dev.upload(&pattern).unwrap();
+    let mut x = dev.zeros::<f16>(numel).unwrap();
+    for n in 0..shape[0] {
+        s.memcpy_dtod(&pd, &mut x.slice_mut(n * plane..(n + 1) * plane))
+            .unwrap();
+    }
+    let mut y = dev.zeros::<f16>(numel).unwrap();
+    let mut m = dev.zeros::<u32>(mask_words(numel)).unwrap();
+    let mut st = dev.zeros::<u64>(stats_len(&shape).unwrap()).unwrap();
+    cfg.forward(s, state, &shape, &x, &mut y, &mut m, &mut st)
+        .unwrap();
+    drop(x);
+    let stats = dev.download(&st).unwrap();
+    let samples = shape[0];
+    assert_eq!(
+        stats[samples],
+        stats[..samples].iter().sum::<u64>(),
+        "total counter"
+    );
+    let scale = (numel as f64 / stats[samples] as f64) as f32;
+    for n in [0, 1, samples / 2, samples - 2, samples - 1] {
+        let dropped = reference::plane_dropped(&cfg, &shape[2..], n as u64, state);
+        let kept = dropped.iter().filter(|&&d| !d).count() as u64;
+        assert_eq!(stats[n], kept, "count of sample {n}");
+        // Plane n's elements start at a multiple of 32 (plane = 2^16), so its mask words are whole.
+        let words = dev
+            .download(&m.slice(n * plane / 32..(n + 1) * plane / 32))
+            .unwrap();
+        let yh = dev.download(&y.slice(n * plane..(n + 1) * plane)).unwrap();
+        for (u, &d) in dropped.iter().enumerate() {
+            let bit = (words[u / 32] >> (u % 32)) & 1 == 1;
+            assert_eq!(bit, !d, "mask bit of unit {u} of sample {n}");
+            let want = if d {
+                f16::ZERO
+            } else {
+                f16::from_f32(pattern[u].to_f32() * scale)
+            };
+            assert_eq!(yh[u].to_bits(), want.to_bits(), "y of unit {u} of sample {n}");
+        }
+    }
+}

@@ -27,10 +27,6 @@ struct Geometry {
     c: usize,
     /// Spatial dims `S` (`[H, W]` or `[D, H, W]`).
     dims: Vec<usize>,
-    /// Block extents `b_a = min(block_size, S_a)`.
-    block: Vec<usize>,
-    /// Valid (seed) extents `v_a = S_a - b_a + 1`.
-    valid_dims: Vec<usize>,
     /// `prod S_a`.
     spatial: usize,
     /// `prod v_a`.
@@ -82,17 +78,13 @@ fn geometry(cfg: &DropBlock, shape: &[usize]) -> Result<Geometry> {
     let n = shape[0];
     let c = shape[1];
     let dims = shape[2..].to_vec();
-    let block: Vec<usize> = dims.iter().map(|&s| cfg.block_size().min(s)).collect();
-    let valid_dims: Vec<usize> = dims.iter().zip(&block).map(|(&s, &b)| s - b + 1).collect();
+    let valid = dims.iter().map(|&s| s - cfg.block_size().min(s) + 1).product();
     let spatial = dims.iter().product();
-    let valid = valid_dims.iter().product();
     let planes = if cfg.shared_channels() { n } else { n * c };
     Ok(Geometry {
         n,
         c,
         dims,
-        block,
-        valid_dims,
         spatial,
         valid,
         numel,
@@ -173,28 +165,41 @@ pub fn seeds(cfg: &DropBlock, shape: &[usize], state: PhiloxState) -> Result<Vec
     Ok(flags)
 }
 
+/// The dropped flags of the units of mask plane `q` (`spatial` entries, row-major over `dims`, the
+/// spatial dims `[H, W]` or `[D, H, W]`): contract point 5. Each drawn seed `u` of the plane (seed
+/// index `q * valid + lin(u)`) drops the units `u_a <= s_a < u_a + b_a`. Planes are independent,
+/// so this is also the oracle for one plane of a tensor too large for [`keep`].
+pub fn plane_dropped(cfg: &DropBlock, dims: &[usize], q: u64, state: PhiloxState) -> Vec<bool> {
+    let block: Vec<usize> = dims.iter().map(|&s| cfg.block_size().min(s)).collect();
+    let valid_dims: Vec<usize> = dims.iter().zip(&block).map(|(&s, &b)| s - b + 1).collect();
+    let valid: usize = valid_dims.iter().product();
+    let spatial: usize = dims.iter().product();
+    let block_volume: usize = block.iter().product();
+    let t = seed_threshold(cfg, dims);
+    let mut dropped = vec![false; spatial];
+    for l in 0..valid {
+        let i = q * valid as u64 + l as u64;
+        if u64::from(element_word(state, i)) >= t {
+            continue;
+        }
+        let u = unravel(l, &valid_dims);
+        for o in 0..block_volume {
+            let delta = unravel(o, &block);
+            let s: Vec<usize> = u.iter().zip(&delta).map(|(&ua, &da)| ua + da).collect();
+            dropped[linear(&s, dims)] = true;
+        }
+    }
+    dropped
+}
+
 /// The keep flag of every element of `x` (`numel` entries, row-major like `x`): contract points 5
-/// and 6. Each drawn seed `u` drops the units `u_a <= s_a < u_a + b_a` of its plane; an element is
-/// kept iff its unit of its plane is not dropped.
+/// and 6. An element is kept iff its unit of its plane is not dropped ([`plane_dropped`]).
 pub fn keep(cfg: &DropBlock, shape: &[usize], state: PhiloxState) -> Result<Vec<bool>> {
     let g = geometry(cfg, shape)?;
-    let drawn = seeds(cfg, shape, state)?;
-    let block_volume: usize = g.block.iter().product();
-
     // dropped[q * spatial + lin_S(s)]: unit s of plane q is covered by some drawn seed.
-    let mut dropped = vec![false; g.planes * g.spatial];
+    let mut dropped = Vec::with_capacity(g.planes * g.spatial);
     for q in 0..g.planes {
-        for l in 0..g.valid {
-            if !drawn[q * g.valid + l] {
-                continue;
-            }
-            let u = unravel(l, &g.valid_dims);
-            for o in 0..block_volume {
-                let delta = unravel(o, &g.block);
-                let s: Vec<usize> = u.iter().zip(&delta).map(|(&ua, &da)| ua + da).collect();
-                dropped[q * g.spatial + linear(&s, &g.dims)] = true;
-            }
-        }
+        dropped.extend(plane_dropped(cfg, &g.dims, q as u64, state));
     }
 
     let mut flags = vec![false; g.numel];
