@@ -876,6 +876,36 @@ element_word!(f32, f16, bf16);
 /// Compares a whole buffer `got` with `want` at `off..off + want.len()` and `fill` everywhere
 /// else; appends one line naming the first differing indices to `out` if anything differs. With
 /// `nan_equal`, a NaN inside the view matches any NaN.
+/// An out-of-place call's output (`want` at view offset `off`, sentinels around it) and its input
+/// buffer, which must be unchanged (`x_host` uploaded as it is).
+fn compare_out_of_place<T: FuzzElement>(
+    k: &str,
+    dev: &Device,
+    (y, off, want): (&dropfuse::cudarc::driver::CudaSlice<T>, usize, &[T]),
+    (x, x_host): (&dropfuse::cudarc::driver::CudaSlice<T>, &[T]),
+    bad: &mut Vec<String>,
+) -> dropfuse::Result<()> {
+    compare(
+        &format!("{k} output"),
+        &dev.download(y)?,
+        off,
+        want,
+        sentinel::<T>(),
+        true,
+        bad,
+    );
+    compare(
+        &format!("{k} input (must be unchanged)"),
+        &dev.download(x)?,
+        0,
+        x_host,
+        x_host[0],
+        false,
+        bad,
+    );
+    Ok(())
+}
+
 fn compare<W: Word>(
     what: &str,
     got: &[W],
@@ -1010,24 +1040,7 @@ fn gpu_case<T: FuzzElement>(dev: &Device, c: &Case) -> dropfuse::Result<Vec<Stri
             &mut bad,
         );
     } else if c.kernel != Kernel::Mask {
-        compare(
-            &format!("{k} output"),
-            &dev.download(&yb)?,
-            c.yo,
-            &want_y,
-            sentinel::<T>(),
-            true,
-            &mut bad,
-        );
-        compare(
-            &format!("{k} input (must be unchanged)"),
-            &dev.download(&xb)?,
-            0,
-            &x_host,
-            x_host[0],
-            false,
-            &mut bad,
-        );
+        compare_out_of_place(k, dev, (&yb, c.yo, &want_y), (&xb, &x_host), &mut bad)?;
     }
     Ok(bad)
 }
@@ -1153,24 +1166,7 @@ fn gpu_block_case<T: FuzzElement>(dev: &Device, c: &Case, b: &BlockSpec) -> drop
         );
     } else {
         // The mask kernel writes no data: its output buffer must still be all sentinel.
-        compare(
-            &format!("{k} output"),
-            &dev.download(&yb)?,
-            c.yo,
-            &want_y,
-            sentinel::<T>(),
-            true,
-            &mut bad,
-        );
-        compare(
-            &format!("{k} input (must be unchanged)"),
-            &dev.download(&xb)?,
-            0,
-            &x_host,
-            x_host[0],
-            false,
-            &mut bad,
-        );
+        compare_out_of_place(k, dev, (&yb, c.yo, &want_y), (&xb, &x_host), &mut bad)?;
     }
     Ok(bad)
 }
