@@ -52,9 +52,17 @@
 //!    [`crate::drop_block`]: seeds drawn with the same Philox words (seed `i` is drawn iff
 //!    `word(i) < threshold`), blocks painted around them, bit-packed masks like dropout's, per-sample
 //!    kept counts and scales, forward and backward.
+//!
+//! 10. **Multi-sample dropout.** [`multi_sample`] is the `f64` oracle of the multi-sample dropout
+//!     head (Inoue 2019): `K` dropout copies of the features (sample `k` on stream `offset + k`),
+//!     one shared linear classifier, label-smoothed cross-entropy averaged over the samples (or any
+//!     weights), and the gradients of `h`, `W` and `b`. Its masked copies are bit-exact like
+//!     dropout's; its logits, loss and gradients are `f64` values that kernels match within a
+//!     tolerance.
 
 pub mod drop_block;
 pub mod dropout;
+pub mod multi_sample;
 pub mod philox;
 
 pub use philox::philox4x32_10;
