@@ -7,6 +7,8 @@
 //!   GPU returns an [`Error`], nothing panics.
 //! * [`dropout`]: bit-packed mask generation, forward (with or without a stored mask), backward,
 //!   in-place variants, on cudarc slices and views, plus an `unsafe` raw-pointer layer.
+//! * [`layer_plan`]: deterministic host-side layer-skipping plans (LayerDrop, stochastic depth,
+//!   LayerSkip rates and early-exit curricula, pruning remaps, attention-layer drop with KV slots).
 //! * [`reference`](mod@reference): the CPU oracle (Philox4x32-10 and every kernel, written plainly).
 //! * [`rng`]: the `(seed, offset)` pair every random kernel takes, and a [`Generator`].
 //!
@@ -18,6 +20,7 @@ pub mod dropout;
 pub mod dtype;
 pub mod error;
 pub mod ffi;
+pub mod layer_plan;
 pub mod reference;
 pub mod rng;
 
