@@ -114,15 +114,12 @@ impl DropBlock {
 }
 
 /// The usual DropBlock schedule: `p` ramped linearly from `start` to `end` over `steps` steps,
-/// then held at `end` (`steps == 0`: `end` from the first step).
-/// `end` exactly from step `steps` on, and never outside `[min(start, end), max(start, end)]`
-/// (so a ramp of valid probabilities stays valid despite rounding).
+/// then held at `end`: exactly `end` from step `steps` on, and never outside
+/// `[min(start, end), max(start, end)]` (so a ramp of valid probabilities stays valid despite
+/// rounding). The same ramp as [`crate::schedule::Schedule::linear`], which validates its
+/// probabilities and also has early, late and constant schedules.
 pub fn linear_schedule(start: f64, end: f64, steps: u64, step: u64) -> f64 {
-    if step >= steps {
-        return end;
-    }
-    let p = start + (end - start) * (step as f64) / (steps as f64);
-    p.clamp(start.min(end), start.max(end))
+    crate::schedule::ramp(start, end, steps, step)
 }
 
 // ------------------------------------------------------------------------------------------------

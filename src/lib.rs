@@ -7,10 +7,14 @@
 //!   GPU returns an [`Error`], nothing panics.
 //! * [`dropout`]: bit-packed mask generation, forward (with or without a stored mask), backward,
 //!   in-place variants, on cudarc slices and views, plus an `unsafe` raw-pointer layer.
+//! * [`drop_block`]: DropBlock 2D/3D (block dropout): bit-packed mask with the kept counts and the
+//!   scale computed on the device, forward, backward, in place.
 //! * [`layer_plan`]: deterministic host-side layer-skipping plans (LayerDrop, stochastic depth,
 //!   LayerSkip rates and early-exit curricula, pruning remaps, attention-layer drop with KV slots).
 //! * [`reference`](mod@reference): the CPU oracle (Philox4x32-10 and every kernel, written plainly).
 //! * [`rng`]: the `(seed, offset)` pair every random kernel takes, and a [`Generator`].
+//! * [`schedule`]: drop-probability schedules over training steps (constant, linear ramp, early and
+//!   late dropout).
 //!
 //! The mask contract is documented in the README and in `kernels/dropfuse.h`.
 
@@ -23,6 +27,7 @@ pub mod ffi;
 pub mod layer_plan;
 pub mod reference;
 pub mod rng;
+pub mod schedule;
 
 pub use device::Device;
 pub use dropout::Dropout;

@@ -262,6 +262,29 @@ fn keep_rate_within_six_sigma() {
     }
 }
 
+/// Very large p (0.9 to 0.99999): thresholds round(p * 2^32) and scales f32(1 / (1 - p)) equal
+/// values computed independently (exact rational arithmetic on the f64 p, in Python's fractions),
+/// and the rare kept elements still arrive at rate 1 - t / 2^32 (2^24 draws: ~168 kept at
+/// p = 0.99999, 6 sigma ~ 78).
+#[test]
+fn very_large_p_thresholds_scales_and_rates() {
+    let cases: [(f64, u64, u32); 5] = [
+        (0.9, 3_865_470_566, 0x4120_0000),     // scale 10
+        (0.99, 4_252_017_623, 0x42c8_0000),    // 100
+        (0.999, 4_290_672_329, 0x447a_0000),   // 1000
+        (0.9999, 4_294_537_799, 0x461c_4000),  // 10000
+        (0.99999, 4_294_924_346, 0x47c3_5000), // 100000
+    ];
+    let words = stat_words();
+    for (p, t, scale_bits) in cases {
+        assert_eq!(drop_threshold(p).unwrap(), t, "threshold at p = {p}");
+        assert_eq!(keep_scale(p).unwrap().to_bits(), scale_bits, "scale at p = {p}");
+        let kept = words.iter().filter(|&&w| u64::from(w) >= t).count() as u64;
+        let q = 1.0 - t as f64 / TWO_POW_32 as f64;
+        assert_binomial(kept, STAT_N as u64, q, &format!("keep rate at p = {p}"));
+    }
+}
+
 #[test]
 fn no_bias_by_bit_position() {
     let words = stat_words();
