@@ -59,10 +59,33 @@
 //!     weights), and the gradients of `h`, `W` and `b`. Its masked copies are bit-exact like
 //!     dropout's; its logits, loss and gradients are `f64` values that kernels match within a
 //!     tolerance.
+//!
+//! 11. **Structured masks.** [`structured`] drops whole groups with one decision each: channel
+//!     (spatial) dropout (decision `n * C + c` of `[N, C, *spatial]`), locked (variational) dropout
+//!     (the mask shared along one axis) and embedding-row dropout (decision `v` of `[V, E]`).
+//!     Decision `d` is dropout's element `decision_offset + d`; the bit-packed mask has one bit per
+//!     decision; every element follows its decision with dropout's arithmetic.
+//!
+//! 12. **Monte-Carlo dropout.** [`mc_dropout`]: `R` replicas of a batch (replica `t` is dropout on
+//!     stream `offset + t`), and a one-pass accumulator of predictive summaries over `T` sampled
+//!     probability tensors (Welford mean and population variance, predictive and expected entropy,
+//!     mutual information / BALD) in `f64`, with the tolerances an `f32` kernel must meet.
+//!
+//! 13. **Compute skipping.** [`skip`] is the oracle of the skipping kernels: the fused
+//!     stochastic-depth residual `out = residual + keep_b * scale * (branch + bias)` (in place, per
+//!     sample or batch-wide, dropped samples bit-identical) and its backward; per-sample compaction
+//!     (kept samples gathered in ascending order into a buffer of any capacity `>= count`,
+//!     scattered back as a copy or a residual add, backward); token routing (Mixture-of-Depths
+//!     per-sequence top-k and GateSkip's global budget over one total order on the scores, ties to
+//!     the lower index, NaN last, padding never selected; gather, gated scatter-add, backward with
+//!     the gate's gradient). All bit-exact, its two reductions in a fixed chunked order.
 
 pub mod drop_block;
 pub mod dropout;
+pub mod mc_dropout;
 pub mod multi_sample;
 pub mod philox;
+pub mod skip;
+pub mod structured;
 
 pub use philox::philox4x32_10;
