@@ -4,33 +4,14 @@
 
 mod common;
 
-use common::cases;
+use common::{assert_binomial, cases, invalid_name};
 use dropfuse::layer_plan::{
     AttentionDropPlan, EarlyExit, ExitCurriculum, LayerDrop, LayerRemap, Parity, RateRule,
     SimilarityAccumulator, Stage, TimeCurriculum,
 };
 use dropfuse::reference::dropout::{drop_threshold, keep, keep_scale};
-use dropfuse::{Error, PhiloxState};
+use dropfuse::PhiloxState;
 use proptest::prelude::*;
-
-/// The argument name of an `InvalidArgument` error (panics on success or on another error kind).
-fn invalid_name<T: std::fmt::Debug>(r: dropfuse::Result<T>) -> &'static str {
-    match r {
-        Err(Error::InvalidArgument { name, .. }) => name,
-        other => panic!("expected InvalidArgument, got {other:?}"),
-    }
-}
-
-/// `|count - n q| <= 6 sigma` for a Binomial(n, q) count.
-fn assert_binomial(count: u64, n: u64, q: f64, what: &str) {
-    let mean = n as f64 * q;
-    let sigma = (n as f64 * q * (1.0 - q)).sqrt();
-    let dev = (count as f64 - mean).abs();
-    assert!(
-        dev <= 6.0 * sigma,
-        "{what}: {count} of {n}, expected {mean:.1} +- 6 * {sigma:.1} (off by {dev:.1})"
-    );
-}
 
 fn close(a: f64, b: f64, tol: f64) -> bool {
     (a - b).abs() <= tol

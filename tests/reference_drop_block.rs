@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::cases;
+use common::{cases, invalid_name};
 use dropfuse::drop_block::{linear_schedule, DropBlock, Normalize};
 use dropfuse::half::{bf16, f16};
 use dropfuse::reference::drop_block::{
@@ -18,14 +18,6 @@ use dropfuse::{Element, Error, PhiloxState};
 use proptest::prelude::*;
 
 const TWO_POW_32: u64 = 1 << 32;
-
-/// The argument name of an `InvalidArgument` error (panics on success or on another error kind).
-fn invalid_name<T: std::fmt::Debug>(r: dropfuse::Result<T>) -> &'static str {
-    match r {
-        Err(Error::InvalidArgument { name, .. }) => name,
-        other => panic!("expected InvalidArgument, got {other:?}"),
-    }
-}
 
 /// Raw bits of a slice of elements, for bit-exact comparisons.
 fn bits<T: Element>(v: &[T]) -> Vec<u32> {

@@ -1,6 +1,9 @@
 //! Tests of the CPU dropout reference: exact thresholds and scales, validation, mask statistics,
 //! the shard property, forward/backward consistency and rounding.
 
+mod common;
+use common::{assert_binomial, invalid_name};
+
 use std::sync::OnceLock;
 
 use dropfuse::half::{bf16, f16};
@@ -14,25 +17,6 @@ use dropfuse::{Element, Error, PhiloxState};
 use proptest::prelude::*;
 
 const TWO_POW_32: u64 = 1 << 32;
-
-/// The argument name of an `InvalidArgument` error (panics on success or on another error kind).
-fn invalid_name<T: std::fmt::Debug>(r: dropfuse::Result<T>) -> &'static str {
-    match r {
-        Err(Error::InvalidArgument { name, .. }) => name,
-        other => panic!("expected InvalidArgument, got {other:?}"),
-    }
-}
-
-/// `|count - n q| <= 6 sigma` for a Binomial(n, q) count.
-fn assert_binomial(count: u64, n: u64, q: f64, what: &str) {
-    let mean = n as f64 * q;
-    let sigma = (n as f64 * q * (1.0 - q)).sqrt();
-    let dev = (count as f64 - mean).abs();
-    assert!(
-        dev <= 6.0 * sigma,
-        "{what}: {count} of {n}, expected {mean:.1} +- 6 * {sigma:.1} (off by {dev:.1})"
-    );
-}
 
 // ---------------------------------------------------------------------------------------------
 // Threshold and scale

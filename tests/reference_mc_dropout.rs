@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::cases;
+use common::{cases, invalid_name};
 use dropfuse::half::{bf16, f16};
 use dropfuse::reference::dropout::{self, mask_bit, mask_words};
 use dropfuse::reference::mc_dropout::{
@@ -13,14 +13,6 @@ use dropfuse::reference::mc_dropout::{
 };
 use dropfuse::{Element, Error, Generator, PhiloxState};
 use proptest::prelude::*;
-
-/// The argument name of an `InvalidArgument` error (panics on success or on another error kind).
-fn invalid_name<T: std::fmt::Debug>(r: dropfuse::Result<T>) -> &'static str {
-    match r {
-        Err(Error::InvalidArgument { name, .. }) => name,
-        other => panic!("expected InvalidArgument, got {other:?}"),
-    }
-}
 
 fn bits<T: Element>(v: &[T]) -> Vec<u32> {
     v.iter().map(|e| e.to_bits_u32()).collect()

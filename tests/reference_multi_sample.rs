@@ -4,25 +4,17 @@
 
 mod common;
 
-use common::cases;
+use common::{cases, invalid_name};
 use dropfuse::half::{bf16, f16};
 use dropfuse::reference::dropout::{forward, mask_bit};
 use dropfuse::reference::multi_sample::{
     head, head_from_samples, logits, masked_copies, sample_state, weighted_cross_entropy, HeadConfig,
     HeadForward, Samples, DEFAULT_IGNORE_INDEX,
 };
-use dropfuse::{Element, Error, Generator, PhiloxState};
+use dropfuse::{Element, Generator, PhiloxState};
 use proptest::prelude::*;
 
 const IGNORE: i64 = DEFAULT_IGNORE_INDEX;
-
-/// The argument name of an `InvalidArgument` error (panics on success or on another error kind).
-fn invalid_name<T: std::fmt::Debug>(r: dropfuse::Result<T>) -> &'static str {
-    match r {
-        Err(Error::InvalidArgument { name, .. }) => name,
-        other => panic!("expected InvalidArgument, got {other:?}"),
-    }
-}
 
 /// `|a - b| <= tol * max(1, |a|, |b|)`.
 fn assert_close(a: f64, b: f64, tol: f64, what: &str) {

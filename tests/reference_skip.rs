@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::cases;
+use common::{cases, invalid_name};
 use dropfuse::half::{bf16, f16};
 use dropfuse::layer_plan::{LayerDrop, RateRule};
 use dropfuse::reference::dropout::keep_scale;
@@ -19,16 +19,8 @@ use dropfuse::reference::skip::{
     stochastic_depth_in_place, Capacity, Compaction, Routing, SampleKeep, ValidTokens, D_BIAS_CHUNK,
     D_GATE_CHUNK,
 };
-use dropfuse::{Element, Error};
+use dropfuse::Element;
 use proptest::prelude::*;
-
-/// The argument name of an `InvalidArgument` error (panics on success or on another error kind).
-fn invalid_name<T: std::fmt::Debug>(r: dropfuse::Result<T>) -> &'static str {
-    match r {
-        Err(Error::InvalidArgument { name, .. }) => name,
-        other => panic!("expected InvalidArgument, got {other:?}"),
-    }
-}
 
 fn bits<T: Element>(v: &[T]) -> Vec<u32> {
     v.iter().map(|e| e.to_bits_u32()).collect()

@@ -1,17 +1,13 @@
 //! Drop-probability schedules: known values, the ramp's end points and range, early and late
 //! dropout's switch steps, DropBlock's `linear_schedule` being the same ramp, and validation.
 
+mod common;
+use common::invalid_name;
+
 use dropfuse::drop_block::linear_schedule;
 use dropfuse::schedule::Schedule;
-use dropfuse::{Dropout, Error};
+use dropfuse::Dropout;
 use proptest::prelude::*;
-
-fn invalid_name<T: std::fmt::Debug>(r: dropfuse::Result<T>) -> &'static str {
-    match r {
-        Err(Error::InvalidArgument { name, .. }) => name,
-        other => panic!("expected InvalidArgument, got {other:?}"),
-    }
-}
 
 #[test]
 fn known_values() {

@@ -3,7 +3,7 @@
 
 use std::io::Write;
 
-use dropfuse::Device;
+use dropfuse::{Device, Error};
 
 /// Prints a SKIPPED line that `cargo test` shows even for passing tests.
 pub fn skip(test: &str, why: &str) {
@@ -30,4 +30,23 @@ pub fn cases(default: u32) -> u32 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
+}
+
+/// The argument name of an `InvalidArgument` error (panics on success or on another error kind).
+pub fn invalid_name<T: std::fmt::Debug>(r: dropfuse::Result<T>) -> &'static str {
+    match r {
+        Err(Error::InvalidArgument { name, .. }) => name,
+        other => panic!("expected InvalidArgument, got {other:?}"),
+    }
+}
+
+/// `|count - n q| <= 6 sigma` for a Binomial(n, q) count.
+pub fn assert_binomial(count: u64, n: u64, q: f64, what: &str) {
+    let mean = n as f64 * q;
+    let sigma = (n as f64 * q * (1.0 - q)).sqrt();
+    let dev = (count as f64 - mean).abs();
+    assert!(
+        dev <= 6.0 * sigma,
+        "{what}: {count} of {n}, expected {mean:.1} +- 6 * {sigma:.1} (off by {dev:.1})"
+    );
 }
