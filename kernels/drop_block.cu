@@ -43,7 +43,8 @@ constexpr int kApplyUnroll = 4;  // chunks in flight per lane, as dropout's back
 
 // Everything the mask kernel needs, prepared on the host.
 struct Geometry {
-  PhiloxStream philox;
+  PhiloxStream philox;    // host-prepared; unused when dev.state is set
+  DeviceState dev;        // graph-safe launches: {seed, offset} in device memory, plus dev.add
   uint64_t samples;       // n: stats[n] counts the whole tensor
   uint64_t c;             // channels
   uint64_t planes;        // mask planes: n * c, or n with shared channels
@@ -80,9 +81,13 @@ __device__ __forceinline__ uint32_t low_bits(uint32_t len) { return len >= 32 ? 
 
 // Rows are bit arrays of W units in shared memory: one 64-bit word when W <= 64 (kNarrow: whole-row
 // shifts), else ceil(W / 32) 32-bit words.
-template <bool kNarrow>
+// kDev: the Philox stream comes from device memory (graph-safe launches).
+template <bool kNarrow, bool kDev>
 __global__ void DROPFUSE_MASK_BOUNDS
     drop_block_mask_kernel(uint32_t *mask, unsigned long long *stats, const __grid_constant__ Geometry g) {
+  PhiloxStream dev_philox;
+  if constexpr (kDev) dev_philox = device_stream(g.dev, 0);
+  const PhiloxStream &philox = kDev ? dev_philox : g.philox;
   using Word = typename std::conditional<kNarrow, uint64_t, uint32_t>::type;
   extern __shared__ uint64_t smem_raw[];
   __shared__ unsigned long long block_kept;
@@ -120,8 +125,8 @@ __global__ void DROPFUSE_MASK_BOUNDS
       bool drawn_any = false;
       for (uint64_t blk = (i0 >> 2) + tid; blk <= ((i1 - 1) >> 2); blk += blockDim.x) {
         // Blocks below 2^32 (seed indices below 2^34) take Philox's fast path (common/philox.cuh).
-        const uint4 r = hi32(blk) == g.philox.hi ? philox_fast(g.philox, static_cast<uint64_t>(kPhiloxM0) * lo32(blk))
-                                                 : philox_block(g.philox, blk);
+        const uint4 r = hi32(blk) == philox.hi ? philox_fast(philox, static_cast<uint64_t>(kPhiloxM0) * lo32(blk))
+                                               : philox_block(philox, blk);
         const uint32_t words[4] = {r.x, r.y, r.z, r.w};
         if (DROPFUSE_DROP_BLOCK_LEAN && !g.all && min(min(r.x, r.y), min(r.z, r.w)) >= g.threshold) continue;
 #pragma unroll
@@ -364,6 +369,7 @@ bool valid_params(const dropfuse_drop_block_params &p) {
 bool make_geometry(const dropfuse_drop_block_params &p, int sms, Geometry *g, size_t *smem) {
   const bool three_d = p.d > 1;
   g->philox = philox_stream(p.seed, p.offset, 0);
+  g->dev = DeviceState{p.philox_dev, p.offset};
   g->samples = p.n;
   g->c = p.c;
   g->planes = p.shared_channels ? p.n : p.n * p.c;
@@ -462,7 +468,8 @@ using namespace dropfuse;
 extern "C" int dropfuse_drop_block_forward(dropfuse_dtype dtype, const void *x, void *y, uint32_t *mask,
                                            uint64_t *stats, const dropfuse_drop_block_params *params,
                                            dropfuse_stream_t stream) {
-  if (params == nullptr || mask == nullptr || stats == nullptr || misaligned4(mask) || misaligned8(stats))
+  if (params == nullptr || mask == nullptr || stats == nullptr || misaligned4(mask) || misaligned8(stats) ||
+      misaligned8(params->philox_dev))
     return cudaErrorInvalidValue;
   if ((x == nullptr) != (y == nullptr)) return cudaErrorInvalidValue;
   if (dtype != DROPFUSE_F32 && dtype != DROPFUSE_F16 && dtype != DROPFUSE_BF16) return cudaErrorInvalidValue;
@@ -476,7 +483,9 @@ extern "C" int dropfuse_drop_block_forward(dropfuse_dtype dtype, const void *x, 
   if (!make_geometry(p, sms, &g, &smem)) return cudaErrorInvalidValue;
   err = cudaMemsetAsync(stats, 0, (p.n + 1) * sizeof(uint64_t), stream);
   if (err != cudaSuccess) return err;
-  auto kernel = g.narrow ? drop_block_mask_kernel<true> : drop_block_mask_kernel<false>;
+  const bool dev = p.philox_dev != nullptr;
+  auto kernel = g.narrow ? (dev ? drop_block_mask_kernel<true, true> : drop_block_mask_kernel<true, false>)
+                         : (dev ? drop_block_mask_kernel<false, true> : drop_block_mask_kernel<false, false>);
   int per_sm = 0;
   err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kMaskThreads, smem);
   if (err != cudaSuccess) return err;

@@ -24,6 +24,15 @@
  *   round_to_T(float(x) * scale) with one f32 multiply and one round-to-nearest-even narrowing;
  *   a dropped element becomes +0. scale = float(1 / (1 - p)) (0 for p = 1).
  *   The decision depends only on (seed, offset, e): not on the GPU, the grid or the block shape.
+ *
+ * CUDA-graph-safe randomness
+ *   Every random launcher's params carry `philox_dev`. When it is null, (seed, offset) are the
+ *   params' values, fixed at launch (and frozen into a captured CUDA graph). When it points to two
+ *   uint64_t {seed, offset} in device memory (8-byte aligned, on the launch's context), the kernel
+ *   reads them when it runs and uses seed = philox_dev[0], offset = philox_dev[1] + params.offset
+ *   (wrapping; params.offset then selects a stream relative to the device offset and params.seed is
+ *   ignored). A graph captured once therefore draws fresh numbers on each replay when the device
+ *   offset is advanced between replays, e.g. by dropfuse_philox_advance captured into the graph.
  *   Bit-packed masks: bit j of 32-bit word w is slice element 32w + j; unused bits of the last word
  *   are written as 0. A mask holds ceil(n / 32) words.
  */
@@ -53,7 +62,12 @@ typedef struct dropfuse_dropout_params {
   uint64_t element_offset; /* global index of element 0 of this slice (tensor-parallel shards) */
   uint64_t threshold;      /* drop iff word < threshold; 0 ..= 2^32 */
   float scale;             /* multiplier of kept elements */
+  const uint64_t *philox_dev; /* null, or {seed, offset} in device memory (graph-safe, see above) */
 } dropfuse_dropout_params;
+
+/* Adds `streams` to the offset of a device Philox state {seed, offset} (wrapping), on `stream`:
+ * one tiny kernel, capturable into a CUDA graph so that each replay advances the state. */
+int dropfuse_philox_advance(uint64_t *philox_dev, uint64_t streams, dropfuse_stream_t stream);
 
 /* Writes the bit-packed keep mask of n elements: ceil(n/32) words. */
 int dropfuse_dropout_mask(uint32_t *mask, uint64_t n, const dropfuse_dropout_params *params,
@@ -88,6 +102,7 @@ typedef struct dropfuse_drop_block_params {
   uint64_t threshold;   /* a seed is drawn iff its word < threshold; 0 ..= 2^32 */
   int shared_channels;  /* nonzero: one mask plane per sample, shared by its channels */
   dropfuse_normalize normalize;
+  const uint64_t *philox_dev; /* null, or {seed, offset} in device memory (graph-safe, see above) */
 } dropfuse_drop_block_params;
 
 /* Bytes of shared memory the mask kernel may use per block; a shape is supported iff

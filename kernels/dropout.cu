@@ -89,20 +89,39 @@ __device__ __forceinline__ void scale_kept(const T (&x)[V], uint32_t bits, float
 
 // What the kernels need of dropfuse_dropout_params, prepared on the host.
 struct Params {
-  PhiloxStream philox;
+  PhiloxStream philox;  // host-prepared; unused when dev.state is set
+  DeviceState dev;      // graph-safe launches: {seed, offset} in device memory, plus dev.add
   uint64_t element_offset;
   KeepTest keep;
   float scale;
 };
 
 Params prepare(const dropfuse_dropout_params &p) {
-  return {philox_stream(p.seed, p.offset, p.element_offset), p.element_offset, keep_test(p.threshold), p.scale};
+  return {philox_stream(p.seed, p.offset, p.element_offset), DeviceState{p.philox_dev, p.offset},
+          p.element_offset, keep_test(p.threshold), p.scale};
 }
 
 template <typename T, bool VEC, Mode M, bool kBlockAligned>
+__device__ __forceinline__ void dropout_body(const T *x, T *y, uint32_t *mask_out, const uint32_t *mask_in,
+                                             uint64_t n, const Params &p, const PhiloxStream &philox);
+
+// kDev: the Philox stream comes from device memory (graph-safe launches). The host-prepared
+// stream stays a kernel parameter otherwise, read as constant operands.
+template <typename T, bool VEC, Mode M, bool kBlockAligned, bool kDev>
 __global__ void __launch_bounds__(kThreads, min_blocks<M, kBlockAligned>())
     dropout_kernel(const T *x, T *y, uint32_t *mask_out, const uint32_t *mask_in, uint64_t n,
                    const __grid_constant__ Params p) {
+  if constexpr (kDev) {
+    const PhiloxStream philox = device_stream(p.dev, p.element_offset);
+    dropout_body<T, VEC, M, kBlockAligned>(x, y, mask_out, mask_in, n, p, philox);
+  } else {
+    dropout_body<T, VEC, M, kBlockAligned>(x, y, mask_out, mask_in, n, p, p.philox);
+  }
+}
+
+template <typename T, bool VEC, Mode M, bool kBlockAligned>
+__device__ __forceinline__ void dropout_body(const T *x, T *y, uint32_t *mask_out, const uint32_t *mask_in,
+                                             uint64_t n, const Params &p, const PhiloxStream &philox) {
   constexpr int V = VecWidth<T>::value;
   constexpr int G = 32 / V;
   constexpr int kUnroll = unroll<T, M>();
@@ -144,7 +163,7 @@ __global__ void __launch_bounds__(kThreads, min_blocks<M, kBlockAligned>())
           bits = (stored[u] >> ((lane % G) * V)) & ((1u << V) - 1u);
         } else {
           uint32_t w[V];
-          element_words<V, kBlockAligned>(p.philox, p.element_offset + c * V, w);
+          element_words<V, kBlockAligned>(philox, p.element_offset + c * V, w);
 #pragma unroll
           for (int j = 0; j < V; ++j) bits |= static_cast<uint32_t>(keep_word(w[j], p.keep)) << j;
         }
@@ -182,7 +201,7 @@ __global__ void __launch_bounds__(kThreads, min_blocks<M, kBlockAligned>())
       if constexpr (M == Mode::ApplyMask) {
         keep = (__ldg(mask_in + words) >> lane) & 1u;
       } else {
-        keep = keep_word(element_word(p.philox, p.element_offset + i), p.keep);
+        keep = keep_word(element_word(philox, p.element_offset + i), p.keep);
       }
       y[i] = scaled_or_zero(x[i], keep, p.scale);
     }
@@ -194,8 +213,20 @@ __global__ void __launch_bounds__(kThreads, min_blocks<M, kBlockAligned>())
 }
 
 // Mask only: one thread per 32-bit word.
+__device__ __forceinline__ void mask_body(uint32_t *mask, uint64_t n, const Params &p, const PhiloxStream &philox);
+
+template <bool kDev>
 __global__ void __launch_bounds__(kThreads)
     mask_kernel(uint32_t *mask, uint64_t n, const __grid_constant__ Params p) {
+  if constexpr (kDev) {
+    const PhiloxStream philox = device_stream(p.dev, p.element_offset);
+    mask_body(mask, n, p, philox);
+  } else {
+    mask_body(mask, n, p, p.philox);
+  }
+}
+
+__device__ __forceinline__ void mask_body(uint32_t *mask, uint64_t n, const Params &p, const PhiloxStream &philox) {
   const uint64_t words = (n + 31) >> 5;
   const uint64_t stride = static_cast<uint64_t>(gridDim.x) * blockDim.x;
   for (uint64_t w = static_cast<uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x; w < words;
@@ -206,13 +237,13 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
         uint32_t r[8];
-        element_words<8, false>(p.philox, p.element_offset + first + 8 * q, r);
+        element_words<8, false>(philox, p.element_offset + first + 8 * q, r);
 #pragma unroll
         for (int j = 0; j < 8; ++j) bits |= static_cast<uint32_t>(keep_word(r[j], p.keep)) << (8 * q + j);
       }
     } else {
       for (uint64_t i = first; i < n; ++i) {
-        const uint32_t r = element_word(p.philox, p.element_offset + i);
+        const uint32_t r = element_word(philox, p.element_offset + i);
         bits |= static_cast<uint32_t>(keep_word(r, p.keep)) << (i - first);
       }
     }
@@ -238,7 +269,10 @@ cudaError_t launch_typed(const T *x, T *y, uint32_t *mask_out, const uint32_t *m
   constexpr int V = VecWidth<T>::value;
   const uint64_t chunks = (n >> 5) * (32 / V);
   const uint64_t per_block = static_cast<uint64_t>(kThreads) * unroll<T, M>();
-  auto kernel = dropout_kernel<T, VEC, M, kBlockAligned>;
+  // Applying a stored mask uses no randomness: one instantiation.
+  const bool dev = M != Mode::ApplyMask && p.philox_dev != nullptr;
+  auto kernel = dev ? dropout_kernel<T, VEC, M, kBlockAligned, M != Mode::ApplyMask>
+                    : dropout_kernel<T, VEC, M, kBlockAligned, false>;
   unsigned grid = 0;
   cudaError_t err = wave_grid(kernel, kThreads, (chunks + per_block - 1) / per_block, &grid, waves_for<T, M>(n));
   if (err != cudaSuccess) return err;
@@ -280,6 +314,11 @@ cudaError_t launch_dtype(dropfuse_dtype dtype, const void *x, void *y, uint32_t 
 
 bool misaligned_mask(const uint32_t *mask) { return (reinterpret_cast<uintptr_t>(mask) & 3u) != 0; }
 
+// A device Philox state must be 8-byte aligned (null: the host values apply).
+bool bad_device_state(const dropfuse_dropout_params &p) {
+  return (reinterpret_cast<uintptr_t>(p.philox_dev) & 7u) != 0;
+}
+
 }  // namespace
 }  // namespace dropfuse
 
@@ -288,12 +327,14 @@ using namespace dropfuse;
 extern "C" int dropfuse_dropout_mask(uint32_t *mask, uint64_t n, const dropfuse_dropout_params *params,
                                      dropfuse_stream_t stream) {
   if (n == 0) return cudaSuccess;
-  if (mask == nullptr || params == nullptr || misaligned_mask(mask)) return cudaErrorInvalidValue;
+  if (mask == nullptr || params == nullptr || misaligned_mask(mask) || bad_device_state(*params))
+    return cudaErrorInvalidValue;
   const uint64_t words = (n + 31) >> 5;
+  auto kernel = params->philox_dev != nullptr ? mask_kernel<true> : mask_kernel<false>;
   unsigned grid = 0;
-  cudaError_t err = wave_grid(mask_kernel, kThreads, (words + kThreads - 1) / kThreads, &grid);
+  cudaError_t err = wave_grid(kernel, kThreads, (words + kThreads - 1) / kThreads, &grid);
   if (err != cudaSuccess) return err;
-  mask_kernel<<<grid, kThreads, 0, stream>>>(mask, n, prepare(*params));
+  kernel<<<grid, kThreads, 0, stream>>>(mask, n, prepare(*params));
   return cudaGetLastError();
 }
 
@@ -301,7 +342,7 @@ extern "C" int dropfuse_dropout_forward(dropfuse_dtype dtype, const void *x, voi
                                         uint64_t n, const dropfuse_dropout_params *params,
                                         dropfuse_stream_t stream) {
   if (n == 0) return cudaSuccess;
-  if (x == nullptr || y == nullptr || params == nullptr) return cudaErrorInvalidValue;
+  if (x == nullptr || y == nullptr || params == nullptr || bad_device_state(*params)) return cudaErrorInvalidValue;
   if (mask != nullptr) {
     if (misaligned_mask(mask)) return cudaErrorInvalidValue;
     return launch_dtype<Mode::ForwardMask>(dtype, x, y, mask, nullptr, n, *params, stream);

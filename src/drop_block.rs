@@ -133,7 +133,7 @@ use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
 use crate::dropout::{after, bind, check_mask_len, check_same_len, check_stream};
 use crate::dtype::{DType, Element};
 use crate::ffi;
-use crate::rng::PhiloxState;
+use crate::rng::{PhiloxState, Randomness, Source};
 
 /// Shared memory the mask kernel may use per thread block (`DROPFUSE_DROP_BLOCK_SMEM`).
 const SMEM_BYTES: u64 = ffi::DROPFUSE_DROP_BLOCK_SMEM as u64;
@@ -223,6 +223,7 @@ impl DropBlock {
         let p = ffi::dropfuse_drop_block_params {
             seed: rng.seed,
             offset: rng.offset,
+            philox_dev: std::ptr::null(),
             n: s.n,
             c: s.c,
             d: s.s[0],
@@ -248,12 +249,16 @@ impl DropBlock {
         &self,
         stream: &CudaStream,
         shape: &[usize],
-        rng: PhiloxState,
+        rng: &Source<'_>,
         data: &[(&'static str, usize, &CudaStream)],
         mask: (usize, &CudaStream),
         stats: (usize, &CudaStream),
     ) -> Result<ffi::dropfuse_drop_block_params> {
-        let (s, p) = self.params(shape, rng)?;
+        let host = match rng {
+            Source::Host(h) => *h,
+            Source::Device(_) => PhiloxState::new(0, 0), // filled in by `with_rng`
+        };
+        let (s, p) = self.params(shape, host)?;
         for &(name, len, _) in data {
             check_same_len(len, s.numel, name)?;
         }
@@ -264,6 +269,7 @@ impl DropBlock {
         }
         check_stream(stream, mask.1, "mask")?;
         check_stream(stream, stats.1, "stats")?;
+        rng.check(stream)?;
         bind(stream)?;
         Ok(p)
     }
@@ -278,20 +284,22 @@ impl DropBlock {
         Y: DevicePtrMut<T>,
         M: DevicePtrMut<u32>,
         S: DevicePtrMut<u64>,
+        R: Randomness,
     >(
         &self,
         stream: &CudaStream,
-        rng: PhiloxState,
+        rng: R,
         shape: &[usize],
         x: &X,
         y: &mut Y,
         mask: &mut M,
         stats: &mut S,
     ) -> Result<()> {
+        let rng = rng.source();
         let p = self.validate(
             stream,
             shape,
-            rng,
+            &rng,
             &[("x", x.len(), x.stream()), ("y", y.len(), y.stream())],
             (mask.len(), mask.stream()),
             (stats.len(), stats.stream()),
@@ -300,25 +308,27 @@ impl DropBlock {
         let (yp, _gy) = y.device_ptr_mut(stream);
         let (mp, _gm) = mask.device_ptr_mut(stream);
         let (sp, _gs) = stats.device_ptr_mut(stream);
+        let (p, _gr) = with_rng(p, &rng, stream);
         // SAFETY: validated; x and y are distinct cudarc buffers (a shared and a mutable borrow
         // cannot alias); the guards keep every buffer alive and ordered on `stream`.
         unsafe { launch_forward(T::DTYPE, xp, yp, mp, sp, &p, stream) }
     }
 
     /// In place: `x = x * keep * scale`, with the mask and stats as [`DropBlock::forward`].
-    pub fn forward_inplace<T: Element, X: DevicePtrMut<T>, M: DevicePtrMut<u32>, S: DevicePtrMut<u64>>(
+    pub fn forward_inplace<T: Element, X: DevicePtrMut<T>, M: DevicePtrMut<u32>, S: DevicePtrMut<u64>, R: Randomness>(
         &self,
         stream: &CudaStream,
-        rng: PhiloxState,
+        rng: R,
         shape: &[usize],
         x: &mut X,
         mask: &mut M,
         stats: &mut S,
     ) -> Result<()> {
+        let rng = rng.source();
         let p = self.validate(
             stream,
             shape,
-            rng,
+            &rng,
             &[("x", x.len(), x.stream())],
             (mask.len(), mask.stream()),
             (stats.len(), stats.stream()),
@@ -326,30 +336,33 @@ impl DropBlock {
         let (xp, _gx) = x.device_ptr_mut(stream);
         let (mp, _gm) = mask.device_ptr_mut(stream);
         let (sp, _gs) = stats.device_ptr_mut(stream);
+        let (p, _gr) = with_rng(p, &rng, stream);
         // SAFETY: as in `forward`; x is input and output (each element is read, then written, by
         // the same thread).
         unsafe { launch_forward(T::DTYPE, xp, xp, mp, sp, &p, stream) }
     }
 
     /// Only the mask and the stats (no data): e.g. to inspect or reuse a mask.
-    pub fn mask<M: DevicePtrMut<u32>, S: DevicePtrMut<u64>>(
+    pub fn mask<M: DevicePtrMut<u32>, S: DevicePtrMut<u64>, R: Randomness>(
         &self,
         stream: &CudaStream,
-        rng: PhiloxState,
+        rng: R,
         shape: &[usize],
         mask: &mut M,
         stats: &mut S,
     ) -> Result<()> {
+        let rng = rng.source();
         let p = self.validate(
             stream,
             shape,
-            rng,
+            &rng,
             &[],
             (mask.len(), mask.stream()),
             (stats.len(), stats.stream()),
         )?;
         let (mp, _gm) = mask.device_ptr_mut(stream);
         let (sp, _gs) = stats.device_ptr_mut(stream);
+        let (p, _gr) = with_rng(p, &rng, stream);
         // SAFETY: as in `forward`; null x and y ask the launcher for the mask and stats only.
         unsafe { launch_forward(DType::F32, 0, 0, mp, sp, &p, stream) }
     }
@@ -373,7 +386,7 @@ impl DropBlock {
         let p = self.validate(
             stream,
             shape,
-            PhiloxState::new(0, 0),
+            &Source::Host(PhiloxState::new(0, 0)),
             &[("dy", dy.len(), dy.stream()), ("dx", dx.len(), dx.stream())],
             (mask.len(), mask.stream()),
             (stats.len(), stats.stream()),
@@ -398,7 +411,7 @@ impl DropBlock {
         let p = self.validate(
             stream,
             shape,
-            PhiloxState::new(0, 0),
+            &Source::Host(PhiloxState::new(0, 0)),
             &[("grad", grad.len(), grad.stream())],
             (mask.len(), mask.stream()),
             (stats.len(), stats.stream()),
@@ -409,6 +422,20 @@ impl DropBlock {
         // SAFETY: as in `forward_inplace`.
         unsafe { launch_backward(T::DTYPE, gp, gp, mp, sp, &p, stream) }
     }
+}
+
+/// The params with the call's randomness: a device Philox state's pointer (and the guard that
+/// keeps it ordered on `stream` until the launch is enqueued), or the host values already in `p`.
+fn with_rng<'s>(
+    mut p: ffi::dropfuse_drop_block_params,
+    rng: &'s Source<'_>,
+    stream: &'s CudaStream,
+) -> (ffi::dropfuse_drop_block_params, Option<cudarc::driver::SyncOnDrop<'s>>) {
+    let (seed, offset, dev, guard) = rng.bind(stream);
+    p.seed = seed;
+    p.offset = offset;
+    p.philox_dev = dev;
+    (p, guard)
 }
 
 /// The forward launcher on validated device pointers (`x == y == 0`: mask and stats only).

@@ -29,7 +29,7 @@ use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, DeviceSlice};
 use crate::dtype::Element;
 use crate::error::{Error, Result};
 use crate::ffi;
-use crate::rng::PhiloxState;
+use crate::rng::{PhiloxState, Randomness, Source};
 
 /// Number of 32-bit words of the bit mask of `n` elements: `ceil(n / 32)`.
 pub const fn mask_words(n: usize) -> usize {
@@ -89,13 +89,18 @@ impl Dropout {
         self.element_offset
     }
 
-    fn params(&self, rng: PhiloxState) -> ffi::dropfuse_dropout_params {
+    fn params(&self, rng: raw::RawRng) -> ffi::dropfuse_dropout_params {
+        let (seed, offset, philox_dev) = match rng {
+            raw::RawRng::Host(s) => (s.seed, s.offset, std::ptr::null()),
+            raw::RawRng::Device { state, add } => (0, add, state),
+        };
         ffi::dropfuse_dropout_params {
-            seed: rng.seed,
-            offset: rng.offset,
+            seed,
+            offset,
             element_offset: self.element_offset,
             threshold: self.threshold,
             scale: self.scale,
+            philox_dev,
         }
     }
 
@@ -116,25 +121,30 @@ impl Dropout {
     // ---- safe API on cudarc slices and views ----
 
     /// Writes the bit mask of `n` elements into `mask` (exactly `mask_words(n)` words).
-    pub fn mask<M: DevicePtrMut<u32>>(
+    pub fn mask<M: DevicePtrMut<u32>, R: Randomness>(
         &self,
         stream: &CudaStream,
-        rng: PhiloxState,
+        rng: R,
         n: usize,
         mask: &mut M,
     ) -> Result<()> {
+        let rng = rng.source();
         self.validate(stream, n, "n", &[Buf::mask(mask)])?;
+        rng.check(stream)?;
         let (m, _gm) = mask.device_ptr_mut(stream);
-        // SAFETY: `mask` holds mask_words(n) u32 words on the stream's context (validated).
-        unsafe { raw::mask(self, rng, m as *mut u32, n, stream.cu_stream()) }?;
+        let (seed, offset, dev, _gr) = rng.bind(stream);
+        let raw_rng = raw::RawRng::from_parts(seed, offset, dev);
+        // SAFETY: `mask` holds mask_words(n) u32 words on the stream's context (validated), as
+        // does a device Philox state.
+        unsafe { raw::mask(self, raw_rng, m as *mut u32, n, stream.cu_stream()) }?;
         after(stream)
     }
 
     /// `y = dropout(x)` and the bit mask (`mask_words(x.len())` words).
-    pub fn forward<T: Element, X: DevicePtr<T>, Y: DevicePtrMut<T>, M: DevicePtrMut<u32>>(
+    pub fn forward<T: Element, X: DevicePtr<T>, Y: DevicePtrMut<T>, M: DevicePtrMut<u32>, R: Randomness>(
         &self,
         stream: &CudaStream,
-        rng: PhiloxState,
+        rng: R,
         x: &X,
         y: &mut Y,
         mask: &mut M,
@@ -149,14 +159,14 @@ impl Dropout {
         let (xp, _gx) = x.device_ptr(stream);
         let (yp, _gy) = y.device_ptr_mut(stream);
         let (mp, _gm) = mask.device_ptr_mut(stream);
-        self.launch_forward::<T>(stream, rng, xp, yp, mp, n)
+        self.launch_forward::<T>(stream, rng.source(), xp, yp, mp, n)
     }
 
     /// `y = dropout(x)` without storing a mask: the backward regenerates it from `rng`.
-    pub fn forward_maskless<T: Element, X: DevicePtr<T>, Y: DevicePtrMut<T>>(
+    pub fn forward_maskless<T: Element, X: DevicePtr<T>, Y: DevicePtrMut<T>, R: Randomness>(
         &self,
         stream: &CudaStream,
-        rng: PhiloxState,
+        rng: R,
         x: &X,
         y: &mut Y,
     ) -> Result<()> {
@@ -164,14 +174,14 @@ impl Dropout {
         self.validate(stream, n, "x", &[Buf::data("x", x), Buf::data("y", y)])?;
         let (xp, _gx) = x.device_ptr(stream);
         let (yp, _gy) = y.device_ptr_mut(stream);
-        self.launch_forward::<T>(stream, rng, xp, yp, NO_MASK, n)
+        self.launch_forward::<T>(stream, rng.source(), xp, yp, NO_MASK, n)
     }
 
     /// In place: `x = dropout(x)`, and the bit mask.
-    pub fn forward_inplace<T: Element, X: DevicePtrMut<T>, M: DevicePtrMut<u32>>(
+    pub fn forward_inplace<T: Element, X: DevicePtrMut<T>, M: DevicePtrMut<u32>, R: Randomness>(
         &self,
         stream: &CudaStream,
-        rng: PhiloxState,
+        rng: R,
         x: &mut X,
         mask: &mut M,
     ) -> Result<()> {
@@ -179,20 +189,20 @@ impl Dropout {
         self.validate(stream, n, "x", &[Buf::data("x", x), Buf::mask(mask)])?;
         let (xp, _gx) = x.device_ptr_mut(stream);
         let (mp, _gm) = mask.device_ptr_mut(stream);
-        self.launch_forward::<T>(stream, rng, xp, xp, mp, n)
+        self.launch_forward::<T>(stream, rng.source(), xp, xp, mp, n)
     }
 
     /// In place, no mask stored.
-    pub fn forward_maskless_inplace<T: Element, X: DevicePtrMut<T>>(
+    pub fn forward_maskless_inplace<T: Element, X: DevicePtrMut<T>, R: Randomness>(
         &self,
         stream: &CudaStream,
-        rng: PhiloxState,
+        rng: R,
         x: &mut X,
     ) -> Result<()> {
         let n = x.len();
         self.validate(stream, n, "x", &[Buf::data("x", x)])?;
         let (xp, _gx) = x.device_ptr_mut(stream);
-        self.launch_forward::<T>(stream, rng, xp, xp, NO_MASK, n)
+        self.launch_forward::<T>(stream, rng.source(), xp, xp, NO_MASK, n)
     }
 
     /// Backward from a stored mask: `dx = dy * scale` where the mask bit is set, 0 elsewhere.
@@ -217,10 +227,10 @@ impl Dropout {
     }
 
     /// Backward regenerating the mask from the forward's `rng` (and this dropout's element offset).
-    pub fn backward_maskless<T: Element, DY: DevicePtr<T>, DX: DevicePtrMut<T>>(
+    pub fn backward_maskless<T: Element, DY: DevicePtr<T>, DX: DevicePtrMut<T>, R: Randomness>(
         &self,
         stream: &CudaStream,
-        rng: PhiloxState,
+        rng: R,
         dy: &DY,
         dx: &mut DX,
     ) -> Result<()> {
@@ -243,10 +253,10 @@ impl Dropout {
     }
 
     /// In place backward regenerating the mask from `rng`.
-    pub fn backward_maskless_inplace<T: Element, G: DevicePtrMut<T>>(
+    pub fn backward_maskless_inplace<T: Element, G: DevicePtrMut<T>, R: Randomness>(
         &self,
         stream: &CudaStream,
-        rng: PhiloxState,
+        rng: R,
         grad: &mut G,
     ) -> Result<()> {
         self.forward_maskless_inplace(stream, rng, grad)
@@ -274,20 +284,24 @@ impl Dropout {
     fn launch_forward<T: Element>(
         &self,
         stream: &CudaStream,
-        rng: PhiloxState,
+        rng: Source<'_>,
         x: CUdeviceptr,
         y: CUdeviceptr,
         mask: CUdeviceptr,
         n: usize,
     ) -> Result<()> {
+        rng.check(stream)?;
         let mask = if mask == NO_MASK {
             std::ptr::null_mut()
         } else {
             mask as *mut u32
         };
-        // SAFETY: lengths and contexts were validated; x and y are one buffer (in place) or two
-        // distinct cudarc buffers (a shared and a mutable borrow cannot overlap).
-        unsafe { raw::forward::<T>(self, rng, x as *const T, y as *mut T, mask, n, stream.cu_stream()) }?;
+        let (seed, offset, dev, _gr) = rng.bind(stream);
+        let raw_rng = raw::RawRng::from_parts(seed, offset, dev);
+        // SAFETY: lengths and contexts were validated (a device Philox state's too); x and y are
+        // one buffer (in place) or two distinct cudarc buffers (a shared and a mutable borrow
+        // cannot overlap).
+        unsafe { raw::forward::<T>(self, raw_rng, x as *const T, y as *mut T, mask, n, stream.cu_stream()) }?;
         after(stream)
     }
 
@@ -406,6 +420,42 @@ pub mod raw {
     use super::*;
     use cudarc::driver::sys::CUstream;
 
+    /// Where a raw call takes `(seed, offset)` from: fixed at launch, or a device Philox state
+    /// (`state` points to `{seed, offset}`, two `u64` of device memory of the current context,
+    /// 8-byte aligned, read when the kernel runs, with `offset + add`; see [`crate::rng`]).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum RawRng {
+        /// Fixed at launch.
+        Host(PhiloxState),
+        /// Read from device memory when the kernel runs.
+        Device { state: *const u64, add: u64 },
+    }
+
+    impl From<PhiloxState> for RawRng {
+        fn from(s: PhiloxState) -> Self {
+            RawRng::Host(s)
+        }
+    }
+
+    impl RawRng {
+        pub(crate) fn from_parts(seed: u64, offset: u64, dev: *const u64) -> Self {
+            if dev.is_null() {
+                RawRng::Host(PhiloxState::new(seed, offset))
+            } else {
+                RawRng::Device { state: dev, add: offset }
+            }
+        }
+
+        fn check(&self) -> Result<()> {
+            if let RawRng::Device { state, .. } = self {
+                if (*state as usize) % 8 != 0 {
+                    return Err(Error::invalid("rng", "an 8-byte aligned device Philox state", format!("{:p}", state)));
+                }
+            }
+            Ok(())
+        }
+    }
+
     fn nonnull<P>(p: *const P, name: &'static str) -> Result<()> {
         if p.is_null() {
             return Err(Error::invalid(name, "a non-null device pointer", "null"));
@@ -420,13 +470,15 @@ pub mod raw {
     /// current context; `stream` is a valid stream of that context.
     pub unsafe fn mask(
         drop: &Dropout,
-        rng: PhiloxState,
+        rng: impl Into<RawRng>,
         mask: *mut u32,
         n: usize,
         stream: CUstream,
     ) -> Result<()> {
         drop.check_len(n, "n")?;
         nonnull(mask, "mask")?;
+        let rng = rng.into();
+        rng.check()?;
         let params = drop.params(rng);
         let status = ffi::dropfuse_dropout_mask(mask, n as u64, &params, stream as ffi::dropfuse_stream_t);
         ffi::check(status, "dropfuse_dropout_mask")
@@ -441,7 +493,7 @@ pub mod raw {
     /// `u32` not overlapping them; `stream` is a valid stream of that context.
     pub unsafe fn forward<T: Element>(
         drop: &Dropout,
-        rng: PhiloxState,
+        rng: impl Into<RawRng>,
         x: *const T,
         y: *mut T,
         mask: *mut u32,
@@ -451,6 +503,8 @@ pub mod raw {
         drop.check_len(n, "x")?;
         nonnull(x, "x")?;
         nonnull(y, "y")?;
+        let rng = rng.into();
+        rng.check()?;
         let params = drop.params(rng);
         let status = ffi::dropfuse_dropout_forward(
             dtype(T::DTYPE),

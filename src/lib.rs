@@ -12,7 +12,8 @@
 //! * [`layer_plan`]: deterministic host-side layer-skipping plans (LayerDrop, stochastic depth,
 //!   LayerSkip rates and early-exit curricula, pruning remaps, attention-layer drop with KV slots).
 //! * [`reference`](mod@reference): the CPU oracle (Philox4x32-10 and every kernel, written plainly).
-//! * [`rng`]: the `(seed, offset)` pair every random kernel takes, and a [`Generator`].
+//! * [`rng`]: the `(seed, offset)` pair every random kernel takes, a [`Generator`], and
+//!   [`DevicePhilox`], the device-resident state that makes random kernels CUDA-graph safe.
 //! * [`schedule`]: drop-probability schedules over training steps (constant, linear ramp, early and
 //!   late dropout).
 //!
@@ -33,7 +34,7 @@ pub use device::Device;
 pub use dropout::Dropout;
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};
-pub use rng::{Generator, PhiloxState};
+pub use rng::{DevicePhilox, Generator, PhiloxState};
 
 /// Re-exported so users need not depend on the same versions themselves.
 pub use cudarc;

@@ -172,3 +172,23 @@ fn generator_never_hands_out_the_same_stream_twice() {
     let m2 = dropfuse::reference::dropout::mask(0.5, b, 0, 256).unwrap();
     assert_ne!(m1, m2);
 }
+
+#[test]
+fn raw_api_rejects_a_misaligned_device_philox_state_before_any_cuda_call() {
+    let drop = Dropout::new(0.5).unwrap();
+    let fake = 0x1000usize;
+    for misalign in [1usize, 4, 7] {
+        let rng = raw::RawRng::Device { state: (fake + misalign) as *const u64, add: 0 };
+        // SAFETY: validation fails before any pointer is used or any CUDA call is made.
+        let e = unsafe {
+            raw::forward::<f32>(&drop, rng, fake as *const f32, fake as *mut f32, std::ptr::null_mut(), 8, std::ptr::null_mut())
+        }
+        .unwrap_err();
+        assert_eq!(arg(e), "rng", "misaligned by {misalign}");
+        let e = unsafe { raw::mask(&drop, rng, fake as *mut u32, 8, std::ptr::null_mut()) }.unwrap_err();
+        assert_eq!(arg(e), "rng", "mask, misaligned by {misalign}");
+    }
+    // A host state converts into the raw source unchanged.
+    let host: raw::RawRng = PhiloxState::new(3, 4).into();
+    assert_eq!(host, raw::RawRng::Host(PhiloxState::new(3, 4)));
+}

@@ -8,11 +8,12 @@ namespace dropfuse {
 // The key schedule of one seed: the key of each of the 10 rounds. Computed once on the host and
 // passed as a kernel argument, so rounds read their keys as constant operands instead of
 // recomputing the bumps (integer adds would compete with the multiplies Philox is bound by).
+// Graph-safe launches (the seed and offset read from device memory) compute it on the device.
 struct PhiloxKey {
   uint32_t k0[10], k1[10];
 };
 
-inline PhiloxKey philox_key(uint64_t seed) {
+__host__ __device__ inline PhiloxKey philox_key(uint64_t seed) {
   PhiloxKey k;
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
   for (int round = 0; round < 10; ++round) {
@@ -56,9 +57,9 @@ struct PhiloxStream {
   uint32_t r1_z, r2_x, r2_z, r2_w;  // see philox_fast
 };
 
-inline uint64_t host_mul(uint32_t a, uint32_t b) { return static_cast<uint64_t>(a) * b; }
+__host__ __device__ inline uint64_t host_mul(uint32_t a, uint32_t b) { return static_cast<uint64_t>(a) * b; }
 
-inline PhiloxStream philox_stream(uint64_t seed, uint64_t offset, uint64_t first_element) {
+__host__ __device__ inline PhiloxStream philox_stream(uint64_t seed, uint64_t offset, uint64_t first_element) {
   PhiloxStream s;
   s.key = philox_key(seed);
   s.off_lo = static_cast<uint32_t>(offset);
@@ -153,5 +154,19 @@ inline KeepTest keep_test(uint64_t threshold) {
 }
 
 __device__ __forceinline__ bool keep_word(uint32_t word, KeepTest t) { return !t.none && word >= t.threshold; }
+
+// CUDA-graph-safe randomness (kernels/dropfuse.h): a launch whose `philox_dev` is not null takes
+// its seed and offset from device memory when it runs, so a captured graph replays with whatever
+// the buffer holds then. `add` is the launch's stream within the device state (offset + add).
+struct DeviceState {
+  const uint64_t *state;  // {seed, offset}; null: the host values apply
+  uint64_t add;
+};
+
+// The stream of a graph-safe launch, computed per thread from the device state (cheap next to the
+// work of one thread; the host path keeps its precomputed, constant-operand stream).
+__device__ __forceinline__ PhiloxStream device_stream(DeviceState d, uint64_t first_element) {
+  return philox_stream(__ldg(d.state), __ldg(d.state + 1) + d.add, first_element);
+}
 
 }  // namespace dropfuse
