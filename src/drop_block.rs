@@ -315,7 +315,13 @@ impl DropBlock {
     }
 
     /// In place: `x = x * keep * scale`, with the mask and stats as [`DropBlock::forward`].
-    pub fn forward_inplace<T: Element, X: DevicePtrMut<T>, M: DevicePtrMut<u32>, S: DevicePtrMut<u64>, R: Randomness>(
+    pub fn forward_inplace<
+        T: Element,
+        X: DevicePtrMut<T>,
+        M: DevicePtrMut<u32>,
+        S: DevicePtrMut<u64>,
+        R: Randomness,
+    >(
         &self,
         stream: &CudaStream,
         rng: R,
@@ -430,7 +436,10 @@ fn with_rng<'s>(
     mut p: ffi::dropfuse_drop_block_params,
     rng: &'s Source<'_>,
     stream: &'s CudaStream,
-) -> (ffi::dropfuse_drop_block_params, Option<cudarc::driver::SyncOnDrop<'s>>) {
+) -> (
+    ffi::dropfuse_drop_block_params,
+    Option<cudarc::driver::SyncOnDrop<'s>>,
+) {
     let (seed, offset, dev, guard) = rng.bind(stream);
     p.seed = seed;
     p.offset = offset;

@@ -301,7 +301,17 @@ impl Dropout {
         // SAFETY: lengths and contexts were validated (a device Philox state's too); x and y are
         // one buffer (in place) or two distinct cudarc buffers (a shared and a mutable borrow
         // cannot overlap).
-        unsafe { raw::forward::<T>(self, raw_rng, x as *const T, y as *mut T, mask, n, stream.cu_stream()) }?;
+        unsafe {
+            raw::forward::<T>(
+                self,
+                raw_rng,
+                x as *const T,
+                y as *mut T,
+                mask,
+                n,
+                stream.cu_stream(),
+            )
+        }?;
         after(stream)
     }
 
@@ -442,14 +452,21 @@ pub mod raw {
             if dev.is_null() {
                 RawRng::Host(PhiloxState::new(seed, offset))
             } else {
-                RawRng::Device { state: dev, add: offset }
+                RawRng::Device {
+                    state: dev,
+                    add: offset,
+                }
             }
         }
 
         fn check(&self) -> Result<()> {
             if let RawRng::Device { state, .. } = self {
                 if (*state as usize) % 8 != 0 {
-                    return Err(Error::invalid("rng", "an 8-byte aligned device Philox state", format!("{:p}", state)));
+                    return Err(Error::invalid(
+                        "rng",
+                        "an 8-byte aligned device Philox state",
+                        format!("{:p}", state),
+                    ));
                 }
             }
             Ok(())

@@ -118,7 +118,11 @@ impl DevicePhilox {
         let (p, _guard) = self.buf.device_ptr_mut(stream);
         // SAFETY: `p` is this state's two u64 on the stream's context (checked above), 8-aligned.
         let status = unsafe {
-            ffi::dropfuse_philox_advance(p as *mut u64, streams, stream.cu_stream() as ffi::dropfuse_stream_t)
+            ffi::dropfuse_philox_advance(
+                p as *mut u64,
+                streams,
+                stream.cu_stream() as ffi::dropfuse_stream_t,
+            )
         };
         ffi::check(status, "dropfuse_philox_advance")?;
         crate::dropout::after(stream)

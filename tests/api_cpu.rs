@@ -178,10 +178,21 @@ fn raw_api_rejects_a_misaligned_device_philox_state_before_any_cuda_call() {
     let drop = Dropout::new(0.5).unwrap();
     let fake = 0x1000usize;
     for misalign in [1usize, 4, 7] {
-        let rng = raw::RawRng::Device { state: (fake + misalign) as *const u64, add: 0 };
+        let rng = raw::RawRng::Device {
+            state: (fake + misalign) as *const u64,
+            add: 0,
+        };
         // SAFETY: validation fails before any pointer is used or any CUDA call is made.
         let e = unsafe {
-            raw::forward::<f32>(&drop, rng, fake as *const f32, fake as *mut f32, std::ptr::null_mut(), 8, std::ptr::null_mut())
+            raw::forward::<f32>(
+                &drop,
+                rng,
+                fake as *const f32,
+                fake as *mut f32,
+                std::ptr::null_mut(),
+                8,
+                std::ptr::null_mut(),
+            )
         }
         .unwrap_err();
         assert_eq!(arg(e), "rng", "misaligned by {misalign}");

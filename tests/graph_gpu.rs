@@ -18,7 +18,9 @@ fn values(n: usize, seed: u64) -> Vec<f16> {
     let mut s = seed;
     (0..n)
         .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             f16::from_f32(((s >> 40) as f32 / (1u64 << 24) as f32) * 16.0 - 8.0)
         })
         .collect()
@@ -29,7 +31,12 @@ fn bits(v: &[f16]) -> Vec<u16> {
 }
 
 /// Eager dropout with the host state `state`: (y, mask).
-fn eager_dropout(dev: &Device, drop: &Dropout, state: PhiloxState, x: &CudaSlice<f16>) -> (Vec<u16>, Vec<u32>) {
+fn eager_dropout(
+    dev: &Device,
+    drop: &Dropout,
+    state: PhiloxState,
+    x: &CudaSlice<f16>,
+) -> (Vec<u16>, Vec<u32>) {
     let n = x.len();
     let mut y = dev.zeros::<f16>(n).unwrap();
     let mut m = dev.zeros::<u32>(mask_words(n)).unwrap();
@@ -39,9 +46,17 @@ fn eager_dropout(dev: &Device, drop: &Dropout, state: PhiloxState, x: &CudaSlice
 
 #[test]
 fn gpu_device_state_equals_host_state() {
-    let Some(dev) = gpu("gpu_device_state_equals_host_state") else { return };
+    let Some(dev) = gpu("gpu_device_state_equals_host_state") else {
+        return;
+    };
     // Lengths with tails, offsets that are and are not multiples of 4 (both kernel variants).
-    for (n, element_offset) in [(1usize, 0u64), (1000, 3), (1 << 20, 0), ((1 << 20) + 13, 5), (77_777, 1 << 36)] {
+    for (n, element_offset) in [
+        (1usize, 0u64),
+        (1000, 3),
+        (1 << 20, 0),
+        ((1 << 20) + 13, 5),
+        (77_777, 1 << 36),
+    ] {
         let x = dev.upload(&values(n, n as u64)).unwrap();
         let drop = Dropout::new(0.3).unwrap().with_element_offset(element_offset);
         for (seed, offset, add) in [(7u64, 0u64, 0u64), (u64::MAX, u64::MAX, 1), (42, 1 << 40, 17)] {
@@ -51,27 +66,51 @@ fn gpu_device_state_equals_host_state() {
 
             let mut y = dev.zeros::<f16>(n).unwrap();
             let mut m = dev.zeros::<u32>(mask_words(n)).unwrap();
-            drop.forward(dev.stream(), state.at(add), &x, &mut y, &mut m).unwrap();
-            assert_eq!(bits(&dev.download(&y).unwrap()), want_y, "forward y, n {n}, add {add}");
-            assert_eq!(dev.download(&m).unwrap(), want_m, "forward mask, n {n}, add {add}");
+            drop.forward(dev.stream(), state.at(add), &x, &mut y, &mut m)
+                .unwrap();
+            assert_eq!(
+                bits(&dev.download(&y).unwrap()),
+                want_y,
+                "forward y, n {n}, add {add}"
+            );
+            assert_eq!(
+                dev.download(&m).unwrap(),
+                want_m,
+                "forward mask, n {n}, add {add}"
+            );
 
             let mut m2 = dev.zeros::<u32>(mask_words(n)).unwrap();
             drop.mask(dev.stream(), state.at(add), n, &mut m2).unwrap();
-            assert_eq!(dev.download(&m2).unwrap(), want_m, "mask kernel, n {n}, add {add}");
+            assert_eq!(
+                dev.download(&m2).unwrap(),
+                want_m,
+                "mask kernel, n {n}, add {add}"
+            );
 
             let mut y2 = dev.zeros::<f16>(n).unwrap();
-            drop.forward_maskless(dev.stream(), state.at(add), &x, &mut y2).unwrap();
-            assert_eq!(bits(&dev.download(&y2).unwrap()), want_y, "mask-free, n {n}, add {add}");
+            drop.forward_maskless(dev.stream(), state.at(add), &x, &mut y2)
+                .unwrap();
+            assert_eq!(
+                bits(&dev.download(&y2).unwrap()),
+                want_y,
+                "mask-free, n {n}, add {add}"
+            );
         }
     }
 }
 
 #[test]
 fn gpu_advance_and_set() {
-    let Some(dev) = gpu("gpu_advance_and_set") else { return };
+    let Some(dev) = gpu("gpu_advance_and_set") else {
+        return;
+    };
     let mut state = DevicePhilox::new(dev.stream(), PhiloxState::new(5, u64::MAX - 1)).unwrap();
     state.advance(dev.stream(), 3).unwrap();
-    assert_eq!(state.get(dev.stream()).unwrap(), PhiloxState::new(5, 1), "wrapping advance");
+    assert_eq!(
+        state.get(dev.stream()).unwrap(),
+        PhiloxState::new(5, 1),
+        "wrapping advance"
+    );
     state.advance(dev.stream(), 0).unwrap();
     assert_eq!(state.get(dev.stream()).unwrap(), PhiloxState::new(5, 1));
     state.set(dev.stream(), PhiloxState::new(9, 10)).unwrap();
@@ -114,7 +153,9 @@ fn replay<R>(
 
 #[test]
 fn gpu_graph_replay_k_equals_eager_offset_k() {
-    let Some(dev) = gpu("gpu_graph_replay_k_equals_eager_offset_k") else { return };
+    let Some(dev) = gpu("gpu_graph_replay_k_equals_eager_offset_k") else {
+        return;
+    };
     let n = (1 << 16) + 5;
     let (seed, o) = (1234u64, 100u64);
     let x = dev.upload(&values(n, 9)).unwrap();
@@ -151,7 +192,9 @@ fn gpu_graph_replay_k_equals_eager_offset_k() {
 
 #[test]
 fn gpu_graph_replay_drop_block() {
-    let Some(dev) = gpu("gpu_graph_replay_drop_block") else { return };
+    let Some(dev) = gpu("gpu_graph_replay_drop_block") else {
+        return;
+    };
     let shape = [2usize, 3, 17, 19];
     let numel: usize = shape.iter().product();
     let (seed, o) = (77u64, 5u64);
@@ -169,10 +212,26 @@ fn gpu_graph_replay_drop_block() {
         2,
         3,
         |s| {
-            db.forward(dev.stream(), s.at(0), &shape, &x, &mut *y.borrow_mut(), &mut *m.borrow_mut(), &mut *st.borrow_mut())
-                .unwrap();
-            db.forward(dev.stream(), s.at(1), &shape, &x, &mut *y2.borrow_mut(), &mut *m.borrow_mut(), &mut *st.borrow_mut())
-                .unwrap();
+            db.forward(
+                dev.stream(),
+                s.at(0),
+                &shape,
+                &x,
+                &mut *y.borrow_mut(),
+                &mut *m.borrow_mut(),
+                &mut *st.borrow_mut(),
+            )
+            .unwrap();
+            db.forward(
+                dev.stream(),
+                s.at(1),
+                &shape,
+                &x,
+                &mut *y2.borrow_mut(),
+                &mut *m.borrow_mut(),
+                &mut *st.borrow_mut(),
+            )
+            .unwrap();
         },
         || {
             (
@@ -187,7 +246,8 @@ fn gpu_graph_replay_drop_block() {
             let mut wm = dev.zeros::<u32>(mask_words(numel)).unwrap();
             let mut ws = dev.zeros::<u64>(stats_len(&shape).unwrap()).unwrap();
             let host = PhiloxState::new(seed, o + 2 * k as u64 + layer);
-            db.forward(dev.stream(), host, &shape, &x, &mut wy, &mut wm, &mut ws).unwrap();
+            db.forward(dev.stream(), host, &shape, &x, &mut wy, &mut wm, &mut ws)
+                .unwrap();
             assert_eq!(g, &bits(&dev.download(&wy).unwrap()), "replay {k}, layer {layer}");
         }
     }
