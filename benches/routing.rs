@@ -79,7 +79,9 @@ impl Bench {
         let s = dev.stream();
         let numel = B * S * H;
         // x: a repeating pattern (the values do not change the speed).
-        let row: Vec<bf16> = (0..H).map(|i| bf16::from_f32((i % 251) as f32 * 0.01 - 1.25)).collect();
+        let row: Vec<bf16> = (0..H)
+            .map(|i| bf16::from_f32((i % 251) as f32 * 0.01 - 1.25))
+            .collect();
         let rowd = dev.upload(&row)?;
         let mut x = dev.zeros::<bf16>(numel)?;
         for t in 0..B * S {
@@ -233,7 +235,10 @@ fn routing_benches(c: &mut Criterion) {
     // SAFETY: every buffer is allocated, used and freed on `dev.stream()` alone (see dropout.rs).
     unsafe { dev.context().disable_event_tracking() };
     let gpu = dev.name().unwrap_or_else(|_| "unknown GPU".to_string());
-    println!("routing benches on {gpu}: bf16 {B} x {S} x {H}, k = {}, keep fraction {KEEP}", S / 2);
+    println!(
+        "routing benches on {gpu}: bf16 {B} x {S} x {H}, k = {}, keep fraction {KEEP}",
+        S / 2
+    );
     let mut out = Output::new(gpu);
     let mut b = Bench::new(&dev).unwrap_or_else(|e| panic!("routing: setup: {e}"));
     let copy_ms = b

@@ -33,7 +33,8 @@
 // share of the ties (lowest flat indices first).
 //
 // Rows: compact row r belongs to the sequence b with offsets[b] <= r < offsets[b + 1] (a binary
-// search over the offsets, once per row), token indices[r] of it. Row kernels give each row a group
+// search over the offsets, once per row, in a shared-memory copy of them for B <= 1024), token
+// indices[r] of it. Row kernels give each row a group
 // of 2^shift threads (up to 256, fewer for short rows) that moves it in 16-byte vectors when every
 // data pointer and the row length in bytes allow, scalar elements otherwise. Only rows
 // r < min(offsets[B], index capacity, rows of the compact buffer) are touched.
@@ -495,13 +496,25 @@ struct Rows {
   uint64_t rows;  // rows that may be touched: min(index capacity, compact rows)
 };
 
+// Offsets of batches up to this size are copied into shared memory by the row kernels, so that
+// the binary search of each row costs shared-memory loads rather than dependent global ones.
+constexpr unsigned kSmemOffsets = 1025;
+
+// The block's view of the offsets: a shared-memory copy when they fit (all threads must call it).
+__device__ __forceinline__ const uint32_t *block_offsets(const Rows &a, uint32_t *smem) {
+  if (a.batch >= kSmemOffsets) return a.offsets;  // block-uniform
+  for (unsigned i = threadIdx.x; i <= a.batch; i += blockDim.x) smem[i] = a.offsets[i];
+  __syncthreads();
+  return smem;
+}
+
 // The flat token index b * S + t of compact row r (< offsets[B]); S * B when the index is not a
 // token of the sequence (never for a routing written by the selection kernels).
-__device__ __forceinline__ uint64_t token_of(const Rows &a, uint64_t r) {
+__device__ __forceinline__ uint64_t token_of(const Rows &a, const uint32_t *offsets, uint64_t r) {
   uint64_t lo = 0, hi = a.batch;  // offsets[lo] <= r < offsets[hi]
   while (hi - lo > 1) {
     const uint64_t mid = (lo + hi) >> 1;
-    if (a.offsets[mid] <= r) {
+    if (offsets[mid] <= r) {
       lo = mid;
     } else {
       hi = mid;
@@ -511,8 +524,8 @@ __device__ __forceinline__ uint64_t token_of(const Rows &a, uint64_t r) {
   return t < a.seq_len ? lo * a.seq_len + t : a.batch * a.seq_len;
 }
 
-__device__ __forceinline__ uint64_t rows_to_touch(const Rows &a) {
-  return min(static_cast<uint64_t>(a.offsets[a.batch]), a.rows);
+__device__ __forceinline__ uint64_t rows_to_touch(const Rows &a, const uint32_t *offsets) {
+  return min(static_cast<uint64_t>(offsets[a.batch]), a.rows);
 }
 
 template <typename T, int V>
@@ -536,7 +549,9 @@ constexpr int kRowUnroll = 2;  // vectors in flight per thread and row
 template <typename T, int V, bool VEC, RowOp OP>
 __global__ void __launch_bounds__(kRowThreads) row_kernel(const T *src, T *dst, const float *gate, const Rows a,
                                                           unsigned shift) {
-  const uint64_t total = rows_to_touch(a);
+  __shared__ uint32_t smem_offsets[kSmemOffsets];
+  const uint32_t *offsets = block_offsets(a, smem_offsets);
+  const uint64_t total = rows_to_touch(a, offsets);
   const uint64_t H = a.hidden;
   const uint64_t vecs = H / V;
   const uint64_t tpr = 1ull << shift;
@@ -545,7 +560,7 @@ __global__ void __launch_bounds__(kRowThreads) row_kernel(const T *src, T *dst, 
   const uint64_t tokens = a.batch * a.seq_len;
   for (uint64_t r = (static_cast<uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> shift; r < total;
        r += groups) {
-    const uint64_t tok = token_of(a, r);
+    const uint64_t tok = token_of(a, offsets, r);
     if (tok >= tokens) continue;
     const T *s = OP == RowOp::Gather ? src + tok * H : src + r * H;
     T *d = OP == RowOp::Gather ? dst + r * H : dst + tok * H;
@@ -590,12 +605,14 @@ __global__ void __launch_bounds__(kRowThreads) scatter_backward_kernel(const T *
                                                                        const float *gate, T *d_branch,
                                                                        float *d_gate, const Rows a) {
   __shared__ float part[kRowThreads];
-  const uint64_t total = rows_to_touch(a);
+  __shared__ uint32_t smem_offsets[kSmemOffsets];
+  const uint32_t *offsets = block_offsets(a, smem_offsets);
+  const uint64_t total = rows_to_touch(a, offsets);
   const uint64_t H = a.hidden;
   const uint64_t chunks = (H + kGateChunk - 1) / kGateChunk;
   const uint64_t tokens = a.batch * a.seq_len;
   for (uint64_t r = blockIdx.x; r < total; r += gridDim.x) {
-    const uint64_t tok = token_of(a, r);  // block-uniform
+    const uint64_t tok = token_of(a, offsets, r);  // block-uniform
     if (tok >= tokens) continue;
     const T *dy = d_out + tok * H;
     const T *br = branch + r * H;

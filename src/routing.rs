@@ -240,7 +240,9 @@ impl TokenRouting {
         }
         let mut r = Self::new(stream, routing.batch(), routing.seq_len(), capacity)?;
         let copy = |e| Error::driver("cuMemcpyHtoD", e);
-        stream.memcpy_htod(routing.offsets(), &mut r.offsets).map_err(copy)?;
+        stream
+            .memcpy_htod(routing.offsets(), &mut r.offsets)
+            .map_err(copy)?;
         if routing.total() > 0 {
             stream
                 .memcpy_htod(routing.indices(), &mut r.indices.slice_mut(0..routing.total()))
@@ -360,7 +362,12 @@ impl TokenRouting {
     }
 
     /// Validates the scores and the valid tokens of a selection, and every buffer's context.
-    fn check_selection<S: DevicePtr<f32>>(&self, stream: &CudaStream, scores: &S, valid: Valid<'_>) -> Result<()> {
+    fn check_selection<S: DevicePtr<f32>>(
+        &self,
+        stream: &CudaStream,
+        scores: &S,
+        valid: Valid<'_>,
+    ) -> Result<()> {
         check_len("scores", scores.len(), self.tokens(), "B x S of the routing")?;
         match valid {
             Valid::All => {}

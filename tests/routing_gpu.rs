@@ -122,7 +122,10 @@ impl DevPad {
         match pad {
             Pad::All => DevPad::All,
             Pad::Mask(m) => DevPad::Mask(dev.upload(m).unwrap()),
-            Pad::Lengths(l) => DevPad::Lengths(dev.upload(&l.iter().map(|&v| v as u32).collect::<Vec<_>>()).unwrap()),
+            Pad::Lengths(l) => DevPad::Lengths(
+                dev.upload(&l.iter().map(|&v| v as u32).collect::<Vec<_>>())
+                    .unwrap(),
+            ),
         }
     }
     fn valid(&self) -> Valid<'_> {
@@ -211,7 +214,15 @@ fn max_selected_bounds_every_reference_selection() {
         failure_persistence: None,
         ..Config::default()
     });
-    let strategy = (1usize..6, 1usize..40, 0u8..5, 0u8..5, 0usize..50, 0.0f64..=1.0, any::<u64>());
+    let strategy = (
+        1usize..6,
+        1usize..40,
+        0u8..5,
+        0u8..5,
+        0usize..50,
+        0.0f64..=1.0,
+        any::<u64>(),
+    );
     runner
         .run(&strategy, |(b, s, mode, kind, k, c, seed)| {
             let sc = scores(b * s, mode, seed);
@@ -269,18 +280,33 @@ fn threshold_of_key_inverts_the_score_key() {
 
 #[test]
 fn host_bounds_validate_their_arguments() {
-    assert_eq!(invalid_name(max_selected_top_k(1, 0, Capacity::Tokens(1))), "seq_len");
-    assert_eq!(invalid_name(max_selected_top_k(0, 4, Capacity::Tokens(1))), "batch");
-    assert_eq!(invalid_name(max_selected_top_k(1 << 17, 1 << 16, Capacity::Tokens(1))), "batch");
+    assert_eq!(
+        invalid_name(max_selected_top_k(1, 0, Capacity::Tokens(1))),
+        "seq_len"
+    );
+    assert_eq!(
+        invalid_name(max_selected_top_k(0, 4, Capacity::Tokens(1))),
+        "batch"
+    );
+    assert_eq!(
+        invalid_name(max_selected_top_k(1 << 17, 1 << 16, Capacity::Tokens(1))),
+        "batch"
+    );
     for c in [-0.1, 1.5, f64::NAN, f64::INFINITY] {
-        assert_eq!(invalid_name(max_selected_top_k(2, 4, Capacity::Fraction(c))), "capacity");
+        assert_eq!(
+            invalid_name(max_selected_top_k(2, 4, Capacity::Fraction(c))),
+            "capacity"
+        );
         assert_eq!(invalid_name(max_selected_global(2, 4, c)), "keep_fraction");
     }
     assert_eq!(invalid_name(max_selected_global(0, 4, 0.5)), "batch");
     assert_eq!(max_selected_top_k(3, 10, Capacity::Tokens(20)).unwrap(), 30);
     assert_eq!(max_selected_top_k(3, 5, Capacity::Fraction(0.5)).unwrap(), 9);
     assert_eq!(max_selected_global(3, 5, 0.5).unwrap(), 8);
-    assert_eq!(max_selected_global((1 << 16) - 1, 1 << 16, 1.0).unwrap(), u32::MAX as usize - 65535);
+    assert_eq!(
+        max_selected_global((1 << 16) - 1, 1 << 16, 1.0).unwrap(),
+        u32::MAX as usize - 65535
+    );
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -312,19 +338,30 @@ fn sel_case() -> impl Strategy<Value = SelCase> {
         (0.0f64..=1.0).prop_map(Capacity::Fraction),
     ];
     let q = prop_oneof![Just(0.0), Just(1.0), Just(0.5), 0.0f64..=1.0];
-    (1usize..=5, seq, 0u8..5, 0u8..5, 0.0f64..=1.0, capacity, q, 0u8..3, any::<u64>()).prop_map(
-        |(batch, seq_len, mode, pad_kind, density, capacity, keep_fraction, room, seed)| SelCase {
-            batch,
-            seq_len,
-            mode,
-            pad_kind,
-            density,
-            capacity,
-            keep_fraction,
-            room,
-            seed,
-        },
+    (
+        1usize..=5,
+        seq,
+        0u8..5,
+        0u8..5,
+        0.0f64..=1.0,
+        capacity,
+        q,
+        0u8..3,
+        any::<u64>(),
     )
+        .prop_map(
+            |(batch, seq_len, mode, pad_kind, density, capacity, keep_fraction, room, seed)| SelCase {
+                batch,
+                seq_len,
+                mode,
+                pad_kind,
+                density,
+                capacity,
+                keep_fraction,
+                room,
+                seed,
+            },
+        )
 }
 
 fn room(c: u8, bound: usize, total: usize) -> usize {
@@ -343,9 +380,15 @@ fn check_selection(dev: &Device, c: &SelCase) -> Result<(), TestCaseError> {
     let sd = dev.upload(&sc).unwrap();
     let pd = DevPad::new(dev, &p);
 
-    let want = ok(reference::route_top_k(&sc, n, p.reference(), c.capacity), "reference top-k")?;
+    let want = ok(
+        reference::route_top_k(&sc, n, p.reference(), c.capacity),
+        "reference top-k",
+    )?;
     let bound = ok(max_selected_top_k(b, n, c.capacity), "bound")?;
-    let mut r = ok(TokenRouting::new(s, b, n, room(c.room, bound, want.total())), "new")?;
+    let mut r = ok(
+        TokenRouting::new(s, b, n, room(c.room, bound, want.total())),
+        "new",
+    )?;
     ok(r.top_k(s, &sd, pd.valid(), c.capacity), "top_k")?;
     same_routing(dev, &r, &want, "top-k")?;
     prop_assert_eq!(invalid_name(r.threshold(s)), "routing");
@@ -355,19 +398,32 @@ fn check_selection(dev: &Device, c: &SelCase) -> Result<(), TestCaseError> {
         "reference global",
     )?;
     let bound = ok(max_selected_global(b, n, c.keep_fraction), "bound")?;
-    let mut g = ok(TokenRouting::new(s, b, n, room(c.room, bound, want.total())), "new")?;
+    let mut g = ok(
+        TokenRouting::new(s, b, n, room(c.room, bound, want.total())),
+        "new",
+    )?;
     ok(g.global(s, &sd, pd.valid(), c.keep_fraction), "global")?;
     same_routing(dev, &g, &want, "global")?;
     let got = ok(g.threshold(s), "threshold")?;
-    prop_assert_eq!(got.map(|v| v.is_nan()), threshold.map(|v| v.is_nan()), "threshold");
+    prop_assert_eq!(
+        got.map(|v| v.is_nan()),
+        threshold.map(|v| v.is_nan()),
+        "threshold"
+    );
     if let (Some(x), Some(y)) = (got, threshold) {
         if !y.is_nan() {
             prop_assert_eq!(x.to_bits(), y.to_bits(), "threshold bits");
         }
     }
     // The same routing object refilled by the other selection (no stale state).
-    ok(g.top_k(s, &sd, pd.valid(), Capacity::Tokens(n)), "top_k after global")?;
-    let all = ok(reference::route_top_k(&sc, n, p.reference(), Capacity::Tokens(n)), "reference")?;
+    ok(
+        g.top_k(s, &sd, pd.valid(), Capacity::Tokens(n)),
+        "top_k after global",
+    )?;
+    let all = ok(
+        reference::route_top_k(&sc, n, p.reference(), Capacity::Tokens(n)),
+        "reference",
+    )?;
     same_routing(dev, &g, &all, "top-k after global")?;
     Ok(())
 }
@@ -386,7 +442,15 @@ fn gpu_routing_selection_matches_reference() {
     }
 }
 
-fn fixed_sel(batch: usize, seq_len: usize, mode: u8, pad_kind: u8, capacity: Capacity, q: f64, seed: u64) -> SelCase {
+fn fixed_sel(
+    batch: usize,
+    seq_len: usize,
+    mode: u8,
+    pad_kind: u8,
+    capacity: Capacity,
+    q: f64,
+    seed: u64,
+) -> SelCase {
     SelCase {
         batch,
         seq_len,
@@ -410,7 +474,10 @@ fn gpu_routing_selection_edge_cases() {
         return;
     };
     let mut cases = Vec::new();
-    for (i, &(b, s)) in [(1usize, 1usize), (1, 7), (3, 1), (2, 33), (3000, 7), (1100, 1)].iter().enumerate() {
+    for (i, &(b, s)) in [(1usize, 1usize), (1, 7), (3, 1), (2, 33), (3000, 7), (1100, 1)]
+        .iter()
+        .enumerate()
+    {
         for mode in 0..5u8 {
             for pad_kind in 0..5u8 {
                 for (j, cap) in [
@@ -432,8 +499,24 @@ fn gpu_routing_selection_edge_cases() {
     for &(b, s) in &[(2usize, 40_000usize), (1, 70_000), (3, 32_769)] {
         for mode in [0u8, 1, 4] {
             for pad_kind in [0u8, 1, 2] {
-                cases.push(fixed_sel(b, s, mode, pad_kind, Capacity::Tokens(s / 2), 0.5, s as u64 + mode as u64));
-                cases.push(fixed_sel(b, s, mode, pad_kind, Capacity::Fraction(0.3), 0.125, 7 + pad_kind as u64));
+                cases.push(fixed_sel(
+                    b,
+                    s,
+                    mode,
+                    pad_kind,
+                    Capacity::Tokens(s / 2),
+                    0.5,
+                    s as u64 + mode as u64,
+                ));
+                cases.push(fixed_sel(
+                    b,
+                    s,
+                    mode,
+                    pad_kind,
+                    Capacity::Fraction(0.3),
+                    0.125,
+                    7 + pad_kind as u64,
+                ));
             }
         }
     }
@@ -462,7 +545,8 @@ fn gpu_routing_lengths_above_seq_len_are_clamped() {
         .unwrap();
     same_routing(&dev, &r, &want, "lengths").unwrap();
     let (want, _) = reference::route_global(&sc, n, ValidTokens::Lengths(&lens_ref), 0.4).unwrap();
-    r.global(s, &sd(&dev, &sc), Valid::Lengths(&lens_dev), 0.4).unwrap();
+    r.global(s, &sd(&dev, &sc), Valid::Lengths(&lens_dev), 0.4)
+        .unwrap();
     same_routing(&dev, &r, &want, "lengths, global").unwrap();
 }
 
@@ -508,7 +592,13 @@ fn row_case() -> impl Strategy<Value = RowCase> {
         any::<u64>(),
     )
         .prop_map(
-            |((batch, seq_len, hidden), (k, global, keep_fraction, pad_kind, mode), (select_on_gpu, cap_delta, rows_delta), (a, b, c, d), seed)| RowCase {
+            |(
+                (batch, seq_len, hidden),
+                (k, global, keep_fraction, pad_kind, mode),
+                (select_on_gpu, cap_delta, rows_delta),
+                (a, b, c, d),
+                seed,
+            )| RowCase {
                 batch,
                 seq_len,
                 hidden,
@@ -549,9 +639,16 @@ fn check_rows<T: Element>(dev: &Device, c: &RowCase) -> Result<(), TestCaseError
     let sc = scores(tokens, c.mode, c.seed);
     let p = pad(c.pad_kind, b, n, 0.6, c.seed ^ 1);
     let want = if c.global {
-        ok(reference::route_global(&sc, n, p.reference(), c.keep_fraction), "reference")?.0
+        ok(
+            reference::route_global(&sc, n, p.reference(), c.keep_fraction),
+            "reference",
+        )?
+        .0
     } else {
-        ok(reference::route_top_k(&sc, n, p.reference(), Capacity::Tokens(c.k)), "reference")?
+        ok(
+            reference::route_top_k(&sc, n, p.reference(), Capacity::Tokens(c.k)),
+            "reference",
+        )?
     };
     let total = want.total();
     let capacity = plus(total, c.cap_delta);
@@ -635,7 +732,10 @@ fn check_rows<T: Element>(dev: &Device, c: &RowCase) -> Result<(), TestCaseError
     )?;
     let got = dl(dev, &resd);
     same_bits(&got[o1..o1 + tokens * h], &res_want, "scatter-add")?;
-    prop_assert!(got[..o1].iter().chain(&got[o1 + tokens * h..]).all(|v| v.to_bits_u32() == sentinel.to_bits_u32()));
+    prop_assert!(got[..o1]
+        .iter()
+        .chain(&got[o1 + tokens * h..])
+        .all(|v| v.to_bits_u32() == sentinel.to_bits_u32()));
 
     // Backward of the scatter-add.
     let dy = values::<T>(tokens * h, c.seed ^ 4);
@@ -803,13 +903,22 @@ fn gpu_routing_invalid_arguments_write_nothing() {
     let tk = Capacity::Tokens(1);
     assert_eq!(invalid_name(r.top_k(s, &sc_short, Valid::All, tk)), "scores");
     assert_eq!(invalid_name(r.top_k(s, &sc, Valid::Mask(&mask_bad), tk)), "mask");
-    assert_eq!(invalid_name(r.top_k(s, &sc, Valid::Lengths(&lens_bad), tk)), "lengths");
+    assert_eq!(
+        invalid_name(r.top_k(s, &sc, Valid::Lengths(&lens_bad), tk)),
+        "lengths"
+    );
     for c in [-0.5, 1.01, f64::NAN, f64::INFINITY] {
-        assert_eq!(invalid_name(r.top_k(s, &sc, Valid::All, Capacity::Fraction(c))), "capacity");
+        assert_eq!(
+            invalid_name(r.top_k(s, &sc, Valid::All, Capacity::Fraction(c))),
+            "capacity"
+        );
         assert_eq!(invalid_name(r.global(s, &sc, Valid::All, c)), "keep_fraction");
     }
     assert_eq!(invalid_name(r.global(s, &sc_short, Valid::All, 0.5)), "scores");
-    assert_eq!(invalid_name(r.global(s, &sc, Valid::Lengths(&lens_bad), 0.5)), "lengths");
+    assert_eq!(
+        invalid_name(r.global(s, &sc, Valid::Lengths(&lens_bad), 0.5)),
+        "lengths"
+    );
     assert_eq!(r.download(s).unwrap(), before, "routing written despite an error");
     assert_eq!(invalid_name(r.threshold(s)), "routing");
 
@@ -824,37 +933,101 @@ fn gpu_routing_invalid_arguments_write_nothing() {
     let mut d_gate_bad = dev.upload(&vec![9.0f32; b * n - 1]).unwrap();
     let x_bad = dev.upload(&vec![7.0f32; b * n * h + 1]).unwrap();
 
-    assert_eq!(invalid_name(routing::gather_tokens(s, &r, 0, &x, &mut out)), "hidden");
-    assert_eq!(invalid_name(routing::gather_tokens(s, &r, h, &x_bad, &mut out)), "x");
-    assert_eq!(invalid_name(routing::gather_tokens(s, &r, h, &x, &mut out_bad)), "out");
-    assert_eq!(invalid_name(routing::scatter_add_tokens(s, &r, 0, &mut res, &out, &gate)), "hidden");
     assert_eq!(
-        invalid_name(routing::scatter_add_tokens(s, &r, h, &mut res.slice_mut(1..), &out, &gate)),
+        invalid_name(routing::gather_tokens(s, &r, 0, &x, &mut out)),
+        "hidden"
+    );
+    assert_eq!(
+        invalid_name(routing::gather_tokens(s, &r, h, &x_bad, &mut out)),
+        "x"
+    );
+    assert_eq!(
+        invalid_name(routing::gather_tokens(s, &r, h, &x, &mut out_bad)),
+        "out"
+    );
+    assert_eq!(
+        invalid_name(routing::scatter_add_tokens(s, &r, 0, &mut res, &out, &gate)),
+        "hidden"
+    );
+    assert_eq!(
+        invalid_name(routing::scatter_add_tokens(
+            s,
+            &r,
+            h,
+            &mut res.slice_mut(1..),
+            &out,
+            &gate
+        )),
         "residual"
     );
-    assert_eq!(invalid_name(routing::scatter_add_tokens(s, &r, h, &mut res, &out_bad, &gate)), "branch");
-    assert_eq!(invalid_name(routing::scatter_add_tokens(s, &r, h, &mut res, &out, &gate_bad)), "gate");
+    assert_eq!(
+        invalid_name(routing::scatter_add_tokens(s, &r, h, &mut res, &out_bad, &gate)),
+        "branch"
+    );
+    assert_eq!(
+        invalid_name(routing::scatter_add_tokens(s, &r, h, &mut res, &out, &gate_bad)),
+        "gate"
+    );
     let mut d_branch = dev.upload(&vec![3.0f32; 8 * h]).unwrap();
-    let bw = |yd: &CudaSlice<f32>, br: &CudaSlice<f32>, g: &CudaSlice<f32>, db: &mut CudaSlice<f32>, dg: &mut CudaSlice<f32>| {
+    let bw = |yd: &CudaSlice<f32>,
+              br: &CudaSlice<f32>,
+              g: &CudaSlice<f32>,
+              db: &mut CudaSlice<f32>,
+              dg: &mut CudaSlice<f32>| {
         routing::scatter_add_tokens_backward(s, &r, h, yd, br, g, db, dg)
     };
-    assert_eq!(invalid_name(bw(&x_bad, &out, &gate, &mut d_branch, &mut d_gate)), "d_out");
-    assert_eq!(invalid_name(bw(&x, &out_bad, &gate, &mut d_branch, &mut d_gate)), "branch");
-    assert_eq!(invalid_name(bw(&x, &out, &gate_bad, &mut d_branch, &mut d_gate)), "gate");
-    assert_eq!(invalid_name(bw(&x, &out, &gate, &mut out_bad, &mut d_gate)), "d_branch");
-    assert_eq!(invalid_name(bw(&x, &out, &gate, &mut d_branch, &mut d_gate_bad)), "d_gate");
-    assert_eq!(invalid_name(routing::gather_tokens_backward(s, &r, 0, &out, &mut res)), "hidden");
-    assert_eq!(invalid_name(routing::gather_tokens_backward(s, &r, h, &out, &mut res.slice_mut(2..))), "d_x");
-    assert_eq!(invalid_name(routing::gather_tokens_backward(s, &r, h, &out_bad, &mut res)), "d_compact");
+    assert_eq!(
+        invalid_name(bw(&x_bad, &out, &gate, &mut d_branch, &mut d_gate)),
+        "d_out"
+    );
+    assert_eq!(
+        invalid_name(bw(&x, &out_bad, &gate, &mut d_branch, &mut d_gate)),
+        "branch"
+    );
+    assert_eq!(
+        invalid_name(bw(&x, &out, &gate_bad, &mut d_branch, &mut d_gate)),
+        "gate"
+    );
+    assert_eq!(
+        invalid_name(bw(&x, &out, &gate, &mut out_bad, &mut d_gate)),
+        "d_branch"
+    );
+    assert_eq!(
+        invalid_name(bw(&x, &out, &gate, &mut d_branch, &mut d_gate_bad)),
+        "d_gate"
+    );
+    assert_eq!(
+        invalid_name(routing::gather_tokens_backward(s, &r, 0, &out, &mut res)),
+        "hidden"
+    );
+    assert_eq!(
+        invalid_name(routing::gather_tokens_backward(
+            s,
+            &r,
+            h,
+            &out,
+            &mut res.slice_mut(2..)
+        )),
+        "d_x"
+    );
+    assert_eq!(
+        invalid_name(routing::gather_tokens_backward(s, &r, h, &out_bad, &mut res)),
+        "d_compact"
+    );
 
-    assert_eq!(dev.download(&res).unwrap(), fill, "residual written despite an error");
+    assert_eq!(
+        dev.download(&res).unwrap(),
+        fill,
+        "residual written despite an error"
+    );
     assert_eq!(dev.download(&out).unwrap(), vec![5.0f32; 8 * h]);
     assert_eq!(dev.download(&out_bad).unwrap(), vec![5.0f32; 8 * h - 1]);
     assert_eq!(dev.download(&d_branch).unwrap(), vec![3.0f32; 8 * h]);
     assert_eq!(dev.download(&d_gate).unwrap(), vec![9.0f32; b * n]);
 
     // Upload: a capacity below the total.
-    let host = reference::route_top_k(&scores(b * n, 0, 1), n, ValidTokens::All, Capacity::Tokens(3)).unwrap();
+    let host =
+        reference::route_top_k(&scores(b * n, 0, 1), n, ValidTokens::All, Capacity::Tokens(3)).unwrap();
     assert_eq!(invalid_name(TokenRouting::upload(s, &host, 5)), "capacity");
 }
 
@@ -882,7 +1055,8 @@ fn gpu_routing_huge_rows_beyond_2_pow_32() {
     let want = reference::route_top_k(&sc, n, ValidTokens::All, Capacity::Tokens(6)).unwrap();
     assert_eq!(want.indices(), &[65_534, 65_535, 65_536, 65_537, 65_538, 65_539]);
     let mut r = TokenRouting::new(s, b, n, 6).unwrap();
-    r.top_k(s, &sd(&dev, &sc), Valid::All, Capacity::Tokens(6)).unwrap();
+    r.top_k(s, &sd(&dev, &sc), Valid::All, Capacity::Tokens(6))
+        .unwrap();
     same_routing(&dev, &r, &want, "huge").unwrap();
     // x: token t's row is filled with bf16(t % 251); written row by row for the selected tokens.
     let mut x = dev.zeros::<bf16>(numel).unwrap();
