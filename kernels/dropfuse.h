@@ -124,6 +124,72 @@ int dropfuse_drop_block_backward(dropfuse_dtype dtype, const void *dy, void *dx,
                                  const uint64_t *stats, const dropfuse_drop_block_params *params,
                                  dropfuse_stream_t stream);
 
+/* ---- Token routing (Mixture-of-Depths, GateSkip) ----
+ * The contract: src/reference/skip.rs, points 7-12 (src/routing.rs). Scores are f32, B x S
+ * row-major; a token ranks before another iff its key is larger, or the keys are equal and its index
+ * (within the sequence for top-k, flat b * S + t for the global budget) is lower; key(NaN) = 0 is the
+ * lowest, -0 ranks as +0. Valid tokens: a byte mask (B x S, nonzero = real token), or B u32 lengths
+ * (tokens t < min(length, S) are real), or neither (every token is real); not both.
+ * Selection writes offsets (B + 1 u32: offsets[b] is the first compact row of sequence b,
+ * offsets[B] the total) and the selected token indices (ascending within each sequence) into
+ * `indices`, never at or beyond `capacity`: a caller that sized `indices` by an upper bound reads
+ * offsets[B] once (or never) and compares. Every kernel reads the count from the device: no host
+ * synchronisation anywhere. Compact buffers are rows of `hidden` elements; the row kernels touch
+ * rows r < min(offsets[B], capacity, the rows passed). */
+#define DROPFUSE_CAPACITY_FRACTION 0 /* k_b = round(fraction * V_b), f64, half away from zero */
+#define DROPFUSE_CAPACITY_TOKENS 1   /* k_b = min(tokens, V_b) */
+/* Work buffer of a selection: DROPFUSE_ROUTING_WORK_PER_SEQUENCE * B + DROPFUSE_ROUTING_WORK_FIXED
+ * u32 words (scratch between the selection's kernels). After dropfuse_route_global, word
+ * DROPFUSE_ROUTING_WORK_PER_SEQUENCE * B + DROPFUSE_ROUTING_THRESHOLD_WORD holds the key of the
+ * threshold (the last selected token's), 0xFFFFFFFF when nothing is selected. */
+#define DROPFUSE_ROUTING_WORK_PER_SEQUENCE 4
+#define DROPFUSE_ROUTING_STATE_WORDS 16
+#define DROPFUSE_ROUTING_WORK_FIXED (1024 + DROPFUSE_ROUTING_STATE_WORDS)
+#define DROPFUSE_ROUTING_THRESHOLD_WORD (1024 + 2)
+
+typedef struct dropfuse_routing {
+  uint64_t batch;    /* B >= 1 */
+  uint64_t seq_len;  /* S >= 1, B * S <= 2^32 - 1 */
+  uint32_t *offsets; /* B + 1 entries (4-byte aligned, as every u32/f32 buffer here) */
+  uint32_t *indices; /* `capacity` entries (may be null when capacity is 0) */
+  uint64_t capacity;
+  uint32_t *work;    /* the work buffer (selection only; the row kernels ignore it) */
+} dropfuse_routing;
+
+/* Per-sequence top-k (Mixture-of-Depths): capacity_kind DROPFUSE_CAPACITY_FRACTION (fraction in
+ * [0, 1]) or DROPFUSE_CAPACITY_TOKENS (tokens). One block per sequence (radix select on the keys). */
+int dropfuse_route_top_k(const float *scores, const uint8_t *mask, const uint32_t *lengths,
+                         uint32_t capacity_kind, double fraction, uint64_t tokens,
+                         const dropfuse_routing *routing, dropfuse_stream_t stream);
+
+/* Global budget (GateSkip): the round(keep_fraction * V) best of the V valid tokens of the batch. */
+int dropfuse_route_global(const float *scores, const uint8_t *mask, const uint32_t *lengths,
+                          double keep_fraction, const dropfuse_routing *routing,
+                          dropfuse_stream_t stream);
+
+/* out[r] = x[token of r] (bit copies of rows of `hidden`); out has out_rows rows. */
+int dropfuse_gather_tokens(dropfuse_dtype dtype, const dropfuse_routing *routing, uint64_t hidden,
+                           const void *x, void *out, uint64_t out_rows, dropfuse_stream_t stream);
+
+/* In place: residual[token] = round_T(f32(residual[token]) + g * f32(branch[r])), g = gate[token]
+ * (f32, B x S); two f32 roundings, no FMA. branch has branch_rows rows and must not overlap. */
+int dropfuse_scatter_add_tokens(dropfuse_dtype dtype, const dropfuse_routing *routing, uint64_t hidden,
+                                void *residual, const void *branch, uint64_t branch_rows,
+                                const float *gate, dropfuse_stream_t stream);
+
+/* d_branch[r] = round_T(g * f32(d_out[token])); d_gate (B x S, f32) = +0, then for each selected
+ * token the chunked sum (32 terms per chunk, contract point 4) of f32(d_out[token][j]) *
+ * f32(branch[r][j]). branch and d_branch have `rows` rows. */
+int dropfuse_scatter_add_tokens_backward(dropfuse_dtype dtype, const dropfuse_routing *routing,
+                                         uint64_t hidden, const void *d_out, const void *branch,
+                                         const float *gate, void *d_branch, uint64_t rows,
+                                         float *d_gate, dropfuse_stream_t stream);
+
+/* In place: d_x[token] = round_T(f32(d_x[token]) + f32(d_compact[r])); d_compact has `rows` rows. */
+int dropfuse_gather_tokens_backward(dropfuse_dtype dtype, const dropfuse_routing *routing,
+                                    uint64_t hidden, const void *d_compact, uint64_t rows, void *d_x,
+                                    dropfuse_stream_t stream);
+
 /* Name and description of a status returned by the launchers (cudaGetErrorName/String). */
 const char *dropfuse_error_name(int status);
 const char *dropfuse_error_string(int status);

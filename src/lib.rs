@@ -12,6 +12,8 @@
 //! * [`layer_plan`]: deterministic host-side layer-skipping plans (LayerDrop, stochastic depth,
 //!   LayerSkip rates and early-exit curricula, pruning remaps, attention-layer drop with KV slots).
 //! * [`reference`](mod@reference): the CPU oracle (Philox4x32-10 and every kernel, written plainly).
+//! * [`routing`]: token routing (Mixture-of-Depths, GateSkip): per-sequence top-k and global-budget
+//!   selection by a radix select on the device, token gather, gated scatter-add, backward kernels.
 //! * [`rng`]: the `(seed, offset)` pair every random kernel takes, a [`Generator`], and
 //!   [`DevicePhilox`], the device-resident state that makes random kernels CUDA-graph safe.
 //! * [`schedule`]: drop-probability schedules over training steps (constant, linear ramp, early and
@@ -28,6 +30,7 @@ pub mod ffi;
 pub mod layer_plan;
 pub mod reference;
 pub mod rng;
+pub mod routing;
 pub mod schedule;
 
 pub use device::Device;
