@@ -11,6 +11,9 @@
 //!   scale computed on the device, forward, backward, in place.
 //! * [`layer_plan`]: deterministic host-side layer-skipping plans (LayerDrop, stochastic depth,
 //!   LayerSkip rates and early-exit curricula, pruning remaps, attention-layer drop with KV slots).
+//! * [`skip`]: compute skipping on the GPU: the fused stochastic-depth residual (forward, backward
+//!   with a reproducible bias gradient) and per-sample compaction (device slots, gather, scatter,
+//!   scatter-add and their backward kernels, pre-sized buffers without host synchronisation).
 //! * [`reference`](mod@reference): the CPU oracle (Philox4x32-10 and every kernel, written plainly).
 //! * [`rng`]: the `(seed, offset)` pair every random kernel takes, and a [`Generator`].
 //! * [`schedule`]: drop-probability schedules over training steps (constant, linear ramp, early and
@@ -28,6 +31,7 @@ pub mod layer_plan;
 pub mod reference;
 pub mod rng;
 pub mod schedule;
+pub mod skip;
 
 pub use device::Device;
 pub use dropout::Dropout;
