@@ -190,6 +190,89 @@ int dropfuse_gather_tokens_backward(dropfuse_dtype dtype, const dropfuse_routing
                                     uint64_t hidden, const void *d_compact, uint64_t rows, void *d_x,
                                     dropfuse_stream_t stream);
 
+/* ---- Compute skipping: stochastic depth and per-sample compaction ----
+ * The contract: src/reference/skip.rs, points 1-6 (bit for bit). Tensors are `batch` rows of
+ * `row_len` elements (one row per sample), row-major. Keep flags are bytes on the device, 0 =
+ * dropped, anything else = kept; nothing here reads device memory on the host or synchronizes. */
+
+/* Terms per partial sum of the bias gradient (contract point 4). */
+#define DROPFUSE_D_BIAS_CHUNK 256
+/* The slot of a skipped sample. */
+#define DROPFUSE_SLOT_NONE 0xffffffffu
+
+/* Which samples keep their branch: sample b is kept iff flags[b * stride] != 0 (stride 1: one flag
+ * per sample; stride 0: flags[0] decides for the whole batch, read on the device, so a captured
+ * CUDA graph can be replayed with new flags); with flags == NULL, `all` decides on the host
+ * (nonzero: every sample kept). */
+typedef struct dropfuse_sample_keep {
+  const uint8_t *flags;
+  uint64_t stride;
+  int all;
+} dropfuse_sample_keep;
+
+/* Stochastic-depth residual: for kept samples out = round_T(x + scale * (branch + bias[j % P])),
+ * each step one f32 operation (no FMA); dropped samples: out = x bit for bit, and their branch is
+ * never read. bias is NULL or P = bias_len elements, P dividing row_len. out == residual is
+ * allowed (in place: dropped rows are then not touched at all). */
+int dropfuse_stochastic_depth_forward(dropfuse_dtype dtype, const void *residual, const void *branch,
+                                      const void *bias, void *out, uint64_t batch, uint64_t row_len,
+                                      uint64_t bias_len, const dropfuse_sample_keep *keep, float scale,
+                                      dropfuse_stream_t stream);
+
+/* f32 elements of the bias-gradient workspace: ceil(batch * (row_len / bias_len) / 256) * bias_len
+ * (one partial sum per chunk of 256 terms and bias element); 0 for invalid sizes. */
+uint64_t dropfuse_stochastic_depth_workspace(uint64_t batch, uint64_t row_len, uint64_t bias_len);
+
+/* Backward: d_branch = round_T(scale * d_out) for kept samples, +0 for dropped ones (d_out of a
+ * dropped sample is not read; d_branch == d_out is allowed). With d_bias not NULL (bias_len
+ * elements), also d_bias[k] = round_T(scale * S_k), S_k the chunked sum of contract point 4:
+ * kernel 1 writes each chunk's partial sum into `workspace`
+ * (dropfuse_stochastic_depth_workspace(...) f32, 4-byte aligned, overwritten), kernel 2 adds the
+ * partials of each bias element in ascending chunk order. The residual's gradient is d_out. */
+int dropfuse_stochastic_depth_backward(dropfuse_dtype dtype, const void *d_out, void *d_branch, void *d_bias,
+                                       float *workspace, uint64_t batch, uint64_t row_len, uint64_t bias_len,
+                                       const dropfuse_sample_keep *keep, float scale, dropfuse_stream_t stream);
+
+/* Slots of a compaction (contract point 5): slots[b] = number of kept samples before b for a kept
+ * sample, DROPFUSE_SLOT_NONE for a skipped one; *count = number of kept samples. keep: batch bytes
+ * (0 = skipped); batch <= 2^32 - 1; slots and count 4-byte aligned. One thread block scans the
+ * flags tile by tile (4096 per tile). */
+int dropfuse_compact_slots(const uint8_t *keep, uint64_t batch, uint32_t *slots, uint32_t *count,
+                           dropfuse_stream_t stream);
+
+/* Compaction operations (contract point 6) on a full batch (`batch` rows) and a compact buffer of
+ * `capacity` rows, with the slots of dropfuse_compact_slots. A kept sample whose slot is
+ * >= capacity (the count exceeds the capacity: the caller's check of *count fails) is left alone:
+ * none of its rows, full or compact, is read or written. Rows of the compact buffer that no
+ * sample maps to are never touched. The compact pointer may be NULL when capacity == 0. */
+
+/* compact[slot(b)] = x[b] for kept samples (bit copies). */
+int dropfuse_gather_samples(dropfuse_dtype dtype, const void *x, void *compact, const uint32_t *slots,
+                            uint64_t batch, uint64_t row_len, uint64_t capacity, dropfuse_stream_t stream);
+/* out[b] = compact[slot(b)] for kept samples, x[b] for skipped ones (bit copies); out == x allowed
+ * (skipped rows are then not touched). */
+int dropfuse_scatter_samples(dropfuse_dtype dtype, const void *x, const void *compact, void *out,
+                             const uint32_t *slots, uint64_t batch, uint64_t row_len, uint64_t capacity,
+                             dropfuse_stream_t stream);
+/* d_compact[slot(b)] = d_out[b] and d_x[b] = +0 for kept samples, d_x[b] = d_out[b] for skipped
+ * ones; d_x == d_out allowed. */
+int dropfuse_scatter_samples_backward(dropfuse_dtype dtype, const void *d_out, void *d_x, void *d_compact,
+                                      const uint32_t *slots, uint64_t batch, uint64_t row_len,
+                                      uint64_t capacity, dropfuse_stream_t stream);
+/* out[b] = round_T(x[b] + scale * compact[slot(b)]) for kept samples, x[b] for skipped ones;
+ * out == x allowed (in place). */
+int dropfuse_scatter_add_samples(dropfuse_dtype dtype, const void *x, const void *compact, void *out,
+                                 const uint32_t *slots, uint64_t batch, uint64_t row_len, uint64_t capacity,
+                                 float scale, dropfuse_stream_t stream);
+/* d_compact[slot(b)] = round_T(scale * d_out[b]) for kept samples. */
+int dropfuse_scatter_add_samples_backward(dropfuse_dtype dtype, const void *d_out, void *d_compact,
+                                          const uint32_t *slots, uint64_t batch, uint64_t row_len,
+                                          uint64_t capacity, float scale, dropfuse_stream_t stream);
+/* d_x[b] = round_T(d_x[b] + d_compact[slot(b)]) for kept samples (accumulates; skipped rows untouched). */
+int dropfuse_gather_samples_backward(dropfuse_dtype dtype, const void *d_compact, void *d_x,
+                                     const uint32_t *slots, uint64_t batch, uint64_t row_len,
+                                     uint64_t capacity, dropfuse_stream_t stream);
+
 /* Name and description of a status returned by the launchers (cudaGetErrorName/String). */
 const char *dropfuse_error_name(int status);
 const char *dropfuse_error_string(int status);

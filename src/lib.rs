@@ -11,6 +11,9 @@
 //!   scale computed on the device, forward, backward, in place.
 //! * [`layer_plan`]: deterministic host-side layer-skipping plans (LayerDrop, stochastic depth,
 //!   LayerSkip rates and early-exit curricula, pruning remaps, attention-layer drop with KV slots).
+//! * [`skip`]: compute skipping on the GPU: the fused stochastic-depth residual (forward, backward
+//!   with a reproducible bias gradient) and per-sample compaction (device slots, gather, scatter,
+//!   scatter-add and their backward kernels, pre-sized buffers without host synchronisation).
 //! * [`reference`](mod@reference): the CPU oracle (Philox4x32-10 and every kernel, written plainly).
 //! * [`routing`]: token routing (Mixture-of-Depths, GateSkip): per-sequence top-k and global-budget
 //!   selection by a radix select on the device, token gather, gated scatter-add, backward kernels.
@@ -32,6 +35,7 @@ pub mod reference;
 pub mod rng;
 pub mod routing;
 pub mod schedule;
+pub mod skip;
 
 pub use device::Device;
 pub use dropout::Dropout;
