@@ -503,7 +503,7 @@ fn invalid_arguments_write_nothing() {
     assert!(dev.download(&dz).unwrap().iter().all(|&v| v == SENTINEL_F32));
 
     let ms = MultiSample::new(k, 0.5).unwrap();
-    let h = dev.upload(&vec![1.0f32; 10]).unwrap();
+    let h = dev.upload(&[1.0f32; 10]).unwrap();
     let mut copies = dev.upload(&vec![SENTINEL_F32; k * 10]).unwrap();
     let masks = dev.upload(&vec![MASK_SENTINEL; masks_len(k, 10)]).unwrap();
     let st = PhiloxState::new(1, 2);
@@ -516,14 +516,14 @@ fn invalid_arguments_write_nothing() {
     assert!(dev.download(&copies).unwrap().iter().all(|&v| v == SENTINEL_F32));
     assert!(dev.download(&masks).unwrap().iter().all(|&v| v == MASK_SENTINEL));
 
-    let mut dh = dev.upload(&vec![SENTINEL_F32; 10]).unwrap();
+    let mut dh = dev.upload(&[SENTINEL_F32; 10]).unwrap();
     let grads = dev.zeros::<f32>(k * 10 + 1).unwrap();
     assert_eq!(invalid_name(ms.reduce(s, &masks, &grads, &mut dh)), "grads");
     assert_eq!(invalid_name(ms.reduce_maskless(s, st, &grads, &mut dh)), "grads");
     let grads = dev.zeros::<f32>(k * 10).unwrap();
     assert_eq!(invalid_name(ms.reduce(s, &short_masks, &grads, &mut dh)), "masks");
     assert!(dev.download(&dh).unwrap().iter().all(|&v| v == SENTINEL_F32));
-    let mut mean = dev.upload(&vec![SENTINEL_F32; 10]).unwrap();
+    let mut mean = dev.upload(&[SENTINEL_F32; 10]).unwrap();
     assert_eq!(invalid_name(mean_logits(s, k, &grads.slice(0..k * 10 - 1), &mut mean)), "logits");
     assert_eq!(invalid_name(mean_logits(s, 0, &grads, &mut mean)), "k");
     let mut mean16 = dev.zeros::<f16>(10).unwrap();
