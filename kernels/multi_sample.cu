@@ -450,6 +450,7 @@ __global__ void __launch_bounds__(kThreads) mean_kernel(const T *z, O *mean, uin
   const uint64_t stride = static_cast<uint64_t>(gridDim.x) * blockDim.x;
   for (uint64_t c = static_cast<uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x; c < chunks; c += stride) {
     float acc[kChunk] = {};
+#pragma unroll 1
     for (uint64_t k = 0; k < k_count; ++k) {
       float f[kChunk];
       load8<T, VEC>(z + k * n + c * kChunk, f);
