@@ -273,6 +273,60 @@ int dropfuse_gather_samples_backward(dropfuse_dtype dtype, const void *d_compact
                                      const uint32_t *slots, uint64_t batch, uint64_t row_len,
                                      uint64_t capacity, dropfuse_stream_t stream);
 
+/* ---- Multi-sample dropout and weighted cross-entropy (the contract: src/reference/multi_sample.rs) ----
+ * Sample k (0 <= k < K) of a multi-sample dropout uses the dropout contract above with the stream
+ * offset + k (wrapping) over the n = B * D elements of h (element offset 0). */
+#define DROPFUSE_MULTI_SAMPLE_MAX_K 128
+#define DROPFUSE_WEIGHTED_CE_MAX_K 128
+
+typedef struct dropfuse_multi_sample_params {
+  uint64_t seed;      /* Philox key */
+  uint64_t offset;    /* stream of sample 0; sample k uses offset + k */
+  uint64_t k;         /* samples, 1 ..= DROPFUSE_MULTI_SAMPLE_MAX_K */
+  uint64_t threshold; /* drop iff word < threshold; 0 ..= 2^32 */
+  float scale;        /* multiplier of kept elements */
+} dropfuse_multi_sample_params;
+
+/* copies[k * n + e] = dropout_k(h)[e] for the K samples, in one launch reading h once. When `masks`
+ * is not null, writes sample k's bit mask (ceil(n/32) words) at masks + k * ceil(n/32). */
+int dropfuse_multi_sample_copies(dropfuse_dtype dtype, const void *h, void *copies, uint32_t *masks,
+                                 uint64_t n, const dropfuse_multi_sample_params *params,
+                                 dropfuse_stream_t stream);
+
+/* dh[e] = sum over k ascending of (keep_k(e) ? grads[k * n + e] * scale : 0), in f32 (each product
+ * rounded, then added), rounded once to out_dtype. keep_k from the stored masks (laid out as
+ * dropfuse_multi_sample_copies writes them) or, with a null `masks`, regenerated from params. */
+int dropfuse_multi_sample_reduce(dropfuse_dtype grad_dtype, const void *grads, dropfuse_dtype out_dtype,
+                                 void *dh, const uint32_t *masks, uint64_t n,
+                                 const dropfuse_multi_sample_params *params, dropfuse_stream_t stream);
+
+/* mean[e] = (sum over k ascending of logits[k * n + e]) * float(1 / k) in f32; out_dtype is dtype or F32. */
+int dropfuse_multi_sample_mean(dropfuse_dtype dtype, const void *logits, dropfuse_dtype out_dtype,
+                               void *mean, uint64_t k, uint64_t n, dropfuse_stream_t stream);
+
+typedef struct dropfuse_weighted_ce_params {
+  uint64_t k, b, c;        /* logit sets, rows, classes */
+  int64_t ignore_index;    /* labels equal to this are ignored */
+  float label_smoothing;   /* eps in [0, 1] */
+  float weights[DROPFUSE_WEIGHTED_CE_MAX_K]; /* w_k, the first k used (validated by the caller) */
+} dropfuse_weighted_ce_params;
+
+/* Bytes of the scratch buffer of dropfuse_weighted_ce: 16 + 4 * k * b (8-byte aligned). */
+uint64_t dropfuse_weighted_ce_scratch_bytes(uint64_t k, uint64_t b);
+
+/* Weighted cross-entropy over K logit sets (K x B x C, dtype) sharing B labels (int64):
+ *   loss = sum_k w_k * mean over non-ignored rows of CE(z_k[i], y_i)  (label smoothing eps),
+ *   grad_k[i][c] = w_k * (softmax(z_k[i])[c] - t_i[c]) / n_valid, 0 on ignored rows,
+ * with t_i[c] = 1 - eps * (C - 1) / C on the label and eps / C elsewhere. n_valid is counted on the
+ * device; if it is 0 the loss and the gradient are 0. The loss (one f32) is deterministic: row
+ * partials, then a fixed-order combine (no float atomics). grad (grad_dtype = dtype or F32) may be
+ * null (loss only). After the call the scratch starts with two uint64: n_valid, and the first row
+ * whose label is neither in [0, C) nor the ignore index (UINT64_MAX if none); when there is such a
+ * row, neither loss nor grad is written. Three launches on `stream` (labels, rows, combine). */
+int dropfuse_weighted_ce(dropfuse_dtype dtype, const void *logits, const int64_t *labels, float *loss,
+                         dropfuse_dtype grad_dtype, void *grad, void *scratch,
+                         const dropfuse_weighted_ce_params *params, dropfuse_stream_t stream);
+
 /* Name and description of a status returned by the launchers (cudaGetErrorName/String). */
 const char *dropfuse_error_name(int status);
 const char *dropfuse_error_string(int status);

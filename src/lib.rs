@@ -9,6 +9,8 @@
 //!   in-place variants, on cudarc slices and views, plus an `unsafe` raw-pointer layer.
 //! * [`drop_block`]: DropBlock 2D/3D (block dropout): bit-packed mask with the kept counts and the
 //!   scale computed on the device, forward, backward, in place.
+//! * [`multi_sample`]: multi-sample dropout (K masked copies in one launch, the masked gradient
+//!   reduction) and weighted cross-entropy over K logit sets with the logits' gradient in one pass.
 //! * [`layer_plan`]: deterministic host-side layer-skipping plans (LayerDrop, stochastic depth,
 //!   LayerSkip rates and early-exit curricula, pruning remaps, attention-layer drop with KV slots).
 //! * [`skip`]: compute skipping on the GPU: the fused stochastic-depth residual (forward, backward
@@ -31,6 +33,7 @@ pub mod dtype;
 pub mod error;
 pub mod ffi;
 pub mod layer_plan;
+pub mod multi_sample;
 pub mod reference;
 pub mod rng;
 pub mod routing;

@@ -1,0 +1,265 @@
+//! Multi-sample dropout benchmarks (criterion, `harness = false`), plus summary lines in the schema
+//! of `benches/drop_block.rs` and `benches/peers/multi_sample_torch.py` (same kernel names).
+//!
+//! | kernel                        | shape                           | bytes moved                          |
+//! |-------------------------------|---------------------------------|--------------------------------------|
+//! | `copy`                        | each row's main tensor          | read + write it (the baseline)       |
+//! | `weighted_ce_fwd_bwd`         | K=8, B=1024, C=1000 logits      | read z + write dz (+ labels)         |
+//! | `multi_sample_copies`         | K=8 copies of B=1024 x D=2048   | read h + write K copies + K masks    |
+//! | `multi_sample_reduce`         | K=8, B x D, grads in T          | read K grads + K masks + write dh    |
+//!
+//! f16 and bf16, p = 0.1, label smoothing 0.1, every label valid. `weighted_ce_fwd_bwd` is the whole
+//! loss-averaging step (labels scan, row kernel, combine: three launches); its peer is
+//! `torch.stack(...)` of K `F.cross_entropy` calls, forward and backward (eager and torch.compile).
+//! The head forward+backward (GEMMs included) is not benchmarked here yet. Each row: median over
+//! 20 event-timed windows of 10 back-to-back calls (after 5 warm-up calls). `copy_fraction` is the
+//! row's bandwidth over a device copy of the row's main tensor (dz for the loss, the copies for the
+//! copies kernel, the grads for the reduction) timed in the same run.
+//! Environment: `DROPFUSE_BENCH_JSON` (append rows as JSON lines), `DROPFUSE_COMMIT`.
+//! Without a CUDA device this prints a SKIPPED line and registers nothing.
+
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use dropfuse::cudarc::driver::sys::CUevent_flags;
+use dropfuse::cudarc::driver::{CudaEvent, CudaSlice};
+use dropfuse::half::{bf16, f16};
+use dropfuse::multi_sample::{masks_len, MultiSample, WeightedCrossEntropy};
+use dropfuse::{Device, Element, Error, Generator};
+
+mod common;
+use common::{gbps, json_escape, json_num, Output};
+
+const P: f64 = 0.1;
+const EPS: f64 = 0.1;
+const K: usize = 8;
+const B: usize = 1024;
+const D: usize = 2048;
+const C: usize = 1000;
+const LAUNCHES: u64 = 10;
+const REPEATS: usize = 20;
+const WARMUP: u64 = 5;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kernel {
+    CopyLogits,
+    WeightedCe,
+    CopyCopies,
+    Copies,
+    Reduce,
+}
+
+impl Kernel {
+    fn name(self) -> &'static str {
+        match self {
+            Kernel::CopyLogits | Kernel::CopyCopies => "copy",
+            Kernel::WeightedCe => "weighted_ce_fwd_bwd",
+            Kernel::Copies => "multi_sample_copies",
+            Kernel::Reduce => "multi_sample_reduce",
+        }
+    }
+    /// The shape string of the row.
+    fn shape(self) -> String {
+        match self {
+            Kernel::CopyLogits | Kernel::WeightedCe => format!("{K}x{B}x{C}"),
+            Kernel::CopyCopies | Kernel::Copies | Kernel::Reduce => format!("{K}x{B}x{D}"),
+        }
+    }
+}
+
+struct Bench<T: Element> {
+    dev: Device,
+    rng: Generator,
+    ms: MultiSample,
+    ce: WeightedCrossEntropy,
+    z: CudaSlice<T>,
+    dz: CudaSlice<T>,
+    labels: CudaSlice<i64>,
+    loss: CudaSlice<f32>,
+    scratch: CudaSlice<u64>,
+    h: CudaSlice<T>,
+    copies: CudaSlice<T>,
+    copies2: CudaSlice<T>,
+    masks: CudaSlice<u32>,
+    dh: CudaSlice<T>,
+    start: CudaEvent,
+    end: CudaEvent,
+}
+
+impl<T: Element> Bench<T> {
+    fn new(dev: &Device) -> Result<Self, Error> {
+        let z: Vec<T> = (0..K * B * C).map(|i| T::from_f32((i % 97) as f32 * 0.05 - 2.4)).collect();
+        let h: Vec<T> = (0..B * D).map(|i| T::from_f32((i % 251) as f32 * 0.01 - 1.25)).collect();
+        let labels: Vec<i64> = (0..B as i64).map(|i| (i * 37) % C as i64).collect();
+        let flags = Some(CUevent_flags::CU_EVENT_DEFAULT);
+        let ev = |e| Error::driver("cuEventCreate", e);
+        Ok(Bench {
+            dev: dev.clone(),
+            rng: Generator::new(0x5a3),
+            ms: MultiSample::new(K, P)?,
+            ce: WeightedCrossEntropy::uniform(K)?.with_label_smoothing(EPS)?,
+            z: dev.upload(&z)?,
+            dz: dev.zeros(K * B * C)?,
+            labels: dev.upload(&labels)?,
+            loss: dev.zeros(1)?,
+            scratch: dev.zeros(WeightedCrossEntropy::scratch_len(K, B))?,
+            h: dev.upload(&h)?,
+            copies: dev.zeros(K * B * D)?,
+            copies2: dev.zeros(K * B * D)?,
+            masks: dev.zeros(masks_len(K, B * D))?,
+            dh: dev.zeros(B * D)?,
+            start: dev.context().new_event(flags).map_err(ev)?,
+            end: dev.context().new_event(flags).map_err(ev)?,
+        })
+    }
+
+    fn bytes(&self, k: Kernel) -> u64 {
+        let t = T::DTYPE.size() as u64;
+        let logits = (K * B * C) as u64 * t;
+        let copies = (K * B * D) as u64 * t;
+        let masks = 4 * masks_len(K, B * D) as u64;
+        match k {
+            Kernel::CopyLogits => 2 * logits,
+            Kernel::WeightedCe => 2 * logits + 8 * B as u64,
+            Kernel::CopyCopies => 2 * copies,
+            Kernel::Copies => (B * D) as u64 * t + copies + masks,
+            Kernel::Reduce => copies + masks + (B * D) as u64 * t,
+        }
+    }
+
+    fn launch(&mut self, k: Kernel) -> Result<(), Error> {
+        let s = self.dev.stream();
+        let dtod = |e| Error::driver("cuMemcpyDtoDAsync", e);
+        match k {
+            Kernel::CopyLogits => s.memcpy_dtod(&self.z, &mut self.dz).map_err(dtod),
+            Kernel::CopyCopies => s.memcpy_dtod(&self.copies, &mut self.copies2).map_err(dtod),
+            Kernel::WeightedCe => self.ce.forward(
+                s,
+                &self.z,
+                B,
+                C,
+                &self.labels,
+                &mut self.loss,
+                &mut self.dz,
+                &mut self.scratch,
+            ),
+            Kernel::Copies => {
+                let state = self.rng.next_streams(K as u64);
+                self.ms
+                    .copies_with_masks(s, state, &self.h, &mut self.copies, &mut self.masks)
+            }
+            // grads = the copies: the values do not change the speed.
+            Kernel::Reduce => self.ms.reduce(s, &self.masks, &self.copies, &mut self.dh),
+        }
+    }
+
+    fn time(&mut self, k: Kernel, launches: u64) -> Result<Duration, Error> {
+        let stream = self.dev.stream().clone();
+        let rec = |e| Error::driver("cuEventRecord", e);
+        self.start.record(&stream).map_err(rec)?;
+        for _ in 0..launches {
+            self.launch(k)?;
+        }
+        self.end.record(&stream).map_err(rec)?;
+        let ms = self
+            .start
+            .elapsed_ms(&self.end)
+            .map_err(|e| Error::driver("cuEventElapsedTime", e))?;
+        Ok(Duration::from_secs_f64(f64::from(ms) / 1e3))
+    }
+
+    fn median_ms(&mut self, k: Kernel) -> Result<f64, Error> {
+        self.time(k, WARMUP)?;
+        let mut ms = (0..REPEATS)
+            .map(|_| Ok(self.time(k, LAUNCHES)?.as_secs_f64() * 1e3 / LAUNCHES as f64))
+            .collect::<Result<Vec<f64>, Error>>()?;
+        ms.sort_by(f64::total_cmp);
+        Ok(ms[REPEATS / 2])
+    }
+
+    fn row(&self, out: &mut Output, k: Kernel, ms: f64, copy: Kernel, copy_ms: f64) {
+        let dtype = T::DTYPE.name();
+        let bytes = self.bytes(k);
+        let copy_bytes = self.bytes(copy);
+        let frac = gbps(bytes, ms) / gbps(copy_bytes, copy_ms);
+        let kernel = k.name();
+        let shape = k.shape();
+        let n = match k {
+            Kernel::CopyLogits | Kernel::WeightedCe => K * B * C,
+            _ => K * B * D,
+        };
+        let text = format!(
+            "DROPFUSE_BENCH method=burst kernel={kernel} dtype={dtype} n={n} shape={shape} ms={ms:.5} \
+             bytes={bytes} gbps={:.1} copy_ms={copy_ms:.5} copy_gbps={:.1} copy_fraction={frac:.3}",
+            gbps(bytes, ms),
+            gbps(copy_bytes, copy_ms),
+        );
+        let m = &out.meta;
+        let json = format!(
+            "{{\"impl\":\"{}\",\"kernel\":\"{kernel}\",\"dtype\":\"{dtype}\",\"n\":{n},\"shape\":\"{shape}\",\
+             \"k\":{K},\"p\":{P},\"label_smoothing\":{EPS},\"method\":\"burst\",\"launches\":{LAUNCHES},\
+             \"repeats\":{REPEATS},\"ms\":{},\"bytes\":{bytes},\"gbps\":{},\"copy_ms\":{},\"copy_gbps\":{},\
+             \"copy_fraction\":{},\"gpu\":\"{}\",\"date\":\"{}\",\"commit\":\"{}\",\"side\":\"dropfuse\"}}",
+            if kernel == "copy" { "copy" } else { "dropfuse" },
+            json_num(ms, 7),
+            json_num(gbps(bytes, ms), 3),
+            json_num(copy_ms, 7),
+            json_num(gbps(copy_bytes, copy_ms), 3),
+            json_num(frac, 5),
+            json_escape(&m.gpu),
+            m.date,
+            json_escape(&m.commit),
+        );
+        out.emit(&text, &json);
+    }
+}
+
+fn bench_dtype<T: Element>(c: &mut Criterion, dev: &Device, out: &mut Output) {
+    let dtype = T::DTYPE.name();
+    let mut b = Bench::<T>::new(dev).unwrap_or_else(|e| panic!("multi_sample {dtype}: setup: {e}"));
+    // Copies before the reduction: it reads the masks the copies kernel wrote.
+    let pairs = [
+        (Kernel::CopyLogits, &[Kernel::WeightedCe][..]),
+        (Kernel::CopyCopies, &[Kernel::Copies, Kernel::Reduce][..]),
+    ];
+    for (copy, kernels) in pairs {
+        let copy_ms = b.median_ms(copy).unwrap_or_else(|e| panic!("{dtype} copy: {e}"));
+        b.row(out, copy, copy_ms, copy, copy_ms);
+        for &k in kernels {
+            let ms = b.median_ms(k).unwrap_or_else(|e| panic!("{dtype} {k:?}: {e}"));
+            b.row(out, k, ms, copy, copy_ms);
+        }
+    }
+    let mut group = c.benchmark_group(format!("multi_sample/{dtype}"));
+    group
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_millis(1000));
+    for k in [Kernel::WeightedCe, Kernel::Copies, Kernel::Reduce] {
+        group.throughput(Throughput::Bytes(b.bytes(k)));
+        group.bench_function(k.name(), |bencher| {
+            bencher.iter_custom(|iters| b.time(k, iters).unwrap_or_else(|e| panic!("{dtype} {k:?}: {e}")))
+        });
+    }
+    group.finish();
+}
+
+fn multi_sample_benches(c: &mut Criterion) {
+    let dev = match Device::new(0) {
+        Ok(dev) => dev,
+        Err(e) => {
+            println!("SKIPPED: multi_sample benches: no CUDA device ({e})");
+            return;
+        }
+    };
+    // SAFETY: every buffer is allocated, used and freed on `dev.stream()` alone (see dropout.rs).
+    unsafe { dev.context().disable_event_tracking() };
+    let gpu = dev.name().unwrap_or_else(|_| "unknown GPU".to_string());
+    println!("multi_sample benches on {gpu}: K = {K}, B = {B}, D = {D}, C = {C}, p = {P}, eps = {EPS}");
+    let mut out = Output::new(gpu);
+    bench_dtype::<f16>(c, &dev, &mut out);
+    bench_dtype::<bf16>(c, &dev, &mut out);
+}
+
+criterion_group!(benches, multi_sample_benches);
+criterion_main!(benches);
