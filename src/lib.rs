@@ -9,6 +9,10 @@
 //!   in-place variants, on cudarc slices and views, plus an `unsafe` raw-pointer layer.
 //! * [`drop_block`]: DropBlock 2D/3D (block dropout): bit-packed mask with the kept counts and the
 //!   scale computed on the device, forward, backward, in place.
+//! * [`structured`]: structured dropout (channel/spatial `Dropout1d/2d/3d`, locked/variational,
+//!   embedding-row dropout, any set of shared axes): one decision per group, decision masks.
+//! * [`mc_dropout`]: Monte-Carlo dropout: `R` replicas in one launch, streaming predictive summaries
+//!   (mean, variance, entropies, BALD) kept on the device.
 //! * [`layer_plan`]: deterministic host-side layer-skipping plans (LayerDrop, stochastic depth,
 //!   LayerSkip rates and early-exit curricula, pruning remaps, attention-layer drop with KV slots).
 //! * [`reference`](mod@reference): the CPU oracle (Philox4x32-10 and every kernel, written plainly).
@@ -25,9 +29,11 @@ pub mod dtype;
 pub mod error;
 pub mod ffi;
 pub mod layer_plan;
+pub mod mc_dropout;
 pub mod reference;
 pub mod rng;
 pub mod schedule;
+pub mod structured;
 
 pub use device::Device;
 pub use dropout::Dropout;
