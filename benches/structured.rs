@@ -138,6 +138,7 @@ fn emit(out: &mut Output, r: &Row, ms: f64, copy: (f64, u64)) {
 
 /// Times the copy of `data` elements, then every (row, launch) pair; emits the rows and registers
 /// them with criterion under `group`.
+#[allow(clippy::too_many_arguments)]
 fn run_case<T: dropfuse::cudarc::driver::DeviceRepr + dropfuse::cudarc::driver::ValidAsZeroBits>(
     c: &mut Criterion,
     timer: &Timer,

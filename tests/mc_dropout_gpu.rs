@@ -301,12 +301,12 @@ fn gpu_invalid_arguments() {
     let Some(dev) = gpu("gpu_invalid_arguments") else { return };
     let s = dev.stream();
     let mc = McDropout::new(0.5, 3).unwrap();
-    let x = dev.upload(&vec![1.0f32; 40]).unwrap();
+    let x = dev.upload(&[1.0f32; 40]).unwrap();
     let empty = dev.zeros::<f32>(0).unwrap();
     let mut y = dev.upload(&vec![7.0f32; 120]).unwrap();
     let mut y_bad = dev.upload(&vec![7.0f32; 119]).unwrap();
-    let mut m = dev.upload(&vec![9u32; 6]).unwrap();
-    let mut m_bad = dev.upload(&vec![9u32; 5]).unwrap();
+    let mut m = dev.upload(&[9u32; 6]).unwrap();
+    let mut m_bad = dev.upload(&[9u32; 5]).unwrap();
     let st = PhiloxState::new(1, 1);
     assert_eq!(invalid_name(mc.forward(s, st, &empty, &mut y, &mut m)), "x");
     assert_eq!(invalid_name(mc.forward(s, st, &x, &mut y_bad, &mut m)), "y");
