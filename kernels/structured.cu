@@ -172,7 +172,9 @@ __global__ void __launch_bounds__(kThreads)
 // Locked along the outer axis: [T rows of H], decision = e % H.
 
 template <typename T, bool VEC, Mode M, bool kBlockAligned>
-__global__ void __launch_bounds__(kThreads)
+// (Two resident blocks per SM as the register budget: with the default, ptxas for sm_80 kept 64
+// registers and spilled 8 bytes in some instantiations.)
+__global__ void __launch_bounds__(kThreads, 2)
     locked_kernel(const T *x, T *y, uint32_t *mask_out, const uint32_t *mask_in, uint64_t rows, uint64_t h,
                   uint64_t rows_per_slice, const __grid_constant__ Params p) {
   constexpr int V = VecWidth<T>::value;
