@@ -88,8 +88,12 @@ struct Bench<T: Element> {
 
 impl<T: Element> Bench<T> {
     fn new(dev: &Device) -> Result<Self, Error> {
-        let z: Vec<T> = (0..K * B * C).map(|i| T::from_f32((i % 97) as f32 * 0.05 - 2.4)).collect();
-        let h: Vec<T> = (0..B * D).map(|i| T::from_f32((i % 251) as f32 * 0.01 - 1.25)).collect();
+        let z: Vec<T> = (0..K * B * C)
+            .map(|i| T::from_f32((i % 97) as f32 * 0.05 - 2.4))
+            .collect();
+        let h: Vec<T> = (0..B * D)
+            .map(|i| T::from_f32((i % 251) as f32 * 0.01 - 1.25))
+            .collect();
         let labels: Vec<i64> = (0..B as i64).map(|i| (i * 37) % C as i64).collect();
         let flags = Some(CUevent_flags::CU_EVENT_DEFAULT);
         let ev = |e| Error::driver("cuEventCreate", e);

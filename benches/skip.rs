@@ -80,7 +80,9 @@ fn kept() -> usize {
 impl Bench {
     fn new(dev: &Device) -> Result<Self, Error> {
         let n = BATCH * ROW;
-        let host: Vec<bf16> = (0..n).map(|i| bf16::from_f32((i % 251) as f32 * 0.01 - 1.25)).collect();
+        let host: Vec<bf16> = (0..n)
+            .map(|i| bf16::from_f32((i % 251) as f32 * 0.01 - 1.25))
+            .collect();
         let flags = Some(CUevent_flags::CU_EVENT_DEFAULT);
         let ev = |e| Error::driver("cuEventCreate", e);
         let keep: Vec<bool> = (0..BATCH).map(|b| !DROPPED.contains(&b)).collect();
@@ -120,15 +122,32 @@ impl Bench {
                 .memcpy_dtod(&self.x, &mut self.y)
                 .map_err(|e| Error::driver("cuMemcpyDtoDAsync", e)),
             // The residual grows by scale * branch every call; the values do not change the speed.
-            Kernel::Forward => {
-                skip::stochastic_depth_in_place(&s, &mut self.x, &self.f, None, ROW, Keep::PerSample(&self.all), self.scale)
-            }
-            Kernel::ForwardP25 => {
-                skip::stochastic_depth_in_place(&s, &mut self.x, &self.f, None, ROW, Keep::PerSample(&self.some), self.scale)
-            }
-            Kernel::Backward => {
-                skip::stochastic_depth_backward(&s, &self.f, ROW, Keep::PerSample(&self.some), self.scale, &mut self.y)
-            }
+            Kernel::Forward => skip::stochastic_depth_in_place(
+                &s,
+                &mut self.x,
+                &self.f,
+                None,
+                ROW,
+                Keep::PerSample(&self.all),
+                self.scale,
+            ),
+            Kernel::ForwardP25 => skip::stochastic_depth_in_place(
+                &s,
+                &mut self.x,
+                &self.f,
+                None,
+                ROW,
+                Keep::PerSample(&self.some),
+                self.scale,
+            ),
+            Kernel::Backward => skip::stochastic_depth_backward(
+                &s,
+                &self.f,
+                ROW,
+                Keep::PerSample(&self.some),
+                self.scale,
+                &mut self.y,
+            ),
             Kernel::Compaction => {
                 self.slots.compute(&s, &self.some)?;
                 skip::gather_samples(&s, &self.slots, &self.x, ROW, &mut self.compact)?;
@@ -216,9 +235,7 @@ fn skip_benches(c: &mut Criterion) {
         Kernel::Backward,
         Kernel::Compaction,
     ];
-    let copy_ms = b
-        .median_ms(Kernel::Copy)
-        .unwrap_or_else(|e| panic!("copy: {e}"));
+    let copy_ms = b.median_ms(Kernel::Copy).unwrap_or_else(|e| panic!("copy: {e}"));
     for &k in &kernels {
         let ms = if k == Kernel::Copy {
             copy_ms

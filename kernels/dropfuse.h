@@ -327,6 +327,80 @@ int dropfuse_weighted_ce(dropfuse_dtype dtype, const void *logits, const int64_t
                          dropfuse_dtype grad_dtype, void *grad, void *scratch,
                          const dropfuse_weighted_ce_params *params, dropfuse_stream_t stream);
 
+/* ---- Structured dropout (the contract: src/reference/structured.rs) ----
+ * Channel (Dropout1d/2d/3d), locked (variational) and embedding-row dropout: the axes of a
+ * row-major tensor are either shared (one decision along the axis) or not. The host collapses the
+ * shape into at most DROPFUSE_STRUCTURED_MAX_GROUPS groups of consecutive axes, alternating between
+ * shared and non-shared (extent-1 axes removed, adjacent axes of the same kind merged). Element e
+ * follows decision d(e) = sum over non-shared groups g of i_g * decision_stride[g], with i_g the
+ * element's index in group g; decisions use the mask contract above on index
+ * params->element_offset + d (element_offset is the *decision* offset here). The mask holds one bit
+ * per decision: ceil(decisions / 32) words, exactly dropfuse_dropout_mask(decisions) with the same
+ * params. Kept elements become round_to_T(float(x) * scale), dropped ones +0. */
+#define DROPFUSE_STRUCTURED_MAX_GROUPS 8
+
+typedef struct dropfuse_structured_layout {
+  uint32_t groups;                                          /* 1 ..= DROPFUSE_STRUCTURED_MAX_GROUPS */
+  uint64_t extent[DROPFUSE_STRUCTURED_MAX_GROUPS];          /* group extents (>= 1), outermost first */
+  uint64_t decision_stride[DROPFUSE_STRUCTURED_MAX_GROUPS]; /* 0 for a shared group */
+  uint64_t numel;                                           /* product of the extents */
+  uint64_t decisions;                                       /* product of the non-shared extents */
+} dropfuse_structured_layout;
+
+/* Writes the decision mask: ceil(layout->decisions / 32) words. */
+int dropfuse_structured_mask(uint32_t *mask, const dropfuse_structured_layout *layout,
+                             const dropfuse_dropout_params *params, dropfuse_stream_t stream);
+
+/* y = structured dropout of x (numel elements); writes the decision mask too when `mask` is not
+ * null. x == y is allowed (in place). Also the mask-free backward (pass dy, dx and the forward's
+ * params). Channel-like layouts (one decision per contiguous plane) write dropped planes without
+ * reading x. */
+int dropfuse_structured_forward(dropfuse_dtype dtype, const void *x, void *y, uint32_t *mask,
+                                const dropfuse_structured_layout *layout,
+                                const dropfuse_dropout_params *params, dropfuse_stream_t stream);
+
+/* dx = dy * scale where the element's decision bit is set in `mask`, +0 elsewhere. dy == dx is
+ * allowed (in place). */
+int dropfuse_structured_backward(dropfuse_dtype dtype, const void *dy, void *dx, const uint32_t *mask,
+                                 const dropfuse_structured_layout *layout, float scale,
+                                 dropfuse_stream_t stream);
+
+/* ---- Monte-Carlo dropout (the contract: src/reference/mc_dropout.rs) ----
+ * Replicas: y is R x n, replica t is dropout of x with offset params->offset + t (wrapping) and the
+ * same element_offset; masks (optional) are R masks of ceil(n / 32) words each, concatenated. */
+int dropfuse_mc_dropout_forward(dropfuse_dtype dtype, const void *x, void *y, uint32_t *masks,
+                                uint64_t n, uint64_t replicas, const dropfuse_dropout_params *params,
+                                dropfuse_stream_t stream);
+
+/* Streaming predictive summaries of B x C f32 probabilities, in f32 on the device.
+ * state: mean[B*C], m2[B*C] (Welford), expected_entropy[B] (running mean of the per-sample row
+ * entropies), all zero initially, and ctl[DROPFUSE_MC_CTL_WORDS] (zero initially):
+ *   ctl[0] accepted samples, ctl[1] rejected pushes, ctl[2] 1 + index of the first invalid value of
+ *   the first rejected push (0: none), ctl[3] the push in flight's first invalid index + 1 (scratch),
+ *   ctl[4] blocks done (scratch). */
+#define DROPFUSE_MC_CTL_WORDS 5
+
+typedef struct dropfuse_mc_state {
+  float *mean;
+  float *m2;
+  float *expected_entropy;
+  unsigned long long *ctl;
+  uint64_t batch, classes;
+} dropfuse_mc_state;
+
+/* Pushes `samples` (>= 1) samples stored one after the other in probs (samples x B x C), in order,
+ * reading them once. With `check` nonzero a validation pass reads them first: if any value is NaN,
+ * infinite or negative, the push leaves mean, m2, expected_entropy and ctl[0] unchanged and is
+ * counted in ctl[1] (and ctl[2]); no host synchronisation either way. */
+int dropfuse_mc_summary_push(const float *probs, uint64_t samples, int check, const dropfuse_mc_state *state,
+                             dropfuse_stream_t stream);
+
+/* The summaries of the accepted samples (T = ctl[0], read on the device): variance[B*C] = m2 / T,
+ * predictive_entropy[B] = H[mean], mutual_information[B] = max(0, predictive - expected); with
+ * T = 0 every output is NaN. The mean and the expected entropy are the state's own buffers. */
+int dropfuse_mc_summary_finish(const dropfuse_mc_state *state, float *variance, float *predictive_entropy,
+                               float *mutual_information, dropfuse_stream_t stream);
+
 /* Name and description of a status returned by the launchers (cudaGetErrorName/String). */
 const char *dropfuse_error_name(int status);
 const char *dropfuse_error_string(int status);

@@ -11,6 +11,10 @@
 //!   scale computed on the device, forward, backward, in place.
 //! * [`multi_sample`]: multi-sample dropout (K masked copies in one launch, the masked gradient
 //!   reduction) and weighted cross-entropy over K logit sets with the logits' gradient in one pass.
+//! * [`structured`]: structured dropout (channel/spatial `Dropout1d/2d/3d`, locked/variational,
+//!   embedding-row dropout, any set of shared axes): one decision per group, decision masks.
+//! * [`mc_dropout`]: Monte-Carlo dropout: `R` replicas in one launch, streaming predictive summaries
+//!   (mean, variance, entropies, BALD) kept on the device.
 //! * [`layer_plan`]: deterministic host-side layer-skipping plans (LayerDrop, stochastic depth,
 //!   LayerSkip rates and early-exit curricula, pruning remaps, attention-layer drop with KV slots).
 //! * [`skip`]: compute skipping on the GPU: the fused stochastic-depth residual (forward, backward
@@ -33,12 +37,14 @@ pub mod dtype;
 pub mod error;
 pub mod ffi;
 pub mod layer_plan;
+pub mod mc_dropout;
 pub mod multi_sample;
 pub mod reference;
 pub mod rng;
 pub mod routing;
 pub mod schedule;
 pub mod skip;
+pub mod structured;
 
 pub use device::Device;
 pub use dropout::Dropout;

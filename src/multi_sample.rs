@@ -90,7 +90,11 @@ fn check_k(k: usize, max: usize) -> Result<()> {
 
 fn check_len(name: &'static str, got: usize, want: usize, what: &str) -> Result<()> {
     if got != want {
-        return Err(Error::invalid(name, format!("{want} elements ({what})"), format!("{got} elements")));
+        return Err(Error::invalid(
+            name,
+            format!("{want} elements ({what})"),
+            format!("{got} elements"),
+        ));
     }
     Ok(())
 }
@@ -170,7 +174,12 @@ impl MultiSample {
         masks: &mut M,
     ) -> Result<()> {
         let n = self.check_copies(stream, h, copies)?;
-        check_len("masks", masks.len(), masks_len(self.k, n), "K * ceil(n / 32) words")?;
+        check_len(
+            "masks",
+            masks.len(),
+            masks_len(self.k, n),
+            "K * ceil(n / 32) words",
+        )?;
         check_stream(stream, masks.stream(), "masks")?;
         bind(stream)?;
         let (hp, _gh) = h.device_ptr(stream);
@@ -180,7 +189,12 @@ impl MultiSample {
         unsafe { self.launch_copies::<T>(stream, state, hp, cp, mp, n) }
     }
 
-    fn check_copies<T, H: DeviceSlice<T>, C: DeviceSlice<T>>(&self, stream: &CudaStream, h: &H, copies: &C) -> Result<usize> {
+    fn check_copies<T, H: DeviceSlice<T>, C: DeviceSlice<T>>(
+        &self,
+        stream: &CudaStream,
+        h: &H,
+        copies: &C,
+    ) -> Result<usize> {
         let n = h.len();
         if n == 0 {
             return Err(Error::invalid("h", "a non-empty tensor", "0 elements"));
@@ -224,7 +238,12 @@ impl MultiSample {
         dh: &mut D,
     ) -> Result<()> {
         let n = self.check_reduce(stream, grads, dh)?;
-        check_len("masks", masks.len(), masks_len(self.k, n), "K * ceil(n / 32) words")?;
+        check_len(
+            "masks",
+            masks.len(),
+            masks_len(self.k, n),
+            "K * ceil(n / 32) words",
+        )?;
         check_stream(stream, masks.stream(), "masks")?;
         bind(stream)?;
         let (mp, _gm) = masks.device_ptr(stream);
@@ -250,12 +269,22 @@ impl MultiSample {
         unsafe { self.launch_reduce::<G, O>(stream, state, 0, gp, dp, n) }
     }
 
-    fn check_reduce<G, O, GS: DeviceSlice<G>, D: DeviceSlice<O>>(&self, stream: &CudaStream, grads: &GS, dh: &D) -> Result<usize> {
+    fn check_reduce<G, O, GS: DeviceSlice<G>, D: DeviceSlice<O>>(
+        &self,
+        stream: &CudaStream,
+        grads: &GS,
+        dh: &D,
+    ) -> Result<usize> {
         let n = dh.len();
         if n == 0 {
             return Err(Error::invalid("dh", "a non-empty tensor", "0 elements"));
         }
-        check_len("grads", grads.len(), product("grads", self.k, n)?, "K * n, n = dh's length")?;
+        check_len(
+            "grads",
+            grads.len(),
+            product("grads", self.k, n)?,
+            "K * n, n = dh's length",
+        )?;
         check_stream(stream, grads.stream(), "grads")?;
         check_stream(stream, dh.stream(), "dh")?;
         Ok(n)
@@ -299,7 +328,12 @@ pub fn mean_logits<T: Element, O: Element, Z: DevicePtr<T>, M: DevicePtrMut<O>>(
     if n == 0 {
         return Err(Error::invalid("mean", "a non-empty tensor", "0 elements"));
     }
-    check_len("logits", logits.len(), product("logits", k, n)?, "K * n, n = mean's length")?;
+    check_len(
+        "logits",
+        logits.len(),
+        product("logits", k, n)?,
+        "K * n, n = mean's length",
+    )?;
     check_out_dtype::<T, O>("mean")?;
     check_stream(stream, logits.stream(), "logits")?;
     check_stream(stream, mean.stream(), "mean")?;
@@ -443,20 +477,31 @@ impl WeightedCrossEntropy {
         loss: &O,
         scratch: &S,
     ) -> Result<usize> {
-        let n = product("logits", self.k(), b)
-            .and_then(|kb| product("logits", kb, c))?;
+        let n = product("logits", self.k(), b).and_then(|kb| product("logits", kb, c))?;
         if b == 0 || c == 0 || logits.len() != n {
             return Err(Error::invalid(
                 "logits",
-                format!("K * B * C values with K = {}, B = {b} >= 1, C = {c} >= 1", self.k()),
+                format!(
+                    "K * B * C values with K = {}, B = {b} >= 1, C = {c} >= 1",
+                    self.k()
+                ),
                 format!("{} values", logits.len()),
             ));
         }
         if labels.len() != b {
-            return Err(Error::invalid("labels", format!("{b} labels (B)"), format!("{} labels", labels.len())));
+            return Err(Error::invalid(
+                "labels",
+                format!("{b} labels (B)"),
+                format!("{} labels", labels.len()),
+            ));
         }
         check_len("loss", loss.len(), 1, "one f32")?;
-        check_len("scratch", scratch.len(), Self::scratch_len(self.k(), b), "WeightedCrossEntropy::scratch_len(K, B) u64 words")?;
+        check_len(
+            "scratch",
+            scratch.len(),
+            Self::scratch_len(self.k(), b),
+            "WeightedCrossEntropy::scratch_len(K, B) u64 words",
+        )?;
         check_stream(stream, logits.stream(), "logits")?;
         check_stream(stream, labels.stream(), "labels")?;
         check_stream(stream, loss.stream(), "loss")?;
@@ -468,7 +513,15 @@ impl WeightedCrossEntropy {
     /// type or `f32`) in one pass over `logits` (`K * B * C`, set `k` at `k * B * C`). A bad label
     /// writes nothing; see [`check_labels`].
     #[allow(clippy::too_many_arguments)]
-    pub fn forward<T: Element, G: Element, Z: DevicePtr<T>, L: DevicePtr<i64>, O: DevicePtrMut<f32>, D: DevicePtrMut<G>, S: DevicePtrMut<u64>>(
+    pub fn forward<
+        T: Element,
+        G: Element,
+        Z: DevicePtr<T>,
+        L: DevicePtr<i64>,
+        O: DevicePtrMut<f32>,
+        D: DevicePtrMut<G>,
+        S: DevicePtrMut<u64>,
+    >(
         &self,
         stream: &CudaStream,
         logits: &Z,
@@ -495,7 +548,13 @@ impl WeightedCrossEntropy {
 
     /// The loss only (no gradient).
     #[allow(clippy::too_many_arguments)]
-    pub fn loss<T: Element, Z: DevicePtr<T>, L: DevicePtr<i64>, O: DevicePtrMut<f32>, S: DevicePtrMut<u64>>(
+    pub fn loss<
+        T: Element,
+        Z: DevicePtr<T>,
+        L: DevicePtr<i64>,
+        O: DevicePtrMut<f32>,
+        S: DevicePtrMut<u64>,
+    >(
         &self,
         stream: &CudaStream,
         logits: &Z,
@@ -549,9 +608,18 @@ impl WeightedCrossEntropy {
 /// Reads the label verdict of the last [`WeightedCrossEntropy`] call on `scratch` (synchronizes
 /// the stream): `n_valid` (the non-ignored rows), or the reference's `labels` error naming the
 /// first row whose label is neither in `[0, C)` nor `ignore_index` (that call wrote nothing).
-pub fn check_labels<S: DevicePtr<u64>>(stream: &Arc<CudaStream>, scratch: &S, c: usize, ignore_index: i64) -> Result<u64> {
+pub fn check_labels<S: DevicePtr<u64>>(
+    stream: &Arc<CudaStream>,
+    scratch: &S,
+    c: usize,
+    ignore_index: i64,
+) -> Result<u64> {
     if scratch.len() < 2 {
-        return Err(Error::invalid("scratch", "at least 2 u64 words", format!("{} words", scratch.len())));
+        return Err(Error::invalid(
+            "scratch",
+            "at least 2 u64 words",
+            format!("{} words", scratch.len()),
+        ));
     }
     check_stream(stream, scratch.stream(), "scratch")?;
     let stats = stream

@@ -697,7 +697,12 @@ struct CompactCall {
     scale: f32,
 }
 
-fn launch_compact<T: Element>(stream: &CudaStream, slots: &SampleSlots, op: CompactOp, c: &CompactCall) -> Result<()> {
+fn launch_compact<T: Element>(
+    stream: &CudaStream,
+    slots: &SampleSlots,
+    op: CompactOp,
+    c: &CompactCall,
+) -> Result<()> {
     let (sp, _gs) = slots.buf.device_ptr(stream);
     let (b, r, cap) = (slots.batch as u64, c.row_len as u64, c.capacity as u64);
     let (dt, st) = (dtype::<T>(), cu(stream));
@@ -714,7 +719,17 @@ fn launch_compact<T: Element>(stream: &CudaStream, slots: &SampleSlots, op: Comp
                 "dropfuse_gather_samples",
             ),
             CompactOp::Scatter => (
-                ffi::dropfuse_scatter_samples(dt, c.full_in as _, c.compact_in as _, c.full_out as _, sl, b, r, cap, st),
+                ffi::dropfuse_scatter_samples(
+                    dt,
+                    c.full_in as _,
+                    c.compact_in as _,
+                    c.full_out as _,
+                    sl,
+                    b,
+                    r,
+                    cap,
+                    st,
+                ),
                 "dropfuse_scatter_samples",
             ),
             CompactOp::ScatterBackward => (
@@ -761,7 +776,16 @@ fn launch_compact<T: Element>(stream: &CudaStream, slots: &SampleSlots, op: Comp
                 "dropfuse_scatter_add_samples_backward",
             ),
             CompactOp::GatherBackward => (
-                ffi::dropfuse_gather_samples_backward(dt, c.compact_in as _, c.full_out as _, sl, b, r, cap, st),
+                ffi::dropfuse_gather_samples_backward(
+                    dt,
+                    c.compact_in as _,
+                    c.full_out as _,
+                    sl,
+                    b,
+                    r,
+                    cap,
+                    st,
+                ),
                 "dropfuse_gather_samples_backward",
             ),
         }

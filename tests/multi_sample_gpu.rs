@@ -14,9 +14,13 @@ mod common;
 use common::{cases, gpu, invalid_name};
 use dropfuse::cudarc::driver::{CudaSlice, DeviceRepr};
 use dropfuse::dropout::mask_words;
-use dropfuse::multi_sample::{check_labels, masks_len, mean_logits, MultiSample, WeightedCrossEntropy, MAX_K};
+use dropfuse::multi_sample::{
+    check_labels, masks_len, mean_logits, MultiSample, WeightedCrossEntropy, MAX_K,
+};
 use dropfuse::reference::dropout as ref_dropout;
-use dropfuse::reference::multi_sample::{masked_copies, sample_state, weighted_cross_entropy, DEFAULT_IGNORE_INDEX};
+use dropfuse::reference::multi_sample::{
+    masked_copies, sample_state, weighted_cross_entropy, DEFAULT_IGNORE_INDEX,
+};
 use dropfuse::{DType, Device, Element, PhiloxState};
 use half::{bf16, f16};
 use proptest::prelude::*;
@@ -77,16 +81,16 @@ fn copies_case() -> impl Strategy<Value = CopiesCase> {
     let n = prop_oneof![1usize..=40, 40usize..=3000, Just(4096), Just(4099)];
     let p = prop_oneof![Just(0.0), Just(1.0), Just(0.1), Just(0.5), 0.0f64..=1.0];
     let offset = prop_oneof![any::<u64>(), (0u64..16).prop_map(|d| u64::MAX - d)];
-    (n, 1usize..=16, p, any::<u64>(), offset, 0usize..5, any::<u64>()).prop_map(|(n, k, p, seed, offset, h_off, s)| {
-        CopiesCase {
+    (n, 1usize..=16, p, any::<u64>(), offset, 0usize..5, any::<u64>()).prop_map(
+        |(n, k, p, seed, offset, h_off, s)| CopiesCase {
             n,
             k,
             p,
             state: PhiloxState::new(seed, offset),
             h_off,
             seed: s,
-        }
-    })
+        },
+    )
 }
 
 fn run_copies<T: Element>(dev: &Device, c: &CopiesCase) -> Result<(), TestCaseError> {
@@ -103,7 +107,8 @@ fn run_copies<T: Element>(dev: &Device, c: &CopiesCase) -> Result<(), TestCaseEr
     {
         let mut cv = copies.slice_mut(0..total);
         let mut mv = masks.slice_mut(0..c.k * words);
-        ms.copies_with_masks(s, c.state, &hv, &mut cv, &mut mv).map_err(tcerr)?;
+        ms.copies_with_masks(s, c.state, &hv, &mut cv, &mut mv)
+            .map_err(tcerr)?;
     }
     let got = dev.download(&copies).unwrap();
     let got_masks = dev.download(&masks).unwrap();
@@ -111,7 +116,13 @@ fn run_copies<T: Element>(dev: &Device, c: &CopiesCase) -> Result<(), TestCaseEr
         let g = &got[k * c.n..(k + 1) * c.n];
         prop_assert_eq!(bits(g), bits(&want.copies[k]), "copy {} of {:?}", k, c);
         let m = ref_dropout::mask(c.p, sample_state(c.state, k as u64), 0, c.n).unwrap();
-        prop_assert_eq!(&got_masks[k * words..(k + 1) * words], &m[..], "mask {} of {:?}", k, c);
+        prop_assert_eq!(
+            &got_masks[k * words..(k + 1) * words],
+            &m[..],
+            "mask {} of {:?}",
+            k,
+            c
+        );
         for (e, &kept) in want.keep[k].iter().enumerate() {
             prop_assert_eq!(ref_dropout::mask_bit(&m, e), kept);
         }
@@ -129,7 +140,9 @@ fn run_copies<T: Element>(dev: &Device, c: &CopiesCase) -> Result<(), TestCaseEr
 
 #[test]
 fn copies_and_masks_match_reference() {
-    let Some(dev) = gpu("copies_and_masks_match_reference") else { return };
+    let Some(dev) = gpu("copies_and_masks_match_reference") else {
+        return;
+    };
     let mut runner = TestRunner::new(Config::with_cases(cases(24)));
     runner
         .run(&(copies_case(), 0usize..3), |(c, t)| match t {
@@ -170,7 +183,8 @@ fn run_reduce<G: Element, O: Element>(dev: &Device, c: &CopiesCase) -> Result<()
     let hd = dev.upload(&h).unwrap();
     let mut copies = dev.zeros::<f32>(c.k * c.n).unwrap();
     let mut masks = dev.zeros::<u32>(masks_len(c.k, c.n)).unwrap();
-    ms.copies_with_masks(s, c.state, &hd, &mut copies, &mut masks).map_err(tcerr)?;
+    ms.copies_with_masks(s, c.state, &hd, &mut copies, &mut masks)
+        .map_err(tcerr)?;
 
     let gd = upload_at(dev, &grads, c.h_off, G::from_f32(9.0));
     let gv = gd.slice(c.h_off..c.h_off + c.k * c.n);
@@ -185,13 +199,20 @@ fn run_reduce<G: Element, O: Element>(dev: &Device, c: &CopiesCase) -> Result<()
 
     let mut dh2 = dev.zeros::<O>(c.n).unwrap();
     ms.reduce_maskless(s, c.state, &gv, &mut dh2).map_err(tcerr)?;
-    prop_assert_eq!(bits(&dev.download(&dh2).unwrap()), bits(&want), "regenerated masks {:?}", c);
+    prop_assert_eq!(
+        bits(&dev.download(&dh2).unwrap()),
+        bits(&want),
+        "regenerated masks {:?}",
+        c
+    );
     Ok(())
 }
 
 #[test]
 fn reduce_matches_f32_formula() {
-    let Some(dev) = gpu("reduce_matches_f32_formula") else { return };
+    let Some(dev) = gpu("reduce_matches_f32_formula") else {
+        return;
+    };
     let mut runner = TestRunner::new(Config::with_cases(cases(24)));
     runner
         .run(&(copies_case(), 0usize..6), |(c, t)| match t {
@@ -225,7 +246,9 @@ fn run_mean<T: Element, O: Element>(dev: &Device, k: usize, n: usize, seed: u64)
 
 #[test]
 fn mean_logits_matches_f32_formula() {
-    let Some(dev) = gpu("mean_logits_matches_f32_formula") else { return };
+    let Some(dev) = gpu("mean_logits_matches_f32_formula") else {
+        return;
+    };
     for (k, n, seed) in [(1, 1, 1u64), (3, 7, 2), (8, 1000, 3), (16, 4099, 4), (5, 8, 5)] {
         run_mean::<f32, f32>(&dev, k, n, seed);
         run_mean::<f16, f16>(&dev, k, n, seed);
@@ -262,19 +285,30 @@ fn ce_case() -> impl Strategy<Value = CeCase> {
     let eps = prop_oneof![Just(0.0), Just(0.1), Just(1.0), 0.0f64..=1.0];
     let ignore = prop_oneof![3 => Just(0u8), 3 => Just(1u8), 1 => Just(2u8)];
     let ignore_index = prop_oneof![Just(DEFAULT_IGNORE_INDEX), Just(0i64), Just(-1i64)];
-    (1usize..=16, b, c, eps, ignore, any::<bool>(), ignore_index, 0usize..5, any::<u64>()).prop_map(
-        |(k, b, c, eps, ignore, uniform, ignore_index, z_off, seed)| CeCase {
-            k,
-            b,
-            c,
-            eps,
-            ignore,
-            uniform,
-            ignore_index,
-            z_off,
-            seed,
-        },
+    (
+        1usize..=16,
+        b,
+        c,
+        eps,
+        ignore,
+        any::<bool>(),
+        ignore_index,
+        0usize..5,
+        any::<u64>(),
     )
+        .prop_map(
+            |(k, b, c, eps, ignore, uniform, ignore_index, z_off, seed)| CeCase {
+                k,
+                b,
+                c,
+                eps,
+                ignore,
+                uniform,
+                ignore_index,
+                z_off,
+                seed,
+            },
+        )
 }
 
 fn ce_inputs(c: &CeCase) -> (Vec<f64>, Vec<i64>) {
@@ -315,7 +349,12 @@ fn ce_inputs(c: &CeCase) -> (Vec<f64>, Vec<i64>) {
 }
 
 fn rel_err_norm(got: &[f64], want: &[f64]) -> f64 {
-    let num: f64 = got.iter().zip(want).map(|(a, b)| (a - b) * (a - b)).sum::<f64>().sqrt();
+    let num: f64 = got
+        .iter()
+        .zip(want)
+        .map(|(a, b)| (a - b) * (a - b))
+        .sum::<f64>()
+        .sqrt();
     let den: f64 = want.iter().map(|b| b * b).sum::<f64>().sqrt();
     if den == 0.0 {
         num
@@ -328,8 +367,17 @@ fn run_ce<T: Element, G: Element>(dev: &Device, c: &CeCase) -> Result<(), TestCa
     let (weights, labels) = ce_inputs(c);
     let n = c.k * c.b * c.c;
     let z: Vec<T> = values(n, 8.0, c.seed ^ 0xce);
-    let (want_loss, want_dz) =
-        weighted_cross_entropy(&widen(&z), c.k, c.b, c.c, &weights, &labels, c.ignore_index, c.eps).unwrap();
+    let (want_loss, want_dz) = weighted_cross_entropy(
+        &widen(&z),
+        c.k,
+        c.b,
+        c.c,
+        &weights,
+        &labels,
+        c.ignore_index,
+        c.eps,
+    )
+    .unwrap();
     let ce = WeightedCrossEntropy::new(&weights)
         .unwrap()
         .with_label_smoothing(c.eps)
@@ -341,13 +389,19 @@ fn run_ce<T: Element, G: Element>(dev: &Device, c: &CeCase) -> Result<(), TestCa
     let ld = dev.upload(&labels).unwrap();
     let mut loss = dev.upload(&[SENTINEL_F32]).unwrap();
     let mut dz = upload_at(dev, &vec![G::from_f32(-7.0); n], c.z_off, G::from_f32(-7.0));
-    let mut scratch = dev.zeros::<u64>(WeightedCrossEntropy::scratch_len(c.k, c.b)).unwrap();
+    let mut scratch = dev
+        .zeros::<u64>(WeightedCrossEntropy::scratch_len(c.k, c.b))
+        .unwrap();
     {
         let mut dv = dz.slice_mut(c.z_off..c.z_off + n);
-        ce.forward(s, &zv, c.b, c.c, &ld, &mut loss, &mut dv, &mut scratch).map_err(tcerr)?;
+        ce.forward(s, &zv, c.b, c.c, &ld, &mut loss, &mut dv, &mut scratch)
+            .map_err(tcerr)?;
     }
     let n_valid = check_labels(s, &scratch, c.c, c.ignore_index).map_err(tcerr)?;
-    prop_assert_eq!(n_valid as usize, labels.iter().filter(|&&y| y != c.ignore_index).count());
+    prop_assert_eq!(
+        n_valid as usize,
+        labels.iter().filter(|&&y| y != c.ignore_index).count()
+    );
     let got_loss = f64::from(dev.download(&loss).unwrap()[0]);
     prop_assert!(
         (got_loss - want_loss).abs() <= LOSS_TOL * want_loss.abs().max(1.0),
@@ -358,9 +412,16 @@ fn run_ce<T: Element, G: Element>(dev: &Device, c: &CeCase) -> Result<(), TestCa
     );
     let got = dev.download(&dz).unwrap();
     let got_dz = widen(&got[c.z_off..c.z_off + n]);
-    let tol = if G::DTYPE == DType::F32 { GRAD_TOL_F32 } else { GRAD_TOL_16 };
+    let tol = if G::DTYPE == DType::F32 {
+        GRAD_TOL_F32
+    } else {
+        GRAD_TOL_16
+    };
     if n_valid == 0 {
-        prop_assert!(got_loss == 0.0 && got_dz.iter().all(|&v| v == 0.0), "all ignored: zeros");
+        prop_assert!(
+            got_loss == 0.0 && got_dz.iter().all(|&v| v == 0.0),
+            "all ignored: zeros"
+        );
     } else {
         let err = rel_err_norm(&got_dz, &want_dz);
         prop_assert!(err <= tol, "dz relative error {} > {} in {:?}", err, tol, c);
@@ -374,18 +435,27 @@ fn run_ce<T: Element, G: Element>(dev: &Device, c: &CeCase) -> Result<(), TestCa
             }
         }
     }
-    prop_assert!(got[..c.z_off].iter().chain(&got[c.z_off + n..]).all(|v| v.to_f32() == -7.0));
+    prop_assert!(got[..c.z_off]
+        .iter()
+        .chain(&got[c.z_off + n..])
+        .all(|v| v.to_f32() == -7.0));
 
     // The loss-only launch gives the same loss.
     let mut loss2 = dev.zeros::<f32>(1).unwrap();
-    ce.loss(s, &zv, c.b, c.c, &ld, &mut loss2, &mut scratch).map_err(tcerr)?;
-    prop_assert_eq!(dev.download(&loss2).unwrap()[0].to_bits(), (got_loss as f32).to_bits());
+    ce.loss(s, &zv, c.b, c.c, &ld, &mut loss2, &mut scratch)
+        .map_err(tcerr)?;
+    prop_assert_eq!(
+        dev.download(&loss2).unwrap()[0].to_bits(),
+        (got_loss as f32).to_bits()
+    );
     Ok(())
 }
 
 #[test]
 fn weighted_cross_entropy_matches_reference() {
-    let Some(dev) = gpu("weighted_cross_entropy_matches_reference") else { return };
+    let Some(dev) = gpu("weighted_cross_entropy_matches_reference") else {
+        return;
+    };
     let mut runner = TestRunner::new(Config::with_cases(cases(24)));
     runner
         .run(&(ce_case(), 0usize..6), |(c, t)| match t {
@@ -401,7 +471,9 @@ fn weighted_cross_entropy_matches_reference() {
 
 #[test]
 fn weighted_cross_entropy_benchmark_shape() {
-    let Some(dev) = gpu("weighted_cross_entropy_benchmark_shape") else { return };
+    let Some(dev) = gpu("weighted_cross_entropy_benchmark_shape") else {
+        return;
+    };
     let c = CeCase {
         k: 8,
         b: 1024,
@@ -419,7 +491,9 @@ fn weighted_cross_entropy_benchmark_shape() {
 
 #[test]
 fn weighted_cross_entropy_is_deterministic() {
-    let Some(dev) = gpu("weighted_cross_entropy_is_deterministic") else { return };
+    let Some(dev) = gpu("weighted_cross_entropy_is_deterministic") else {
+        return;
+    };
     let (k, b, c) = (8, 1024, 1000);
     let z: Vec<f16> = values(k * b * c, 8.0, 9);
     let labels: Vec<i64> = (0..b as i64).map(|i| (i * 7) % c as i64).collect();
@@ -432,8 +506,12 @@ fn weighted_cross_entropy_is_deterministic() {
     for _ in 0..5 {
         let mut loss = dev.zeros::<f32>(1).unwrap();
         let mut dz = dev.zeros::<f16>(k * b * c).unwrap();
-        ce.forward(s, &zd, b, c, &ld, &mut loss, &mut dz, &mut scratch).unwrap();
-        let got = (dev.download(&loss).unwrap()[0].to_bits(), bits(&dev.download(&dz).unwrap()));
+        ce.forward(s, &zd, b, c, &ld, &mut loss, &mut dz, &mut scratch)
+            .unwrap();
+        let got = (
+            dev.download(&loss).unwrap()[0].to_bits(),
+            bits(&dev.download(&dz).unwrap()),
+        );
         match &first {
             None => first = Some(got),
             Some(f) => assert!(*f == got, "run-to-run difference"),
@@ -443,7 +521,9 @@ fn weighted_cross_entropy_is_deterministic() {
 
 #[test]
 fn bad_labels_write_nothing() {
-    let Some(dev) = gpu("bad_labels_write_nothing") else { return };
+    let Some(dev) = gpu("bad_labels_write_nothing") else {
+        return;
+    };
     let (k, b, c) = (3, 5, 7);
     let s = dev.stream();
     let z: Vec<f32> = values(k * b * c, 2.0, 3);
@@ -456,7 +536,8 @@ fn bad_labels_write_nothing() {
         let mut loss = dev.upload(&[SENTINEL_F32]).unwrap();
         let mut dz = dev.upload(&vec![SENTINEL_F32; k * b * c]).unwrap();
         let mut scratch = dev.zeros::<u64>(WeightedCrossEntropy::scratch_len(k, b)).unwrap();
-        ce.forward(s, &zd, b, c, &ld, &mut loss, &mut dz, &mut scratch).unwrap();
+        ce.forward(s, &zd, b, c, &ld, &mut loss, &mut dz, &mut scratch)
+            .unwrap();
         let err = check_labels(s, &scratch, c, DEFAULT_IGNORE_INDEX);
         assert_eq!(invalid_name(err.clone()), "labels");
         assert!(err.unwrap_err().to_string().contains(&format!("row {bad_row}")));
@@ -466,7 +547,16 @@ fn bad_labels_write_nothing() {
         let wz: Vec<f64> = z.iter().map(|&v| f64::from(v)).collect();
         let w = vec![1.0 / k as f64; k];
         assert_eq!(
-            invalid_name(weighted_cross_entropy(&wz, k, b, c, &w, &labels, DEFAULT_IGNORE_INDEX, 0.0)),
+            invalid_name(weighted_cross_entropy(
+                &wz,
+                k,
+                b,
+                c,
+                &w,
+                &labels,
+                DEFAULT_IGNORE_INDEX,
+                0.0
+            )),
             "labels"
         );
     }
@@ -474,7 +564,9 @@ fn bad_labels_write_nothing() {
 
 #[test]
 fn invalid_arguments_write_nothing() {
-    let Some(dev) = gpu("invalid_arguments_write_nothing") else { return };
+    let Some(dev) = gpu("invalid_arguments_write_nothing") else {
+        return;
+    };
     let s = dev.stream();
     let (k, b, c) = (2, 3, 4);
     let n = k * b * c;
@@ -487,18 +579,42 @@ fn invalid_arguments_write_nothing() {
     let mut scratch = dev.zeros::<u64>(WeightedCrossEntropy::scratch_len(k, b)).unwrap();
     let ce = WeightedCrossEntropy::uniform(k).unwrap();
     let short = dev.upload(&vec![0.5f32; n - 1]).unwrap();
-    assert_eq!(invalid_name(ce.forward(s, &short, b, c, &labels, &mut loss, &mut dz, &mut scratch)), "logits");
-    assert_eq!(invalid_name(ce.forward(s, &z, 0, c, &labels, &mut loss, &mut dz, &mut scratch)), "logits");
-    assert_eq!(invalid_name(ce.forward(s, &z, b, 0, &labels, &mut loss, &mut dz, &mut scratch)), "logits");
+    assert_eq!(
+        invalid_name(ce.forward(s, &short, b, c, &labels, &mut loss, &mut dz, &mut scratch)),
+        "logits"
+    );
+    assert_eq!(
+        invalid_name(ce.forward(s, &z, 0, c, &labels, &mut loss, &mut dz, &mut scratch)),
+        "logits"
+    );
+    assert_eq!(
+        invalid_name(ce.forward(s, &z, b, 0, &labels, &mut loss, &mut dz, &mut scratch)),
+        "logits"
+    );
     let l2 = dev.upload(&[0i64, 1]).unwrap();
-    assert_eq!(invalid_name(ce.forward(s, &z, b, c, &l2, &mut loss, &mut dz, &mut scratch)), "labels");
+    assert_eq!(
+        invalid_name(ce.forward(s, &z, b, c, &l2, &mut loss, &mut dz, &mut scratch)),
+        "labels"
+    );
     let mut dz_short = dev.zeros::<f32>(n - 1).unwrap();
-    assert_eq!(invalid_name(ce.forward(s, &z, b, c, &labels, &mut loss, &mut dz_short, &mut scratch)), "grad");
-    assert_eq!(invalid_name(ce.forward(s, &z16, b, c, &labels, &mut loss, &mut dz_bf, &mut scratch)), "grad");
+    assert_eq!(
+        invalid_name(ce.forward(s, &z, b, c, &labels, &mut loss, &mut dz_short, &mut scratch)),
+        "grad"
+    );
+    assert_eq!(
+        invalid_name(ce.forward(s, &z16, b, c, &labels, &mut loss, &mut dz_bf, &mut scratch)),
+        "grad"
+    );
     let mut small = dev.zeros::<u64>(2).unwrap();
-    assert_eq!(invalid_name(ce.forward(s, &z, b, c, &labels, &mut loss, &mut dz, &mut small)), "scratch");
+    assert_eq!(
+        invalid_name(ce.forward(s, &z, b, c, &labels, &mut loss, &mut dz, &mut small)),
+        "scratch"
+    );
     let mut loss2 = dev.zeros::<f32>(2).unwrap();
-    assert_eq!(invalid_name(ce.forward(s, &z, b, c, &labels, &mut loss2, &mut dz, &mut scratch)), "loss");
+    assert_eq!(
+        invalid_name(ce.forward(s, &z, b, c, &labels, &mut loss2, &mut dz, &mut scratch)),
+        "loss"
+    );
     assert_eq!(dev.download(&loss).unwrap(), vec![SENTINEL_F32]);
     assert!(dev.download(&dz).unwrap().iter().all(|&v| v == SENTINEL_F32));
 
@@ -510,9 +626,15 @@ fn invalid_arguments_write_nothing() {
     let mut short_copies = dev.zeros::<f32>(k * 10 - 1).unwrap();
     assert_eq!(invalid_name(ms.copies(s, st, &h, &mut short_copies)), "copies");
     let mut short_masks = dev.zeros::<u32>(masks_len(k, 10) + 1).unwrap();
-    assert_eq!(invalid_name(ms.copies_with_masks(s, st, &h, &mut copies, &mut short_masks)), "masks");
+    assert_eq!(
+        invalid_name(ms.copies_with_masks(s, st, &h, &mut copies, &mut short_masks)),
+        "masks"
+    );
     let empty = dev.zeros::<f32>(1).unwrap();
-    assert_eq!(invalid_name(ms.copies(s, st, &empty.slice(0..0), &mut copies)), "h");
+    assert_eq!(
+        invalid_name(ms.copies(s, st, &empty.slice(0..0), &mut copies)),
+        "h"
+    );
     assert!(dev.download(&copies).unwrap().iter().all(|&v| v == SENTINEL_F32));
     assert!(dev.download(&masks).unwrap().iter().all(|&v| v == MASK_SENTINEL));
 
@@ -524,7 +646,10 @@ fn invalid_arguments_write_nothing() {
     assert_eq!(invalid_name(ms.reduce(s, &short_masks, &grads, &mut dh)), "masks");
     assert!(dev.download(&dh).unwrap().iter().all(|&v| v == SENTINEL_F32));
     let mut mean = dev.upload(&[SENTINEL_F32; 10]).unwrap();
-    assert_eq!(invalid_name(mean_logits(s, k, &grads.slice(0..k * 10 - 1), &mut mean)), "logits");
+    assert_eq!(
+        invalid_name(mean_logits(s, k, &grads.slice(0..k * 10 - 1), &mut mean)),
+        "logits"
+    );
     assert_eq!(invalid_name(mean_logits(s, 0, &grads, &mut mean)), "k");
     let mut mean16 = dev.zeros::<f16>(10).unwrap();
     let gb = dev.zeros::<bf16>(k * 10).unwrap();
@@ -536,14 +661,17 @@ fn invalid_arguments_write_nothing() {
 /// spot-checked against the reference words at the ends and around element 2^31 of each sample.
 #[test]
 fn copies_and_reduce_huge() {
-    let Some(dev) = gpu("copies_and_reduce_huge") else { return };
+    let Some(dev) = gpu("copies_and_reduce_huge") else {
+        return;
+    };
     let (k, n) = (2usize, (1usize << 31) + 13);
     let ms = MultiSample::new(k, 0.25).unwrap();
     let st = PhiloxState::new(0xabc, u64::MAX);
     let h = dev.upload(&vec![f16::from_f32(1.5); n]).unwrap();
     let mut copies = dev.zeros::<f16>(k * n).unwrap();
     let mut masks = dev.zeros::<u32>(masks_len(k, n)).unwrap();
-    ms.copies_with_masks(dev.stream(), st, &h, &mut copies, &mut masks).unwrap();
+    ms.copies_with_masks(dev.stream(), st, &h, &mut copies, &mut masks)
+        .unwrap();
     let mut dh = dev.zeros::<f32>(n).unwrap();
     ms.reduce(dev.stream(), &masks, &copies, &mut dh).unwrap();
     let got_copies = dev.download(&copies).unwrap();
@@ -557,7 +685,11 @@ fn copies_and_reduce_huge() {
         for s in 0..k {
             let kept = ref_dropout::keep(sample_state(st, s as u64), e as u64, threshold);
             let want = if kept { kept_value } else { f16::from_f32(0.0) };
-            assert_eq!(got_copies[s * n + e].to_bits(), want.to_bits(), "sample {s} element {e}");
+            assert_eq!(
+                got_copies[s * n + e].to_bits(),
+                want.to_bits(),
+                "sample {s} element {e}"
+            );
             if kept {
                 want_dh += kept_value.to_f32() * scale;
             }
@@ -581,18 +713,34 @@ fn configuration_validation_without_device() {
     assert_eq!(invalid_name(WeightedCrossEntropy::new(&[])), "weights");
     assert_eq!(invalid_name(WeightedCrossEntropy::new(&[0.5, 0.6])), "weights");
     assert_eq!(invalid_name(WeightedCrossEntropy::new(&[1.5, -0.5])), "weights");
-    assert_eq!(invalid_name(WeightedCrossEntropy::new(&[f64::NAN, 1.0])), "weights");
     assert_eq!(
-        invalid_name(WeightedCrossEntropy::uniform(2).unwrap().with_label_smoothing(1.01)),
+        invalid_name(WeightedCrossEntropy::new(&[f64::NAN, 1.0])),
+        "weights"
+    );
+    assert_eq!(
+        invalid_name(
+            WeightedCrossEntropy::uniform(2)
+                .unwrap()
+                .with_label_smoothing(1.01)
+        ),
         "label_smoothing"
     );
     assert_eq!(
-        invalid_name(WeightedCrossEntropy::uniform(2).unwrap().with_label_smoothing(f64::NAN)),
+        invalid_name(
+            WeightedCrossEntropy::uniform(2)
+                .unwrap()
+                .with_label_smoothing(f64::NAN)
+        ),
         "label_smoothing"
     );
-    let ce = WeightedCrossEntropy::new(&[0.25, 0.75]).unwrap().with_ignore_index(-1);
+    let ce = WeightedCrossEntropy::new(&[0.25, 0.75])
+        .unwrap()
+        .with_ignore_index(-1);
     assert_eq!((ce.k(), ce.ignore_index()), (2, -1));
-    assert!(WeightedCrossEntropy::uniform(3).is_ok(), "1/3 + 1/3 + 1/3 is within the tolerance");
+    assert!(
+        WeightedCrossEntropy::uniform(3).is_ok(),
+        "1/3 + 1/3 + 1/3 is within the tolerance"
+    );
     // The scratch holds the two u64 words and K * B f32 partials.
     assert_eq!(WeightedCrossEntropy::scratch_len(8, 1024), 2 + 4096);
     assert_eq!(WeightedCrossEntropy::scratch_len(3, 3), 2 + 5);

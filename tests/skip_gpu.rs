@@ -61,7 +61,12 @@ fn dl<T: DeviceRepr>(dev: &Device, s: &CudaSlice<T>) -> Result<Vec<T>, TestCaseE
 }
 
 /// `data` at element `off` of a buffer of `off + len + GUARD` elements filled with `fill`.
-fn upload_at<T: Element>(dev: &Device, off: usize, data: &[T], fill: T) -> Result<CudaSlice<T>, TestCaseError> {
+fn upload_at<T: Element>(
+    dev: &Device,
+    off: usize,
+    data: &[T],
+    fill: T,
+) -> Result<CudaSlice<T>, TestCaseError> {
     let mut host = vec![fill; off + data.len() + GUARD];
     host[off..off + data.len()].copy_from_slice(data);
     ok(dev.upload(&host), "upload")
@@ -84,7 +89,13 @@ fn same_bits<T: Element>(got: &[T], want: &[T], what: &str) -> Result<(), TestCa
 }
 
 /// The view `[off, off + len)` of `buf` equals `want`, and every other element is `fill`.
-fn check_view<T: Element>(buf: &[T], off: usize, want: &[T], fill: T, what: &str) -> Result<(), TestCaseError> {
+fn check_view<T: Element>(
+    buf: &[T],
+    off: usize,
+    want: &[T],
+    fill: T,
+    what: &str,
+) -> Result<(), TestCaseError> {
     same_bits(&buf[off..off + want.len()], want, what)?;
     let outside = buf[..off].iter().chain(&buf[off + want.len()..]);
     prop_assert!(
@@ -153,23 +164,25 @@ fn depth_case() -> impl Strategy<Value = DepthCase> {
         any::<u64>(),
     )
         .prop_filter("keep the large rows to small batches", |c| c.0 * c.1 <= 400_000)
-        .prop_map(|(batch, row_len, bias, keep_kind, keep_mode, scale, offs, seed)| {
-            // A divisor of row_len from the random pick: P = gcd-free choice among divisors.
-            let bias = bias.map(|b| {
-                let divs: Vec<usize> = (1..=row_len).filter(|d| row_len % d == 0).collect();
-                divs[b as usize % divs.len()]
-            });
-            DepthCase {
-                batch,
-                row_len,
-                bias,
-                keep_kind,
-                keep_mode,
-                scale,
-                offs,
-                seed,
-            }
-        })
+        .prop_map(
+            |(batch, row_len, bias, keep_kind, keep_mode, scale, offs, seed)| {
+                // A divisor of row_len from the random pick: P = gcd-free choice among divisors.
+                let bias = bias.map(|b| {
+                    let divs: Vec<usize> = (1..=row_len).filter(|d| row_len % d == 0).collect();
+                    divs[b as usize % divs.len()]
+                });
+                DepthCase {
+                    batch,
+                    row_len,
+                    bias,
+                    keep_kind,
+                    keep_mode,
+                    scale,
+                    offs,
+                    seed,
+                }
+            },
+        )
 }
 
 fn check_depth<T: Element>(dev: &Device, c: &DepthCase) -> Result<(), TestCaseError> {
@@ -208,7 +221,9 @@ fn check_depth<T: Element>(dev: &Device, c: &DepthCase) -> Result<(), TestCaseEr
         None => None,
     };
     let bview = bd.as_ref().map(|b| b.slice(ob..ob + b.len() - ob - GUARD));
-    let bias_arg = bview.as_ref().map(|v| v as &dyn dropfuse::cudarc::driver::DevicePtr<T>);
+    let bias_arg = bview
+        .as_ref()
+        .map(|v| v as &dyn dropfuse::cudarc::driver::DevicePtr<T>);
 
     // In place.
     let mut xd = upload_at(dev, ox, &x, fill)?;
@@ -243,7 +258,13 @@ fn check_depth<T: Element>(dev: &Device, c: &DepthCase) -> Result<(), TestCaseEr
         "stochastic_depth",
     )?;
     check_view(&dl(dev, &yd)?, oy, &want, fill, "out-of-place forward")?;
-    check_view(&dl(dev, &xd)?, ox, &x, fill, "residual after out-of-place forward")?;
+    check_view(
+        &dl(dev, &xd)?,
+        ox,
+        &x,
+        fill,
+        "residual after out-of-place forward",
+    )?;
 
     // Backward.
     let dyd = upload_at(dev, oy, &dy, fill)?;
@@ -261,7 +282,10 @@ fn check_depth<T: Element>(dev: &Device, c: &DepthCase) -> Result<(), TestCaseEr
             "stochastic_depth_backward",
         )?,
         Some(p) => {
-            let ws_len = ok(skip::stochastic_depth_workspace_len(c.batch, c.row_len, p), "workspace_len")?;
+            let ws_len = ok(
+                skip::stochastic_depth_workspace_len(c.batch, c.row_len, p),
+                "workspace_len",
+            )?;
             let mut ws = ok(dev.upload(&vec![f32::NAN; ws_len]), "upload")?;
             let mut dbias = upload_at(dev, ob, &vec![fill; p], fill)?;
             ok(
@@ -390,16 +414,22 @@ fn gpu_stochastic_depth_bias_gradient_is_reproducible() {
             &mut ws,
         )
         .unwrap();
-        let got: Vec<u32> = dev.download(&dbias).unwrap().iter().map(|v| v.to_bits()).collect();
+        let got: Vec<u32> = dev
+            .download(&dbias)
+            .unwrap()
+            .iter()
+            .map(|v| v.to_bits())
+            .collect();
         match &first {
             None => first = Some(got),
             Some(f) => assert_eq!(&got, f, "d_bias differs between runs"),
         }
     }
-    let want = reference::stochastic_depth_backward(&dy, row_len, SampleKeep::PerSample(&flags), 1.25, Some(p))
-        .unwrap()
-        .d_bias
-        .unwrap();
+    let want =
+        reference::stochastic_depth_backward(&dy, row_len, SampleKeep::PerSample(&flags), 1.25, Some(p))
+            .unwrap()
+            .d_bias
+            .unwrap();
     let want: Vec<u32> = want.iter().map(|v| v.to_bits()).collect();
     assert_eq!(first.unwrap(), want, "d_bias vs reference");
 }
@@ -430,20 +460,25 @@ fn compact_case() -> impl Strategy<Value = CompactCase> {
         any::<u64>(),
     )
         .prop_filter("keep the large rows to small batches", |c| c.0 * c.1 <= 300_000)
-        .prop_map(|(batch, row_len, keep_kind, extra, scale, offs, seed)| CompactCase {
-            batch,
-            row_len,
-            keep_kind,
-            extra,
-            scale,
-            offs,
-            seed,
-        })
+        .prop_map(
+            |(batch, row_len, keep_kind, extra, scale, offs, seed)| CompactCase {
+                batch,
+                row_len,
+                keep_kind,
+                extra,
+                scale,
+                offs,
+                seed,
+            },
+        )
 }
 
 fn slots_of(dev: &Device, flags: &[bool]) -> Result<SampleSlots, TestCaseError> {
     let kd = ok(dev.upload(&skip::keep_flags(flags)), "upload")?;
-    ok(SampleSlots::from_keep(dev.stream(), &kd), "SampleSlots::from_keep")
+    ok(
+        SampleSlots::from_keep(dev.stream(), &kd),
+        "SampleSlots::from_keep",
+    )
 }
 
 fn check_compact<T: Element>(dev: &Device, c: &CompactCase) -> Result<(), TestCaseError> {
@@ -472,7 +507,13 @@ fn check_compact<T: Element>(dev: &Device, c: &CompactCase) -> Result<(), TestCa
     let xd = upload_at(dev, ox, &x, fill)?;
     let mut cd = upload_at(dev, oc, &vec![fill; cn], fill)?;
     ok(
-        skip::gather_samples(s, &slots, &xd.slice(ox..ox + n), r, &mut cd.slice_mut(oc..oc + cn)),
+        skip::gather_samples(
+            s,
+            &slots,
+            &xd.slice(ox..ox + n),
+            r,
+            &mut cd.slice_mut(oc..oc + cn),
+        ),
         "gather_samples",
     )?;
     let mut want_c = vec![fill; cn];
@@ -480,14 +521,23 @@ fn check_compact<T: Element>(dev: &Device, c: &CompactCase) -> Result<(), TestCa
     check_view(&dl(dev, &cd)?, oc, &want_c, fill, "gather")?;
     let mut cd2 = upload_at(dev, oc, &vec![fill; cn], fill)?;
     let got = ok(
-        skip::gather_samples_checked(s, &slots, &xd.slice(ox..ox + n), r, &mut cd2.slice_mut(oc..oc + cn)),
+        skip::gather_samples_checked(
+            s,
+            &slots,
+            &xd.slice(ox..ox + n),
+            r,
+            &mut cd2.slice_mut(oc..oc + cn),
+        ),
         "gather_samples_checked",
     )?;
     prop_assert_eq!(got, count);
     check_view(&dl(dev, &cd2)?, oc, &want_c, fill, "gather_checked")?;
 
     // scatter, out of place and in place.
-    let want_scatter = ok(reference::scatter_samples(&x, &cdata, r, &flags), "reference scatter")?;
+    let want_scatter = ok(
+        reference::scatter_samples(&x, &cdata, r, &flags),
+        "reference scatter",
+    )?;
     let cdd = upload_at(dev, oc, &cdata, fill)?;
     let mut yd = upload_at(dev, oy, &vec![fill; n], fill)?;
     ok(
@@ -504,13 +554,22 @@ fn check_compact<T: Element>(dev: &Device, c: &CompactCase) -> Result<(), TestCa
     check_view(&dl(dev, &yd)?, oy, &want_scatter, fill, "scatter")?;
     let mut xi = upload_at(dev, ox, &x, fill)?;
     ok(
-        skip::scatter_samples_in_place(s, &slots, &mut xi.slice_mut(ox..ox + n), &cdd.slice(oc..oc + cn), r),
+        skip::scatter_samples_in_place(
+            s,
+            &slots,
+            &mut xi.slice_mut(ox..ox + n),
+            &cdd.slice(oc..oc + cn),
+            r,
+        ),
         "scatter_samples_in_place",
     )?;
     check_view(&dl(dev, &xi)?, ox, &want_scatter, fill, "scatter in place")?;
 
     // scatter backward.
-    let (want_dx, want_dc) = ok(reference::scatter_samples_backward(&dy, r, &flags), "reference scatter bwd")?;
+    let (want_dx, want_dc) = ok(
+        reference::scatter_samples_backward(&dy, r, &flags),
+        "reference scatter bwd",
+    )?;
     let dyd = upload_at(dev, oy, &dy, fill)?;
     let mut dxd = upload_at(dev, ox, &vec![fill; n], fill)?;
     let mut dcd = upload_at(dev, oc, &vec![fill; cn], fill)?;
@@ -538,7 +597,14 @@ fn check_compact<T: Element>(dev: &Device, c: &CompactCase) -> Result<(), TestCa
     )?;
     let mut xa = upload_at(dev, ox, &x, fill)?;
     ok(
-        skip::scatter_add_samples(s, &slots, &mut xa.slice_mut(ox..ox + n), &cdd.slice(oc..oc + cn), r, c.scale),
+        skip::scatter_add_samples(
+            s,
+            &slots,
+            &mut xa.slice_mut(ox..ox + n),
+            &cdd.slice(oc..oc + cn),
+            r,
+            c.scale,
+        ),
         "scatter_add_samples",
     )?;
     check_view(&dl(dev, &xa)?, ox, &want_sa, fill, "scatter_add")?;
@@ -548,7 +614,14 @@ fn check_compact<T: Element>(dev: &Device, c: &CompactCase) -> Result<(), TestCa
     )?;
     let mut dcd = upload_at(dev, oc, &vec![fill; cn], fill)?;
     ok(
-        skip::scatter_add_samples_backward(s, &slots, &dyd.slice(oy..oy + n), r, c.scale, &mut dcd.slice_mut(oc..oc + cn)),
+        skip::scatter_add_samples_backward(
+            s,
+            &slots,
+            &dyd.slice(oy..oy + n),
+            r,
+            c.scale,
+            &mut dcd.slice_mut(oc..oc + cn),
+        ),
         "scatter_add_samples_backward",
     )?;
     let mut want_c = vec![fill; cn];
@@ -563,7 +636,13 @@ fn check_compact<T: Element>(dev: &Device, c: &CompactCase) -> Result<(), TestCa
     )?;
     let mut dx2 = upload_at(dev, ox, &dy, fill)?;
     ok(
-        skip::gather_samples_backward(s, &slots, &cdd.slice(oc..oc + cn), r, &mut dx2.slice_mut(ox..ox + n)),
+        skip::gather_samples_backward(
+            s,
+            &slots,
+            &cdd.slice(oc..oc + cn),
+            r,
+            &mut dx2.slice_mut(ox..ox + n),
+        ),
         "gather_samples_backward",
     )?;
     check_view(&dl(dev, &dx2)?, ox, &want_gb, fill, "gather bwd")?;
@@ -605,7 +684,14 @@ fn gpu_compaction_edge_cases() {
         return;
     };
     let mut i = 0u64;
-    for (batch, row_len) in [(1usize, 1usize), (1, 8), (4, 3), (2, 65_544), (3, 65_539), (40, 16)] {
+    for (batch, row_len) in [
+        (1usize, 1usize),
+        (1, 8),
+        (4, 3),
+        (2, 65_544),
+        (3, 65_539),
+        (40, 16),
+    ] {
         for keep_kind in 0..3u8 {
             for extra in [0usize, 2] {
                 i += 1;
@@ -634,7 +720,14 @@ fn gpu_slots_of_large_batches() {
         return;
     };
     let s = dev.stream();
-    for (batch, kind) in [(4096usize, 2u8), (4097, 2), (3 * 4096 + 7, 2), (100_000, 0), (100_001, 1), (1 << 20, 2)] {
+    for (batch, kind) in [
+        (4096usize, 2u8),
+        (4097, 2),
+        (3 * 4096 + 7, 2),
+        (100_000, 0),
+        (100_001, 1),
+        (1 << 20, 2),
+    ] {
         let flags = keep_pattern(batch, kind, batch as u64);
         let want = Compaction::new(&flags).unwrap();
         let kd = dev.upload(&skip::keep_flags(&flags)).unwrap();
@@ -672,12 +765,21 @@ fn gpu_compaction_capacity_below_count() {
     let got = dev.download(&cd).unwrap();
     let want_rows = reference::gather_samples(&x, r, &flags).unwrap();
     assert_eq!(&got[..cap * r], &want_rows[..cap * r], "rows below the capacity");
-    assert!(got[cap * r..].iter().all(|&v| v == fill), "no row at or beyond the capacity");
+    assert!(
+        got[cap * r..].iter().all(|&v| v == fill),
+        "no row at or beyond the capacity"
+    );
     assert_eq!(invalid_name(slots.check_capacity(s, cap)), "capacity");
     assert_eq!(slots.check_capacity(s, 5).unwrap(), 5);
     let mut cd2 = dev.upload(&vec![fill; cap * r]).unwrap();
-    assert_eq!(invalid_name(skip::gather_samples_checked(s, &slots, &xd, r, &mut cd2)), "capacity");
-    assert!(dev.download(&cd2).unwrap().iter().all(|&v| v == fill), "written despite the error");
+    assert_eq!(
+        invalid_name(skip::gather_samples_checked(s, &slots, &xd, r, &mut cd2)),
+        "capacity"
+    );
+    assert!(
+        dev.download(&cd2).unwrap().iter().all(|&v| v == fill),
+        "written despite the error"
+    );
     // scatter in place with a 3-row compact buffer: samples of slot >= 3 (samples 5 and 6) keep x.
     let cdata = values::<f32>(cap * r, 2);
     let cdd = dev.upload(&cdata).unwrap();
@@ -713,41 +815,157 @@ fn gpu_skip_invalid_arguments_write_nothing() {
     let k2 = dev.upload(&[1u8, 0]).unwrap();
     let pk = Keep::PerSample(&k3);
     let e = |r: dropfuse::Result<()>| invalid_name(r);
-    assert_eq!(e(skip::stochastic_depth_in_place(s, &mut res, &br, None, 0, pk, 1.0)), "row_len");
-    assert_eq!(e(skip::stochastic_depth_in_place(s, &mut res, &br, None, 5, pk, 1.0)), "residual");
-    assert_eq!(e(skip::stochastic_depth_in_place(s, &mut res.slice_mut(0..0), &br, None, r, pk, 1.0)), "residual");
-    assert_eq!(e(skip::stochastic_depth_in_place(s, &mut res, &br_short, None, r, pk, 1.0)), "branch");
-    assert_eq!(e(skip::stochastic_depth_in_place(s, &mut res, &br, Some(&bias3), r, pk, 1.0)), "bias");
     assert_eq!(
-        e(skip::stochastic_depth_in_place(s, &mut res, &br, Some(&bias3.slice(0..0)), r, pk, 1.0)),
+        e(skip::stochastic_depth_in_place(
+            s, &mut res, &br, None, 0, pk, 1.0
+        )),
+        "row_len"
+    );
+    assert_eq!(
+        e(skip::stochastic_depth_in_place(
+            s, &mut res, &br, None, 5, pk, 1.0
+        )),
+        "residual"
+    );
+    assert_eq!(
+        e(skip::stochastic_depth_in_place(
+            s,
+            &mut res.slice_mut(0..0),
+            &br,
+            None,
+            r,
+            pk,
+            1.0
+        )),
+        "residual"
+    );
+    assert_eq!(
+        e(skip::stochastic_depth_in_place(
+            s, &mut res, &br_short, None, r, pk, 1.0
+        )),
+        "branch"
+    );
+    assert_eq!(
+        e(skip::stochastic_depth_in_place(
+            s,
+            &mut res,
+            &br,
+            Some(&bias3),
+            r,
+            pk,
+            1.0
+        )),
         "bias"
     );
-    assert_eq!(e(skip::stochastic_depth_in_place(s, &mut res, &br, None, r, Keep::PerSample(&k2), 1.0)), "keep");
-    assert_eq!(e(skip::stochastic_depth_in_place(s, &mut res, &br, None, r, Keep::BatchOnDevice(&k3), 1.0)), "keep");
+    assert_eq!(
+        e(skip::stochastic_depth_in_place(
+            s,
+            &mut res,
+            &br,
+            Some(&bias3.slice(0..0)),
+            r,
+            pk,
+            1.0
+        )),
+        "bias"
+    );
+    assert_eq!(
+        e(skip::stochastic_depth_in_place(
+            s,
+            &mut res,
+            &br,
+            None,
+            r,
+            Keep::PerSample(&k2),
+            1.0
+        )),
+        "keep"
+    );
+    assert_eq!(
+        e(skip::stochastic_depth_in_place(
+            s,
+            &mut res,
+            &br,
+            None,
+            r,
+            Keep::BatchOnDevice(&k3),
+            1.0
+        )),
+        "keep"
+    );
     for bad in [f32::NAN, -1.0, f32::INFINITY] {
-        assert_eq!(e(skip::stochastic_depth_in_place(s, &mut res, &br, None, r, pk, bad)), "scale");
+        assert_eq!(
+            e(skip::stochastic_depth_in_place(
+                s, &mut res, &br, None, r, pk, bad
+            )),
+            "scale"
+        );
     }
     let mut out_short = dev.upload(&vec![0.0f32; n - 8]).unwrap();
-    assert_eq!(e(skip::stochastic_depth(s, &res, &br, None, r, pk, 1.0, &mut out_short)), "out");
+    assert_eq!(
+        e(skip::stochastic_depth(
+            s,
+            &res,
+            &br,
+            None,
+            r,
+            pk,
+            1.0,
+            &mut out_short
+        )),
+        "out"
+    );
     let mut db = dev.upload(&fill).unwrap();
     let mut db_short = dev.upload(&vec![7.0f32; n - 1]).unwrap();
-    assert_eq!(e(skip::stochastic_depth_backward(s, &br_short, r, pk, 1.0, &mut db)), "d_out");
-    assert_eq!(e(skip::stochastic_depth_backward(s, &br, r, pk, 1.0, &mut db_short)), "d_branch");
+    assert_eq!(
+        e(skip::stochastic_depth_backward(s, &br_short, r, pk, 1.0, &mut db)),
+        "d_out"
+    );
+    assert_eq!(
+        e(skip::stochastic_depth_backward(s, &br, r, pk, 1.0, &mut db_short)),
+        "d_branch"
+    );
     let mut dbias = dev.upload(&[7.0f32; 4]).unwrap();
     let mut dbias3 = dev.upload(&[7.0f32; 3]).unwrap();
     let ws_len = skip::stochastic_depth_workspace_len(b, r, 4).unwrap();
     let mut ws_short = dev.upload(&vec![7.0f32; ws_len - 1]).unwrap();
     let mut ws = dev.upload(&vec![7.0f32; ws_len]).unwrap();
     assert_eq!(
-        e(skip::stochastic_depth_backward_bias(s, &br, r, pk, 1.0, &mut db, &mut dbias3, &mut ws)),
+        e(skip::stochastic_depth_backward_bias(
+            s,
+            &br,
+            r,
+            pk,
+            1.0,
+            &mut db,
+            &mut dbias3,
+            &mut ws
+        )),
         "bias"
     );
     assert_eq!(
-        e(skip::stochastic_depth_backward_bias(s, &br, r, pk, 1.0, &mut db, &mut dbias, &mut ws_short)),
+        e(skip::stochastic_depth_backward_bias(
+            s,
+            &br,
+            r,
+            pk,
+            1.0,
+            &mut db,
+            &mut dbias,
+            &mut ws_short
+        )),
         "workspace"
     );
-    assert_eq!(dev.download(&res).unwrap(), fill, "residual written despite an error");
-    assert_eq!(dev.download(&db).unwrap(), fill, "d_branch written despite an error");
+    assert_eq!(
+        dev.download(&res).unwrap(),
+        fill,
+        "residual written despite an error"
+    );
+    assert_eq!(
+        dev.download(&db).unwrap(),
+        fill,
+        "d_branch written despite an error"
+    );
     assert_eq!(dev.download(&dbias).unwrap(), [7.0f32; 4]);
     assert_eq!(dev.download(&ws).unwrap(), vec![7.0f32; ws_len]);
 
@@ -761,20 +979,76 @@ fn gpu_skip_invalid_arguments_write_nothing() {
     assert_eq!(e(skip::gather_samples(s, &slots, &x, 0, &mut c)), "row_len");
     assert_eq!(e(skip::gather_samples(s, &slots, &br_short, r, &mut c)), "x");
     assert_eq!(e(skip::gather_samples(s, &slots, &x, r, &mut c_odd)), "out");
-    assert_eq!(invalid_name(skip::gather_samples_checked(s, &slots, &x, r, &mut c_odd)), "out");
+    assert_eq!(
+        invalid_name(skip::gather_samples_checked(s, &slots, &x, r, &mut c_odd)),
+        "out"
+    );
     let mut y = dev.upload(&fill).unwrap();
     let mut y_short = dev.upload(&vec![7.0f32; n - 1]).unwrap();
-    assert_eq!(e(skip::scatter_samples(s, &slots, &x, &c_odd, r, &mut y)), "compact");
-    assert_eq!(e(skip::scatter_samples(s, &slots, &x, &c, r, &mut y_short)), "out");
-    assert_eq!(e(skip::scatter_samples_backward(s, &slots, &x, r, &mut y_short, &mut c)), "d_x");
-    assert_eq!(e(skip::scatter_samples_backward(s, &slots, &x, r, &mut y, &mut c_odd)), "d_compact");
-    assert_eq!(e(skip::scatter_samples_backward(s, &slots, &br_short, r, &mut y, &mut c)), "d_out");
-    assert_eq!(e(skip::scatter_add_samples(s, &slots, &mut y, &c, r, -1.0)), "scale");
-    assert_eq!(e(skip::scatter_add_samples(s, &slots, &mut y_short, &c, r, 1.0)), "x");
-    assert_eq!(e(skip::scatter_add_samples_backward(s, &slots, &x, r, f32::NAN, &mut c)), "scale");
-    assert_eq!(e(skip::scatter_add_samples_backward(s, &slots, &x, r, 1.0, &mut c_odd)), "d_compact");
-    assert_eq!(e(skip::gather_samples_backward(s, &slots, &c_odd, r, &mut y)), "d_compact");
-    assert_eq!(e(skip::gather_samples_backward(s, &slots, &c, r, &mut y_short)), "d_x");
+    assert_eq!(
+        e(skip::scatter_samples(s, &slots, &x, &c_odd, r, &mut y)),
+        "compact"
+    );
+    assert_eq!(
+        e(skip::scatter_samples(s, &slots, &x, &c, r, &mut y_short)),
+        "out"
+    );
+    assert_eq!(
+        e(skip::scatter_samples_backward(
+            s,
+            &slots,
+            &x,
+            r,
+            &mut y_short,
+            &mut c
+        )),
+        "d_x"
+    );
+    assert_eq!(
+        e(skip::scatter_samples_backward(
+            s, &slots, &x, r, &mut y, &mut c_odd
+        )),
+        "d_compact"
+    );
+    assert_eq!(
+        e(skip::scatter_samples_backward(
+            s, &slots, &br_short, r, &mut y, &mut c
+        )),
+        "d_out"
+    );
+    assert_eq!(
+        e(skip::scatter_add_samples(s, &slots, &mut y, &c, r, -1.0)),
+        "scale"
+    );
+    assert_eq!(
+        e(skip::scatter_add_samples(s, &slots, &mut y_short, &c, r, 1.0)),
+        "x"
+    );
+    assert_eq!(
+        e(skip::scatter_add_samples_backward(
+            s,
+            &slots,
+            &x,
+            r,
+            f32::NAN,
+            &mut c
+        )),
+        "scale"
+    );
+    assert_eq!(
+        e(skip::scatter_add_samples_backward(
+            s, &slots, &x, r, 1.0, &mut c_odd
+        )),
+        "d_compact"
+    );
+    assert_eq!(
+        e(skip::gather_samples_backward(s, &slots, &c_odd, r, &mut y)),
+        "d_compact"
+    );
+    assert_eq!(
+        e(skip::gather_samples_backward(s, &slots, &c, r, &mut y_short)),
+        "d_x"
+    );
     assert_eq!(dev.download(&c).unwrap(), vec![7.0f32; 2 * r]);
     assert_eq!(dev.download(&c_odd).unwrap(), vec![7.0f32; 2 * r + 1]);
     assert_eq!(dev.download(&y).unwrap(), fill);
@@ -811,7 +1085,8 @@ fn gpu_skip_huge_tensor_over_2_pow_32() {
         let mut at = 0;
         while at < n {
             let len = PLANE.min(n - at);
-            s.memcpy_dtod(&pd.slice(0..len), &mut t.slice_mut(at..at + len)).unwrap();
+            s.memcpy_dtod(&pd.slice(0..len), &mut t.slice_mut(at..at + len))
+                .unwrap();
             at += len;
         }
         t
@@ -868,21 +1143,36 @@ fn gpu_skip_huge_tensor_over_2_pow_32() {
 
 #[test]
 fn header_constants_match_the_reference() {
-    assert_eq!(dropfuse::ffi::DROPFUSE_D_BIAS_CHUNK as usize, reference::D_BIAS_CHUNK);
+    assert_eq!(
+        dropfuse::ffi::DROPFUSE_D_BIAS_CHUNK as usize,
+        reference::D_BIAS_CHUNK
+    );
     assert_eq!(skip::D_BIAS_CHUNK, 256);
     assert_eq!(SLOT_NONE, u32::MAX);
 }
 
 #[test]
 fn workspace_len_is_one_partial_per_chunk_and_bias_element() {
-    assert_eq!(skip::stochastic_depth_workspace_len(16, 4096 * 4096, 4096).unwrap(), 256 * 4096);
+    assert_eq!(
+        skip::stochastic_depth_workspace_len(16, 4096 * 4096, 4096).unwrap(),
+        256 * 4096
+    );
     assert_eq!(skip::stochastic_depth_workspace_len(1, 8, 8).unwrap(), 8);
     assert_eq!(skip::stochastic_depth_workspace_len(300, 16, 16).unwrap(), 2 * 16);
     assert_eq!(skip::stochastic_depth_workspace_len(1, 1 << 20, 1).unwrap(), 4096);
     assert_eq!(skip::stochastic_depth_workspace_len(3, 10, 5).unwrap(), 5);
-    assert_eq!(invalid_name(skip::stochastic_depth_workspace_len(3, 0, 1)), "row_len");
-    assert_eq!(invalid_name(skip::stochastic_depth_workspace_len(3, 10, 3)), "bias");
-    assert_eq!(invalid_name(skip::stochastic_depth_workspace_len(3, 10, 0)), "bias");
+    assert_eq!(
+        invalid_name(skip::stochastic_depth_workspace_len(3, 0, 1)),
+        "row_len"
+    );
+    assert_eq!(
+        invalid_name(skip::stochastic_depth_workspace_len(3, 10, 3)),
+        "bias"
+    );
+    assert_eq!(
+        invalid_name(skip::stochastic_depth_workspace_len(3, 10, 0)),
+        "bias"
+    );
 }
 
 #[test]

@@ -1,0 +1,538 @@
+//! Monte-Carlo dropout on the GPU vs the CPU reference: replicas bit for bit (outputs and masks,
+//! every dtype, misaligned views, element offsets), summaries within
+//! `reference::mc_dropout::f32_tolerance` (one push at a time, a stored stack, classes held in
+//! registers or not), rejected pushes leaving the state unchanged, exact zeros for identical
+//! samples, validation. Without a GPU the GPU tests print a SKIPPED line and return; an `f32`
+//! model of the kernels' summary arithmetic is checked against the tolerance on the CPU.
+//!
+//! `DROPFUSE_PROPTEST_CASES` raises the number of random cases per property (default 24).
+
+mod common;
+
+use common::{cases, gpu, invalid_name};
+use dropfuse::cudarc::driver::CudaSlice;
+use dropfuse::mc_dropout::{summarize, McDropout, McOutputs, McStats32, McSummaryState};
+use dropfuse::reference::dropout::mask_words;
+use dropfuse::reference::mc_dropout::{self as reference, f32_tolerance, McStats, McSummary};
+use dropfuse::{Device, Element, PhiloxState};
+use half::{bf16, f16};
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestCaseError, TestRunner};
+
+const GUARD: usize = 5;
+
+fn splitmix(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+fn uniform(s: &mut u64) -> f32 {
+    (splitmix(s) >> 40) as f32 / (1u64 << 24) as f32
+}
+
+fn bits<T: Element>(v: &[T]) -> Vec<u32> {
+    v.iter().map(|e| e.to_bits_u32()).collect()
+}
+
+fn ok<V>(r: dropfuse::Result<V>, what: &str) -> Result<V, TestCaseError> {
+    r.map_err(|e| TestCaseError::fail(format!("{what}: {e}")))
+}
+
+// ---- replicas ----
+
+#[derive(Debug, Clone)]
+struct ReplicaCase {
+    n: usize,
+    replicas: usize,
+    p: f64,
+    state: PhiloxState,
+    element_offset: u64,
+    x_off: usize,
+    y_off: usize,
+    m_off: usize,
+    seed: u64,
+}
+
+fn replica_case() -> impl Strategy<Value = ReplicaCase> {
+    let n = prop_oneof![
+        2 => 1usize..=100,
+        2 => 100usize..=5000,
+        1 => prop::sample::select(vec![31usize, 32, 33, 64, 1024, 4096, 4100]),
+    ];
+    let p = prop_oneof![Just(0.0), Just(1.0), Just(0.99999), 0.0f64..=1.0];
+    let eo = prop_oneof![
+        Just(0u64),
+        0u64..1000,
+        any::<u64>(),
+        (1u64..(1 << 30)).prop_map(|k| (k << 34) - 77)
+    ];
+    (
+        n,
+        1usize..=6,
+        p,
+        any::<u64>(),
+        any::<u64>(),
+        eo,
+        0usize..9,
+        0usize..9,
+        0usize..3,
+        any::<u64>(),
+    )
+        .prop_map(
+            |(n, replicas, p, seed, offset, eo, x_off, y_off, m_off, s)| ReplicaCase {
+                n,
+                replicas,
+                p,
+                state: PhiloxState::new(seed, offset),
+                element_offset: eo.min(u64::MAX - n as u64),
+                x_off,
+                y_off,
+                m_off,
+                seed: s,
+            },
+        )
+}
+
+fn check_replicas<T: Element>(dev: &Device, c: &ReplicaCase) -> Result<(), TestCaseError> {
+    let mut s = c.seed;
+    let x: Vec<T> = (0..c.n)
+        .map(|_| T::from_f32(uniform(&mut s) * 16.0 - 8.0))
+        .collect();
+    let (want_y, want_m) = ok(
+        reference::replicated_forward(&x, c.replicas, c.p, c.state, c.element_offset),
+        "reference",
+    )?;
+    let mc = ok(McDropout::new(c.p, c.replicas), "new")?.with_element_offset(c.element_offset);
+    let total = c.n * c.replicas;
+    let words = c.replicas * mask_words(c.n);
+    assert_eq!(mc.masks_words(c.n), words);
+    let sent = T::from_f32(-12345.0);
+    let mut hx = vec![sent; c.x_off + c.n + GUARD];
+    hx[c.x_off..c.x_off + c.n].copy_from_slice(&x);
+    let xd = ok(dev.upload(&hx), "upload")?;
+    let xv = xd.slice(c.x_off..c.x_off + c.n);
+    let mut y: CudaSlice<T> = ok(dev.upload(&vec![sent; c.y_off + total + GUARD]), "alloc")?;
+    let mut m: CudaSlice<u32> = ok(
+        dev.upload(&vec![0xDEAD_BEEFu32; c.m_off + words + GUARD]),
+        "alloc",
+    )?;
+    ok(
+        mc.forward(
+            dev.stream(),
+            c.state,
+            &xv,
+            &mut y.slice_mut(c.y_off..c.y_off + total),
+            &mut m.slice_mut(c.m_off..c.m_off + words),
+        ),
+        "forward",
+    )?;
+    let gy = bits(&ok(dev.download(&y), "dl")?);
+    let gm = ok(dev.download(&m), "dl")?;
+    let mut wy = vec![sent.to_bits_u32(); c.y_off + total + GUARD];
+    wy[c.y_off..c.y_off + total].copy_from_slice(&bits(&want_y));
+    let mut wm = vec![0xDEAD_BEEFu32; c.m_off + words + GUARD];
+    wm[c.m_off..c.m_off + words].copy_from_slice(&want_m);
+    prop_assert_eq!(gy, wy.clone(), "replicas");
+    prop_assert_eq!(gm, wm, "masks");
+    let mut y2: CudaSlice<T> = ok(dev.upload(&vec![sent; c.y_off + total + GUARD]), "alloc")?;
+    ok(
+        mc.forward_maskless(
+            dev.stream(),
+            c.state,
+            &xv,
+            &mut y2.slice_mut(c.y_off..c.y_off + total),
+        ),
+        "forward_maskless",
+    )?;
+    prop_assert_eq!(bits(&ok(dev.download(&y2), "dl")?), wy, "maskless replicas");
+    Ok(())
+}
+
+fn run_replicas<T: Element>(test: &str) {
+    let Some(dev) = gpu(test) else { return };
+    let mut runner = TestRunner::new(Config {
+        cases: cases(24),
+        failure_persistence: None,
+        ..Config::default()
+    });
+    runner
+        .run(&replica_case(), |c| check_replicas::<T>(&dev, &c))
+        .unwrap_or_else(|e| panic!("{test}: {e}"));
+}
+
+#[test]
+fn gpu_replicas_match_reference_f32() {
+    run_replicas::<f32>("gpu_replicas_match_reference_f32");
+}
+
+#[test]
+fn gpu_replicas_match_reference_f16() {
+    run_replicas::<f16>("gpu_replicas_match_reference_f16");
+}
+
+#[test]
+fn gpu_replicas_match_reference_bf16() {
+    run_replicas::<bf16>("gpu_replicas_match_reference_bf16");
+}
+
+// ---- summaries ----
+
+/// `samples` probability tensors `B x C` (softmax of random logits, some rows peaked, some with
+/// exact zeros), stacked.
+fn prob_stack(samples: usize, batch: usize, classes: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed;
+    let mut out = Vec::with_capacity(samples * batch * classes);
+    for _ in 0..samples * batch {
+        let kind = splitmix(&mut s) % 4;
+        let temp = if kind == 0 { 0.1 } else { 2.0 };
+        let logits: Vec<f32> = (0..classes).map(|_| uniform(&mut s) * 8.0 / temp).collect();
+        let max = logits.iter().cloned().fold(f32::MIN, f32::max);
+        let e: Vec<f32> = logits.iter().map(|&l| (l - max).exp()).collect();
+        let sum: f32 = e.iter().sum();
+        for (c, &v) in e.iter().enumerate() {
+            // kind 3: zero out every third class (0 ln 0 = 0)
+            out.push(if kind == 3 && c % 3 == 1 { 0.0 } else { v / sum });
+        }
+    }
+    out
+}
+
+fn assert_within(got: &McStats32, want: &McStats, what: &str) {
+    let tol = f32_tolerance(want.samples, want.classes);
+    let cmp = |name: &str, g: &[f32], w: &[f64], t: f64| {
+        assert_eq!(g.len(), w.len(), "{what}: {name} length");
+        for (i, (&g, &w)) in g.iter().zip(w).enumerate() {
+            let err = (f64::from(g) - w).abs();
+            assert!(
+                err <= t,
+                "{what}: {name}[{i}] = {g}, reference {w}, error {err:e} > {t:e}"
+            );
+        }
+    };
+    cmp("mean", &got.mean, &want.mean, tol.mean);
+    cmp("variance", &got.variance, &want.variance, tol.variance);
+    cmp(
+        "predictive_entropy",
+        &got.predictive_entropy,
+        &want.predictive_entropy,
+        tol.predictive_entropy,
+    );
+    cmp(
+        "expected_entropy",
+        &got.expected_entropy,
+        &want.expected_entropy,
+        tol.expected_entropy,
+    );
+    cmp(
+        "mutual_information",
+        &got.mutual_information,
+        &want.mutual_information,
+        tol.mutual_information,
+    );
+}
+
+#[test]
+fn gpu_summaries_within_tolerance() {
+    let Some(dev) = gpu("gpu_summaries_within_tolerance") else {
+        return;
+    };
+    let s = dev.stream();
+    // classes above 2048 take the kernel's non-register path
+    for (i, &(samples, batch, classes)) in [
+        (1usize, 3usize, 1usize),
+        (2, 5, 2),
+        (7, 17, 10),
+        (16, 9, 257),
+        (16, 33, 1000),
+        (5, 4, 2100),
+        (30, 2, 5000),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let stack = prob_stack(samples, batch, classes, i as u64 + 100);
+        let want = reference::summarize(&stack, samples, batch, classes).unwrap();
+        // one push per sample
+        let mut state = McSummaryState::new(&dev, batch, classes).unwrap();
+        let per = batch * classes;
+        for t in 0..samples {
+            let d = dev.upload(&stack[t * per..(t + 1) * per]).unwrap();
+            if t % 2 == 0 {
+                state.push(s, &d).unwrap();
+            } else {
+                state.push_unchecked(s, &d).unwrap();
+            }
+        }
+        let mut out = McOutputs::new(&dev, batch, classes).unwrap();
+        state.finish(s, &mut out).unwrap();
+        state.check(s).unwrap();
+        let c = state.counters(s).unwrap();
+        assert_eq!(
+            (c.accepted, c.rejected, c.first_invalid),
+            (samples as u64, 0, None)
+        );
+        assert_within(&McStats32::download(&dev, &state, &out).unwrap(), &want, "pushes");
+        // the stored stack, one launch
+        let d = dev.upload(&stack).unwrap();
+        let (state2, out2) = summarize(&dev, &d, samples, batch, classes).unwrap();
+        assert_within(
+            &McStats32::download(&dev, &state2, &out2).unwrap(),
+            &want,
+            "summarize",
+        );
+    }
+}
+
+#[test]
+fn gpu_identical_samples_give_zero_mutual_information() {
+    let Some(dev) = gpu("gpu_identical_samples_give_zero_mutual_information") else {
+        return;
+    };
+    let (batch, classes) = (6, 300);
+    let sample = prob_stack(1, batch, classes, 5);
+    let d = dev.upload(&sample).unwrap();
+    let mut state = McSummaryState::new(&dev, batch, classes).unwrap();
+    for _ in 0..9 {
+        state.push(dev.stream(), &d).unwrap();
+    }
+    let mut out = McOutputs::new(&dev, batch, classes).unwrap();
+    state.finish(dev.stream(), &mut out).unwrap();
+    let got = McStats32::download(&dev, &state, &out).unwrap();
+    assert_eq!(got.mean, sample, "the mean of identical values is the value");
+    assert!(got.variance.iter().all(|&v| v == 0.0));
+    assert!(
+        got.mutual_information.iter().all(|&v| v == 0.0),
+        "{:?}",
+        got.mutual_information
+    );
+    assert_eq!(got.predictive_entropy, got.expected_entropy);
+}
+
+#[test]
+fn gpu_rejected_push_leaves_state_unchanged() {
+    let Some(dev) = gpu("gpu_rejected_push_leaves_state_unchanged") else {
+        return;
+    };
+    let s = dev.stream();
+    let (batch, classes) = (4, 50);
+    let good = prob_stack(2, batch, classes, 9);
+    let per = batch * classes;
+    let mut state = McSummaryState::new(&dev, batch, classes).unwrap();
+    state.push(s, &dev.upload(&good[..per]).unwrap()).unwrap();
+    for (k, bad_value) in [(17usize, f32::NAN), (3, -1e-30), (199, f32::INFINITY)] {
+        let mut bad = good[per..].to_vec();
+        bad[k] = bad_value;
+        state.push(s, &dev.upload(&bad).unwrap()).unwrap();
+    }
+    // -0.0 is accepted
+    let mut neg_zero = good[per..].to_vec();
+    neg_zero[5] = -0.0;
+    state.push(s, &dev.upload(&neg_zero).unwrap()).unwrap();
+    let c = state.counters(s).unwrap();
+    assert_eq!((c.accepted, c.rejected, c.first_invalid), (2, 3, Some(17)));
+    assert_eq!(invalid_name(state.check(s)), "probs");
+    let mut reference = McSummary::new(batch, classes).unwrap();
+    reference.push(&good[..per]).unwrap();
+    reference.push(&neg_zero).unwrap();
+    let mut out = McOutputs::new(&dev, batch, classes).unwrap();
+    state.finish(s, &mut out).unwrap();
+    assert_within(
+        &McStats32::download(&dev, &state, &out).unwrap(),
+        &reference.finish().unwrap(),
+        "after rejected pushes",
+    );
+    // a rejected stack
+    let mut stack = prob_stack(3, batch, classes, 11);
+    stack[2 * per + 7] = f32::NAN;
+    let d = dev.upload(&stack).unwrap();
+    let mut state2 = McSummaryState::new(&dev, batch, classes).unwrap();
+    state2.push_stack(s, &d, 3).unwrap();
+    let c = state2.counters(s).unwrap();
+    assert_eq!(
+        (c.accepted, c.rejected, c.first_invalid),
+        (0, 1, Some((2 * per + 7) as u64))
+    );
+    assert!(dev.download(state2.mean()).unwrap().iter().all(|&v| v == 0.0));
+    // finish with no accepted sample: NaN
+    state2.finish(s, &mut out).unwrap();
+    assert!(dev
+        .download(&out.predictive_entropy)
+        .unwrap()
+        .iter()
+        .all(|v| v.is_nan()));
+}
+
+#[test]
+fn gpu_invalid_arguments() {
+    let Some(dev) = gpu("gpu_invalid_arguments") else {
+        return;
+    };
+    let s = dev.stream();
+    let mc = McDropout::new(0.5, 3).unwrap();
+    let x = dev.upload(&[1.0f32; 40]).unwrap();
+    let empty = dev.zeros::<f32>(0).unwrap();
+    let mut y = dev.upload(&vec![7.0f32; 120]).unwrap();
+    let mut y_bad = dev.upload(&vec![7.0f32; 119]).unwrap();
+    let mut m = dev.upload(&[9u32; 6]).unwrap();
+    let mut m_bad = dev.upload(&[9u32; 5]).unwrap();
+    let st = PhiloxState::new(1, 1);
+    assert_eq!(invalid_name(mc.forward(s, st, &empty, &mut y, &mut m)), "x");
+    assert_eq!(invalid_name(mc.forward(s, st, &x, &mut y_bad, &mut m)), "y");
+    assert_eq!(invalid_name(mc.forward(s, st, &x, &mut y, &mut m_bad)), "masks");
+    assert_eq!(invalid_name(mc.forward_maskless(s, st, &x, &mut y_bad)), "y");
+    let far = mc.with_element_offset(u64::MAX - 10);
+    assert_eq!(
+        invalid_name(far.forward(s, st, &x, &mut y, &mut m)),
+        "element_offset"
+    );
+    assert!(dev.download(&y).unwrap().iter().all(|&v| v == 7.0));
+    assert!(dev.download(&m).unwrap().iter().all(|&v| v == 9));
+
+    assert_eq!(invalid_name(McSummaryState::new(&dev, 0, 3)), "batch");
+    assert_eq!(invalid_name(McSummaryState::new(&dev, 3, 0)), "classes");
+    assert_eq!(invalid_name(McSummaryState::new(&dev, usize::MAX, 2)), "classes");
+    let mut state = McSummaryState::new(&dev, 2, 3).unwrap();
+    let mut out = McOutputs::new(&dev, 2, 3).unwrap();
+    assert_eq!(invalid_name(state.finish(s, &mut out)), "samples");
+    let probs = dev.upload(&[0.5f32; 5]).unwrap();
+    assert_eq!(invalid_name(state.push(s, &probs)), "probs");
+    let stack = dev.upload(&[0.5f32; 12]).unwrap();
+    assert_eq!(invalid_name(state.push_stack(s, &stack, 3)), "probs");
+    assert_eq!(invalid_name(state.push_stack(s, &stack, 0)), "samples");
+    assert_eq!(invalid_name(summarize(&dev, &stack, 3, 2, 3)), "probs");
+    assert_eq!(state.pushed(), 0);
+    let c = state.counters(s).unwrap();
+    assert_eq!((c.accepted, c.rejected), (0, 0));
+    let mut other = McOutputs::new(&dev, 2, 4).unwrap();
+    state.push(s, &stack.slice(0..6)).unwrap();
+    assert_eq!(invalid_name(state.finish(s, &mut other)), "out");
+}
+
+// ---- without a GPU ----
+
+#[test]
+fn validation_names_without_gpu() {
+    assert_eq!(invalid_name(McDropout::new(0.5, 0)), "replicas");
+    assert_eq!(invalid_name(McDropout::new(1.5, 2)), "p");
+    assert_eq!(invalid_name(McDropout::new(f64::NAN, 2)), "p");
+    let mc = McDropout::new(0.25, 4).unwrap();
+    assert_eq!((mc.replicas(), mc.masks_words(33)), (4, 8));
+}
+
+/// The kernels' `f32` arithmetic, modelled on the CPU in the kernels' order (per-value Welford
+/// with single roundings; per-thread ascending sums of `x ln x` over classes `tid + 256 k`, then
+/// the block's fixed tree: shuffle-down within each warp, then over the warps' sums), with the
+/// CPU's `ln` for `logf`.
+struct F32Model {
+    classes: usize,
+    samples: usize,
+    mean: Vec<f32>,
+    m2: Vec<f32>,
+    expected: Vec<f32>,
+}
+
+fn xlogx(v: f32) -> f32 {
+    if v > 0.0 {
+        v * v.ln()
+    } else {
+        0.0
+    }
+}
+
+fn warp_tree(mut v: [f32; 32]) -> f32 {
+    let mut s = 16;
+    while s > 0 {
+        for lane in 0..32 - s {
+            v[lane] += v[lane + s];
+        }
+        s >>= 1;
+    }
+    v[0]
+}
+
+/// `-sum x ln x` of a row in the kernels' order.
+fn row_entropy(row: &[f32]) -> f32 {
+    let mut per_thread = [0.0f32; 256];
+    for (t, h) in per_thread.iter_mut().enumerate() {
+        let mut c = t;
+        while c < row.len() {
+            *h -= xlogx(row[c]);
+            c += 256;
+        }
+    }
+    let mut warps = [0.0f32; 32];
+    for w in 0..8 {
+        warps[w] = warp_tree(per_thread[32 * w..32 * w + 32].try_into().unwrap());
+    }
+    warp_tree(warps)
+}
+
+impl F32Model {
+    fn new(batch: usize, classes: usize) -> Self {
+        F32Model {
+            classes,
+            samples: 0,
+            mean: vec![0.0; batch * classes],
+            m2: vec![0.0; batch * classes],
+            expected: vec![0.0; batch],
+        }
+    }
+    fn push(&mut self, probs: &[f32]) {
+        self.samples += 1;
+        let k = self.samples as f32;
+        for (i, &v) in probs.iter().enumerate() {
+            let d = v - self.mean[i];
+            self.mean[i] += d / k;
+            self.m2[i] += d * (v - self.mean[i]);
+        }
+        for (b, row) in probs.chunks_exact(self.classes).enumerate() {
+            let h = row_entropy(row);
+            self.expected[b] += (h - self.expected[b]) / k;
+        }
+    }
+    fn finish(&self) -> McStats32 {
+        let t = self.samples as f32;
+        let predictive: Vec<f32> = self.mean.chunks_exact(self.classes).map(row_entropy).collect();
+        McStats32 {
+            mean: self.mean.clone(),
+            variance: self.m2.iter().map(|&q| q / t).collect(),
+            mutual_information: predictive
+                .iter()
+                .zip(&self.expected)
+                .map(|(&h, &e)| (h - e).max(0.0))
+                .collect(),
+            predictive_entropy: predictive,
+            expected_entropy: self.expected.clone(),
+        }
+    }
+}
+
+#[test]
+fn f32_model_of_the_kernels_meets_the_tolerance() {
+    for (i, &(samples, batch, classes)) in [
+        (1usize, 2usize, 1usize),
+        (3, 4, 2),
+        (16, 8, 10),
+        (16, 6, 1000),
+        (40, 3, 257),
+        (8, 2, 5000),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let stack = prob_stack(samples, batch, classes, 1000 + i as u64);
+        let want = reference::summarize(&stack, samples, batch, classes).unwrap();
+        let mut model = F32Model::new(batch, classes);
+        for sample in stack.chunks_exact(batch * classes) {
+            model.push(sample);
+        }
+        assert_within(
+            &model.finish(),
+            &want,
+            &format!("model T={samples} B={batch} C={classes}"),
+        );
+    }
+}

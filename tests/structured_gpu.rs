@@ -1,0 +1,677 @@
+//! Structured dropout on the GPU vs the CPU reference, bit for bit: decision masks and outputs of
+//! every operation (forward with and without a mask, in place, mask only, backward from the mask
+//! and mask-free) over channel 1d/2d/3d, locked on every axis, embedding rows, arbitrary shared-axes
+//! sets and extent-1 axes, every dtype, p in {0, 1, 0.99999, ...}, decision offsets (aligned to
+//! Philox blocks or not) and misaligned views. Plus validation (partly without a GPU) and a tensor
+//! over 2^32 elements (`huge`). Without a GPU the GPU tests print a SKIPPED line and return.
+//!
+//! `DROPFUSE_PROPTEST_CASES` raises the number of random cases per property (default 24).
+
+mod common;
+
+use common::{cases, gpu, invalid_name};
+use dropfuse::cudarc::driver::CudaSlice;
+use dropfuse::reference::dropout::mask_bit;
+use dropfuse::reference::structured as reference;
+use dropfuse::structured::{groups, Layout, StructuredDropout, MAX_GROUPS};
+use dropfuse::{Device, Element, PhiloxState};
+use half::{bf16, f16};
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestCaseError, TestRunner};
+
+const GUARD: usize = 5;
+const MASK_SENTINEL: u32 = 0xDEAD_BEEF;
+
+trait Bits: Element {
+    fn from_bits_u32(bits: u32) -> Self;
+    fn finite(self) -> bool;
+}
+impl Bits for f32 {
+    fn from_bits_u32(bits: u32) -> Self {
+        f32::from_bits(bits)
+    }
+    fn finite(self) -> bool {
+        self.is_finite()
+    }
+}
+impl Bits for f16 {
+    fn from_bits_u32(bits: u32) -> Self {
+        f16::from_bits(bits as u16)
+    }
+    fn finite(self) -> bool {
+        self.is_finite()
+    }
+}
+impl Bits for bf16 {
+    fn from_bits_u32(bits: u32) -> Self {
+        bf16::from_bits(bits as u16)
+    }
+    fn finite(self) -> bool {
+        self.is_finite()
+    }
+}
+
+fn splitmix(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Finite values: half uniform in [-8, 8), half arbitrary finite bit patterns.
+fn values<T: Bits>(n: usize, seed: u64) -> Vec<T> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| loop {
+            let r = splitmix(&mut s);
+            let v = if r & 1 == 0 {
+                T::from_f32(((r >> 40) as f32 / (1u64 << 24) as f32) * 16.0 - 8.0)
+            } else {
+                T::from_bits_u32((r >> 16) as u32)
+            };
+            if v.finite() {
+                break v;
+            }
+        })
+        .collect()
+}
+
+#[derive(Debug, Clone)]
+struct Case {
+    shape: Vec<usize>,
+    shared: Vec<usize>,
+    p: f64,
+    state: PhiloxState,
+    decision_offset: u64,
+    /// View offsets (elements / mask words) into larger buffers: they break 16-byte alignment.
+    x_off: usize,
+    y_off: usize,
+    m_off: usize,
+    data_seed: u64,
+}
+
+/// Named layouts (channel 1d/2d/3d, locked on each axis, embedding rows) and random shared sets,
+/// with extents that hit every kernel path (planes, locked, general, plain dropout) and their
+/// partial vectors and words.
+fn layout_strategy() -> impl Strategy<Value = (Vec<usize>, Vec<usize>)> {
+    let dim = prop_oneof![3 => 1usize..=9, 2 => 10usize..=70, 1 => Just(1usize), 1 => 100usize..=700];
+    let named =
+        (0usize..7, prop::collection::vec(dim.clone(), 2..=5), 0usize..5).prop_map(|(kind, mut shape, a)| {
+            match kind {
+                // channel 1d, 2d, 3d: [N, C, *spatial]
+                0..=2 => {
+                    shape.truncate(3 + kind);
+                    while shape.len() < 3 + kind {
+                        shape.push(3);
+                    }
+                    let shared = (2..shape.len()).collect();
+                    (shape, shared)
+                }
+                // locked on axis a
+                3 | 4 => {
+                    shape.truncate(3);
+                    while shape.len() < 3 {
+                        shape.push(5);
+                    }
+                    let a = a % shape.len();
+                    (shape, vec![a])
+                }
+                // embedding rows [V, E]
+                5 => (vec![shape[0] * 3 + 1, shape[1] + 16], vec![1]),
+                // locked on time of (T, B, H) with H a multiple of 8 (the vector path)
+                _ => (vec![shape[0], shape[1], 8 * shape[2]], vec![0]),
+            }
+        });
+    let random = prop::collection::vec((prop_oneof![1usize..=6, 7usize..=40], any::<bool>()), 1..=6)
+        .prop_map(|axes| {
+            let shape: Vec<usize> = axes.iter().map(|a| a.0).collect();
+            let shared = axes
+                .iter()
+                .enumerate()
+                .filter(|(_, a)| a.1)
+                .map(|(k, _)| k)
+                .collect();
+            (shape, shared)
+        });
+    // At most 300k elements: halve the largest extent until the tensor fits.
+    prop_oneof![3 => named, 2 => random].prop_map(|(mut shape, shared)| {
+        while shape.iter().product::<usize>() > 300_000 {
+            let k = (0..shape.len()).max_by_key(|&k| shape[k]).unwrap();
+            shape[k] = shape[k].div_ceil(2);
+        }
+        (shape, shared)
+    })
+}
+
+fn case() -> impl Strategy<Value = Case> {
+    let p = prop_oneof![
+        Just(0.0),
+        Just(1.0),
+        Just(0.5),
+        Just(0.99999),
+        0.0f64..=1.0,
+        prop::sample::select(vec![0.1, 0.25, 0.9]),
+    ];
+    let decision_offset = prop_oneof![
+        Just(0u64),
+        0u64..5000,
+        (0u64..1 << 20).prop_map(|k| 4 * k),
+        any::<u64>(),
+        (1u64..(1 << 30), 0u64..100_000).prop_map(|(k, d)| (k << 34) - d),
+    ];
+    (
+        layout_strategy(),
+        p,
+        any::<u64>(),
+        any::<u64>(),
+        decision_offset,
+        0usize..9,
+        0usize..9,
+        0usize..3,
+        any::<u64>(),
+    )
+        .prop_map(
+            |((shape, shared), p, seed, offset, d_off, x_off, y_off, m_off, data_seed)| {
+                let decisions: usize = shape
+                    .iter()
+                    .enumerate()
+                    .filter(|(k, _)| !shared.contains(k))
+                    .map(|(_, &d)| d)
+                    .product();
+                Case {
+                    shape,
+                    shared,
+                    p,
+                    state: PhiloxState::new(seed, offset),
+                    decision_offset: d_off.min(u64::MAX - decisions as u64),
+                    x_off,
+                    y_off,
+                    m_off,
+                    data_seed,
+                }
+            },
+        )
+}
+
+fn ok<V>(r: dropfuse::Result<V>, what: &str) -> Result<V, TestCaseError> {
+    r.map_err(|e| TestCaseError::fail(format!("{what}: {e}")))
+}
+
+fn padded<T: dropfuse::cudarc::driver::DeviceRepr + Copy>(
+    dev: &Device,
+    off: usize,
+    data: Option<&[T]>,
+    n: usize,
+    fill: T,
+) -> dropfuse::Result<CudaSlice<T>> {
+    let mut host = vec![fill; off + n + GUARD];
+    if let Some(d) = data {
+        host[off..off + n].copy_from_slice(d);
+    }
+    dev.upload(&host)
+}
+
+/// `got` equals `fill` outside `off..off+want.len()` and `want` inside, bit for bit.
+fn expect_region(got: &[u32], off: usize, want: &[u32], fill: u32, what: &str) -> Result<(), TestCaseError> {
+    for (i, &g) in got.iter().enumerate() {
+        let inside = i >= off && i < off + want.len();
+        let w = if inside { want[i - off] } else { fill };
+        if g != w {
+            return Err(TestCaseError::fail(format!(
+                "{what}: word {i} ({}) is {g:#x}, expected {w:#x}",
+                if inside { "inside" } else { "guard" }
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn bits<T: Element>(v: &[T]) -> Vec<u32> {
+    v.iter().map(|e| e.to_bits_u32()).collect()
+}
+
+fn check_case<T: Bits>(dev: &Device, c: &Case) -> Result<(), TestCaseError> {
+    let layout = ok(Layout::shared_axes(&c.shape, &c.shared), "layout")?;
+    let drop = ok(StructuredDropout::new(layout.clone(), c.p), "new")?;
+    let drop = ok(drop.with_decision_offset(c.decision_offset), "decision_offset")?;
+    let n = layout.numel();
+    let words = layout.mask_words();
+    let s = dev.stream();
+    let x: Vec<T> = values(n, c.data_seed);
+    let (want_y, want_m) = ok(
+        reference::forward(&x, &layout, c.p, c.state, c.decision_offset),
+        "reference forward",
+    )?;
+    let want_y = bits(&want_y);
+    let sent = T::from_f32(-12345.0);
+    let sent_bits = sent.to_bits_u32();
+    let dl = |b: &CudaSlice<T>| dev.download(b).map(|v| bits(&v));
+    let dlm = |b: &CudaSlice<u32>| dev.download(b);
+
+    let xd = ok(padded(dev, c.x_off, Some(&x), n, sent), "upload")?;
+    let xv = xd.slice(c.x_off..c.x_off + n);
+
+    // forward with mask
+    let mut y = ok(padded(dev, c.y_off, None, n, sent), "alloc")?;
+    let mut m = ok(padded(dev, c.m_off, None, words, MASK_SENTINEL), "alloc")?;
+    ok(
+        drop.forward(
+            s,
+            c.state,
+            &xv,
+            &mut y.slice_mut(c.y_off..c.y_off + n),
+            &mut m.slice_mut(c.m_off..c.m_off + words),
+        ),
+        "forward",
+    )?;
+    expect_region(&ok(dl(&y), "dl")?, c.y_off, &want_y, sent_bits, "forward y")?;
+    expect_region(
+        &ok(dlm(&m), "dl")?,
+        c.m_off,
+        &want_m,
+        MASK_SENTINEL,
+        "forward mask",
+    )?;
+
+    // mask only
+    let mut m2 = ok(padded(dev, c.m_off, None, words, MASK_SENTINEL), "alloc")?;
+    ok(
+        drop.mask(s, c.state, &mut m2.slice_mut(c.m_off..c.m_off + words)),
+        "mask",
+    )?;
+    expect_region(&ok(dlm(&m2), "dl")?, c.m_off, &want_m, MASK_SENTINEL, "mask only")?;
+
+    // mask-free forward
+    let mut y2 = ok(padded(dev, c.y_off, None, n, sent), "alloc")?;
+    ok(
+        drop.forward_maskless(s, c.state, &xv, &mut y2.slice_mut(c.y_off..c.y_off + n)),
+        "forward_maskless",
+    )?;
+    expect_region(
+        &ok(dl(&y2), "dl")?,
+        c.y_off,
+        &want_y,
+        sent_bits,
+        "forward_maskless y",
+    )?;
+
+    // backward from the mask (x plays dy) and mask-free backward
+    let want_dx = bits(&ok(
+        reference::backward_from_mask(&x, &layout, &want_m, c.p),
+        "reference backward",
+    )?);
+    let md = ok(
+        padded(dev, c.m_off, Some(&want_m), words, MASK_SENTINEL),
+        "upload",
+    )?;
+    let mv = md.slice(c.m_off..c.m_off + words);
+    let mut dx = ok(padded(dev, c.y_off, None, n, sent), "alloc")?;
+    ok(
+        drop.backward(s, &mv, &xv, &mut dx.slice_mut(c.y_off..c.y_off + n)),
+        "backward",
+    )?;
+    expect_region(&ok(dl(&dx), "dl")?, c.y_off, &want_dx, sent_bits, "backward dx")?;
+    let want_dx2 = bits(&ok(
+        reference::backward(&x, &layout, c.p, c.state, c.decision_offset),
+        "reference backward",
+    )?);
+    let mut dx2 = ok(padded(dev, c.y_off, None, n, sent), "alloc")?;
+    ok(
+        drop.backward_maskless(s, c.state, &xv, &mut dx2.slice_mut(c.y_off..c.y_off + n)),
+        "backward_maskless",
+    )?;
+    expect_region(
+        &ok(dl(&dx2), "dl")?,
+        c.y_off,
+        &want_dx2,
+        sent_bits,
+        "backward_maskless dx",
+    )?;
+
+    // in place: forward with mask, forward mask-free, backward from the mask, backward mask-free
+    let mut z = ok(padded(dev, c.x_off, Some(&x), n, sent), "upload")?;
+    let mut m3 = ok(padded(dev, c.m_off, None, words, MASK_SENTINEL), "alloc")?;
+    ok(
+        drop.forward_inplace(
+            s,
+            c.state,
+            &mut z.slice_mut(c.x_off..c.x_off + n),
+            &mut m3.slice_mut(c.m_off..c.m_off + words),
+        ),
+        "forward_inplace",
+    )?;
+    expect_region(&ok(dl(&z), "dl")?, c.x_off, &want_y, sent_bits, "forward_inplace")?;
+    expect_region(
+        &ok(dlm(&m3), "dl")?,
+        c.m_off,
+        &want_m,
+        MASK_SENTINEL,
+        "forward_inplace mask",
+    )?;
+    let mut z2 = ok(padded(dev, c.x_off, Some(&x), n, sent), "upload")?;
+    ok(
+        drop.forward_maskless_inplace(s, c.state, &mut z2.slice_mut(c.x_off..c.x_off + n)),
+        "forward_maskless_inplace",
+    )?;
+    expect_region(
+        &ok(dl(&z2), "dl")?,
+        c.x_off,
+        &want_y,
+        sent_bits,
+        "forward_maskless_inplace",
+    )?;
+    let mut g = ok(padded(dev, c.x_off, Some(&x), n, sent), "upload")?;
+    ok(
+        drop.backward_inplace(s, &mv, &mut g.slice_mut(c.x_off..c.x_off + n)),
+        "backward_inplace",
+    )?;
+    expect_region(
+        &ok(dl(&g), "dl")?,
+        c.x_off,
+        &want_dx,
+        sent_bits,
+        "backward_inplace",
+    )?;
+    let mut g2 = ok(padded(dev, c.x_off, Some(&x), n, sent), "upload")?;
+    ok(
+        drop.backward_maskless_inplace(s, c.state, &mut g2.slice_mut(c.x_off..c.x_off + n)),
+        "backward_maskless_inplace",
+    )?;
+    expect_region(
+        &ok(dl(&g2), "dl")?,
+        c.x_off,
+        &want_dx2,
+        sent_bits,
+        "backward_maskless_inplace",
+    )?;
+    Ok(())
+}
+
+fn run_property<T: Bits>(test: &str) {
+    let Some(dev) = gpu(test) else { return };
+    let mut runner = TestRunner::new(Config {
+        cases: cases(24),
+        failure_persistence: None,
+        ..Config::default()
+    });
+    runner
+        .run(&case(), |c| check_case::<T>(&dev, &c))
+        .unwrap_or_else(|e| panic!("{test}: {e}"));
+}
+
+#[test]
+fn gpu_matches_reference_f32() {
+    run_property::<f32>("gpu_matches_reference_f32");
+}
+
+#[test]
+fn gpu_matches_reference_f16() {
+    run_property::<f16>("gpu_matches_reference_f16");
+}
+
+#[test]
+fn gpu_matches_reference_bf16() {
+    run_property::<bf16>("gpu_matches_reference_bf16");
+}
+
+/// The named layouts at fixed shapes, every dtype, a few p and offsets (deterministic coverage of
+/// every kernel path: planes with aligned and unaligned planes, locked vector and scalar, general).
+#[test]
+fn gpu_named_layouts() {
+    let Some(dev) = gpu("gpu_named_layouts") else {
+        return;
+    };
+    let layouts: Vec<(Vec<usize>, Vec<usize>)> = vec![
+        (vec![4, 6, 37], vec![2]),                        // Dropout1d, odd planes
+        (vec![3, 5, 7, 9], vec![2, 3]),                   // Dropout2d, odd planes
+        (vec![2, 33, 16, 16], vec![2, 3]),                // Dropout2d, 16-byte planes
+        (vec![2, 3, 4, 5, 6], vec![2, 3, 4]),             // Dropout3d
+        (vec![7, 5, 64], vec![0]),                        // locked on time, vector rows
+        (vec![7, 5, 13], vec![0]),                        // locked on time, scalar rows
+        (vec![7, 5, 13], vec![1]),                        // locked on batch (general)
+        (vec![7, 5, 13], vec![2]),                        // locked on features
+        (vec![1001, 40], vec![1]),                        // embedding rows
+        (vec![3, 8, 8, 11], vec![1, 2]),                  // channels-last channel dropout (general)
+        (vec![1, 1, 50, 1], vec![0, 1, 3]),               // shared axes of extent 1 only: plain dropout
+        (vec![1, 7, 1, 9], vec![2]),                      // extent-1 shared axis: plain dropout
+        (vec![5, 3000], vec![0, 1]),                      // one decision for the whole tensor
+        (vec![2, 3, 2, 3, 2, 3, 2, 3], vec![1, 3, 5, 7]), // eight groups
+    ];
+    for (li, (shape, shared)) in layouts.iter().enumerate() {
+        for (pi, &p) in [0.0, 0.3, 0.99999, 1.0].iter().enumerate() {
+            for &d_off in &[0u64, 4, 3] {
+                let c = Case {
+                    shape: shape.clone(),
+                    shared: shared.clone(),
+                    p,
+                    state: PhiloxState::new(li as u64 * 31 + 5, pi as u64),
+                    decision_offset: d_off,
+                    x_off: (li + pi) % 3,
+                    y_off: (li + pi) % 3,
+                    m_off: 0,
+                    data_seed: li as u64,
+                };
+                for r in [
+                    check_case::<f32>(&dev, &c),
+                    check_case::<f16>(&dev, &c),
+                    check_case::<bf16>(
+                        &dev,
+                        &Case {
+                            x_off: 0,
+                            y_off: 1,
+                            ..c.clone()
+                        },
+                    ),
+                ] {
+                    r.unwrap_or_else(|e| panic!("{c:?}: {e}"));
+                }
+            }
+        }
+    }
+}
+
+/// Every element of a kept plane is scaled and every element of a dropped plane is +0, even for
+/// NaN and infinite inputs (a dropped plane is never read).
+#[test]
+fn gpu_non_finite_inputs() {
+    let Some(dev) = gpu("gpu_non_finite_inputs") else {
+        return;
+    };
+    let shape = [4, 16, 8, 8];
+    let layout = Layout::channel(&shape).unwrap();
+    let n = layout.numel();
+    let specials = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -0.0, 1.0];
+    let x: Vec<f16> = (0..n)
+        .map(|i| f16::from_f32(specials[i % specials.len()]))
+        .collect();
+    let state = PhiloxState::new(9, 1);
+    let drop = StructuredDropout::new(layout.clone(), 0.5).unwrap();
+    let (want, want_m) = reference::forward(&x, &layout, 0.5, state, 0).unwrap();
+    let xd = dev.upload(&x).unwrap();
+    let mut y = dev.zeros::<f16>(n).unwrap();
+    let mut m = dev.zeros::<u32>(layout.mask_words()).unwrap();
+    drop.forward(dev.stream(), state, &xd, &mut y, &mut m).unwrap();
+    assert_eq!(bits(&dev.download(&y).unwrap()), bits(&want));
+    assert_eq!(dev.download(&m).unwrap(), want_m);
+    let dropped = (0..layout.decisions()).filter(|&d| !mask_bit(&want_m, d)).count();
+    assert!(
+        dropped > 0 && dropped < layout.decisions(),
+        "both kinds of planes occur"
+    );
+}
+
+/// Invalid arguments: typed errors naming the argument, nothing written.
+#[test]
+fn gpu_invalid_arguments() {
+    let Some(dev) = gpu("gpu_invalid_arguments") else {
+        return;
+    };
+    let s = dev.stream();
+    let drop = StructuredDropout::channel(&[2, 3, 4, 4], 0.5).unwrap();
+    let n = drop.numel();
+    let st = PhiloxState::new(1, 2);
+    let x = dev.upload(&vec![f32::from_f32(1.0); n]).unwrap();
+    let short = dev.upload(&vec![1.0f32; n - 1]).unwrap();
+    let mut y = dev.upload(&vec![7.0f32; n]).unwrap();
+    let mut m = dev.upload(&vec![MASK_SENTINEL; drop.mask_words()]).unwrap();
+    let mut bad_m = dev.upload(&vec![MASK_SENTINEL; drop.mask_words() + 1]).unwrap();
+    let mut y_short = dev.upload(&vec![7.0f32; n - 1]).unwrap();
+    assert_eq!(invalid_name(drop.forward(s, st, &short, &mut y, &mut m)), "x");
+    assert_eq!(invalid_name(drop.forward(s, st, &x, &mut y_short, &mut m)), "y");
+    assert_eq!(invalid_name(drop.forward(s, st, &x, &mut y, &mut bad_m)), "mask");
+    assert_eq!(invalid_name(drop.forward_maskless(s, st, &short, &mut y)), "x");
+    assert_eq!(invalid_name(drop.mask(s, st, &mut bad_m)), "mask");
+    assert_eq!(invalid_name(drop.backward(s, &bad_m, &x, &mut y)), "mask");
+    assert_eq!(invalid_name(drop.backward(s, &m, &short, &mut y)), "dy");
+    assert_eq!(invalid_name(drop.backward(s, &m, &x, &mut y_short)), "dx");
+    assert_eq!(
+        invalid_name(drop.backward_maskless(s, st, &x, &mut y_short)),
+        "dx"
+    );
+    let mut g_short = dev.upload(&vec![7.0f32; n - 1]).unwrap();
+    assert_eq!(invalid_name(drop.backward_inplace(s, &m, &mut g_short)), "grad");
+    assert_eq!(
+        invalid_name(drop.forward_inplace(s, st, &mut y_short, &mut m)),
+        "x"
+    );
+    // nothing written
+    assert!(dev.download(&y).unwrap().iter().all(|&v| v == 7.0));
+    assert!(dev.download(&m).unwrap().iter().all(|&w| w == MASK_SENTINEL));
+    assert!(dev.download(&bad_m).unwrap().iter().all(|&w| w == MASK_SENTINEL));
+    assert!(dev.download(&y_short).unwrap().iter().all(|&v| v == 7.0));
+}
+
+/// Channel dropout of a tensor over 2^32 elements (f16, about 12.9 GB, in place): the decision
+/// mask equals the reference's and samples of every plane (around each 2^32 boundary, the plane
+/// edges) are scaled or zero as their plane's decision says.
+#[test]
+fn gpu_channel_dropout_huge() {
+    let Some(dev) = gpu("gpu_channel_dropout_huge") else {
+        return;
+    };
+    let s_len = (1usize << 31) + 5; // odd plane length: unaligned plane starts
+    let shape = [3, 1, s_len];
+    let layout = Layout::channel(&shape).unwrap();
+    let n = layout.numel();
+    assert!(n > 1 << 32);
+    let p = 0.5;
+    let drop = StructuredDropout::new(layout.clone(), p).unwrap();
+    let scale = drop.scale();
+    // x[i] = value(i % 251), filled by copying one 64 MiB chunk repeatedly.
+    let chunk = 251 * (1 << 17);
+    let host: Vec<f16> = (0..chunk)
+        .map(|i| f16::from_f32((i % 251) as f32 * 0.25 - 31.0))
+        .collect();
+    let src = dev.upload(&host).unwrap();
+    let mut x = dev.zeros::<f16>(n).unwrap();
+    let mut at = 0;
+    while at < n {
+        let len = chunk.min(n - at);
+        dev.stream()
+            .memcpy_dtod(&src.slice(0..len), &mut x.slice_mut(at..at + len))
+            .unwrap();
+        at += len;
+    }
+    let value = |i: usize| f16::from_f32((i % 251) as f32 * 0.25 - 31.0);
+    // Find a state that keeps some plane and drops another (3 decisions).
+    let mut state = PhiloxState::new(77, 0);
+    let want_m = loop {
+        let m = reference::mask(&layout, p, state, 0).unwrap();
+        if m[0] != 0 && m[0] != 0b111 {
+            break m;
+        }
+        state.offset += 1;
+    };
+    let mut m = dev.zeros::<u32>(1).unwrap();
+    drop.forward_inplace(dev.stream(), state, &mut x, &mut m).unwrap();
+    assert_eq!(dev.download(&m).unwrap(), want_m);
+    let mut probes = vec![
+        0,
+        1,
+        7,
+        8,
+        s_len - 1,
+        s_len,
+        s_len + 1,
+        2 * s_len - 1,
+        2 * s_len,
+        n - 9,
+        n - 1,
+    ];
+    for b in [1usize << 32, 2 << 32, 3 << 32, 4 << 32, 5 << 32, 6 << 32] {
+        if b + 8 < n {
+            probes.extend([b - 8, b - 1, b, b + 7]);
+        }
+    }
+    for &i in &probes {
+        let got = dev.download(&x.slice(i..i + 1)).unwrap()[0];
+        let plane = i / s_len;
+        let want = if mask_bit(&want_m, plane) {
+            f16::from_f32(value(i).to_f32() * scale)
+        } else {
+            f16::from_f32(0.0)
+        };
+        assert_eq!(got.to_bits(), want.to_bits(), "element {i} (plane {plane})");
+    }
+}
+
+// ---- without a GPU ----
+
+#[test]
+fn groups_collapse_layouts() {
+    let g = |shape: &[usize], axes: &[usize]| groups(&Layout::shared_axes(shape, axes).unwrap());
+    assert_eq!(
+        g(&[64, 256, 56, 56], &[2, 3]),
+        vec![(64 * 256, false), (56 * 56, true)]
+    );
+    assert_eq!(g(&[512, 64, 1024], &[0]), vec![(512, true), (64 * 1024, false)]);
+    assert_eq!(g(&[50257, 1024], &[1]), vec![(50257, false), (1024, true)]);
+    assert_eq!(g(&[2, 1, 3], &[1]), vec![(6, false)]);
+    assert_eq!(g(&[1, 1], &[0]), vec![(1, false)]);
+    assert_eq!(g(&[4, 5, 6], &[0, 1, 2]), vec![(120, true)]);
+    assert_eq!(
+        g(&[3, 4, 5, 6], &[1, 2]),
+        vec![(3, false), (20, true), (6, false)]
+    );
+}
+
+#[test]
+fn validation_names_without_gpu() {
+    assert_eq!(invalid_name(StructuredDropout::channel(&[4], 0.1)), "shape");
+    assert_eq!(invalid_name(StructuredDropout::channel(&[4, 0, 3], 0.1)), "shape");
+    assert_eq!(invalid_name(StructuredDropout::locked(&[4, 5], 2, 0.1)), "axis");
+    assert_eq!(
+        invalid_name(StructuredDropout::embedding_rows(&[4, 5, 6], 0.1)),
+        "shape"
+    );
+    assert_eq!(
+        invalid_name(StructuredDropout::shared_axes(&[4, 5], &[0, 0], 0.1)),
+        "axes"
+    );
+    assert_eq!(
+        invalid_name(StructuredDropout::shared_axes(&[4, 5], &[2], 0.1)),
+        "axes"
+    );
+    assert_eq!(invalid_name(StructuredDropout::channel(&[4, 5], 1.5)), "p");
+    assert_eq!(invalid_name(StructuredDropout::channel(&[4, 5], f64::NAN)), "p");
+    let d = StructuredDropout::channel(&[4, 5, 3], 0.1).unwrap();
+    assert_eq!(d.decisions(), 20);
+    assert_eq!(d.mask_words(), 1);
+    assert_eq!(
+        invalid_name(d.clone().with_decision_offset(u64::MAX - 19)),
+        "decision_offset"
+    );
+    assert_eq!(
+        d.with_decision_offset(u64::MAX - 20).unwrap().decision_offset(),
+        u64::MAX - 20
+    );
+    // Nine alternating groups: more than the kernels take.
+    let shape = [2usize; 9];
+    assert_eq!(
+        invalid_name(StructuredDropout::shared_axes(&shape, &[1, 3, 5, 7], 0.1)),
+        "axes"
+    );
+    let ok = StructuredDropout::shared_axes(&shape[..8], &[1, 3, 5, 7], 0.1).unwrap();
+    assert_eq!(groups(ok.layout()).len(), MAX_GROUPS);
+}
