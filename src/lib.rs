@@ -7,6 +7,9 @@
 //!   GPU returns an [`Error`], nothing panics.
 //! * [`dropout`]: bit-packed mask generation, forward (with or without a stored mask), backward,
 //!   in-place variants, on cudarc slices and views, plus an `unsafe` raw-pointer layer.
+//! * [`bias_dropout_residual`]: fused `y = residual + dropout(x + bias)` (bias broadcast over
+//!   rows), forward with or without a mask, in place on the residual stream, backward with a
+//!   deterministic bias gradient.
 //! * [`drop_block`]: DropBlock 2D/3D (block dropout): bit-packed mask with the kept counts and the
 //!   scale computed on the device, forward, backward, in place.
 //! * [`layer_plan`]: deterministic host-side layer-skipping plans (LayerDrop, stochastic depth,
@@ -18,6 +21,7 @@
 //!
 //! The mask contract is documented in the README and in `kernels/dropfuse.h`.
 
+pub mod bias_dropout_residual;
 pub mod device;
 pub mod drop_block;
 pub mod dropout;
