@@ -137,6 +137,25 @@ int dropfuse_bias_dropout_residual_backward(dropfuse_dtype dtype, const void *dy
                                             void *dbias, float *workspace, uint64_t rows, uint64_t row_len,
                                             const dropfuse_dropout_params *params, dropfuse_stream_t stream);
 
+/* ---- Attention-layer importance (the contract and the f32 tolerance: src/reference/importance.rs) ----
+ * Per-token cosine similarity of a layer's input and output hidden states (tokens x hidden,
+ * row-major), PyTorch 2.x semantics: dot / (max(|a|, 1e-8) * max(|b|, 1e-8)), f32 accumulation
+ * without FMA contraction, one warp per token. The similarities of the real tokens (mask byte
+ * != 0; a null mask: every token) are summed in f64 in a fixed order and added to *layer_sum, their
+ * number to *layer_count: several batches accumulate on the device without host reads.
+ * Deterministic (the order depends on the shape only). hidden == 0 is cudaErrorInvalidValue. */
+
+/* Tokens per tile of the fixed-order sum. */
+#define DROPFUSE_IMPORTANCE_TILE 64
+
+/* tile_sums and tile_counts: workspace of ceil(tokens / DROPFUSE_IMPORTANCE_TILE) entries each
+ * (8-byte aligned, scratch). similarities (optional, may be null): one f32 per token, written with
+ * the token's similarity, NaN for padding tokens. layer_sum / layer_count: read and updated. */
+int dropfuse_importance_accumulate(dropfuse_dtype dtype, const void *input, const void *output, const uint8_t *mask,
+                                   float *similarities, uint64_t tokens, uint64_t hidden, double *tile_sums,
+                                   uint64_t *tile_counts, double *layer_sum, uint64_t *layer_count,
+                                   dropfuse_stream_t stream);
+
 /* Name and description of a status returned by the launchers (cudaGetErrorName/String). */
 const char *dropfuse_error_name(int status);
 const char *dropfuse_error_string(int status);

@@ -12,6 +12,9 @@
 //!   deterministic bias gradient.
 //! * [`drop_block`]: DropBlock 2D/3D (block dropout): bit-packed mask with the kept counts and the
 //!   scale computed on the device, forward, backward, in place.
+//! * [`importance`]: attention-layer importance: fused per-token cosine similarity of a layer's
+//!   input and output hidden states, accumulated per layer on the device for
+//!   [`layer_plan::AttentionDropPlan`].
 //! * [`layer_plan`]: deterministic host-side layer-skipping plans (LayerDrop, stochastic depth,
 //!   LayerSkip rates and early-exit curricula, pruning remaps, attention-layer drop with KV slots).
 //! * [`reference`](mod@reference): the CPU oracle (Philox4x32-10 and every kernel, written plainly).
@@ -28,6 +31,7 @@ pub mod dropout;
 pub mod dtype;
 pub mod error;
 pub mod ffi;
+pub mod importance;
 pub mod layer_plan;
 pub mod reference;
 pub mod rng;
