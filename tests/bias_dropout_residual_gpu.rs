@@ -643,3 +643,29 @@ fn gpu_huge_tensor_over_2_pow_32() {
         }
     });
 }
+
+/// Runs without a GPU: the configuration's validation, derived values and workspace size.
+#[test]
+fn config_validation_and_workspace_len_without_a_gpu() {
+    let arg = |e: dropfuse::Error| e.argument().unwrap_or_else(|| panic!("not InvalidArgument: {e:?}"));
+    assert_eq!(arg(BiasDropoutResidual::new(0.1, 0).unwrap_err()), "row_len");
+    assert_eq!(arg(BiasDropoutResidual::new(0.1, (1 << 31) + 1).unwrap_err()), "row_len");
+    assert_eq!(arg(BiasDropoutResidual::new(f64::NAN, 8).unwrap_err()), "p");
+    assert_eq!(arg(BiasDropoutResidual::new(-0.5, 8).unwrap_err()), "p");
+    let op = BiasDropoutResidual::new(0.25, 4096).unwrap().with_element_offset(12);
+    assert_eq!(op.row_len(), 4096);
+    assert_eq!(op.dropout().element_offset(), 12);
+    let want = dropfuse::reference::dropout::drop_threshold(0.25).unwrap();
+    assert_eq!(op.dropout().threshold(), want);
+    assert_eq!(op.dropout().scale(), dropfuse::reference::dropout::keep_scale(0.25).unwrap());
+    assert_eq!(DBIAS_CHUNK, reference::D_BIAS_CHUNK);
+    assert_eq!(op.workspace_len(1), 4096);
+    assert_eq!(op.workspace_len(256), 4096);
+    assert_eq!(op.workspace_len(257), 2 * 4096);
+    assert_eq!(op.workspace_len(65_536), 256 * 4096);
+    assert_eq!(
+        BiasDropoutResidual::new(0.0, 1 << 31).unwrap().workspace_len(usize::MAX),
+        usize::MAX,
+        "saturates instead of overflowing"
+    );
+}
