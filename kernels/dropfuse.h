@@ -401,6 +401,53 @@ int dropfuse_mc_summary_push(const float *probs, uint64_t samples, int check, co
 int dropfuse_mc_summary_finish(const dropfuse_mc_state *state, float *variance, float *predictive_entropy,
                                float *mutual_information, dropfuse_stream_t stream);
 
+/* ---- Fused bias + dropout + residual add (the contract: src/reference/bias_dropout_residual.rs) ----
+ * y = residual + dropout(x + bias) on rows x row_len elements (row-major), the bias (row_len
+ * elements, may be null) broadcast over rows. Keep decisions, scale and mask are dropout's above
+ * (params as for dropfuse_dropout_forward; element i of the slice is global element
+ * element_offset + i). Per element, in f32 without FMA contraction: t = x + bias[i % row_len]
+ * (no add without a bias), u = keep ? scale * t : +0, y = round(residual + u).
+ * 1 <= row_len <= 2^31 (cudaErrorInvalidValue otherwise); rows == 0 is a no-op. */
+
+/* Rows per partial sum of the bias gradient (the contract's fixed reduction order). */
+#define DROPFUSE_BDR_DBIAS_CHUNK 256
+
+/* Writes y and, when `mask` is not null, the bit mask (ceil(n/32) words, exactly dropout's).
+ * y may equal residual or x (in place). */
+int dropfuse_bias_dropout_residual_forward(dropfuse_dtype dtype, const void *x, const void *residual,
+                                           const void *bias, void *y, uint32_t *mask, uint64_t rows,
+                                           uint64_t row_len, const dropfuse_dropout_params *params,
+                                           dropfuse_stream_t stream);
+
+/* dx = keep ? round(scale * dy) : +0, with the keep bits from `mask` or, when it is null,
+ * regenerated from params (the forward's). When `dbias` is not null (row_len elements) it also
+ * writes dbias[j] = round(sum over rows of the f32 terms keep ? scale * dy : +0) in the contract's
+ * order, using `workspace`: ceil(rows / DROPFUSE_BDR_DBIAS_CHUNK) * row_len floats (4-byte
+ * aligned, not overlapping anything else; its contents are scratch). dy == dx is allowed. Without
+ * dbias this is dropout's backward (the workspace is not used). */
+int dropfuse_bias_dropout_residual_backward(dropfuse_dtype dtype, const void *dy, void *dx, const uint32_t *mask,
+                                            void *dbias, float *workspace, uint64_t rows, uint64_t row_len,
+                                            const dropfuse_dropout_params *params, dropfuse_stream_t stream);
+
+/* ---- Attention-layer importance (the contract and the f32 tolerance: src/reference/importance.rs) ----
+ * Per-token cosine similarity of a layer's input and output hidden states (tokens x hidden,
+ * row-major), PyTorch 2.x semantics: dot / (max(|a|, 1e-8) * max(|b|, 1e-8)), f32 accumulation
+ * without FMA contraction, one warp per token. The similarities of the real tokens (mask byte
+ * != 0; a null mask: every token) are summed in f64 in a fixed order and added to *layer_sum, their
+ * number to *layer_count: several batches accumulate on the device without host reads.
+ * Deterministic (the order depends on the shape only). hidden == 0 is cudaErrorInvalidValue. */
+
+/* Tokens per tile of the fixed-order sum. */
+#define DROPFUSE_IMPORTANCE_TILE 64
+
+/* tile_sums and tile_counts: workspace of ceil(tokens / DROPFUSE_IMPORTANCE_TILE) entries each
+ * (8-byte aligned, scratch). similarities (optional, may be null): one f32 per token, written with
+ * the token's similarity, NaN for padding tokens. layer_sum / layer_count: read and updated. */
+int dropfuse_importance_accumulate(dropfuse_dtype dtype, const void *input, const void *output, const uint8_t *mask,
+                                   float *similarities, uint64_t tokens, uint64_t hidden, double *tile_sums,
+                                   uint64_t *tile_counts, double *layer_sum, uint64_t *layer_count,
+                                   dropfuse_stream_t stream);
+
 /* Name and description of a status returned by the launchers (cudaGetErrorName/String). */
 const char *dropfuse_error_name(int status);
 const char *dropfuse_error_string(int status);

@@ -7,6 +7,9 @@
 //!   GPU returns an [`Error`], nothing panics.
 //! * [`dropout`]: bit-packed mask generation, forward (with or without a stored mask), backward,
 //!   in-place variants, on cudarc slices and views, plus an `unsafe` raw-pointer layer.
+//! * [`bias_dropout_residual`]: fused `y = residual + dropout(x + bias)` (bias broadcast over
+//!   rows), forward with or without a mask, in place on the residual stream, backward with a
+//!   deterministic bias gradient.
 //! * [`drop_block`]: DropBlock 2D/3D (block dropout): bit-packed mask with the kept counts and the
 //!   scale computed on the device, forward, backward, in place.
 //! * [`multi_sample`]: multi-sample dropout (K masked copies in one launch, the masked gradient
@@ -15,6 +18,9 @@
 //!   embedding-row dropout, any set of shared axes): one decision per group, decision masks.
 //! * [`mc_dropout`]: Monte-Carlo dropout: `R` replicas in one launch, streaming predictive summaries
 //!   (mean, variance, entropies, BALD) kept on the device.
+//! * [`importance`]: attention-layer importance: fused per-token cosine similarity of a layer's
+//!   input and output hidden states, accumulated per layer on the device for
+//!   [`layer_plan::AttentionDropPlan`].
 //! * [`layer_plan`]: deterministic host-side layer-skipping plans (LayerDrop, stochastic depth,
 //!   LayerSkip rates and early-exit curricula, pruning remaps, attention-layer drop with KV slots).
 //! * [`skip`]: compute skipping on the GPU: the fused stochastic-depth residual (forward, backward
@@ -30,12 +36,14 @@
 //!
 //! The mask contract is documented in the README and in `kernels/dropfuse.h`.
 
+pub mod bias_dropout_residual;
 pub mod device;
 pub mod drop_block;
 pub mod dropout;
 pub mod dtype;
 pub mod error;
 pub mod ffi;
+pub mod importance;
 pub mod layer_plan;
 pub mod mc_dropout;
 pub mod multi_sample;

@@ -192,6 +192,7 @@ impl McDropout {
             element_offset: self.drop.element_offset(),
             threshold: self.drop.threshold(),
             scale: self.drop.scale(),
+            philox_dev: std::ptr::null(),
         };
         let status = ffi::dropfuse_mc_dropout_forward(
             crate::dropout::raw::dtype(T::DTYPE),

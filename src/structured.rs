@@ -190,6 +190,7 @@ impl StructuredDropout {
             element_offset: self.decision_offset,
             threshold: self.drop.threshold(),
             scale: self.drop.scale(),
+            philox_dev: std::ptr::null(),
         }
     }
 

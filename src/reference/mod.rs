@@ -79,9 +79,22 @@
 //!     per-sequence top-k and GateSkip's global budget over one total order on the scores, ties to
 //!     the lower index, NaN last, padding never selected; gather, gated scatter-add, backward with
 //!     the gate's gradient). All bit-exact, its two reductions in a fixed chunked order.
+//!
+//! 14. **Fused bias + dropout + residual.** [`bias_dropout_residual`]:
+//!     `y = residual + dropout(x + bias)` with dropout's keep decisions and mask over the flat
+//!     index, the bias broadcast over rows, one `f32` add / multiply / add and one rounding; the
+//!     backward's `dx` is dropout's, `dbias` a chunked sum over rows in a fixed order. Bit-exact.
+//!
+//! 15. **Attention-layer importance.** [`importance`]: the per-token cosine similarity of a
+//!     layer's input and output hidden states (PyTorch 2.x's `cosine_similarity`, `eps = 1e-8`),
+//!     in `f64`, summed over real tokens into the per-layer `(sum, count)` that
+//!     [`SimilarityAccumulator`](crate::layer_plan::SimilarityAccumulator) takes; the `f32`
+//!     kernel's first-order tolerance.
 
+pub mod bias_dropout_residual;
 pub mod drop_block;
 pub mod dropout;
+pub mod importance;
 pub mod mc_dropout;
 pub mod multi_sample;
 pub mod philox;
