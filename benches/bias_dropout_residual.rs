@@ -5,7 +5,7 @@
 //! Shape: 16 x 4096 x 4096 (rows = 65536, H = 4096), p = 0.1, with a bias; bf16, f16 and f32.
 //! `n = rows * H`, `s` the element size, `W = ceil(rows / 256) * H` the dbias workspace floats.
 //!
-//! | kernel              | what                                          | bytes moved                          |
+//! | kernel (`bias_dropout_residual_` + ...) | what                                          | bytes moved                          |
 //! |---------------------|-----------------------------------------------|--------------------------------------|
 //! | `copy`              | device copy of x (the bandwidth baseline)     | `2·n·s`                              |
 //! | `forward_mask`      | y = r + dropout(x + b), write the bit mask    | `3·n·s + H·s + 4·ceil(n/32)`         |
@@ -62,10 +62,10 @@ impl Kernel {
     fn name(self) -> &'static str {
         match self {
             Kernel::Copy => "copy",
-            Kernel::ForwardMask => "forward_mask",
-            Kernel::ForwardMaskless => "forward_maskless",
-            Kernel::BackwardMask => "backward_mask",
-            Kernel::BackwardMaskless => "backward_maskless",
+            Kernel::ForwardMask => "bias_dropout_residual_forward_mask",
+            Kernel::ForwardMaskless => "bias_dropout_residual_forward_maskless",
+            Kernel::BackwardMask => "bias_dropout_residual_backward_mask",
+            Kernel::BackwardMaskless => "bias_dropout_residual_backward_maskless",
         }
     }
 }

@@ -16,7 +16,7 @@ Shape 16 x 4096 x 4096 viewed as rows = 65536, H = 4096; bias of H elements; p =
 Method "burst": 10 launches per window, 20 windows, 5 warm-up calls (torch.compile compiles in the
 warm-up, before any timing).
 
-  impl                                 kernel             what is timed
+  impl                                 kernel (bias_dropout_residual_ + ...)  what is timed
   copy                                 copy               dst.copy_(x) (the baseline)
   torch.eager.bias_dropout_residual    forward_mask       f(x, b, r) with x, b requiring grad: autograd
   torch.compile.bias_dropout_residual  forward_mask       records the graph and the peer keeps its mask
@@ -31,7 +31,8 @@ warm-up, before any timing).
 
 with f(x, b, r) = r + F.dropout(x + b, p, training=True) and torch.compile(f, dynamic=False).
 
-Bytes counted (the same formulas as the Rust side, so the rows compare): forward_mask
+Bytes counted (the same formulas as the Rust side, so the rows compare; kernel names carry the
+prefix bias_dropout_residual_): forward_mask
 3*n*s + H*s + ceil(n/32)*4 (the bit mask dropfuse writes; the peers' own masks are larger and not
 counted), forward_maskless 3*n*s + H*s, backward_mask 2*n*s + ceil(n/32)*4 + H*s (without dropfuse's
 dbias workspace), copy 2*n*s. copy_fraction is the row's bandwidth over the copy's of the same dtype
@@ -122,7 +123,7 @@ def run_dtype(rep, dtype_name, rows, with_compile):
     bg = b.detach().requires_grad_()
     for impl, fn, extra in peers:
         try:
-            run(impl, "forward_mask", lambda fn=fn: fn(xg, bg, r), fwd_mask, copy,
+            run(impl, "bias_dropout_residual_forward_mask", lambda fn=fn: fn(xg, bg, r), fwd_mask, copy,
                 dict(extra, mode="autograd recording (mask saved)"))
         except Exception as e:  # noqa: BLE001
             skipped(impl, dtype_name, e)
@@ -130,13 +131,13 @@ def run_dtype(rep, dtype_name, rows, with_compile):
             def maskless(fn=fn):
                 with torch.no_grad():
                     return fn(x, b, r)
-            run(impl, "forward_maskless", maskless, fwd_maskless, copy, dict(extra, mode="torch.no_grad()"))
+            run(impl, "bias_dropout_residual_forward_maskless", maskless, fwd_maskless, copy, dict(extra, mode="torch.no_grad()"))
         except Exception as e:  # noqa: BLE001
             skipped(impl, dtype_name, e)
         y = None
         try:
             y = fn(xg, bg, r)
-            run(impl, "backward_mask",
+            run(impl, "bias_dropout_residual_backward_mask",
                 lambda y=y: torch.autograd.grad(y, (xg, bg), dy, retain_graph=True), bwd_mask, copy,
                 dict(extra, backward="torch.autograd.grad(y, (x, b), dy, retain_graph=True)"))
         except Exception as e:  # noqa: BLE001
