@@ -120,16 +120,18 @@ __device__ __forceinline__ void residual_out(const float (&t)[V], const T (&r)[V
   Elem<T>::from_f32(o, out);
 }
 
-// Register budget: 4 blocks (64 registers) for the block-aligned vector kernels (whole tensors and
-// shards cut at multiples of 4), 2 (up to 128 registers) for the general ones, which hold one more
-// Philox block per chunk and spill at 64 and at 80 registers (ptxas -v, sm_90).
-template <bool kBlockAligned>
+// Register budget: 4 blocks (64 registers) for the block-aligned 16-bit kernels (whole tensors and
+// shards cut at multiples of 4), 3 (80 registers) for the block-aligned f32 ones (the masked f32
+// kernels with a bias spill at 64 on sm_80), 2 (up to 128 registers) for the general ones, which
+// hold one more Philox block per chunk and spill at 64 and at 80 registers (ptxas -v).
+template <typename T, bool kBlockAligned>
 constexpr int min_blocks() {
-  return kBlockAligned ? DROPFUSE_BDR_MIN_BLOCKS : DROPFUSE_BDR_MIN_BLOCKS_GENERAL;
+  return !kBlockAligned ? DROPFUSE_BDR_MIN_BLOCKS_GENERAL
+                        : sizeof(T) == 4 && DROPFUSE_BDR_MIN_BLOCKS > 3 ? 3 : DROPFUSE_BDR_MIN_BLOCKS;
 }
 
 template <typename T, bool VEC, Mode M, bool kBlockAligned, Bias B>
-__global__ void __launch_bounds__(kThreads, min_blocks<kBlockAligned>())
+__global__ void __launch_bounds__(kThreads, min_blocks<T, kBlockAligned>())
     forward_kernel(const T *x, const T *r, const T *bias, T *y, uint32_t *mask_out, uint64_t n,
                    const __grid_constant__ Params p) {
   constexpr int V = VecWidth<T>::value;

@@ -32,14 +32,19 @@ constexpr float kEps = 1e-8f;
 constexpr int kFinalThreads = 256;
 
 // Tuning knobs (not measured yet): 16-byte chunks per lane and row loaded before any is used
-// (default: 16 elements of each row, i.e. 2 chunks of f16/bf16 and 4 of f32; 32 elements spill
-// at 64 registers), and the resident blocks per SM the register budget must allow (4: 64
-// registers, 32 warps per SM).
+// (default: 16 elements of each row on sm_90, i.e. 2 chunks of f16/bf16 and 4 of f32, where 32
+// elements spill at 64 registers; one chunk on older GPUs, where more spill at 80 registers with
+// the crate's relocatable device code), and the resident blocks per SM the register budget must
+// allow (3: 80 registers, 24 warps per SM; 4 blocks spill on sm_80).
 #ifndef DROPFUSE_IMPORTANCE_UNROLL
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+#define DROPFUSE_IMPORTANCE_UNROLL 1
+#else
 #define DROPFUSE_IMPORTANCE_UNROLL static_cast<int>(sizeof(T))
 #endif
+#endif
 #ifndef DROPFUSE_IMPORTANCE_MIN_BLOCKS
-#define DROPFUSE_IMPORTANCE_MIN_BLOCKS 4
+#define DROPFUSE_IMPORTANCE_MIN_BLOCKS 3
 #endif
 
 // The three running sums of one lane.
