@@ -147,9 +147,17 @@ template <typename T, typename G, bool VEC>
 __global__ void __launch_bounds__(kThreads, DROPFUSE_CE_MIN_BLOCKS)
     ce_kernel(const T *z, const int64_t *labels, G *dz, float *partial, const uint64_t *stats,
               const __grid_constant__ CeParams p) {
-  // A bad label: write nothing, or (zero_on_bad) only zeros into the gradient.
-  const bool bad = stats[1] != kNoBadRow;
-  if (bad && (!p.zero_on_bad || dz == nullptr)) return;
+  if (stats[1] != kNoBadRow) {
+    // A bad label: write nothing, or (zero_on_bad) only zeros into the gradient.
+    if (p.zero_on_bad && dz != nullptr) {
+      const uint64_t total = p.k * p.b * p.c;
+      const uint64_t stride = static_cast<uint64_t>(gridDim.x) * blockDim.x;
+      for (uint64_t e = static_cast<uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total; e += stride) {
+        dz[e] = Elem<G>::from_f32(0.0f);
+      }
+    }
+    return;
+  }
   const uint64_t n_valid = stats[0];
   const unsigned lane = threadIdx.x & 31u;
   const uint64_t warp = (static_cast<uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
@@ -164,7 +172,7 @@ __global__ void __launch_bounds__(kThreads, DROPFUSE_CE_MIN_BLOCKS)
     const int64_t y = labels[i];
     const T *zr = z + r * C;
     G *dr = dz == nullptr ? nullptr : dz + r * C;
-    if (bad || y == p.ignore_index || n_valid == 0) {
+    if (y == p.ignore_index || n_valid == 0) {
       if (lane == 0) partial[r] = 0.0f;
       if (dr != nullptr) {
         const float zero[kChunk] = {};

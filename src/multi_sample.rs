@@ -77,8 +77,8 @@ pub use crate::reference::multi_sample::{sample_state, DEFAULT_IGNORE_INDEX, WEI
 mod blas;
 mod head;
 
-pub use blas::{check_cublas, cublas_available, cublas_library_names, Blas, CUBLAS_WORKSPACE_BYTES};
-pub use head::{HeadWorkspace, MultiSampleHead};
+pub use blas::{check_cublas, cublas_available, cublas_library_names, Blas, GemmDesc, CUBLAS_WORKSPACE_BYTES};
+pub use head::{head_gemms, HeadGemms, HeadWorkspace, MultiSampleHead};
 
 /// The most samples one call takes (`DROPFUSE_MULTI_SAMPLE_MAX_K`).
 pub const MAX_K: usize = ffi::DROPFUSE_MULTI_SAMPLE_MAX_K as usize;

@@ -100,6 +100,23 @@ pub(crate) fn data_type(d: DType) -> sys::cudaDataType {
     }
 }
 
+/// One GEMM in cuBLAS's column-major terms: `C (m x n) = op(A) (m x k) . op(B) (k x n)`, `op`
+/// transposing when `trans_*`; element `(i, j)` of a column-major matrix with leading dimension
+/// `ld` is at `i + j * ld`, so a row-major `R x C` matrix is a column-major `C x R` one with
+/// `ld = C`.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GemmDesc {
+    pub trans_a: bool,
+    pub trans_b: bool,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub lda: usize,
+    pub ldb: usize,
+    pub ldc: usize,
+}
+
 /// A cuBLAS handle bound to a device's stream, with its own workspace
 /// ([`CUBLAS_WORKSPACE_BYTES`]) and the default math mode (no TF32: f32 GEMMs run in full f32).
 #[derive(Debug)]
@@ -158,9 +175,9 @@ impl Blas {
         &self.stream
     }
 
-    /// `C = alpha * op(A) op(B) + beta * C` in cuBLAS's column-major terms (`cublasGemmEx`, f32
-    /// accumulation: `CUBLAS_COMPUTE_32F`, or `CUBLAS_COMPUTE_32F_PEDANTIC` for f32 inputs, which
-    /// rules out TF32 and other reduced-precision paths).
+    /// `C = alpha * op(A) op(B) + beta * C` in cuBLAS's column-major terms ([`GemmDesc`];
+    /// `cublasGemmEx`, f32 accumulation: `CUBLAS_COMPUTE_32F`, or `CUBLAS_COMPUTE_32F_PEDANTIC`
+    /// for f32 inputs, which rules out TF32 and other reduced-precision paths).
     ///
     /// # Safety
     /// The pointers are device memory of the handle's context, large enough for the shapes and
@@ -169,21 +186,14 @@ impl Blas {
     #[allow(clippy::too_many_arguments)]
     pub(crate) unsafe fn gemm(
         &mut self,
-        trans_a: bool,
-        trans_b: bool,
-        m: usize,
-        n: usize,
-        k: usize,
+        g: GemmDesc,
         alpha: f32,
         ab_type: DType,
         a: u64,
-        lda: usize,
         b: u64,
-        ldb: usize,
         beta: f32,
         c_type: DType,
         c: u64,
-        ldc: usize,
     ) -> Result<()> {
         let op = |t: bool| {
             if t {
@@ -199,22 +209,22 @@ impl Blas {
         };
         let status = sys::cublasGemmEx(
             self.handle,
-            op(trans_a),
-            op(trans_b),
-            m as i32,
-            n as i32,
-            k as i32,
+            op(g.trans_a),
+            op(g.trans_b),
+            g.m as i32,
+            g.n as i32,
+            g.k as i32,
             &alpha as *const f32 as *const c_void,
             a as *const c_void,
             data_type(ab_type),
-            lda as i32,
+            g.lda as i32,
             b as *const c_void,
             data_type(ab_type),
-            ldb as i32,
+            g.ldb as i32,
             &beta as *const f32 as *const c_void,
             c as *mut c_void,
             data_type(c_type),
-            ldc as i32,
+            g.ldc as i32,
             compute,
             sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
         );

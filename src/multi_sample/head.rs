@@ -82,7 +82,7 @@ use std::ffi::c_void;
 
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
 
-use super::blas::Blas;
+use super::blas::{Blas, GemmDesc};
 use super::{check_k, check_len, check_out_dtype, masks_len, MAX_K};
 use crate::device::Device;
 use crate::dropout::{after, bind, check_stream, raw::dtype as ffi_dtype, Dropout};
@@ -94,6 +94,41 @@ use crate::rng::PhiloxState;
 
 /// cuBLAS's dimensions are `i32`.
 const MAX_DIM: usize = i32::MAX as usize;
+
+/// The head's three GEMMs for `rows` stacked rows (`K * B` in training mode, `B` in evaluation
+/// mode), `D` features and `C` classes, all matrices row-major:
+/// * `logits`: A = `W` (`C x D`), B = `h_all` (`rows x D`), C = `z` (`rows x C`): `z = h_all W^T`;
+/// * `dh`: A = `W`, B = `dz` (`rows x C`), C = `dh_all` (`rows x D`): `dh_all = dz W`;
+/// * `dw`: A = `h_all`, B = `dz`, C = `dW` (`C x D`): `dW = dz^T h_all`.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeadGemms {
+    pub logits: GemmDesc,
+    pub dh: GemmDesc,
+    pub dw: GemmDesc,
+}
+
+#[doc(hidden)]
+pub fn head_gemms(rows: usize, d: usize, c: usize) -> HeadGemms {
+    let g = |trans_a, trans_b, m, n, k, lda, ldb, ldc| GemmDesc {
+        trans_a,
+        trans_b,
+        m,
+        n,
+        k,
+        lda,
+        ldb,
+        ldc,
+    };
+    HeadGemms {
+        // z^T (C x rows) = W (C x D: W^T stored, transposed) . h_all^T (D x rows).
+        logits: g(true, false, c, rows, d, d, d, c),
+        // dh_all^T (D x rows) = W^T (D x C, as stored) . dz^T (C x rows).
+        dh: g(false, false, d, rows, c, d, c, d),
+        // dW^T (D x C) = h_all^T (D x rows) . dz (rows x C: dz^T stored, transposed).
+        dw: g(false, true, d, c, rows, d, c, d),
+    }
+}
 
 /// The multi-sample dropout head's configuration: `K` samples at drop probability `p`, label
 /// smoothing, ignore index, bias on or off, training or evaluation mode (validated; `Copy`).
@@ -214,11 +249,21 @@ impl MultiSampleHead {
     /// classes for element type `T` on `dev`'s stream: [`Error::NoCublas`] without cuBLAS,
     /// `b`/`d`/`c` errors for zero sizes or sizes cuBLAS cannot take (`K * B`, `D`, `C` up to
     /// `i32::MAX`).
-    pub fn workspace<T: Element>(&self, dev: &Device, b: usize, d: usize, c: usize) -> Result<HeadWorkspace<T>> {
+    pub fn workspace<T: Element>(
+        &self,
+        dev: &Device,
+        b: usize,
+        d: usize,
+        c: usize,
+    ) -> Result<HeadWorkspace<T>> {
         let k = self.samples();
         for (name, v, max) in [("b", b, MAX_DIM / k), ("d", d, MAX_DIM), ("c", c, MAX_DIM)] {
             if v == 0 || v > max {
-                return Err(Error::invalid(name, format!("1 ..= {max} (cuBLAS dimensions are i32)"), v));
+                return Err(Error::invalid(
+                    name,
+                    format!("1 ..= {max} (cuBLAS dimensions are i32)"),
+                    v,
+                ));
             }
         }
         let rows = k * b;
@@ -359,9 +404,9 @@ impl MultiSampleHead {
             } else {
                 0.0
             };
-            // z^T (C x rows, column-major) = W (C x D) . h_all^T (D x rows).
+            let g = head_gemms(rows, d, c);
             ws.blas
-                .gemm(true, false, c, rows, d, 1.0, T::DTYPE, wp, d, src, d, beta, DType::F32, zp, c)?;
+                .gemm(g.logits, 1.0, T::DTYPE, wp, src, beta, DType::F32, zp)?;
             let params = self.ce_params(b, c);
             let st = ffi::dropfuse_weighted_ce_scaled(
                 ffi_dtype(DType::F32),
@@ -426,7 +471,13 @@ impl MultiSampleHead {
         check_len("dh", dh.len(), b * d, "B * D")?;
         check_len("dw", dw.len(), c * d, "C * D")?;
         match (&db, self.bias) {
-            (None, true) => return Err(Error::invalid("db", format!("{c} values (C): the head has a bias"), "none")),
+            (None, true) => {
+                return Err(Error::invalid(
+                    "db",
+                    format!("{c} values (C): the head has a bias"),
+                    "none",
+                ))
+            }
             (Some(x), false) => {
                 return Err(Error::invalid(
                     "db",
@@ -458,17 +509,22 @@ impl MultiSampleHead {
         let (dzp, _gdz) = ws.dz.device_ptr(&stream);
         let (csp, _gcs) = ws.colsum.device_ptr_mut(&stream);
         let train = match (ws.copies.as_ref(), ws.masks.as_ref(), ws.dh_all.as_mut()) {
-            (Some(cp), Some(mk), Some(da)) => Some((cp.device_ptr(&stream), mk.device_ptr(&stream), da.device_ptr_mut(&stream))),
+            (Some(cp), Some(mk), Some(da)) => Some((
+                cp.device_ptr(&stream),
+                mk.device_ptr(&stream),
+                da.device_ptr_mut(&stream),
+            )),
             _ => None,
         };
         // SAFETY: lengths, dtypes and contexts validated above; outputs distinct from the inputs
         // and the workspace; sizes fit cuBLAS's i32 (checked when the workspace was made).
         unsafe {
+            let g = head_gemms(rows, d, c);
             let src = match &train {
                 Some(((cp, _), (mp, _), (dap, _))) => {
-                    // dh_all^T (D x rows) = W^T (D x C) . dz^T (C x rows), in f32, unscaled (S dz W).
+                    // dh_all = (S dz) W in f32; the reduction applies keep * scale * a.
                     ws.blas
-                        .gemm(false, false, d, rows, c, 1.0, T::DTYPE, wp, d, dzp, c, 0.0, DType::F32, *dap, d)?;
+                        .gemm(g.dh, 1.0, T::DTYPE, wp, dzp, 0.0, DType::F32, *dap)?;
                     let params = self.sample_params(PhiloxState::new(0, 0), self.drop.scale() * alpha);
                     let st = ffi::dropfuse_multi_sample_reduce(
                         ffi_dtype(DType::F32),
@@ -484,14 +540,14 @@ impl MultiSampleHead {
                     *cp
                 }
                 None => {
+                    // Evaluation mode (rows = B): dh = a (S dz) W straight into dh.
                     ws.blas
-                        .gemm(false, false, d, b, c, alpha, T::DTYPE, wp, d, dzp, c, 0.0, GH::DTYPE, dhp, d)?;
+                        .gemm(g.dh, alpha, T::DTYPE, wp, dzp, 0.0, GH::DTYPE, dhp)?;
                     hp
                 }
             };
-            // dW^T (D x C) = h_all^T (D x rows) . dz (rows x C).
             ws.blas
-                .gemm(false, true, d, c, rows, alpha, T::DTYPE, src, d, dzp, c, 0.0, GW::DTYPE, dwp, d)?;
+                .gemm(g.dw, alpha, T::DTYPE, src, dzp, 0.0, GW::DTYPE, dwp)?;
             if let Some((dbp, _)) = &db_ptr {
                 let st = ffi::dropfuse_column_sums(
                     ffi_dtype(T::DTYPE),
@@ -528,7 +584,11 @@ impl MultiSampleHead {
         check_stream(&stream, weight.stream(), "weight")?;
         check_stream(&stream, dw.stream(), "dw")?;
         let (Some(cp), Some(da)) = (ws.copies.as_ref(), ws.dh_all.as_mut()) else {
-            return Err(Error::invalid("workspace", "a training-mode workspace", "evaluation mode"));
+            return Err(Error::invalid(
+                "workspace",
+                "a training-mode workspace",
+                "evaluation mode",
+            ));
         };
         bind(&stream)?;
         let (wp, _gw) = weight.device_ptr(&stream);
@@ -539,12 +599,11 @@ impl MultiSampleHead {
         let (dzp, _gdz) = ws.dz.device_ptr(&stream);
         // SAFETY: as in forward and backward.
         unsafe {
+            let g = head_gemms(rows, d, c);
             ws.blas
-                .gemm(true, false, c, rows, d, 1.0, T::DTYPE, wp, d, cpp, d, 0.0, DType::F32, zp, c)?;
-            ws.blas
-                .gemm(false, false, d, rows, c, 1.0, T::DTYPE, wp, d, dzp, c, 0.0, DType::F32, dap, d)?;
-            ws.blas
-                .gemm(false, true, d, c, rows, 1.0, T::DTYPE, cpp, d, dzp, c, 0.0, T::DTYPE, dwp, d)?;
+                .gemm(g.logits, 1.0, T::DTYPE, wp, cpp, 0.0, DType::F32, zp)?;
+            ws.blas.gemm(g.dh, 1.0, T::DTYPE, wp, dzp, 0.0, DType::F32, dap)?;
+            ws.blas.gemm(g.dw, 1.0, T::DTYPE, cpp, dzp, 0.0, T::DTYPE, dwp)?;
         }
         after(&stream)
     }
@@ -552,7 +611,11 @@ impl MultiSampleHead {
     fn check_bias(&self, len: Option<usize>) -> Result<()> {
         match (len, self.bias) {
             (None, true) => Err(Error::invalid("bias", "C values: the head has a bias", "none")),
-            (Some(n), false) => Err(Error::invalid("bias", "none: the head has no bias", format!("{n} values"))),
+            (Some(n), false) => Err(Error::invalid(
+                "bias",
+                "none: the head has no bias",
+                format!("{n} values"),
+            )),
             _ => Ok(()),
         }
     }
@@ -590,7 +653,11 @@ impl<T: Element> HeadWorkspace<T> {
         if head.samples() != self.k || head.is_train() != self.train {
             return Err(Error::invalid(
                 "workspace",
-                format!("a workspace for {} sample(s), train = {}", head.samples(), head.is_train()),
+                format!(
+                    "a workspace for {} sample(s), train = {}",
+                    head.samples(),
+                    head.is_train()
+                ),
                 format!("one for {} sample(s), train = {}", self.k, self.train),
             ));
         }
@@ -645,7 +712,11 @@ impl<T: Element> HeadWorkspace<T> {
     /// `labels` error naming the first bad row (that forward wrote no loss and a zero `dz`).
     pub fn check_labels(&self) -> Result<u64> {
         let Some(head) = self.filled_by else {
-            return Err(Error::invalid("workspace", "a workspace a forward has filled", "an empty one"));
+            return Err(Error::invalid(
+                "workspace",
+                "a workspace a forward has filled",
+                "an empty one",
+            ));
         };
         super::check_labels(self.dev.stream(), &self.scratch, self.c, head.ignore_index())
     }
@@ -654,7 +725,11 @@ impl<T: Element> HeadWorkspace<T> {
     /// launch ([`super::mean_logits`]).
     pub fn mean_logits<M: DevicePtrMut<f32>>(&self, mean: &mut M) -> Result<()> {
         if self.filled_by.is_none() {
-            return Err(Error::invalid("workspace", "a workspace a forward has filled", "an empty one"));
+            return Err(Error::invalid(
+                "workspace",
+                "a workspace a forward has filled",
+                "an empty one",
+            ));
         }
         check_len("mean", mean.len(), self.b * self.c, "B * C")?;
         super::mean_logits(self.dev.stream(), self.k, &self.z, mean)
