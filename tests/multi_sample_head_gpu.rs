@@ -18,7 +18,7 @@ use dropfuse::cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr};
 use dropfuse::dropout::mask_words;
 use dropfuse::multi_sample::{
     check_cublas, cublas_available, cublas_library_names, head_gemms, GemmDesc, HeadWorkspace,
-    MultiSampleHead, MAX_K,
+    MultiSampleHead, WeightedCrossEntropy, MAX_K,
 };
 use dropfuse::reference::dropout as ref_dropout;
 use dropfuse::reference::multi_sample::{
@@ -204,6 +204,13 @@ fn head_configuration_without_device() {
         MultiSampleHead::logits_grad_scale(128, 1 << 15),
         (1u32 << 22) as f32
     );
+    // The weighted cross-entropy's gradient scale (what the head passes S through).
+    let ce = WeightedCrossEntropy::uniform(2).unwrap();
+    assert_eq!(ce.grad_scale(), 1.0);
+    for bad in [0.0f32, -2.0, f32::NAN, f32::INFINITY] {
+        assert_eq!(invalid_name(ce.clone().with_grad_scale(bad)), "grad_scale");
+    }
+    assert_eq!(ce.with_grad_scale(1024.0).unwrap().grad_scale(), 1024.0);
 }
 
 /// `C = alpha op(A) op(B) + beta C`, column-major, exactly as cublasGemmEx reads its arguments.

@@ -1,20 +1,4 @@
-//! cuBLAS, loaded at run time through cudarc (like libcuda), for the head's GEMMs.
-//!
-//! cudarc's `dynamic-loading` opens libcublas lazily and *panics* when it is missing (in
-//! `culib()`, so also in `CudaBlas::new` and in every `cublas*` call). Everything here asks first:
-//! [`check_cublas`] tries the library names cudarc tries ([`cublas_library_names`]) and looks up
-//! every function dropfuse calls, and maps a failure to [`Error::NoCublas`]. Nothing else in the
-//! crate touches cuBLAS, so without it only the multi-sample head is unavailable.
-//!
-//! The names come from `cudarc::get_lib_name_candidates("cublas")`; with the `cuda-13000` feature
-//! they are, in order: `libcublas.so`, `libcublas64.so`, `libcublas64_13.so`, `libcublas64_130.so`,
-//! `libcublas64_130_0.so`, `libcublas64_130_0.so`, `libcublas64_10.so`, `libcublas64_11.so`,
-//! `libcublas64_12.so`, `libcublas64_130_0.so`, `libcublas64_9.so`, **`libcublas.so.13`**,
-//! `libcublas.so.12`, `libcublas.so.11`, `libcublas.so.10`, `libcublas.so.9`, `libcublas.so.1`
-//! (the first one that loads wins). A CUDA 13 toolkit's `lib64/libcublas.so` or the pip wheel
-//! `nvidia-cublas` (13.x: `site-packages/nvidia/cu13/lib/libcublas.so.13`, next to the
-//! `libcublasLt.so.13` it needs) on `LD_LIBRARY_PATH` both work. A CUDA 12 `libcublas.so.12` also
-//! loads (the few functions used here have the same ABI) but needs a driver that runs CUDA 12.
+//! cuBLAS through cudarc: the presence check ([`check_cublas`]) and a handle ([`Blas`]).
 
 use std::ffi::c_void;
 use std::sync::{Arc, OnceLock};
@@ -71,6 +55,23 @@ pub fn cublas_available() -> bool {
 }
 
 /// `Ok` when cuBLAS can be used, otherwise [`Error::NoCublas`] saying why (never panics).
+///
+/// cuBLAS is loaded at run time through cudarc (like libcuda), for the head's GEMMs.
+/// cudarc's `dynamic-loading` opens libcublas lazily and *panics* when it is missing (in
+/// `culib()`, so also in `CudaBlas::new` and in every `cublas*` call). Everything here asks first:
+/// [`check_cublas`] tries the library names cudarc tries ([`cublas_library_names`]) and looks up
+/// every function dropfuse calls, and maps a failure to [`Error::NoCublas`]. Nothing else in the
+/// crate touches cuBLAS, so without it only the multi-sample head is unavailable.
+///
+/// The names come from `cudarc::get_lib_name_candidates("cublas")`; with the `cuda-13000` feature
+/// they are, in order: `libcublas.so`, `libcublas64.so`, `libcublas64_13.so`, `libcublas64_130.so`,
+/// `libcublas64_130_0.so`, `libcublas64_130_0.so`, `libcublas64_10.so`, `libcublas64_11.so`,
+/// `libcublas64_12.so`, `libcublas64_130_0.so`, `libcublas64_9.so`, **`libcublas.so.13`**,
+/// `libcublas.so.12`, `libcublas.so.11`, `libcublas.so.10`, `libcublas.so.9`, `libcublas.so.1`
+/// (the first one that loads wins). A CUDA 13 toolkit's `lib64/libcublas.so` or the pip wheel
+/// `nvidia-cublas` (13.x: `site-packages/nvidia/cu13/lib/libcublas.so.13`, next to the
+/// `libcublasLt.so.13` it needs) on `LD_LIBRARY_PATH` both work. A CUDA 12 `libcublas.so.12` also
+/// loads (the few functions used here have the same ABI) but needs a driver that runs CUDA 12.
 pub fn check_cublas() -> Result<()> {
     probe().clone().map_err(|reason| Error::NoCublas { reason })
 }

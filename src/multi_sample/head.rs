@@ -1,82 +1,5 @@
-//! The multi-sample dropout head on the GPU: `K` dropout samples of the features through one
-//! shared linear classifier, the averaged cross-entropy, and the backward, in a few launches.
-//!
-//! The contract is the `f64` reference's, [`crate::reference::multi_sample::head`] (points 1-7 of
-//! its module docs): features `h` (`B x D`, row-major, element type `T`), weight `W` (`C x D`),
-//! optional bias `b` (`C`), labels `y` (`B` `i64`, with the ignore index), sample `k` on the Philox
-//! stream `offset + k`. Evaluation mode: `K = 1`, no dropout, `h` itself.
-//!
-//! **Forward** ([`MultiSampleHead::forward`]), with the `K` copies stacked as one `(K*B) x D`
-//! matrix `h_all` (copy `k` at rows `k*B ..`):
-//! 1. the `K` masked copies and their bit masks in one launch ([`MultiSample`]; bit for bit the
-//!    reference's copies; skipped in evaluation mode, where `h_all = h`);
-//! 2. with a bias, one launch broadcasting `b` into the `f32` logits buffer (`K*B` rows);
-//! 3. **one** `cublasGemmEx`: `z = h_all W^T (+ z)` (`(K*B) x C`, `f32`; `beta = 1` adds the
-//!    broadcast bias once, after the dot product, as the reference does). `W` is shared by the `K`
-//!    samples, so this one GEMM over `K*B` rows is exactly the strided-batched GEMM with a weight
-//!    stride of 0, with a larger `n` for cuBLAS to tile;
-//! 4. the weighted cross-entropy kernel ([`WeightedCrossEntropy`]'s) with `w_k = 1/K` on the `f32`
-//!    logits: the loss (one `f32` in the workspace) and `dz` in `T`, written **scaled** by the
-//!    power of two [`MultiSampleHead::logits_grad_scale`] `S` (about `K * B`), so that `dz` (about
-//!    `(softmax - t) / (K * n_valid)`) is stored near 1 instead of in the f16 subnormal range.
-//!
-//! The averaged logits `sum_k z_k / K` (`B x C`, `f32`) are one more launch on demand
-//! ([`HeadWorkspace::mean_logits`]). No host synchronisation; [`HeadWorkspace::read_loss`] and
-//! [`HeadWorkspace::check_labels`] synchronise.
-//!
-//! **Backward** ([`MultiSampleHead::backward`]), every gradient multiplied by `grad_scale` (1 for
-//! the plain gradient; a loss scale otherwise; a power of two keeps the scaling exact), with
-//! `a = grad_scale / S`:
-//! 1. **one** GEMM `dh_all = dz W` (`(K*B) x D`, written in `f32` to the workspace: no f16 range
-//!    issue and one rounding less), then the masked reduction kernel
-//!    `dh = sum_k keep_k * dh_k * (scale * a)` ([`MultiSample::reduce`]'s kernel, stored masks); in
-//!    evaluation mode one GEMM `dh = a * dz W` straight into `dh`;
-//! 2. **one** GEMM over the `K*B` rows: `dW = a * dz^T h_all` (`C x D`);
-//! 3. with a bias, `db = a * (column sums of dz over the K*B rows)`: a small deterministic kernel
-//!    (chunks of 256 rows in a fixed order, two launches).
-//!
-//! GEMMs take `T` operands and accumulate in `f32` (`CUBLAS_COMPUTE_32F`; for `f32` inputs
-//! `CUBLAS_COMPUTE_32F_PEDANTIC` and the default math mode: no TF32, whatever
-//! `NVIDIA_TF32_OVERRIDE` says). Outputs: loss and logits in `f32`; `dh`, `dW`, `db` in `T` or `f32`
-//! (the output buffers' types; `f32` recommended for f16 without a loss scale, since the
-//! gradients of a mean over many rows are tiny). cuBLAS is bitwise reproducible run to run on the
-//! same GPU model, cuBLAS version and handle setup (each workspace owns its handle and cuBLAS
-//! workspace), not across GPU models or versions; the kernels are deterministic everywhere.
-//!
-//! **Error bounds** against the `f64` reference, for logits up to about 10 in magnitude (the
-//! bounds the GPU tests use): the loss within `1e-5 * max(1, |loss|)` and the averaged logits'
-//! relative error norm `||got - ref|| / ||ref||` below `1e-5` for every dtype (`T` products are
-//! exact in `f32`, the logits are never rounded to `T`); the gradients' relative error norms below
-//! `1e-5` for `f32` and below `1e-2` for `f16`/`bf16` (`dz` is rounded once to `T` for the backward
-//! GEMMs, the outputs once more when they are in `T`; f16 outputs must be scaled into f16's normal
-//! range by `grad_scale`).
-//!
-//! **Labels** are checked on the device: a label neither in `[0, C)` nor the ignore index makes
-//! the forward write no loss and zeros into `dz` (workspace), so a backward then writes zero
-//! gradients; [`HeadWorkspace::check_labels`] (synchronises) returns the reference's `labels`
-//! error naming the first bad row. Every other argument is validated before anything runs
-//! ([`Error::InvalidArgument`](crate::Error::InvalidArgument), nothing written).
-//!
-//! ```no_run
-//! use dropfuse::multi_sample::MultiSampleHead;
-//! use dropfuse::{Device, Generator};
-//! use half::f16;
-//! # fn main() -> dropfuse::Result<()> {
-//! let dev = Device::new(0)?;
-//! let (k, b, d, c) = (8, 32, 64, 10);
-//! let head = MultiSampleHead::new(k, 0.5)?.with_label_smoothing(0.1)?;
-//! let mut ws = head.workspace::<f16>(&dev, b, d, c)?; // Error::NoCublas without libcublas
-//! let h = dev.upload(&vec![f16::from_f32(0.5); b * d])?;
-//! let w = dev.upload(&vec![f16::from_f32(0.01); c * d])?;
-//! let bias = dev.zeros::<f16>(c)?;
-//! let labels = dev.upload(&vec![3i64; b])?;
-//! let mut rng = Generator::new(7);
-//! head.forward(&mut ws, rng.next_streams(k as u64), &h, &w, Some(&bias), &labels)?;
-//! let (mut dh, mut dw, mut db) = (dev.zeros::<f32>(b * d)?, dev.zeros::<f32>(c * d)?, dev.zeros::<f32>(c)?);
-//! head.backward(&mut ws, &h, &w, &mut dh, &mut dw, Some(&mut db), 1.0)?;
-//! let loss = ws.read_loss()?; // synchronises
-//! # let _ = loss; Ok(()) }
-//! ```
+//! The multi-sample dropout head: [`MultiSampleHead`] (configuration, forward, backward) and
+//! [`HeadWorkspace`] (its buffers and cuBLAS handle).
 
 use std::ffi::c_void;
 
@@ -131,7 +54,88 @@ pub fn head_gemms(rows: usize, d: usize, c: usize) -> HeadGemms {
 }
 
 /// The multi-sample dropout head's configuration: `K` samples at drop probability `p`, label
-/// smoothing, ignore index, bias on or off, training or evaluation mode (validated; `Copy`).
+/// smoothing, ignore index, bias on or off, training or evaluation mode (validated; `Copy`); its
+/// buffers live in a [`HeadWorkspace`].
+///
+/// The multi-sample dropout head on the GPU: `K` dropout samples of the features through one
+/// shared linear classifier, the averaged cross-entropy, and the backward, in a few launches.
+///
+/// The contract is the `f64` reference's, [`crate::reference::multi_sample::head`] (points 1-7 of
+/// its module docs): features `h` (`B x D`, row-major, element type `T`), weight `W` (`C x D`),
+/// optional bias `b` (`C`), labels `y` (`B` `i64`, with the ignore index), sample `k` on the Philox
+/// stream `offset + k`. Evaluation mode: `K = 1`, no dropout, `h` itself.
+///
+/// **Forward** ([`MultiSampleHead::forward`]), with the `K` copies stacked as one `(K*B) x D`
+/// matrix `h_all` (copy `k` at rows `k*B ..`):
+/// 1. the `K` masked copies and their bit masks in one launch ([`MultiSample`]; bit for bit the
+///    reference's copies; skipped in evaluation mode, where `h_all = h`);
+/// 2. with a bias, one launch broadcasting `b` into the `f32` logits buffer (`K*B` rows);
+/// 3. **one** `cublasGemmEx`: `z = h_all W^T (+ z)` (`(K*B) x C`, `f32`; `beta = 1` adds the
+///    broadcast bias once, after the dot product, as the reference does). `W` is shared by the `K`
+///    samples, so this one GEMM over `K*B` rows is exactly the strided-batched GEMM with a weight
+///    stride of 0, with a larger `n` for cuBLAS to tile;
+/// 4. the weighted cross-entropy kernel ([`WeightedCrossEntropy`]'s) with `w_k = 1/K` on the `f32`
+///    logits: the loss (one `f32` in the workspace) and `dz` in `T`, written **scaled** by the
+///    power of two [`MultiSampleHead::logits_grad_scale`] `S` (about `K * B`), so that `dz` (about
+///    `(softmax - t) / (K * n_valid)`) is stored near 1 instead of in the f16 subnormal range.
+///
+/// The averaged logits `sum_k z_k / K` (`B x C`, `f32`) are one more launch on demand
+/// ([`HeadWorkspace::mean_logits`]). No host synchronisation; [`HeadWorkspace::read_loss`] and
+/// [`HeadWorkspace::check_labels`] synchronise.
+///
+/// **Backward** ([`MultiSampleHead::backward`]), every gradient multiplied by `grad_scale` (1 for
+/// the plain gradient; a loss scale otherwise; a power of two keeps the scaling exact), with
+/// `a = grad_scale / S`:
+/// 1. **one** GEMM `dh_all = dz W` (`(K*B) x D`, written in `f32` to the workspace: no f16 range
+///    issue and one rounding less), then the masked reduction kernel
+///    `dh = sum_k keep_k * dh_k * (scale * a)` ([`MultiSample::reduce`]'s kernel, stored masks); in
+///    evaluation mode one GEMM `dh = a * dz W` straight into `dh`;
+/// 2. **one** GEMM over the `K*B` rows: `dW = a * dz^T h_all` (`C x D`);
+/// 3. with a bias, `db = a * (column sums of dz over the K*B rows)`: a small deterministic kernel
+///    (chunks of 256 rows in a fixed order, two launches).
+///
+/// GEMMs take `T` operands and accumulate in `f32` (`CUBLAS_COMPUTE_32F`; for `f32` inputs
+/// `CUBLAS_COMPUTE_32F_PEDANTIC` and the default math mode: no TF32, whatever
+/// `NVIDIA_TF32_OVERRIDE` says). Outputs: loss and logits in `f32`; `dh`, `dW`, `db` in `T` or `f32`
+/// (the output buffers' types; `f32` recommended for f16 without a loss scale, since the
+/// gradients of a mean over many rows are tiny). cuBLAS is bitwise reproducible run to run on the
+/// same GPU model, cuBLAS version and handle setup (each workspace owns its handle and cuBLAS
+/// workspace), not across GPU models or versions; the kernels are deterministic everywhere.
+///
+/// **Error bounds** against the `f64` reference, for logits up to about 10 in magnitude (the
+/// bounds the GPU tests use): the loss within `1e-5 * max(1, |loss|)` and the averaged logits'
+/// relative error norm `||got - ref|| / ||ref||` below `1e-5` for every dtype (`T` products are
+/// exact in `f32`, the logits are never rounded to `T`); the gradients' relative error norms below
+/// `1e-5` for `f32` and below `1e-2` for `f16`/`bf16` (`dz` is rounded once to `T` for the backward
+/// GEMMs, the outputs once more when they are in `T`; f16 outputs must be scaled into f16's normal
+/// range by `grad_scale`).
+///
+/// **Labels** are checked on the device: a label neither in `[0, C)` nor the ignore index makes
+/// the forward write no loss and zeros into `dz` (workspace), so a backward then writes zero
+/// gradients; [`HeadWorkspace::check_labels`] (synchronises) returns the reference's `labels`
+/// error naming the first bad row. Every other argument is validated before anything runs
+/// ([`Error::InvalidArgument`](crate::Error::InvalidArgument), nothing written).
+///
+/// ```no_run
+/// use dropfuse::multi_sample::MultiSampleHead;
+/// use dropfuse::{Device, Generator};
+/// use half::f16;
+/// # fn main() -> dropfuse::Result<()> {
+/// let dev = Device::new(0)?;
+/// let (k, b, d, c) = (8, 32, 64, 10);
+/// let head = MultiSampleHead::new(k, 0.5)?.with_label_smoothing(0.1)?;
+/// let mut ws = head.workspace::<f16>(&dev, b, d, c)?; // Error::NoCublas without libcublas
+/// let h = dev.upload(&vec![f16::from_f32(0.5); b * d])?;
+/// let w = dev.upload(&vec![f16::from_f32(0.01); c * d])?;
+/// let bias = dev.zeros::<f16>(c)?;
+/// let labels = dev.upload(&vec![3i64; b])?;
+/// let mut rng = Generator::new(7);
+/// head.forward(&mut ws, rng.next_streams(k as u64), &h, &w, Some(&bias), &labels)?;
+/// let (mut dh, mut dw, mut db) = (dev.zeros::<f32>(b * d)?, dev.zeros::<f32>(c * d)?, dev.zeros::<f32>(c)?);
+/// head.backward(&mut ws, &h, &w, &mut dh, &mut dw, Some(&mut db), 1.0)?;
+/// let loss = ws.read_loss()?; // synchronises
+/// # let _ = loss; Ok(()) }
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct MultiSampleHead {
     k: usize,
