@@ -10,7 +10,8 @@
 //! * [`drop_block`]: DropBlock 2D/3D (block dropout): bit-packed mask with the kept counts and the
 //!   scale computed on the device, forward, backward, in place.
 //! * [`multi_sample`]: multi-sample dropout (K masked copies in one launch, the masked gradient
-//!   reduction) and weighted cross-entropy over K logit sets with the logits' gradient in one pass.
+//!   reduction), weighted cross-entropy over K logit sets with the logits' gradient in one pass, and
+//!   the whole head with its GEMMs ([`multi_sample::MultiSampleHead`]; cuBLAS, loaded at run time).
 //! * [`layer_plan`]: deterministic host-side layer-skipping plans (LayerDrop, stochastic depth,
 //!   LayerSkip rates and early-exit curricula, pruning remaps, attention-layer drop with KV slots).
 //! * [`skip`]: compute skipping on the GPU: the fused stochastic-depth residual (forward, backward
