@@ -7,11 +7,20 @@
 //! | `weighted_ce_fwd_bwd`         | K=8, B=1024, C=1000 logits      | read z + write dz (+ labels)         |
 //! | `multi_sample_copies`         | K=8 copies of B=1024 x D=2048   | read h + write K copies + K masks    |
 //! | `multi_sample_reduce`         | K=8, B x D, grads in T          | read K grads + K masks + write dh    |
+//! | `head_fwd_bwd`                | K=8, B=1024, D=2048, C=1000     | read h, W, b + write dh, dW, db      |
+//! | `head_gemms`                  | the head's three GEMMs alone    | as `head_fwd_bwd`                    |
 //!
 //! f16 and bf16, p = 0.1, label smoothing 0.1, every label valid. `weighted_ce_fwd_bwd` is the whole
 //! loss-averaging step (labels scan, row kernel, combine: three launches); its peer is
 //! `torch.stack(...)` of K `F.cross_entropy` calls, forward and backward (eager and torch.compile).
-//! The head forward+backward (GEMMs included) is not benchmarked here yet. Each row: median over
+//! `head_fwd_bwd` is [`MultiSampleHead`]'s forward (K masked copies, broadcast bias, the logits
+//! GEMM, weighted CE) and backward (dh_all GEMM, masked reduction, dW GEMM, db column sums) with a
+//! bias, gradients in T; its peer is the PyTorch loop of K dropout + linear + cross-entropy calls,
+//! forward and backward (eager and torch.compile; same kernel name, shape string and bytes). Its
+//! row also carries `gflop` (the three GEMMs: 6 K B D C = 100.7 GFLOP), `tflops` (gflop / ms),
+//! and `gemm_ms` / `gemm_tflops` from the `head_gemms` row, which times the three GEMMs alone on
+//! the same buffers (cuBLAS, f32 accumulation). The head rows need libcublas: without it they
+//! print a SKIPPED line and the other rows still run. Each row: median over
 //! 20 event-timed windows of 10 back-to-back calls (after 5 warm-up calls). `copy_fraction` is the
 //! row's bandwidth over a device copy of the row's main tensor (dz for the loss, the copies for the
 //! copies kernel, the grads for the reduction) timed in the same run.
@@ -24,7 +33,7 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use dropfuse::cudarc::driver::sys::CUevent_flags;
 use dropfuse::cudarc::driver::{CudaEvent, CudaSlice};
 use dropfuse::half::{bf16, f16};
-use dropfuse::multi_sample::{masks_len, MultiSample, WeightedCrossEntropy};
+use dropfuse::multi_sample::{masks_len, HeadWorkspace, MultiSample, MultiSampleHead, WeightedCrossEntropy};
 use dropfuse::{Device, Element, Error, Generator};
 
 mod common;
@@ -47,7 +56,12 @@ enum Kernel {
     CopyCopies,
     Copies,
     Reduce,
+    HeadFwdBwd,
+    HeadGemms,
 }
+
+/// The three GEMMs of the head: 6 K B D C FLOPs, in GFLOP.
+const HEAD_GFLOP: f64 = 6.0 * (K * B * D * C) as f64 / 1e9;
 
 impl Kernel {
     fn name(self) -> &'static str {
@@ -56,6 +70,8 @@ impl Kernel {
             Kernel::WeightedCe => "weighted_ce_fwd_bwd",
             Kernel::Copies => "multi_sample_copies",
             Kernel::Reduce => "multi_sample_reduce",
+            Kernel::HeadFwdBwd => "head_fwd_bwd",
+            Kernel::HeadGemms => "head_gemms",
         }
     }
     /// The shape string of the row.
@@ -63,6 +79,7 @@ impl Kernel {
         match self {
             Kernel::CopyLogits | Kernel::WeightedCe => format!("{K}x{B}x{C}"),
             Kernel::CopyCopies | Kernel::Copies | Kernel::Reduce => format!("{K}x{B}x{D}"),
+            Kernel::HeadFwdBwd | Kernel::HeadGemms => format!("K{K}xB{B}xD{D}xC{C}"),
         }
     }
 }
@@ -82,8 +99,41 @@ struct Bench<T: Element> {
     copies2: CudaSlice<T>,
     masks: CudaSlice<u32>,
     dh: CudaSlice<T>,
+    head: Option<HeadBench<T>>,
     start: CudaEvent,
     end: CudaEvent,
+}
+
+/// The head's configuration, workspace, weight, bias and gradients (`None` without cuBLAS).
+struct HeadBench<T: Element> {
+    head: MultiSampleHead,
+    ws: HeadWorkspace<T>,
+    w: CudaSlice<T>,
+    bias: CudaSlice<T>,
+    dh: CudaSlice<T>,
+    dw: CudaSlice<T>,
+    db: CudaSlice<T>,
+}
+
+impl<T: Element> HeadBench<T> {
+    fn new(dev: &Device) -> Result<Self, Error> {
+        let head = MultiSampleHead::new(K, P)?.with_label_smoothing(EPS)?;
+        let ws = head.workspace::<T>(dev, B, D, C)?;
+        // W ~ U(-1, 1) / sqrt(D): logits of a few units.
+        let scale = 1.0 / (D as f32).sqrt();
+        let w: Vec<T> = (0..C * D)
+            .map(|i| T::from_f32((((i * 7919) % 2001) as f32 / 1000.0 - 1.0) * scale))
+            .collect();
+        Ok(HeadBench {
+            head,
+            ws,
+            w: dev.upload(&w)?,
+            bias: dev.zeros(C)?,
+            dh: dev.zeros(B * D)?,
+            dw: dev.zeros(C * D)?,
+            db: dev.zeros(C)?,
+        })
+    }
 }
 
 impl<T: Element> Bench<T> {
@@ -112,6 +162,13 @@ impl<T: Element> Bench<T> {
             copies2: dev.zeros(K * B * D)?,
             masks: dev.zeros(masks_len(K, B * D))?,
             dh: dev.zeros(B * D)?,
+            head: match HeadBench::new(dev) {
+                Ok(h) => Some(h),
+                Err(e) => {
+                    println!("SKIPPED: multi_sample head benches ({}): {e}", T::DTYPE);
+                    None
+                }
+            },
             start: dev.context().new_event(flags).map_err(ev)?,
             end: dev.context().new_event(flags).map_err(ev)?,
         })
@@ -128,6 +185,8 @@ impl<T: Element> Bench<T> {
             Kernel::CopyCopies => 2 * copies,
             Kernel::Copies => (B * D) as u64 * t + copies + masks,
             Kernel::Reduce => copies + masks + (B * D) as u64 * t,
+            // As the peer counts them: read h, W, b and write dh, dW, db.
+            Kernel::HeadFwdBwd | Kernel::HeadGemms => 2 * (B * D + C * D + C) as u64 * t,
         }
     }
 
@@ -154,6 +213,25 @@ impl<T: Element> Bench<T> {
             }
             // grads = the copies: the values do not change the speed.
             Kernel::Reduce => self.ms.reduce(s, &self.masks, &self.copies, &mut self.dh),
+            Kernel::HeadFwdBwd => {
+                let state = self.rng.next_streams(K as u64);
+                let hb = self.head.as_mut().expect("head rows run only with cuBLAS");
+                hb.head
+                    .forward(&mut hb.ws, state, &self.h, &hb.w, Some(&hb.bias), &self.labels)?;
+                hb.head.backward(
+                    &mut hb.ws,
+                    &self.h,
+                    &hb.w,
+                    &mut hb.dh,
+                    &mut hb.dw,
+                    Some(&mut hb.db),
+                    1.0,
+                )
+            }
+            Kernel::HeadGemms => {
+                let hb = self.head.as_mut().expect("head rows run only with cuBLAS");
+                hb.head.gemms_only(&mut hb.ws, &hb.w, &mut hb.dw)
+            }
         }
     }
 
@@ -216,6 +294,41 @@ impl<T: Element> Bench<T> {
         );
         out.emit(&text, &json);
     }
+
+    /// The head rows: no copy baseline; GFLOP and TFLOP/s of the three GEMMs.
+    fn head_row(&self, out: &mut Output, k: Kernel, ms: f64, gemm_ms: f64) {
+        let dtype = T::DTYPE.name();
+        let bytes = self.bytes(k);
+        let kernel = k.name();
+        let shape = k.shape();
+        let n = K * B * D;
+        let tflops = HEAD_GFLOP / ms;
+        let gemm_tflops = HEAD_GFLOP / gemm_ms;
+        let text = format!(
+            "DROPFUSE_BENCH method=burst kernel={kernel} dtype={dtype} n={n} shape={shape} ms={ms:.5} \
+             bytes={bytes} gbps={:.1} gflop={HEAD_GFLOP:.3} tflops={tflops:.1} gemm_ms={gemm_ms:.5} \
+             gemm_tflops={gemm_tflops:.1}",
+            gbps(bytes, ms),
+        );
+        let m = &out.meta;
+        let json = format!(
+            "{{\"impl\":\"dropfuse\",\"kernel\":\"{kernel}\",\"dtype\":\"{dtype}\",\"n\":{n},\"shape\":\"{shape}\",\
+             \"k\":{K},\"p\":{P},\"label_smoothing\":{EPS},\"method\":\"burst\",\"launches\":{LAUNCHES},\
+             \"repeats\":{REPEATS},\"ms\":{},\"bytes\":{bytes},\"gbps\":{},\"copy_ms\":null,\"copy_gbps\":null,\
+             \"copy_fraction\":null,\"gflop\":{},\"tflops\":{},\"gemm_ms\":{},\"gemm_tflops\":{},\
+             \"gpu\":\"{}\",\"date\":\"{}\",\"commit\":\"{}\",\"side\":\"dropfuse\"}}",
+            json_num(ms, 7),
+            json_num(gbps(bytes, ms), 3),
+            json_num(HEAD_GFLOP, 3),
+            json_num(tflops, 3),
+            json_num(gemm_ms, 7),
+            json_num(gemm_tflops, 3),
+            json_escape(&m.gpu),
+            m.date,
+            json_escape(&m.commit),
+        );
+        out.emit(&text, &json);
+    }
 }
 
 fn bench_dtype<T: Element>(c: &mut Criterion, dev: &Device, out: &mut Output) {
@@ -234,12 +347,29 @@ fn bench_dtype<T: Element>(c: &mut Criterion, dev: &Device, out: &mut Output) {
             b.row(out, k, ms, copy, copy_ms);
         }
     }
+    if b.head.is_some() {
+        // The GEMMs alone first (they read the copies and dz the full call then rewrites).
+        b.launch(Kernel::HeadFwdBwd)
+            .unwrap_or_else(|e| panic!("{dtype} head: {e}"));
+        let gemm_ms = b
+            .median_ms(Kernel::HeadGemms)
+            .unwrap_or_else(|e| panic!("{dtype} head GEMMs: {e}"));
+        let ms = b
+            .median_ms(Kernel::HeadFwdBwd)
+            .unwrap_or_else(|e| panic!("{dtype} head: {e}"));
+        b.head_row(out, Kernel::HeadGemms, gemm_ms, gemm_ms);
+        b.head_row(out, Kernel::HeadFwdBwd, ms, gemm_ms);
+    }
     let mut group = c.benchmark_group(format!("multi_sample/{dtype}"));
     group
         .sample_size(10)
         .warm_up_time(Duration::from_millis(300))
         .measurement_time(Duration::from_millis(1000));
-    for k in [Kernel::WeightedCe, Kernel::Copies, Kernel::Reduce] {
+    let mut kernels = vec![Kernel::WeightedCe, Kernel::Copies, Kernel::Reduce];
+    if b.head.is_some() {
+        kernels.push(Kernel::HeadFwdBwd);
+    }
+    for k in kernels {
         group.throughput(Throughput::Bytes(b.bytes(k)));
         group.bench_function(k.name(), |bencher| {
             bencher.iter_custom(|iters| b.time(k, iters).unwrap_or_else(|e| panic!("{dtype} {k:?}: {e}")))

@@ -448,6 +448,36 @@ int dropfuse_importance_accumulate(dropfuse_dtype dtype, const void *input, cons
                                    uint64_t *tile_counts, double *layer_sum, uint64_t *layer_count,
                                    dropfuse_stream_t stream);
 
+/* ---- Multi-sample dropout head (src/multi_sample/head.rs: K masked copies, cuBLAS GEMMs, these) ----
+ * dropfuse_weighted_ce with two more arguments: grad_scale (finite, > 0) multiplies the gradient
+ * (coefficient (w_k / n_valid) * grad_scale, both products rounded to f32; a power of two scales the
+ * gradient exactly, 1 gives dropfuse_weighted_ce's gradient bit for bit), and
+ * zero_grad_on_bad_label != 0 makes a bad label write zeros into grad (the loss is still not
+ * written) instead of leaving grad untouched. grad_dtype may be any dtype when dtype is F32 (f32
+ * logits from a GEMM, the gradient in the GEMM's input type); otherwise dtype or F32. */
+int dropfuse_weighted_ce_scaled(dropfuse_dtype dtype, const void *logits, const int64_t *labels, float *loss,
+                                dropfuse_dtype grad_dtype, void *grad, void *scratch,
+                                const dropfuse_weighted_ce_params *params, float grad_scale,
+                                int zero_grad_on_bad_label, dropfuse_stream_t stream);
+
+/* out[r * c + j] = float(bias[j]) for r < rows, j < c (out: f32, 4-byte aligned): the broadcast bias
+ * a GEMM then adds with beta = 1. */
+int dropfuse_multi_sample_bias_rows(dropfuse_dtype dtype, const void *bias, float *out, uint64_t rows, uint64_t c,
+                                    dropfuse_stream_t stream);
+
+/* Rows per chunk of dropfuse_column_sums (part of its fixed summation order). */
+#define DROPFUSE_COLSUM_CHUNK 256
+
+/* f32 values of the scratch of dropfuse_column_sums: ceil(rows / DROPFUSE_COLSUM_CHUNK) * c. */
+uint64_t dropfuse_column_sums_scratch_floats(uint64_t rows, uint64_t c);
+
+/* out[j] = round_out((sum over r < rows of x[r * c + j]) * scale) for j < c (x: rows x c, row-major),
+ * in f32 and deterministic: each chunk of DROPFUSE_COLSUM_CHUNK rows is summed by 4 lanes (lane l:
+ * rows l, l + 4, ... of the chunk, ascending), the lanes added in order 0..3, then the chunks added in
+ * ascending order; the sum is multiplied by scale and rounded once. Two launches. */
+int dropfuse_column_sums(dropfuse_dtype dtype, const void *x, uint64_t rows, uint64_t c, float *scratch,
+                         dropfuse_dtype out_dtype, void *out, float scale, dropfuse_stream_t stream);
+
 /* Name and description of a status returned by the launchers (cudaGetErrorName/String). */
 const char *dropfuse_error_name(int status);
 const char *dropfuse_error_string(int status);

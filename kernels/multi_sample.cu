@@ -18,6 +18,8 @@
 #include <math.h>
 #include <stdint.h>
 
+#include <type_traits>
+
 #include "common/launch.cuh"
 #include "common/philox.cuh"
 #include "common/vec.cuh"
@@ -83,6 +85,8 @@ struct CeParams {
   float t_on;       // target of the label: 1 - eps * (C - 1) / C (f64, rounded once)
   float t_off;      // target of the other classes: eps / C
   float inv_c;      // 1 / C (f64, rounded once)
+  float grad_scale; // multiplies the gradient (1: the plain gradient)
+  bool zero_on_bad; // a bad label zeroes the gradient instead of leaving it untouched
   float weights[DROPFUSE_WEIGHTED_CE_MAX_K];
 };
 
@@ -143,7 +147,17 @@ template <typename T, typename G, bool VEC>
 __global__ void __launch_bounds__(kThreads, DROPFUSE_CE_MIN_BLOCKS)
     ce_kernel(const T *z, const int64_t *labels, G *dz, float *partial, const uint64_t *stats,
               const __grid_constant__ CeParams p) {
-  if (stats[1] != kNoBadRow) return;  // a bad label: write nothing
+  if (stats[1] != kNoBadRow) {
+    // A bad label: write nothing, or (zero_on_bad) only zeros into the gradient.
+    if (p.zero_on_bad && dz != nullptr) {
+      const uint64_t total = p.k * p.b * p.c;
+      const uint64_t stride = static_cast<uint64_t>(gridDim.x) * blockDim.x;
+      for (uint64_t e = static_cast<uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total; e += stride) {
+        dz[e] = Elem<G>::from_f32(0.0f);
+      }
+    }
+    return;
+  }
   const uint64_t n_valid = stats[0];
   const unsigned lane = threadIdx.x & 31u;
   const uint64_t warp = (static_cast<uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
@@ -219,7 +233,8 @@ __global__ void __launch_bounds__(kThreads, DROPFUSE_CE_MIN_BLOCKS)
     }
     if (dr == nullptr) continue;
     // Pass 2: dz = (exp(z - lse) - t) * w_k / n_valid.
-    const float coef = __fdiv_rn(p.weights[k], static_cast<float>(n_valid));
+    // grad_scale = 1 leaves the gradient bit for bit as without it; a power of two scales it exactly.
+    const float coef = __fmul_rn(__fdiv_rn(p.weights[k], static_cast<float>(n_valid)), p.grad_scale);
     if constexpr (VEC) {
       for (uint64_t c0 = lane; c0 < chunks; c0 += 32 * kUnroll) {
         float f[kUnroll][kChunk];
@@ -296,11 +311,17 @@ cudaError_t launch_ce_vec(const void *logits, const int64_t *labels, void *grad,
   return launch_ce<T, G, false>(logits, labels, grad, partial, stats, p, stream);
 }
 
+// The gradient in T or f32; f32 logits (a GEMM's f32 output) also give f16 or bf16 gradients.
 template <typename T>
 cudaError_t launch_ce_grad(dropfuse_dtype grad_dtype, const void *logits, const int64_t *labels, void *grad,
                            float *partial, const uint64_t *stats, const CeParams &p, cudaStream_t stream) {
   if (grad_dtype == DROPFUSE_F32) return launch_ce_vec<T, float>(logits, labels, grad, partial, stats, p, stream);
-  return launch_ce_vec<T, T>(logits, labels, grad, partial, stats, p, stream);
+  if constexpr (std::is_same<T, float>::value) {
+    if (grad_dtype == DROPFUSE_F16) return launch_ce_vec<float, __half>(logits, labels, grad, partial, stats, p, stream);
+    return launch_ce_vec<float, __nv_bfloat16>(logits, labels, grad, partial, stats, p, stream);
+  } else {
+    return launch_ce_vec<T, T>(logits, labels, grad, partial, stats, p, stream);
+  }
 }
 
 // ================================ masked copies and dh ================================
@@ -573,7 +594,14 @@ extern "C" uint64_t dropfuse_weighted_ce_scratch_bytes(uint64_t k, uint64_t b) {
 extern "C" int dropfuse_weighted_ce(dropfuse_dtype dtype, const void *logits, const int64_t *labels, float *loss,
                                     dropfuse_dtype grad_dtype, void *grad, void *scratch,
                                     const dropfuse_weighted_ce_params *params, dropfuse_stream_t stream) {
-  if (params == nullptr) return cudaErrorInvalidValue;
+  return dropfuse_weighted_ce_scaled(dtype, logits, labels, loss, grad_dtype, grad, scratch, params, 1.0f, 0, stream);
+}
+
+extern "C" int dropfuse_weighted_ce_scaled(dropfuse_dtype dtype, const void *logits, const int64_t *labels,
+                                           float *loss, dropfuse_dtype grad_dtype, void *grad, void *scratch,
+                                           const dropfuse_weighted_ce_params *params, float grad_scale,
+                                           int zero_grad_on_bad_label, dropfuse_stream_t stream) {
+  if (params == nullptr || !(grad_scale > 0.0f && grad_scale <= FLT_MAX)) return cudaErrorInvalidValue;
   const dropfuse_weighted_ce_params &q = *params;
   if (q.k == 0 || q.b == 0 || q.c == 0) return cudaSuccess;
   if (logits == nullptr || labels == nullptr || loss == nullptr || scratch == nullptr) return cudaErrorInvalidValue;
@@ -581,7 +609,10 @@ extern "C" int dropfuse_weighted_ce(dropfuse_dtype dtype, const void *logits, co
       (reinterpret_cast<uintptr_t>(scratch) & 7u) != 0 || (reinterpret_cast<uintptr_t>(labels) & 7u) != 0) {
     return cudaErrorInvalidValue;
   }
-  if (grad != nullptr && grad_dtype != DROPFUSE_F32 && grad_dtype != dtype) return cudaErrorInvalidValue;
+  if (grad != nullptr && (!valid_dtype(grad_dtype) ||
+                          (grad_dtype != DROPFUSE_F32 && grad_dtype != dtype && dtype != DROPFUSE_F32))) {
+    return cudaErrorInvalidValue;
+  }
   CeParams p{};
   p.k = q.k, p.b = q.b, p.c = q.c;
   p.ignore_index = q.ignore_index;
@@ -590,6 +621,8 @@ extern "C" int dropfuse_weighted_ce(dropfuse_dtype dtype, const void *logits, co
   p.t_on = static_cast<float>(1.0 - eps * (c - 1.0) / c);
   p.t_off = static_cast<float>(eps / c);
   p.inv_c = static_cast<float>(1.0 / c);
+  p.grad_scale = grad_scale;
+  p.zero_on_bad = zero_grad_on_bad_label != 0;
   for (uint64_t k = 0; k < q.k; ++k) p.weights[k] = q.weights[k];
   uint64_t *stats = static_cast<uint64_t *>(scratch);
   float *partial = reinterpret_cast<float *>(stats + 2);

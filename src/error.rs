@@ -22,10 +22,22 @@ pub enum Error {
     /// The driver is present but the requested device is not usable.
     #[error("no CUDA device {ordinal}: {reason}")]
     NoDevice { ordinal: usize, reason: String },
-    /// A CUDA runtime or driver call, or a kernel launch, failed.
+    /// The cuBLAS library (libcublas, loaded at run time) could not be loaded or lacks a function
+    /// dropfuse calls. Only the multi-sample head needs it; every other kernel works without it.
+    #[error(
+        "cuBLAS is not available ({reason}): the multi-sample head's GEMMs need libcublas from CUDA \
+         13 (libcublas.so.13), e.g. `pip install nvidia-cublas` and its site-packages/nvidia/cu13/lib \
+         directory on LD_LIBRARY_PATH, or a CUDA 13 toolkit's lib64 on LD_LIBRARY_PATH"
+    )]
+    NoCublas {
+        /// What failed: no candidate library name loaded, or a missing function.
+        reason: String,
+    },
+    /// A CUDA runtime or driver call, a cuBLAS call, or a kernel launch, failed.
     #[error("CUDA error {code} ({name}) in {op}: {message}")]
     Cuda {
-        /// `cudaError_t` for the runtime (kernel launchers), `CUresult` for the driver.
+        /// `cudaError_t` for the runtime (kernel launchers), `CUresult` for the driver,
+        /// `cublasStatus_t` for cuBLAS.
         code: i32,
         name: String,
         message: String,

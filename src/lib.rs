@@ -13,7 +13,8 @@
 //! * [`drop_block`]: DropBlock 2D/3D (block dropout): bit-packed mask with the kept counts and the
 //!   scale computed on the device, forward, backward, in place.
 //! * [`multi_sample`]: multi-sample dropout (K masked copies in one launch, the masked gradient
-//!   reduction) and weighted cross-entropy over K logit sets with the logits' gradient in one pass.
+//!   reduction), weighted cross-entropy over K logit sets with the logits' gradient in one pass, and
+//!   the whole head with its GEMMs ([`multi_sample::MultiSampleHead`]; cuBLAS, loaded at run time).
 //! * [`structured`]: structured dropout (channel/spatial `Dropout1d/2d/3d`, locked/variational,
 //!   embedding-row dropout, any set of shared axes): one decision per group, decision masks.
 //! * [`mc_dropout`]: Monte-Carlo dropout: `R` replicas in one launch, streaming predictive summaries

@@ -18,6 +18,10 @@
 //!   combine). Multi-sample dropout uses `w_k = 1 / K`; LayerSkip's early-exit loss uses its exit
 //!   weights.
 //! * [`mean_logits`]: `sum_k z_k / K` (the averaged logits, for metrics).
+//! * [`MultiSampleHead`]: the whole head (masked copies, the logits GEMM through cuBLAS, the
+//!   weighted cross-entropy, and the backward GEMMs and reductions); see its module docs. cuBLAS
+//!   is loaded at run time; without it [`check_cublas`] and the head report
+//!   [`Error::NoCublas`](crate::Error::NoCublas) and everything else here works.
 //!
 //! Every call validates lengths, parameters and contexts first and returns
 //! [`Error::InvalidArgument`] (named like the reference's arguments) without writing anything.
@@ -69,6 +73,14 @@ use crate::ffi;
 use crate::rng::PhiloxState;
 
 pub use crate::reference::multi_sample::{sample_state, DEFAULT_IGNORE_INDEX, WEIGHT_SUM_TOLERANCE};
+
+mod blas;
+mod head;
+
+pub use blas::{
+    check_cublas, cublas_available, cublas_library_names, Blas, GemmDesc, CUBLAS_WORKSPACE_BYTES,
+};
+pub use head::{head_gemms, HeadGemms, HeadWorkspace, MultiSampleHead};
 
 /// The most samples one call takes (`DROPFUSE_MULTI_SAMPLE_MAX_K`).
 pub const MAX_K: usize = ffi::DROPFUSE_MULTI_SAMPLE_MAX_K as usize;
@@ -380,6 +392,7 @@ pub struct WeightedCrossEntropy {
     weights: Vec<f64>,
     label_smoothing: f64,
     ignore_index: i64,
+    grad_scale: f32,
 }
 
 impl WeightedCrossEntropy {
@@ -407,6 +420,7 @@ impl WeightedCrossEntropy {
             weights: weights.to_vec(),
             label_smoothing: 0.0,
             ignore_index: DEFAULT_IGNORE_INDEX,
+            grad_scale: 1.0,
         })
     }
 
@@ -431,6 +445,23 @@ impl WeightedCrossEntropy {
         self
     }
 
+    /// Multiplies the gradient by `scale` (finite, `> 0`; default 1), like a loss scale: the
+    /// coefficient `w_k / n_valid` is rounded to `f32` and then multiplied by `scale` (rounded
+    /// again), so a power of two scales the gradient exactly (barring overflow) and keeps small
+    /// gradients out of the f16 subnormal range. The loss is not scaled.
+    pub fn with_grad_scale(mut self, scale: f32) -> Result<Self> {
+        if !(scale > 0.0 && scale.is_finite()) {
+            return Err(Error::invalid("grad_scale", "a finite scale > 0", scale));
+        }
+        self.grad_scale = scale;
+        Ok(self)
+    }
+
+    /// The gradient's multiplier (1 unless [`with_grad_scale`](Self::with_grad_scale)).
+    pub fn grad_scale(&self) -> f32 {
+        self.grad_scale
+    }
+
     /// Logit sets `K`.
     pub fn k(&self) -> usize {
         self.weights.len()
@@ -451,7 +482,7 @@ impl WeightedCrossEntropy {
         2 + (k * b).div_ceil(2)
     }
 
-    fn params(&self, b: usize, c: usize) -> ffi::dropfuse_weighted_ce_params {
+    pub(crate) fn params(&self, b: usize, c: usize) -> ffi::dropfuse_weighted_ce_params {
         let mut weights = [0.0f32; MAX_LOSS_SETS];
         for (w, &v) in weights.iter_mut().zip(&self.weights) {
             *w = v as f32;
@@ -510,7 +541,7 @@ impl WeightedCrossEntropy {
     }
 
     /// The loss (one `f32` in `loss`) and the logits' gradient `grad` (`K * B * C`, of the logits'
-    /// type or `f32`) in one pass over `logits` (`K * B * C`, set `k` at `k * B * C`). A bad label
+    /// type or `f32`; any type for `f32` logits) in one pass over `logits` (`K * B * C`, set `k` at `k * B * C`). A bad label
     /// writes nothing; see [`check_labels`].
     #[allow(clippy::too_many_arguments)]
     pub fn forward<
@@ -534,7 +565,9 @@ impl WeightedCrossEntropy {
     ) -> Result<()> {
         let n = self.check(stream, logits, b, c, labels, loss, scratch)?;
         check_len("grad", grad.len(), n, "K * B * C, the logits' length")?;
-        check_out_dtype::<T, G>("grad")?;
+        if T::DTYPE != DType::F32 {
+            check_out_dtype::<T, G>("grad")?;
+        }
         check_stream(stream, grad.stream(), "grad")?;
         bind(stream)?;
         let (zp, _gz) = logits.device_ptr(stream);
@@ -589,7 +622,7 @@ impl WeightedCrossEntropy {
         c: usize,
     ) -> Result<()> {
         let params = self.params(b, c);
-        let status = ffi::dropfuse_weighted_ce(
+        let status = ffi::dropfuse_weighted_ce_scaled(
             ffi_dtype(dtype),
             logits as *const c_void,
             labels as *const i64,
@@ -598,9 +631,11 @@ impl WeightedCrossEntropy {
             grad as *mut c_void,
             scratch as *mut c_void,
             &params,
+            self.grad_scale,
+            0,
             stream.cu_stream() as ffi::dropfuse_stream_t,
         );
-        ffi::check(status, "dropfuse_weighted_ce")?;
+        ffi::check(status, "dropfuse_weighted_ce_scaled")?;
         after(stream)
     }
 }

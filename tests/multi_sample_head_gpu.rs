@@ -1,0 +1,948 @@
+//! The multi-sample dropout head (masked copies, cuBLAS GEMMs, weighted cross-entropy, backward) on
+//! the GPU vs the f64 reference `reference::multi_sample::head`: loss, averaged logits and the
+//! gradients within the documented per-dtype bounds over random B (incl. 1), D (incl. 1 and
+//! D % 8 != 0), C (incl. 1), K in 1..=16, p (incl. 0 and 1), label smoothing, ignored rows (incl.
+//! all), ignore indices, bias on/off, training and evaluation mode, f32/f16/bf16 inputs with
+//! gradients in the input type or f32; the copies and masks bit for bit; bad labels; invalid
+//! arguments (typed errors, nothing written); run-to-run determinism.
+//!
+//! Without a GPU, or without libcublas, every GPU test prints a SKIPPED line with the reason; the
+//! missing-cuBLAS error and the configuration checks run everywhere.
+//!
+//! `DROPFUSE_PROPTEST_CASES` raises the number of random cases per property (default 24).
+
+mod common;
+
+use common::{cases, gpu, invalid_name, skip};
+use dropfuse::cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr};
+use dropfuse::dropout::mask_words;
+use dropfuse::multi_sample::{
+    check_cublas, cublas_available, cublas_library_names, head_gemms, GemmDesc, HeadWorkspace,
+    MultiSampleHead, WeightedCrossEntropy, MAX_K,
+};
+use dropfuse::reference::dropout as ref_dropout;
+use dropfuse::reference::multi_sample::{
+    self as reference, sample_state, HeadConfig, HeadForward, DEFAULT_IGNORE_INDEX,
+};
+use dropfuse::{DType, Device, Element, Error, PhiloxState};
+use half::{bf16, f16};
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestCaseError, TestRunner};
+
+/// The documented bounds (src/multi_sample/head.rs): loss within LOSS_TOL * max(1, |loss|) and the
+/// averaged logits' relative error norm within LOGITS_TOL for every dtype; the gradients' relative
+/// error norms within GRAD_TOL_F32 for f32 inputs, GRAD_TOL_16 for f16/bf16 inputs.
+const LOSS_TOL: f64 = 2e-5;
+const LOGITS_TOL: f64 = 1e-5;
+const GRAD_TOL_F32: f64 = 1e-5;
+const GRAD_TOL_16: f64 = 1e-2;
+const SENTINEL: f32 = 12345.5;
+
+/// GPU 0 with cuBLAS, or `None` after a SKIPPED line saying which is missing.
+fn head_gpu(test: &str) -> Option<Device> {
+    let dev = gpu(test)?;
+    match check_cublas() {
+        Ok(()) => Some(dev),
+        Err(e) => {
+            skip(test, &e.to_string());
+            None
+        }
+    }
+}
+
+fn splitmix(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Values uniform in [-amp, amp).
+fn values<T: Element>(n: usize, amp: f32, seed: u64) -> Vec<T> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| T::from_f32(((splitmix(&mut s) >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * amp))
+        .collect()
+}
+
+fn bits<T: Element>(v: &[T]) -> Vec<u32> {
+    v.iter().map(|e| e.to_bits_u32()).collect()
+}
+
+fn widen<T: Element>(v: &[T]) -> Vec<f64> {
+    v.iter().map(|x| f64::from(x.to_f32())).collect()
+}
+
+fn rel_err_norm(got: &[f64], want: &[f64]) -> f64 {
+    let num: f64 = got
+        .iter()
+        .zip(want)
+        .map(|(a, b)| (a - b) * (a - b))
+        .sum::<f64>()
+        .sqrt();
+    let den: f64 = want.iter().map(|b| b * b).sum::<f64>().sqrt();
+    if den == 0.0 {
+        num
+    } else {
+        num / den
+    }
+}
+
+fn max_abs(v: &[f64]) -> f64 {
+    v.iter().fold(0.0, |m, x| m.max(x.abs()))
+}
+
+fn filled<T: DeviceRepr + Copy>(dev: &Device, n: usize, v: T) -> CudaSlice<T> {
+    dev.upload(&vec![v; n]).unwrap()
+}
+
+fn tcerr(e: Error) -> TestCaseError {
+    TestCaseError::fail(e.to_string())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Runs everywhere: the missing-cuBLAS path and the configuration
+
+#[test]
+fn missing_cublas_is_a_typed_error() {
+    let names = cublas_library_names();
+    assert!(
+        names.iter().any(|n| n == "libcublas.so.13"),
+        "CUDA 13's soname among {names:?}"
+    );
+    assert!(
+        names.iter().any(|n| n == "libcublas.so"),
+        "the toolkit's link name among {names:?}"
+    );
+    // SAFETY: only dlopens the candidate names.
+    let loadable = unsafe { dropfuse::cudarc::cublas::sys::is_culib_present() };
+    match check_cublas() {
+        Err(Error::NoCublas { reason }) => {
+            assert!(!cublas_available());
+            assert!(!reason.is_empty());
+            let msg = Error::NoCublas {
+                reason: reason.clone(),
+            }
+            .to_string();
+            assert!(
+                msg.contains("LD_LIBRARY_PATH") && msg.contains("nvidia-cublas"),
+                "{msg}"
+            );
+            if !loadable {
+                assert!(
+                    reason.contains("libcublas.so.13"),
+                    "the reason lists the names tried: {reason}"
+                );
+            }
+            // Nothing else depends on cuBLAS: the configuration works, and without a GPU the
+            // device error comes first (no panic anywhere).
+            let head = MultiSampleHead::new(4, 0.5).unwrap();
+            assert_eq!(head.samples(), 4);
+            if let Ok(dev) = Device::new(0) {
+                match head.workspace::<f16>(&dev, 2, 3, 4) {
+                    Err(Error::NoCublas { .. }) => {}
+                    other => panic!("expected NoCublas, got {other:?}"),
+                }
+                // The other kernels still run.
+                let x = dev.upload(&[1.0f32; 64]).unwrap();
+                let mut y = dev.zeros::<f32>(64).unwrap();
+                dropfuse::Dropout::new(0.5)
+                    .unwrap()
+                    .forward_maskless(dev.stream(), PhiloxState::new(1, 2), &x, &mut y)
+                    .unwrap();
+                dev.synchronize().unwrap();
+            }
+            println!("cuBLAS missing, as this test expects here: {reason}");
+        }
+        Err(other) => panic!("expected NoCublas, got {other:?}"),
+        Ok(()) => {
+            assert!(cublas_available());
+            assert!(loadable, "check_cublas succeeded, so a candidate name loads");
+        }
+    }
+}
+
+#[test]
+fn head_configuration_without_device() {
+    assert_eq!(invalid_name(MultiSampleHead::new(0, 0.5)), "k");
+    assert_eq!(invalid_name(MultiSampleHead::new(MAX_K + 1, 0.5)), "k");
+    assert_eq!(invalid_name(MultiSampleHead::new(2, 1.5)), "p");
+    assert_eq!(invalid_name(MultiSampleHead::new(2, f64::NAN)), "p");
+    let head = MultiSampleHead::new(2, 0.5).unwrap();
+    assert_eq!(invalid_name(head.with_label_smoothing(-0.1)), "label_smoothing");
+    assert_eq!(
+        invalid_name(head.with_label_smoothing(f64::NAN)),
+        "label_smoothing"
+    );
+    assert!(head.has_bias() && head.is_train() && head.ignore_index() == DEFAULT_IGNORE_INDEX);
+    let cfg = HeadConfig {
+        k: 5,
+        p: 0.25,
+        label_smoothing: 0.1,
+        ignore_index: -1,
+        train: false,
+    };
+    let head = MultiSampleHead::from_config(&cfg, false).unwrap();
+    assert_eq!(head.config(), cfg);
+    assert_eq!((head.k(), head.samples(), head.has_bias()), (5, 1, false));
+    assert_eq!(head.keep_scale(), (1.0f64 / 0.75) as f32);
+    assert_eq!(
+        invalid_name(MultiSampleHead::from_config(&HeadConfig { k: 0, ..cfg }, true)),
+        "k"
+    );
+    // S: the largest power of two <= samples * min(B, 2^15).
+    assert_eq!(MultiSampleHead::logits_grad_scale(8, 1024), 8192.0);
+    assert_eq!(MultiSampleHead::logits_grad_scale(3, 5), 8.0);
+    assert_eq!(MultiSampleHead::logits_grad_scale(1, 1), 1.0);
+    assert_eq!(MultiSampleHead::logits_grad_scale(1, 1 << 20), 32768.0);
+    assert_eq!(
+        MultiSampleHead::logits_grad_scale(16, 1 << 20),
+        (1u32 << 19) as f32
+    );
+    assert_eq!(
+        MultiSampleHead::logits_grad_scale(128, 1 << 15),
+        (1u32 << 22) as f32
+    );
+    // The weighted cross-entropy's gradient scale (what the head passes S through).
+    let ce = WeightedCrossEntropy::uniform(2).unwrap();
+    assert_eq!(ce.grad_scale(), 1.0);
+    for bad in [0.0f32, -2.0, f32::NAN, f32::INFINITY] {
+        assert_eq!(invalid_name(ce.clone().with_grad_scale(bad)), "grad_scale");
+    }
+    assert_eq!(ce.with_grad_scale(1024.0).unwrap().grad_scale(), 1024.0);
+}
+
+/// `C = alpha op(A) op(B) + beta C`, column-major, exactly as cublasGemmEx reads its arguments.
+fn gemm_host(g: &GemmDesc, alpha: f64, a: &[f64], b: &[f64], beta: f64, c: &mut [f64]) {
+    for j in 0..g.n {
+        for i in 0..g.m {
+            let mut acc = 0.0;
+            for l in 0..g.k {
+                let av = if g.trans_a {
+                    a[l + i * g.lda]
+                } else {
+                    a[i + l * g.lda]
+                };
+                let bv = if g.trans_b {
+                    b[j + l * g.ldb]
+                } else {
+                    b[l + j * g.ldb]
+                };
+                acc += av * bv;
+            }
+            let e = i + j * g.ldc;
+            c[e] = alpha * acc + if beta == 0.0 { 0.0 } else { beta * c[e] };
+        }
+    }
+}
+
+/// The head's GEMM descriptors and scalings, run on the host with the column-major semantics of
+/// cublasGemmEx, reproduce the reference (catches transposes, leading dimensions, the bias at
+/// beta = 1, the dz scale S and alpha = grad_scale / S): runs without a GPU.
+#[test]
+fn head_gemm_plan_on_host() {
+    for (k, b, d, c, bias, p) in [
+        (3usize, 5usize, 7usize, 4usize, true, 0.3),
+        (1, 1, 1, 1, false, 0.0),
+        (2, 4, 9, 13, true, 0.5),
+        (4, 3, 8, 1, true, 0.25),
+    ] {
+        let case = HeadCase {
+            k,
+            b,
+            d,
+            c,
+            p,
+            eps: 0.1,
+            ignore: 1,
+            ignore_index: DEFAULT_IGNORE_INDEX,
+            bias,
+            train: true,
+            state: PhiloxState::new(11, 12),
+            seed: (k * 100 + d) as u64,
+        };
+        let inp = inputs::<f32>(&case);
+        let cfg = config(&case);
+        let want = reference::head(
+            &inp.h,
+            d,
+            &inp.w,
+            c,
+            inp.bias.as_deref(),
+            &inp.labels,
+            &cfg,
+            case.state,
+        )
+        .unwrap();
+        let samples = reference::masked_copies(&inp.h, k, p, case.state)
+            .unwrap()
+            .widen();
+        let rows = k * b;
+        let h_all: Vec<f64> = samples.copies.concat();
+        let w = widen(&inp.w);
+        let g = head_gemms(rows, d, c);
+        // Forward: the broadcast bias, then z = h_all W^T + z.
+        let mut z = vec![0.0; rows * c];
+        let beta = if let Some(bv) = &inp.bias {
+            for r in 0..rows {
+                for j in 0..c {
+                    z[r * c + j] = f64::from(bv[j]);
+                }
+            }
+            1.0
+        } else {
+            0.0
+        };
+        gemm_host(&g.logits, 1.0, &w, &h_all, beta, &mut z);
+        let mut mean = vec![0.0; b * c];
+        for s in 0..k {
+            for e in 0..b * c {
+                mean[e] += z[s * b * c + e] / k as f64;
+            }
+        }
+        assert!(
+            rel_err_norm(&mean, &want.mean_logits) < 1e-12,
+            "logits GEMM layout"
+        );
+        let weights = vec![1.0 / k as f64; k];
+        let (_, dz) =
+            reference::weighted_cross_entropy(&z, k, b, c, &weights, &inp.labels, DEFAULT_IGNORE_INDEX, 0.1)
+                .unwrap();
+        let s_scale = f64::from(MultiSampleHead::logits_grad_scale(k, b));
+        let dz_s: Vec<f64> = dz.iter().map(|v| v * s_scale).collect();
+        let gs = 4.0f64;
+        let alpha = gs / s_scale;
+        // dh_all = (S dz) W, then the masked reduction with scale * alpha.
+        let mut dh_all = vec![f64::NAN; rows * d];
+        gemm_host(&g.dh, 1.0, &w, &dz_s, 0.0, &mut dh_all);
+        let n = b * d;
+        let dh: Vec<f64> = (0..n)
+            .map(|e| {
+                (0..k)
+                    .filter(|&s| samples.keep[s][e])
+                    .map(|s| dh_all[s * n + e] * f64::from(samples.scale) * alpha)
+                    .sum::<f64>()
+            })
+            .collect();
+        let mut dw = vec![f64::NAN; c * d];
+        gemm_host(&g.dw, alpha, &h_all, &dz_s, 0.0, &mut dw);
+        let unscale = |v: &[f64]| v.iter().map(|x| x / gs).collect::<Vec<f64>>();
+        assert!(rel_err_norm(&unscale(&dh), &want.dh) < 1e-12, "dh GEMM layout");
+        assert!(rel_err_norm(&unscale(&dw), &want.dw) < 1e-12, "dW GEMM layout");
+        if let Some(want_db) = &want.db {
+            let db: Vec<f64> = (0..c)
+                .map(|j| (0..rows).map(|r| dz_s[r * c + j]).sum::<f64>() * alpha)
+                .collect();
+            assert!(rel_err_norm(&unscale(&db), want_db) < 1e-12, "db");
+        }
+        // Evaluation mode: rows = B, h itself.
+        let ge = head_gemms(b, d, c);
+        let mut ze = vec![0.0; b * c];
+        gemm_host(&ge.logits, 1.0, &w, &widen(&inp.h), 0.0, &mut ze);
+        let want_z = reference::logits(&widen(&inp.h), d, &w, c, None).unwrap();
+        assert!(rel_err_norm(&ze, &want_z) < 1e-12, "eval logits layout");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// GPU vs the f64 reference
+
+#[derive(Debug, Clone)]
+struct HeadCase {
+    k: usize,
+    b: usize,
+    d: usize,
+    c: usize,
+    p: f64,
+    eps: f64,
+    /// 0: no row ignored, 1: some, 2: all.
+    ignore: u8,
+    ignore_index: i64,
+    bias: bool,
+    train: bool,
+    state: PhiloxState,
+    seed: u64,
+}
+
+fn head_case() -> impl Strategy<Value = HeadCase> {
+    let b = prop_oneof![Just(1usize), 1usize..=24];
+    let d = prop_oneof![Just(1usize), 1usize..=20, 20usize..=130, Just(64), Just(67)];
+    let c = prop_oneof![Just(1usize), 2usize..=40, 40usize..=100];
+    let p = prop_oneof![Just(0.0), Just(1.0), Just(0.1), Just(0.5), 0.0f64..=1.0];
+    let eps = prop_oneof![Just(0.0), Just(0.1), Just(1.0), 0.0f64..=1.0];
+    let ignore = prop_oneof![3 => Just(0u8), 3 => Just(1u8), 1 => Just(2u8)];
+    let ignore_index = prop_oneof![Just(DEFAULT_IGNORE_INDEX), Just(0i64), Just(-1i64)];
+    let train = prop_oneof![3 => Just(true), 1 => Just(false)];
+    let offset = prop_oneof![any::<u64>(), (0u64..16).prop_map(|d| u64::MAX - d)];
+    (
+        (1usize..=16, b, d, c, p, eps),
+        (
+            ignore,
+            ignore_index,
+            any::<bool>(),
+            train,
+            any::<u64>(),
+            offset,
+            any::<u64>(),
+        ),
+    )
+        .prop_map(
+            |((k, b, d, c, p, eps), (ignore, ignore_index, bias, train, seed, offset, s))| HeadCase {
+                k,
+                b,
+                d,
+                c,
+                p,
+                eps,
+                ignore,
+                ignore_index,
+                bias,
+                train,
+                state: PhiloxState::new(seed, offset),
+                seed: s,
+            },
+        )
+}
+
+fn labels_for(c: &HeadCase) -> Vec<i64> {
+    let mut s = c.seed ^ 0x1abe1;
+    (0..c.b)
+        .map(|_| {
+            let r = splitmix(&mut s);
+            let ignored = match c.ignore {
+                0 => false,
+                1 => r % 3 == 0,
+                _ => true,
+            };
+            if ignored {
+                return c.ignore_index;
+            }
+            // A class other than the ignore index (which may be a class: 0).
+            let y = ((r >> 8) % c.c as u64) as i64;
+            if y != c.ignore_index {
+                y
+            } else if c.c > 1 {
+                (y + 1) % c.c as i64
+            } else {
+                c.ignore_index
+            }
+        })
+        .collect()
+}
+
+struct Inputs<T> {
+    h: Vec<T>,
+    w: Vec<T>,
+    bias: Option<Vec<T>>,
+    labels: Vec<i64>,
+}
+
+fn inputs<T: Element>(c: &HeadCase) -> Inputs<T> {
+    // Logits of magnitude up to a few units.
+    let w_amp = 3.0 / (c.d as f32).sqrt();
+    Inputs {
+        h: values(c.b * c.d, 1.5, c.seed),
+        w: values(c.c * c.d, w_amp, c.seed ^ 0x77),
+        bias: c.bias.then(|| values(c.c, 1.0, c.seed ^ 0xb1a5)),
+        labels: labels_for(c),
+    }
+}
+
+fn config(c: &HeadCase) -> HeadConfig {
+    HeadConfig {
+        k: c.k,
+        p: c.p,
+        label_smoothing: c.eps,
+        ignore_index: c.ignore_index,
+        train: c.train,
+    }
+}
+
+/// A power of two that brings the largest gradient near 1 (f16 outputs: out of the subnormals).
+fn pow2_scale(want: &HeadForward) -> f32 {
+    let m = max_abs(&want.dh)
+        .max(max_abs(&want.dw))
+        .max(want.db.as_deref().map_or(0.0, max_abs));
+    if m == 0.0 {
+        1.0
+    } else {
+        (2.0f64).powi(-(m.log2().floor() as i32)) as f32
+    }
+}
+
+/// One case: forward, masks and copies, loss, averaged logits, backward with `dh` in `GH` and
+/// `dW`/`db` in `GW`.
+fn run_head<T: Element, GH: Element, GW: Element>(dev: &Device, c: &HeadCase) -> Result<(), TestCaseError> {
+    let inp = inputs::<T>(c);
+    let cfg = config(c);
+    let want = reference::head(
+        &inp.h,
+        c.d,
+        &inp.w,
+        c.c,
+        inp.bias.as_deref(),
+        &inp.labels,
+        &cfg,
+        c.state,
+    )
+    .unwrap();
+    let head = MultiSampleHead::from_config(&cfg, c.bias).unwrap();
+    let mut ws: HeadWorkspace<T> = head.workspace(dev, c.b, c.d, c.c).map_err(tcerr)?;
+    let h = dev.upload(&inp.h).unwrap();
+    let w = dev.upload(&inp.w).unwrap();
+    let bias = inp.bias.as_ref().map(|b| dev.upload(b).unwrap());
+    let labels = dev.upload(&inp.labels).unwrap();
+    head.forward(
+        &mut ws,
+        c.state,
+        &h,
+        &w,
+        bias.as_ref().map(|b| b as &dyn DevicePtr<T>),
+        &labels,
+    )
+    .map_err(tcerr)?;
+    let n_valid = ws.check_labels().map_err(tcerr)?;
+    prop_assert_eq!(
+        n_valid as usize,
+        inp.labels.iter().filter(|&&y| y != c.ignore_index).count()
+    );
+
+    // Copies and masks: bit for bit.
+    let n = c.b * c.d;
+    if c.train {
+        let samples = reference::masked_copies(&inp.h, c.k, c.p, c.state).unwrap();
+        let copies = dev.download(ws.copies().unwrap()).unwrap();
+        let masks = dev.download(ws.masks().unwrap()).unwrap();
+        let words = mask_words(n);
+        for k in 0..c.k {
+            prop_assert_eq!(
+                bits(&copies[k * n..(k + 1) * n]),
+                bits(&samples.copies[k]),
+                "copy {}",
+                k
+            );
+            let m = ref_dropout::mask(c.p, sample_state(c.state, k as u64), 0, n).unwrap();
+            prop_assert_eq!(&masks[k * words..(k + 1) * words], &m[..], "mask {}", k);
+        }
+    } else {
+        prop_assert!(ws.copies().is_none() && ws.masks().is_none());
+    }
+
+    // Loss and averaged logits.
+    let loss = f64::from(ws.read_loss().map_err(tcerr)?);
+    prop_assert!(
+        (loss - want.loss).abs() <= LOSS_TOL * want.loss.abs().max(1.0),
+        "loss {} vs {} in {:?}",
+        loss,
+        want.loss,
+        c
+    );
+    let mut mean = filled(dev, c.b * c.c, SENTINEL);
+    ws.mean_logits(&mut mean).map_err(tcerr)?;
+    let err = rel_err_norm(&widen(&dev.download(&mean).unwrap()), &want.mean_logits);
+    prop_assert!(err <= LOGITS_TOL, "mean logits error {} in {:?}", err, c);
+
+    // Backward: scaled into the normal range when an output is f16.
+    let gs = if GH::DTYPE == DType::F16 || GW::DTYPE == DType::F16 {
+        pow2_scale(&want)
+    } else {
+        1.0
+    };
+    let mut dh = filled(dev, n, GH::from_f32(SENTINEL));
+    let mut dw = filled(dev, c.c * c.d, GW::from_f32(SENTINEL));
+    let mut db = c.bias.then(|| filled(dev, c.c, GW::from_f32(SENTINEL)));
+    head.backward(
+        &mut ws,
+        &h,
+        &w,
+        &mut dh,
+        &mut dw,
+        db.as_mut().map(|x| x as &mut dyn DevicePtrMut<GW>),
+        gs,
+    )
+    .map_err(tcerr)?;
+    let unscale = |v: Vec<f64>| v.into_iter().map(|x| x / f64::from(gs)).collect::<Vec<f64>>();
+    let tol = if T::DTYPE == DType::F32 {
+        GRAD_TOL_F32
+    } else {
+        GRAD_TOL_16
+    };
+    let got_dh = unscale(widen(&dev.download(&dh).unwrap()));
+    let got_dw = unscale(widen(&dev.download(&dw).unwrap()));
+    let e_dh = rel_err_norm(&got_dh, &want.dh);
+    let e_dw = rel_err_norm(&got_dw, &want.dw);
+    prop_assert!(
+        e_dh <= tol,
+        "dh error {} > {} (scale {}) in {:?}",
+        e_dh,
+        tol,
+        gs,
+        c
+    );
+    prop_assert!(
+        e_dw <= tol,
+        "dW error {} > {} (scale {}) in {:?}",
+        e_dw,
+        tol,
+        gs,
+        c
+    );
+    if let (Some(db), Some(want_db)) = (&db, &want.db) {
+        let got_db = unscale(widen(&dev.download(db).unwrap()));
+        let e_db = rel_err_norm(&got_db, want_db);
+        prop_assert!(
+            e_db <= tol,
+            "db error {} > {} (scale {}) in {:?}",
+            e_db,
+            tol,
+            gs,
+            c
+        );
+    }
+    if n_valid == 0 || c.c == 1 {
+        // No valid row, or one class: every gradient exactly 0.
+        prop_assert!(
+            got_dh.iter().chain(&got_dw).all(|&v| v == 0.0),
+            "exact zeros in {:?}",
+            c
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn head_matches_reference() {
+    let Some(dev) = head_gpu("head_matches_reference") else {
+        return;
+    };
+    let mut runner = TestRunner::new(Config::with_cases(cases(24)));
+    runner
+        .run(&(head_case(), 0usize..7), |(c, t)| match t {
+            0 => run_head::<f32, f32, f32>(&dev, &c),
+            1 => run_head::<f16, f32, f32>(&dev, &c),
+            2 => run_head::<f16, f16, f16>(&dev, &c),
+            3 => run_head::<f16, f16, f32>(&dev, &c),
+            4 => run_head::<bf16, f32, f32>(&dev, &c),
+            5 => run_head::<bf16, bf16, bf16>(&dev, &c),
+            _ => run_head::<bf16, bf16, f32>(&dev, &c),
+        })
+        .unwrap();
+}
+
+/// Larger shapes with aligned, vectorized paths (D % 8 == 0, C = 200) and the benchmark's K.
+#[test]
+fn head_matches_reference_medium() {
+    let Some(dev) = head_gpu("head_matches_reference_medium") else {
+        return;
+    };
+    for (train, bias, eps, ignore) in [
+        (true, true, 0.1, 1u8),
+        (true, false, 0.0, 0),
+        (false, true, 0.1, 0),
+    ] {
+        let c = HeadCase {
+            k: 8,
+            b: 64,
+            d: 256,
+            c: 200,
+            p: 0.1,
+            eps,
+            ignore,
+            ignore_index: DEFAULT_IGNORE_INDEX,
+            bias,
+            train,
+            state: PhiloxState::new(42, 7),
+            seed: 9,
+        };
+        run_head::<f16, f16, f32>(&dev, &c).unwrap();
+        run_head::<bf16, bf16, bf16>(&dev, &c).unwrap();
+        run_head::<f32, f32, f32>(&dev, &c).unwrap();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Determinism, bad labels, invalid arguments
+
+type Outputs = (u32, Vec<u32>, Vec<u32>, Vec<u32>, Vec<u32>);
+
+fn run_once<T: Element>(dev: &Device, head: &MultiSampleHead, b: usize, d: usize, c: usize) -> Outputs {
+    let h = dev.upload(&values::<T>(b * d, 1.5, 1)).unwrap();
+    let w = dev.upload(&values::<T>(c * d, 0.1, 2)).unwrap();
+    let bias = dev.upload(&values::<T>(c, 1.0, 3)).unwrap();
+    let labels = dev
+        .upload(&(0..b as i64).map(|i| (i * 7) % c as i64).collect::<Vec<_>>())
+        .unwrap();
+    let mut ws = head.workspace::<T>(dev, b, d, c).unwrap();
+    head.forward(&mut ws, PhiloxState::new(5, 6), &h, &w, Some(&bias), &labels)
+        .unwrap();
+    let mut dh = dev.zeros::<T>(b * d).unwrap();
+    let mut dw = dev.zeros::<f32>(c * d).unwrap();
+    let mut db = dev.zeros::<f32>(c).unwrap();
+    head.backward(&mut ws, &h, &w, &mut dh, &mut dw, Some(&mut db), 1024.0)
+        .unwrap();
+    let mut mean = dev.zeros::<f32>(b * c).unwrap();
+    ws.mean_logits(&mut mean).unwrap();
+    (
+        ws.read_loss().unwrap().to_bits(),
+        bits(&dev.download(&mean).unwrap()),
+        bits(&dev.download(&dh).unwrap()),
+        bits(&dev.download(&dw).unwrap()),
+        bits(&dev.download(&db).unwrap()),
+    )
+}
+
+#[test]
+fn head_is_deterministic() {
+    let Some(dev) = head_gpu("head_is_deterministic") else {
+        return;
+    };
+    let head = MultiSampleHead::new(8, 0.1)
+        .unwrap()
+        .with_label_smoothing(0.1)
+        .unwrap();
+    let (b, d, c) = (256, 512, 1000);
+    let first = run_once::<f16>(&dev, &head, b, d, c);
+    for _ in 0..2 {
+        assert!(
+            run_once::<f16>(&dev, &head, b, d, c) == first,
+            "run-to-run difference (f16)"
+        );
+    }
+    let first = run_once::<bf16>(&dev, &head, b, d, c);
+    assert!(
+        run_once::<bf16>(&dev, &head, b, d, c) == first,
+        "run-to-run difference (bf16)"
+    );
+}
+
+#[test]
+fn head_bad_labels() {
+    let Some(dev) = head_gpu("head_bad_labels") else {
+        return;
+    };
+    let (k, b, d, c) = (3, 5, 12, 7);
+    let head = MultiSampleHead::new(k, 0.5).unwrap();
+    let h = dev.upload(&values::<f32>(b * d, 1.0, 1)).unwrap();
+    let w = dev.upload(&values::<f32>(c * d, 0.5, 2)).unwrap();
+    let bias = dev.upload(&values::<f32>(c, 0.5, 3)).unwrap();
+    let mut ws = head.workspace::<f32>(&dev, b, d, c).unwrap();
+    let good = dev.upload(&[1i64, DEFAULT_IGNORE_INDEX, 6, 0, 2]).unwrap();
+    head.forward(&mut ws, PhiloxState::new(1, 1), &h, &w, Some(&bias), &good)
+        .unwrap();
+    let good_loss = ws.read_loss().unwrap();
+    assert!(good_loss > 0.0);
+    for (bad_row, bad) in [(2usize, 7i64), (0, -1), (4, i64::MAX), (3, i64::MIN)] {
+        let mut labels = vec![1i64, DEFAULT_IGNORE_INDEX, 6, 0, 2];
+        labels[bad_row] = bad;
+        let ld = dev.upload(&labels).unwrap();
+        head.forward(&mut ws, PhiloxState::new(1, 1), &h, &w, Some(&bias), &ld)
+            .unwrap();
+        let err = ws.check_labels();
+        assert_eq!(invalid_name(err.clone()), "labels");
+        assert!(err.unwrap_err().to_string().contains(&format!("row {bad_row}")));
+        assert_eq!(
+            ws.read_loss().unwrap().to_bits(),
+            good_loss.to_bits(),
+            "no loss written"
+        );
+        assert!(
+            dev.download(ws.scaled_logits_grad())
+                .unwrap()
+                .iter()
+                .all(|&v| v == 0.0),
+            "dz zeroed"
+        );
+        // The backward then writes zero gradients.
+        let mut dh = filled(&dev, b * d, SENTINEL);
+        let mut dw = filled(&dev, c * d, SENTINEL);
+        let mut db = filled(&dev, c, SENTINEL);
+        head.backward(&mut ws, &h, &w, &mut dh, &mut dw, Some(&mut db), 1.0)
+            .unwrap();
+        for v in [
+            dev.download(&dh).unwrap(),
+            dev.download(&dw).unwrap(),
+            dev.download(&db).unwrap(),
+        ] {
+            assert!(v.iter().all(|&x| x == 0.0), "zero gradients after a bad label");
+        }
+        // The reference rejects the same labels with the same name.
+        let cfg = HeadConfig::new(k, 0.5);
+        let (hh, ww) = (values::<f32>(b * d, 1.0, 1), values::<f32>(c * d, 0.5, 2));
+        let r = reference::head(&hh, d, &ww, c, None, &labels, &cfg, PhiloxState::new(1, 1));
+        assert_eq!(invalid_name(r), "labels");
+    }
+}
+
+#[test]
+fn head_invalid_arguments_write_nothing() {
+    let Some(dev) = head_gpu("head_invalid_arguments_write_nothing") else {
+        return;
+    };
+    let (k, b, d, c) = (2, 3, 5, 4);
+    let head = MultiSampleHead::new(k, 0.25).unwrap();
+    let nobias = head.with_bias(false);
+    let st = PhiloxState::new(3, 4);
+    assert_eq!(invalid_name(head.workspace::<f16>(&dev, 0, d, c)), "b");
+    assert_eq!(invalid_name(head.workspace::<f16>(&dev, b, 0, c)), "d");
+    assert_eq!(invalid_name(head.workspace::<f16>(&dev, b, d, 0)), "c");
+    assert_eq!(
+        invalid_name(head.workspace::<f16>(&dev, i32::MAX as usize, d, c)),
+        "b"
+    );
+    let mut ws = head.workspace::<f16>(&dev, b, d, c).unwrap();
+    let h = dev.upload(&values::<f16>(b * d, 1.0, 1)).unwrap();
+    let w = dev.upload(&values::<f16>(c * d, 1.0, 2)).unwrap();
+    let bias = dev.upload(&values::<f16>(c, 1.0, 3)).unwrap();
+    let labels = dev.upload(&[0i64, 1, 2]).unwrap();
+    let short_h = dev.upload(&values::<f16>(b * d - 1, 1.0, 1)).unwrap();
+    let short_w = dev.upload(&values::<f16>(c * d + 1, 1.0, 1)).unwrap();
+    let short_b = dev.upload(&values::<f16>(c - 1, 1.0, 1)).unwrap();
+    let short_l = dev.upload(&[0i64, 1]).unwrap();
+    let mut dh = filled(&dev, b * d, SENTINEL);
+    let mut dw = filled(&dev, c * d, SENTINEL);
+    let mut db = filled(&dev, c, SENTINEL);
+
+    // Backward before any forward.
+    assert_eq!(
+        invalid_name(head.backward(&mut ws, &h, &w, &mut dh, &mut dw, Some(&mut db), 1.0)),
+        "workspace"
+    );
+    assert_eq!(
+        invalid_name(ws.mean_logits(&mut dev.zeros::<f32>(b * c).unwrap())),
+        "workspace"
+    );
+    assert_eq!(invalid_name(ws.check_labels()), "workspace");
+    // Forward arguments.
+    assert_eq!(
+        invalid_name(head.forward(&mut ws, st, &short_h, &w, Some(&bias), &labels)),
+        "h"
+    );
+    assert_eq!(
+        invalid_name(head.forward(&mut ws, st, &h, &short_w, Some(&bias), &labels)),
+        "weight"
+    );
+    assert_eq!(
+        invalid_name(head.forward(&mut ws, st, &h, &w, Some(&short_b), &labels)),
+        "bias"
+    );
+    assert_eq!(
+        invalid_name(head.forward(&mut ws, st, &h, &w, None, &labels)),
+        "bias"
+    );
+    assert_eq!(
+        invalid_name(head.forward(&mut ws, st, &h, &w, Some(&bias), &short_l)),
+        "labels"
+    );
+    assert_eq!(
+        invalid_name(nobias.forward(&mut ws, st, &h, &w, Some(&bias), &labels)),
+        "bias"
+    );
+    let other = MultiSampleHead::new(k + 1, 0.25).unwrap();
+    assert_eq!(
+        invalid_name(other.forward(&mut ws, st, &h, &w, Some(&bias), &labels)),
+        "workspace"
+    );
+    let eval = head.with_train(false);
+    assert_eq!(
+        invalid_name(eval.forward(&mut ws, st, &h, &w, Some(&bias), &labels)),
+        "workspace"
+    );
+    assert!(
+        dev.download(ws.copies().unwrap())
+            .unwrap()
+            .iter()
+            .all(|v| v.to_f32() == 0.0),
+        "no copies written"
+    );
+    assert!(
+        dev.download(ws.logits()).unwrap().iter().all(|&v| v == 0.0),
+        "no logits written"
+    );
+    assert_eq!(dev.download(ws.loss()).unwrap(), vec![0.0]);
+
+    // Backward arguments (after a good forward).
+    head.forward(&mut ws, st, &h, &w, Some(&bias), &labels).unwrap();
+    let mut short_dh = filled(&dev, b * d - 1, SENTINEL);
+    let mut short_dw = filled(&dev, c * d - 1, SENTINEL);
+    let mut short_db = filled(&dev, c + 1, SENTINEL);
+    let mut dh_bf = dev.zeros::<bf16>(b * d).unwrap();
+    assert_eq!(
+        invalid_name(head.backward(&mut ws, &short_h, &w, &mut dh, &mut dw, Some(&mut db), 1.0)),
+        "h"
+    );
+    assert_eq!(
+        invalid_name(head.backward(&mut ws, &h, &short_w, &mut dh, &mut dw, Some(&mut db), 1.0)),
+        "weight"
+    );
+    assert_eq!(
+        invalid_name(head.backward(&mut ws, &h, &w, &mut short_dh, &mut dw, Some(&mut db), 1.0)),
+        "dh"
+    );
+    assert_eq!(
+        invalid_name(head.backward(&mut ws, &h, &w, &mut dh, &mut short_dw, Some(&mut db), 1.0)),
+        "dw"
+    );
+    assert_eq!(
+        invalid_name(head.backward(&mut ws, &h, &w, &mut dh, &mut dw, Some(&mut short_db), 1.0)),
+        "db"
+    );
+    assert_eq!(
+        invalid_name(head.backward(&mut ws, &h, &w, &mut dh, &mut dw, None, 1.0)),
+        "db"
+    );
+    assert_eq!(
+        invalid_name(head.backward(&mut ws, &h, &w, &mut dh_bf, &mut dw, Some(&mut db), 1.0)),
+        "dh"
+    );
+    for gs in [0.0, -1.0, f32::NAN, f32::INFINITY] {
+        assert_eq!(
+            invalid_name(head.backward(&mut ws, &h, &w, &mut dh, &mut dw, Some(&mut db), gs)),
+            "grad_scale"
+        );
+    }
+    // The head that did not run the forward.
+    let other_p = MultiSampleHead::new(k, 0.5).unwrap();
+    assert_eq!(
+        invalid_name(other_p.backward(&mut ws, &h, &w, &mut dh, &mut dw, Some(&mut db), 1.0)),
+        "workspace"
+    );
+    for v in [
+        dev.download(&dh).unwrap(),
+        dev.download(&dw).unwrap(),
+        dev.download(&db).unwrap(),
+    ] {
+        assert!(v.iter().all(|&x| x == SENTINEL), "nothing written");
+    }
+    assert!(dev.download(&short_db).unwrap().iter().all(|&x| x == SENTINEL));
+    // And the good call works.
+    head.backward(&mut ws, &h, &w, &mut dh, &mut dw, Some(&mut db), 1.0)
+        .unwrap();
+    assert!(dev.download(&dw).unwrap().iter().all(|&x| x != SENTINEL));
+}
+
+/// Evaluation mode is one pass: the averaged logits are the logits, no copies.
+#[test]
+fn head_eval_mode_is_one_pass() {
+    let Some(dev) = head_gpu("head_eval_mode_is_one_pass") else {
+        return;
+    };
+    let (b, d, c) = (4, 9, 6);
+    let head = MultiSampleHead::new(8, 0.5)
+        .unwrap()
+        .with_train(false)
+        .with_bias(false);
+    let mut ws = head.workspace::<bf16>(&dev, b, d, c).unwrap();
+    assert_eq!(ws.dims(), (1, b, d, c));
+    let h = dev.upload(&values::<bf16>(b * d, 1.0, 1)).unwrap();
+    let w = dev.upload(&values::<bf16>(c * d, 1.0, 2)).unwrap();
+    let labels = dev.upload(&[0i64, 1, 2, 3]).unwrap();
+    head.forward(&mut ws, PhiloxState::new(0, 0), &h, &w, None, &labels)
+        .unwrap();
+    let mut mean = dev.zeros::<f32>(b * c).unwrap();
+    ws.mean_logits(&mut mean).unwrap();
+    assert_eq!(
+        bits(&dev.download(&mean).unwrap()),
+        bits(&dev.download(ws.logits()).unwrap())
+    );
+}
