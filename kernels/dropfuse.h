@@ -366,8 +366,9 @@ int dropfuse_structured_backward(dropfuse_dtype dtype, const void *dy, void *dx,
                                  dropfuse_stream_t stream);
 
 /* ---- Monte-Carlo dropout (the contract: src/reference/mc_dropout.rs) ----
- * Replicas: y is R x n, replica t is dropout of x with offset params->offset + t (wrapping) and the
- * same element_offset; masks (optional) are R masks of ceil(n / 32) words each, concatenated. */
+ * Replicas: y is R x n, replica t is dropout of x with offset params->offset + t (wrapping;
+ * params->philox_dev[1] + params->offset + t with a device state) and the same element_offset;
+ * masks (optional) are R masks of ceil(n / 32) words each, concatenated. */
 int dropfuse_mc_dropout_forward(dropfuse_dtype dtype, const void *x, void *y, uint32_t *masks,
                                 uint64_t n, uint64_t replicas, const dropfuse_dropout_params *params,
                                 dropfuse_stream_t stream);
