@@ -275,7 +275,8 @@ int dropfuse_gather_samples_backward(dropfuse_dtype dtype, const void *d_compact
 
 /* ---- Multi-sample dropout and weighted cross-entropy (the contract: src/reference/multi_sample.rs) ----
  * Sample k (0 <= k < K) of a multi-sample dropout uses the dropout contract above with the stream
- * offset + k (wrapping) over the n = B * D elements of h (element offset 0). */
+ * offset + k (wrapping; philox_dev[1] + offset + k with a device state) over the n = B * D elements
+ * of h (element offset 0). */
 #define DROPFUSE_MULTI_SAMPLE_MAX_K 128
 #define DROPFUSE_WEIGHTED_CE_MAX_K 128
 
@@ -285,6 +286,8 @@ typedef struct dropfuse_multi_sample_params {
   uint64_t k;         /* samples, 1 ..= DROPFUSE_MULTI_SAMPLE_MAX_K */
   uint64_t threshold; /* drop iff word < threshold; 0 ..= 2^32 */
   float scale;        /* multiplier of kept elements */
+  const uint64_t *philox_dev; /* null, or {seed, offset} in device memory (graph-safe, see above):
+                                 sample k then uses philox_dev[1] + offset + k */
 } dropfuse_multi_sample_params;
 
 /* copies[k * n + e] = dropout_k(h)[e] for the K samples, in one launch reading h once. When `masks`
