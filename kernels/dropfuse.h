@@ -33,6 +33,12 @@
  *   (wrapping; params.offset then selects a stream relative to the device offset and params.seed is
  *   ignored). A graph captured once therefore draws fresh numbers on each replay when the device
  *   offset is advanced between replays, e.g. by dropfuse_philox_advance captured into the graph.
+ *   Launches that draw several consecutive streams apply the rule to each: replica t of
+ *   dropfuse_mc_dropout_forward uses philox_dev[1] + params.offset + t, sample k of the multi-sample
+ *   launchers philox_dev[1] + params.offset + k. Every launcher that draws random numbers honours
+ *   philox_dev: dropout (mask, forward), DropBlock (forward), structured dropout (mask, forward),
+ *   MC-dropout replicas, multi-sample dropout (copies, mask-free reduce) and bias + dropout +
+ *   residual (forward, mask-free backward); a misaligned philox_dev is cudaErrorInvalidValue.
  *   Bit-packed masks: bit j of 32-bit word w is slice element 32w + j; unused bits of the last word
  *   are written as 0. A mask holds ceil(n / 32) words.
  */
