@@ -16,6 +16,10 @@
 // workspace of ceil(rows / 256) x H floats, and a second kernel adds them per column in chunk
 // order and rounds once: the reduction order of the contract, deterministic. Without a bias the
 // backward is plain dropout's (the dropout launchers are called).
+//
+// Graph-safe launches (params->philox_dev, kernels/dropfuse.h) take kernel variants (kDev) that
+// compute the Philox stream from device memory once per thread at kernel start; the host path keeps
+// its host-prepared stream as a __grid_constant__ parameter, as dropout.cu does.
 #include <stdint.h>
 
 #include "common/launch.cuh"
@@ -61,7 +65,8 @@ enum class Bias {
 
 // What the kernels need, prepared on the host.
 struct Params {
-  PhiloxStream philox;
+  PhiloxStream philox;  // host-prepared; unused when dev.state is set
+  DeviceState dev;      // graph-safe launches: {seed, offset} in device memory, plus dev.add
   uint64_t element_offset;
   KeepTest keep;
   float scale;
@@ -73,6 +78,7 @@ struct Params {
 Params prepare(const dropfuse_dropout_params &p, uint64_t h) {
   Params q{};
   q.philox = philox_stream(p.seed, p.offset, p.element_offset);
+  q.dev = DeviceState{p.philox_dev, p.offset};
   q.element_offset = p.element_offset;
   q.keep = keep_test(p.threshold);
   q.scale = p.scale;
@@ -130,10 +136,14 @@ constexpr int min_blocks() {
                         : sizeof(T) == 4 && DROPFUSE_BDR_MIN_BLOCKS > 3 ? 3 : DROPFUSE_BDR_MIN_BLOCKS;
 }
 
-template <typename T, bool VEC, Mode M, bool kBlockAligned, Bias B>
+// kDev: the Philox stream comes from device memory (graph-safe launches).
+template <typename T, bool VEC, Mode M, bool kBlockAligned, Bias B, bool kDev>
 __global__ void __launch_bounds__(kThreads, min_blocks<T, kBlockAligned>())
     forward_kernel(const T *x, const T *r, const T *bias, T *y, uint32_t *mask_out, uint64_t n,
                    const __grid_constant__ Params p) {
+  PhiloxStream dev_philox;
+  if constexpr (kDev) dev_philox = device_stream(p.dev, p.element_offset);
+  const PhiloxStream &philox = kDev ? dev_philox : p.philox;
   constexpr int V = VecWidth<T>::value;
   constexpr int G = 32 / V;
   constexpr int kUnroll = DROPFUSE_BDR_UNROLL;
@@ -168,7 +178,7 @@ __global__ void __launch_bounds__(kThreads, min_blocks<T, kBlockAligned>())
       uint32_t bits = 0;  // bit j: element c*V + j kept
       if (active) {
         uint32_t w[V];
-        element_words<V, kBlockAligned>(p.philox, p.element_offset + c * V, w);
+        element_words<V, kBlockAligned>(philox, p.element_offset + c * V, w);
 #pragma unroll
         for (int j = 0; j < V; ++j) bits |= static_cast<uint32_t>(keep_word(w[j], p.keep)) << j;
         float t[V];
@@ -200,7 +210,7 @@ __global__ void __launch_bounds__(kThreads, min_blocks<T, kBlockAligned>())
     const bool active = i < n;
     bool keep = false;
     if (active) {
-      keep = keep_word(element_word(p.philox, p.element_offset + i), p.keep);
+      keep = keep_word(element_word(philox, p.element_offset + i), p.keep);
       float t[1] = {Elem<T>::to_f32(x[i])};
       if (has_bias) t[0] = __fadd_rn(t[0], Elem<T>::to_f32(bias[i % p.h]));
       const float s = __fmul_rn(p.scale, t[0]);
@@ -230,7 +240,8 @@ cudaError_t launch_forward_typed(const T *x, const T *r, const T *bias, T *y, ui
   constexpr int kUnroll = DROPFUSE_BDR_UNROLL;
   const uint64_t chunks = (n >> 5) * (32 / V);
   const uint64_t per_block = static_cast<uint64_t>(kThreads) * kUnroll;
-  auto kernel = forward_kernel<T, VEC, M, kBlockAligned, B>;
+  auto kernel = p.dev.state != nullptr ? forward_kernel<T, VEC, M, kBlockAligned, B, true>
+                                       : forward_kernel<T, VEC, M, kBlockAligned, B, false>;
   unsigned grid = 0;
   cudaError_t err = wave_grid(kernel, kThreads, (chunks + per_block - 1) / per_block, &grid, waves_for<T>(n));
   if (err != cudaSuccess) return err;
@@ -296,10 +307,14 @@ __device__ __forceinline__ uint32_t mask_bits(const uint32_t *mask, uint64_t f, 
   return bits;
 }
 
-template <typename T, bool VEC, bool kFromMask, bool kBlockAligned>
+// kDev: the Philox stream comes from device memory (graph-safe launches regenerating the mask).
+template <typename T, bool VEC, bool kFromMask, bool kBlockAligned, bool kDev>
 __global__ void __launch_bounds__(DROPFUSE_BDR_BWD_THREADS)
     backward_kernel(const T *dy, T *dx, const uint32_t *mask, float *partials, uint64_t rows,
                     const __grid_constant__ Params p) {
+  PhiloxStream dev_philox;
+  if constexpr (kDev) dev_philox = device_stream(p.dev, p.element_offset);
+  const PhiloxStream &philox = kDev ? dev_philox : p.philox;
   constexpr int V = VecWidth<T>::value;
   constexpr int R = DROPFUSE_BDR_BWD_ROWS;
   const uint32_t h = p.h;
@@ -343,7 +358,7 @@ __global__ void __launch_bounds__(DROPFUSE_BDR_BWD_THREADS)
             bits = stored[q];
           } else {
             uint32_t w[V];
-            element_words<V, kBlockAligned>(p.philox, p.element_offset + f, w);
+            element_words<V, kBlockAligned>(philox, p.element_offset + f, w);
 #pragma unroll
             for (int j = 0; j < V; ++j) bits |= static_cast<uint32_t>(keep_word(w[j], p.keep)) << j;
           }
@@ -402,7 +417,10 @@ cudaError_t launch_backward_typed(const T *dy, T *dx, const uint32_t *mask, T *d
   const uint64_t gy = (chunks + ty - 1) / ty;
   if (gx > 0x7fffffffu) return cudaErrorInvalidValue;
   const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(gy < 65535 ? gy : 65535));
-  backward_kernel<T, VEC, kFromMask, kBlockAligned><<<grid, block, 0, stream>>>(dy, dx, mask, workspace, rows, p);
+  // Applying a stored mask uses no randomness: one instantiation.
+  auto kernel = !kFromMask && p.dev.state != nullptr ? backward_kernel<T, VEC, kFromMask, kBlockAligned, !kFromMask>
+                                                     : backward_kernel<T, VEC, kFromMask, kBlockAligned, false>;
+  kernel<<<grid, block, 0, stream>>>(dy, dx, mask, workspace, rows, p);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   unsigned cgrid = 0;
@@ -439,6 +457,11 @@ bool bad_shape(uint64_t rows, uint64_t row_len) {
 
 bool misaligned_mask(const uint32_t *mask) { return (reinterpret_cast<uintptr_t>(mask) & 3u) != 0; }
 
+// A device Philox state must be 8-byte aligned (null: the host values apply).
+bool bad_device_state(const dropfuse_dropout_params &p) {
+  return (reinterpret_cast<uintptr_t>(p.philox_dev) & 7u) != 0;
+}
+
 }  // namespace
 }  // namespace dropfuse
 
@@ -451,7 +474,7 @@ extern "C" int dropfuse_bias_dropout_residual_forward(dropfuse_dtype dtype, cons
   if (params == nullptr || bad_shape(rows, row_len)) return cudaErrorInvalidValue;
   const uint64_t n = rows * row_len;
   if (n == 0) return cudaSuccess;
-  if (x == nullptr || residual == nullptr || y == nullptr) return cudaErrorInvalidValue;
+  if (x == nullptr || residual == nullptr || y == nullptr || bad_device_state(*params)) return cudaErrorInvalidValue;
   const Params p = prepare(*params, row_len);
   if (mask != nullptr) {
     if (misaligned_mask(mask)) return cudaErrorInvalidValue;
@@ -468,7 +491,7 @@ extern "C" int dropfuse_bias_dropout_residual_backward(dropfuse_dtype dtype, con
   if (params == nullptr || bad_shape(rows, row_len)) return cudaErrorInvalidValue;
   const uint64_t n = rows * row_len;
   if (n == 0) return cudaSuccess;
-  if (dy == nullptr || dx == nullptr) return cudaErrorInvalidValue;
+  if (dy == nullptr || dx == nullptr || bad_device_state(*params)) return cudaErrorInvalidValue;
   if (mask != nullptr && misaligned_mask(mask)) return cudaErrorInvalidValue;
   if (dbias == nullptr) {
     // dx alone is dropout's backward (contract point 4).

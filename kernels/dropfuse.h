@@ -33,6 +33,12 @@
  *   (wrapping; params.offset then selects a stream relative to the device offset and params.seed is
  *   ignored). A graph captured once therefore draws fresh numbers on each replay when the device
  *   offset is advanced between replays, e.g. by dropfuse_philox_advance captured into the graph.
+ *   Launches that draw several consecutive streams apply the rule to each: replica t of
+ *   dropfuse_mc_dropout_forward uses philox_dev[1] + params.offset + t, sample k of the multi-sample
+ *   launchers philox_dev[1] + params.offset + k. Every launcher that draws random numbers honours
+ *   philox_dev: dropout (mask, forward), DropBlock (forward), structured dropout (mask, forward),
+ *   MC-dropout replicas, multi-sample dropout (copies, mask-free reduce) and bias + dropout +
+ *   residual (forward, mask-free backward); a misaligned philox_dev is cudaErrorInvalidValue.
  *   Bit-packed masks: bit j of 32-bit word w is slice element 32w + j; unused bits of the last word
  *   are written as 0. A mask holds ceil(n / 32) words.
  */
@@ -275,7 +281,8 @@ int dropfuse_gather_samples_backward(dropfuse_dtype dtype, const void *d_compact
 
 /* ---- Multi-sample dropout and weighted cross-entropy (the contract: src/reference/multi_sample.rs) ----
  * Sample k (0 <= k < K) of a multi-sample dropout uses the dropout contract above with the stream
- * offset + k (wrapping) over the n = B * D elements of h (element offset 0). */
+ * offset + k (wrapping; philox_dev[1] + offset + k with a device state) over the n = B * D elements
+ * of h (element offset 0). */
 #define DROPFUSE_MULTI_SAMPLE_MAX_K 128
 #define DROPFUSE_WEIGHTED_CE_MAX_K 128
 
@@ -285,6 +292,8 @@ typedef struct dropfuse_multi_sample_params {
   uint64_t k;         /* samples, 1 ..= DROPFUSE_MULTI_SAMPLE_MAX_K */
   uint64_t threshold; /* drop iff word < threshold; 0 ..= 2^32 */
   float scale;        /* multiplier of kept elements */
+  const uint64_t *philox_dev; /* null, or {seed, offset} in device memory (graph-safe, see above):
+                                 sample k then uses philox_dev[1] + offset + k */
 } dropfuse_multi_sample_params;
 
 /* copies[k * n + e] = dropout_k(h)[e] for the K samples, in one launch reading h once. When `masks`
@@ -366,8 +375,9 @@ int dropfuse_structured_backward(dropfuse_dtype dtype, const void *dy, void *dx,
                                  dropfuse_stream_t stream);
 
 /* ---- Monte-Carlo dropout (the contract: src/reference/mc_dropout.rs) ----
- * Replicas: y is R x n, replica t is dropout of x with offset params->offset + t (wrapping) and the
- * same element_offset; masks (optional) are R masks of ceil(n / 32) words each, concatenated. */
+ * Replicas: y is R x n, replica t is dropout of x with offset params->offset + t (wrapping;
+ * params->philox_dev[1] + params->offset + t with a device state) and the same element_offset;
+ * masks (optional) are R masks of ceil(n / 32) words each, concatenated. */
 int dropfuse_mc_dropout_forward(dropfuse_dtype dtype, const void *x, void *y, uint32_t *masks,
                                 uint64_t n, uint64_t replicas, const dropfuse_dropout_params *params,
                                 dropfuse_stream_t stream);

@@ -2,7 +2,9 @@
 //   - replicated forward: R dropout replicas of a batch in one launch. Each lane loads its chunk of
 //     x once and writes it R times, replica t drawing its words from stream offset + t (the
 //     offset-dependent parts of the Philox stream are recomputed per replica on the device), so x
-//     is read from memory once;
+//     is read from memory once. Graph-safe launches (philox_dev) read the seed and the base offset
+//     from device memory once per thread at kernel start: replica t uses philox_dev[1] +
+//     params.offset + t;
 //   - streaming predictive summaries in f32: a push kernel (one block per row) updating the
 //     per-(b, c) Welford mean / M2 and the row's running mean of sample entropies, optionally after
 //     a validation pass; a finish kernel for the variance, the predictive entropy and BALD.
@@ -28,35 +30,35 @@ constexpr unsigned kFullWarp = 0xffffffffu;
 // ------------------------------------------------------------------------------------------------
 // Replicated forward.
 
-// The stream of `offset` with the same seed and first element as `base` (philox_stream's
-// offset-dependent precomputation, on the device).
-__device__ __forceinline__ PhiloxStream stream_at(const PhiloxStream &base, uint64_t offset) {
-  PhiloxStream s = base;
-  s.off_lo = lo32(offset);
-  s.off_hi = hi32(offset);
-  const uint64_t u1 = static_cast<uint64_t>(kPhiloxM1) * s.off_lo;
-  const uint32_t x1 = hi32(u1) ^ s.hi ^ s.key.k0[0];
-  const uint32_t y1 = lo32(u1);
-  const uint64_t u2 = static_cast<uint64_t>(kPhiloxM0) * x1;
-  s.r1_z = s.off_hi ^ s.key.k1[0];
-  s.r2_x = y1 ^ s.key.k0[1];
-  s.r2_z = hi32(u2) ^ s.key.k1[1];
-  s.r2_w = lo32(u2);
-  return s;
-}
-
 struct ReplicaParams {
-  PhiloxStream philox;  // replica 0's stream
+  PhiloxStream philox;  // replica 0's stream (host-prepared; unused when dev.state is set)
+  DeviceState dev;      // graph-safe launches: {seed, offset} in device memory, plus dev.add
   uint64_t offset;      // replica 0's offset
   uint64_t element_offset;
   KeepTest keep;
   float scale;
 };
 
-template <typename T, bool VEC, bool kMask, bool kBlockAligned>
+// kDev: the seed and replica 0's offset come from device memory (graph-safe launches), read once
+// per thread; the host path keeps its host-prepared stream as a kernel parameter.
+template <typename T, bool VEC, bool kMask, bool kBlockAligned, bool kDev>
 __global__ void __launch_bounds__(kThreads)
     replicas_kernel(const T *x, T *y, uint32_t *masks, uint64_t n, uint64_t replicas,
                     const __grid_constant__ ReplicaParams p) {
+  PhiloxStream dev_base;
+  uint64_t dev_offset = 0;
+  if constexpr (kDev) {
+    dev_offset = __ldg(p.dev.state + 1) + p.dev.add;
+    dev_base = philox_stream(__ldg(p.dev.state), dev_offset, p.element_offset);
+  }
+  // Replica t's stream.
+  auto replica_stream = [&](uint64_t t) {
+    if constexpr (kDev) {
+      return philox_restream(dev_base, dev_offset + t);
+    } else {
+      return philox_restream(p.philox, p.offset + t);
+    }
+  };
   constexpr int V = VecWidth<T>::value;
   constexpr int G = 32 / V;
   const unsigned lane = threadIdx.x & 31u;
@@ -71,7 +73,7 @@ __global__ void __launch_bounds__(kThreads)
     T v[V];
     if (active) load_elems<T, V, VEC>(x + c * V, v);
     for (uint64_t t = 0; t < replicas; ++t) {
-      const PhiloxStream s = stream_at(p.philox, p.offset + t);
+      const PhiloxStream s = replica_stream(t);
       uint32_t bits = 0;
       if (active) {
         uint32_t w[V];
@@ -106,7 +108,7 @@ __global__ void __launch_bounds__(kThreads)
     const uint64_t i = (words << 5) + lane;
     const bool active = i < n;
     for (uint64_t t = 0; t < replicas; ++t) {
-      const PhiloxStream s = stream_at(p.philox, p.offset + t);
+      const PhiloxStream s = replica_stream(t);
       bool keep = false;
       if (active) {
         keep = keep_word(element_word(s, p.element_offset + i), p.keep);
@@ -125,7 +127,8 @@ template <typename T, bool VEC, bool kMask, bool kBlockAligned>
 cudaError_t launch_replicas_typed(const T *x, T *y, uint32_t *masks, uint64_t n, uint64_t replicas,
                                   const ReplicaParams &p, cudaStream_t stream) {
   constexpr int V = VecWidth<T>::value;
-  auto kernel = replicas_kernel<T, VEC, kMask, kBlockAligned>;
+  auto kernel = p.dev.state != nullptr ? replicas_kernel<T, VEC, kMask, kBlockAligned, true>
+                                       : replicas_kernel<T, VEC, kMask, kBlockAligned, false>;
   const uint64_t chunks = (n >> 5) * (32 / V);
   unsigned grid = 0;
   cudaError_t err = wave_grid(kernel, kThreads, std::max<uint64_t>(1, (chunks + kThreads - 1) / kThreads), &grid, 32);
@@ -328,8 +331,14 @@ extern "C" int dropfuse_mc_dropout_forward(dropfuse_dtype dtype, const void *x, 
   if (n == 0 || replicas == 0) return cudaSuccess;
   if (x == nullptr || y == nullptr || params == nullptr) return cudaErrorInvalidValue;
   if (masks != nullptr && (reinterpret_cast<uintptr_t>(masks) & 3u) != 0) return cudaErrorInvalidValue;
-  const ReplicaParams p{philox_stream(params->seed, params->offset, params->element_offset), params->offset,
-                        params->element_offset, keep_test(params->threshold), params->scale};
+  // A device Philox state must be 8-byte aligned (null: the host values apply).
+  if ((reinterpret_cast<uintptr_t>(params->philox_dev) & 7u) != 0) return cudaErrorInvalidValue;
+  const ReplicaParams p{philox_stream(params->seed, params->offset, params->element_offset),
+                        DeviceState{params->philox_dev, params->offset},
+                        params->offset,
+                        params->element_offset,
+                        keep_test(params->threshold),
+                        params->scale};
   switch (dtype) {
     case DROPFUSE_F32:
       return launch_replicas<float>(x, y, masks, n, replicas, p, stream);

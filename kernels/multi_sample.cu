@@ -12,6 +12,9 @@
 //     stream offset + k), optionally the K bit masks (one byte per chunk and sample).
 //   - reduce_kernel: dh = sum_k keep_k * grad_k * scale, ascending k, in f32, masks stored or
 //     regenerated.
+//   Both take the K streams' offset-dependent parts precomputed on the host, or, for graph-safe
+//   launches (philox_dev), read the seed and the base offset from device memory once per thread
+//   and derive sample k's stream (philox_dev[1] + params.offset + k) on the device.
 //   - mean_kernel: sum_k z_k / K in f32, ascending k (the averaged logits).
 // All indices are 64-bit; every launch is checked; nothing synchronizes.
 #include <float.h>
@@ -333,16 +336,18 @@ struct OffsetPart {
 
 struct SampleParams {
   PhiloxStream base;  // offset + 0; key and high word shared by every sample
-  OffsetPart part[DROPFUSE_MULTI_SAMPLE_MAX_K];
+  OffsetPart part[DROPFUSE_MULTI_SAMPLE_MAX_K];  // unused when dev.state is set
   uint64_t k;
   KeepTest keep;
   float scale;
+  DeviceState dev;  // graph-safe launches: {seed, offset} in device memory, plus dev.add
 };
 
 SampleParams prepare_samples(const dropfuse_multi_sample_params &p) {
   SampleParams s{};
+  s.dev = DeviceState{p.philox_dev, p.offset};
   s.base = philox_stream(p.seed, p.offset, 0);
-  for (uint64_t k = 0; k < p.k; ++k) {
+  for (uint64_t k = 0; p.philox_dev == nullptr && k < p.k; ++k) {
     const PhiloxStream st = philox_stream(p.seed, p.offset + k, 0);  // wrapping, as the contract says
     s.part[k] = {st.off_lo, st.off_hi, st.r1_z, st.r2_x, st.r2_z, st.r2_w};
   }
@@ -360,24 +365,54 @@ __device__ __forceinline__ PhiloxStream sample_stream(const SampleParams &p, uin
   return s;
 }
 
+// The streams of a launch's samples: the host-prepared parts of SampleParams, or (kDev) the seed
+// and sample 0's offset read from device memory once, at kernel start, each sample's stream
+// derived from them on the device.
+template <bool kDev>
+struct SampleStreams {
+  PhiloxStream base;  // kDev only
+  uint64_t offset;    // kDev only: sample 0's offset
+
+  __device__ __forceinline__ explicit SampleStreams(const SampleParams &p) {
+    if constexpr (kDev) {
+      offset = __ldg(p.dev.state + 1) + p.dev.add;
+      base = philox_stream(__ldg(p.dev.state), offset, 0);
+    }
+  }
+
+  __device__ __forceinline__ PhiloxStream operator()(const SampleParams &p, uint64_t k) const {
+    if constexpr (kDev) {
+      return philox_restream(base, offset + k);  // wrapping, as the contract says
+    } else {
+      return sample_stream(p, k);
+    }
+  }
+};
+
 // Keep bits of elements e .. e+7 (e a multiple of 8) of sample k.
-__device__ __forceinline__ uint32_t chunk_bits(const SampleParams &p, uint64_t k, uint64_t e) {
+template <bool kDev>
+__device__ __forceinline__ uint32_t chunk_bits(const SampleParams &p, const SampleStreams<kDev> &streams, uint64_t k,
+                                               uint64_t e) {
   uint32_t w[kChunk];
-  element_words<kChunk, true>(sample_stream(p, k), e, w);
+  element_words<kChunk, true>(streams(p, k), e, w);
   uint32_t bits = 0;
 #pragma unroll
   for (int j = 0; j < kChunk; ++j) bits |= static_cast<uint32_t>(keep_word(w[j], p.keep)) << j;
   return bits;
 }
 
-__device__ __forceinline__ bool element_kept(const SampleParams &p, uint64_t k, uint64_t e) {
-  return keep_word(element_word(sample_stream(p, k), e), p.keep);
+template <bool kDev>
+__device__ __forceinline__ bool element_kept(const SampleParams &p, const SampleStreams<kDev> &streams, uint64_t k,
+                                             uint64_t e) {
+  return keep_word(element_word(streams(p, k), e), p.keep);
 }
 
 // copies[k * n + e] = keep ? h[e] * scale : +0; masks[k * words + e / 32] bit e % 32.
-template <typename T, bool VEC>
+// kDev: graph-safe launch (SampleStreams).
+template <typename T, bool VEC, bool kDev>
 __global__ void __launch_bounds__(kThreads)
     copies_kernel(const T *h, T *copies, uint32_t *masks, uint64_t n, const __grid_constant__ SampleParams p) {
+  const SampleStreams<kDev> streams(p);
   const uint64_t chunks = n / kChunk;
   const uint64_t words = (n + 31) >> 5;
   const uint64_t stride = static_cast<uint64_t>(gridDim.x) * blockDim.x;
@@ -385,7 +420,7 @@ __global__ void __launch_bounds__(kThreads)
     float x[kChunk];
     load8<T, VEC>(h + c * kChunk, x);
     for (uint64_t k = 0; k < p.k; ++k) {
-      const uint32_t bits = chunk_bits(p, k, c * kChunk);
+      const uint32_t bits = chunk_bits(p, streams, k, c * kChunk);
       float f[kChunk];
 #pragma unroll
       for (int j = 0; j < kChunk; ++j) f[j] = (bits >> j) & 1u ? __fmul_rn(x[j], p.scale) : 0.0f;
@@ -400,7 +435,7 @@ __global__ void __launch_bounds__(kThreads)
       uint32_t bits = 0;
       for (uint64_t j = 0; j < tail; ++j) {
         const uint64_t e = chunks * kChunk + j;
-        const bool kept = element_kept(p, k, e);
+        const bool kept = element_kept(p, streams, k, e);
         bits |= static_cast<uint32_t>(kept) << j;
         copies[k * n + e] = kept ? Elem<T>::from_f32(__fmul_rn(Elem<T>::to_f32(h[e]), p.scale)) : Elem<T>::from_f32(0.0f);
       }
@@ -423,9 +458,11 @@ __global__ void __launch_bounds__(kThreads)
 
 // dh[e] = sum_k keep_k(e) ? grad[k * n + e] * scale : 0, ascending k, f32 (each product rounded,
 // then added: acc = acc + g * scale, no FMA).
-template <typename G, typename O, bool VEC, bool kStored>
+// kDev: graph-safe launch (SampleStreams; regenerated masks only).
+template <typename G, typename O, bool VEC, bool kStored, bool kDev>
 __global__ void __launch_bounds__(kThreads)
     reduce_kernel(const G *grad, O *dh, const uint32_t *masks, uint64_t n, const __grid_constant__ SampleParams p) {
+  const SampleStreams<kDev> streams(p);
   const uint64_t chunks = n / kChunk;
   const uint64_t words = (n + 31) >> 5;
   const uint64_t stride = static_cast<uint64_t>(gridDim.x) * blockDim.x;
@@ -436,7 +473,7 @@ __global__ void __launch_bounds__(kThreads)
       if constexpr (kStored) {
         bits = reinterpret_cast<const uint8_t *>(masks + k * words)[c];
       } else {
-        bits = chunk_bits(p, k, c * kChunk);
+        bits = chunk_bits(p, streams, k, c * kChunk);
       }
       float g[kChunk];
       load8<G, VEC>(grad + k * n + c * kChunk, g);
@@ -456,7 +493,7 @@ __global__ void __launch_bounds__(kThreads)
       if constexpr (kStored) {
         kept = (masks[k * words + (e >> 5)] >> (e & 31u)) & 1u;
       } else {
-        kept = element_kept(p, k, e);
+        kept = element_kept(p, streams, k, e);
       }
       if (kept) acc = __fadd_rn(acc, __fmul_rn(Elem<G>::to_f32(grad[k * n + e]), p.scale));
     }
@@ -502,17 +539,13 @@ template <typename T>
 cudaError_t launch_copies(const void *h, void *copies, uint32_t *masks, uint64_t n, const SampleParams &p,
                           cudaStream_t stream) {
   const bool vec = n % kChunk == 0 && host_aligned16(h) && host_aligned16(copies);
+  const bool dev = p.dev.state != nullptr;
+  auto kernel = vec ? (dev ? copies_kernel<T, true, true> : copies_kernel<T, true, false>)
+                    : (dev ? copies_kernel<T, false, true> : copies_kernel<T, false, false>);
   unsigned grid = 0;
-  cudaError_t err;
-  if (vec) {
-    err = chunk_grid(copies_kernel<T, true>, n, &grid);
-    if (err != cudaSuccess) return err;
-    copies_kernel<T, true><<<grid, kThreads, 0, stream>>>(static_cast<const T *>(h), static_cast<T *>(copies), masks, n, p);
-  } else {
-    err = chunk_grid(copies_kernel<T, false>, n, &grid);
-    if (err != cudaSuccess) return err;
-    copies_kernel<T, false><<<grid, kThreads, 0, stream>>>(static_cast<const T *>(h), static_cast<T *>(copies), masks, n, p);
-  }
+  const cudaError_t err = chunk_grid(kernel, n, &grid);
+  if (err != cudaSuccess) return err;
+  kernel<<<grid, kThreads, 0, stream>>>(static_cast<const T *>(h), static_cast<T *>(copies), masks, n, p);
   return cudaGetLastError();
 }
 
@@ -522,12 +555,12 @@ cudaError_t launch_reduce3(const void *grad, void *dh, const uint32_t *masks, ui
   unsigned grid = 0;
   cudaError_t err;
   if (masks != nullptr) {
-    auto kernel = reduce_kernel<G, O, VEC, true>;
+    auto kernel = reduce_kernel<G, O, VEC, true, false>;
     err = chunk_grid(kernel, n, &grid);
     if (err != cudaSuccess) return err;
     kernel<<<grid, kThreads, 0, stream>>>(static_cast<const G *>(grad), static_cast<O *>(dh), masks, n, p);
   } else {
-    auto kernel = reduce_kernel<G, O, VEC, false>;
+    auto kernel = p.dev.state != nullptr ? reduce_kernel<G, O, VEC, false, true> : reduce_kernel<G, O, VEC, false, false>;
     err = chunk_grid(kernel, n, &grid);
     if (err != cudaSuccess) return err;
     kernel<<<grid, kThreads, 0, stream>>>(static_cast<const G *>(grad), static_cast<O *>(dh), masks, n, p);
@@ -583,6 +616,9 @@ cudaError_t launch_mean1(dropfuse_dtype out, const void *z, void *mean, uint64_t
 bool valid_dtype(dropfuse_dtype d) { return d == DROPFUSE_F32 || d == DROPFUSE_F16 || d == DROPFUSE_BF16; }
 
 bool misaligned4(const void *p) { return (reinterpret_cast<uintptr_t>(p) & 3u) != 0; }
+
+// A device Philox state must be 8-byte aligned (null: the host values apply).
+bool misaligned8(const void *p) { return (reinterpret_cast<uintptr_t>(p) & 7u) != 0; }
 
 }  // namespace
 }  // namespace dropfuse
@@ -653,7 +689,7 @@ extern "C" int dropfuse_multi_sample_copies(dropfuse_dtype dtype, const void *h,
   if (params == nullptr) return cudaErrorInvalidValue;
   if (n == 0 || params->k == 0) return cudaSuccess;
   if (h == nullptr || copies == nullptr || params->k > DROPFUSE_MULTI_SAMPLE_MAX_K || !valid_dtype(dtype) ||
-      (masks != nullptr && misaligned4(masks))) {
+      (masks != nullptr && misaligned4(masks)) || misaligned8(params->philox_dev)) {
     return cudaErrorInvalidValue;
   }
   const SampleParams p = prepare_samples(*params);
@@ -675,7 +711,7 @@ extern "C" int dropfuse_multi_sample_reduce(dropfuse_dtype grad_dtype, const voi
   if (params == nullptr) return cudaErrorInvalidValue;
   if (n == 0 || params->k == 0) return cudaSuccess;
   if (grads == nullptr || dh == nullptr || params->k > DROPFUSE_MULTI_SAMPLE_MAX_K || !valid_dtype(grad_dtype) ||
-      !valid_dtype(out_dtype) || (masks != nullptr && misaligned4(masks))) {
+      !valid_dtype(out_dtype) || (masks != nullptr && misaligned4(masks)) || misaligned8(params->philox_dev)) {
     return cudaErrorInvalidValue;
   }
   const SampleParams p = prepare_samples(*params);

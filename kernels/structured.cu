@@ -18,6 +18,11 @@
 //     decision mask; with a mask the forward is the dropout mask kernel on the decisions followed by
 //     the mask-apply kernel.
 // All indices are 64-bit. Vector (16-byte) accesses when aligned, scalar otherwise.
+// Graph-safe launches (params->philox_dev, kernels/dropfuse.h): the dropout launchers honour it
+// themselves; the kernels here have variants (kDev) that compute the Philox stream from device
+// memory once per thread at kernel start, while the host path keeps its host-prepared stream as a
+// __grid_constant__ parameter (as dropout.cu does). Applying a stored mask draws nothing: one
+// instantiation.
 #include <stdint.h>
 
 #include <algorithm>
@@ -45,14 +50,16 @@ enum class Mode {
 };
 
 struct Params {
-  PhiloxStream philox;
+  PhiloxStream philox;  // host-prepared; unused when dev.state is set
+  DeviceState dev;      // graph-safe launches: {seed, offset} in device memory, plus dev.add
   uint64_t decision_offset;
   KeepTest keep;
   float scale;
 };
 
 Params prepare(const dropfuse_dropout_params &p) {
-  return {philox_stream(p.seed, p.offset, p.element_offset), p.element_offset, keep_test(p.threshold), p.scale};
+  return {philox_stream(p.seed, p.offset, p.element_offset), DeviceState{p.philox_dev, p.offset}, p.element_offset,
+          keep_test(p.threshold), p.scale};
 }
 
 // The normalised layout, innermost group first (constant indices in the unrolled loops).
@@ -105,10 +112,14 @@ __device__ __forceinline__ uint4 scale_vec(uint4 raw, float scale) {
 // ------------------------------------------------------------------------------------------------
 // Planes: [P planes of S elements], decision = plane.
 
-template <typename T, Mode M>
+// kDev: the Philox stream comes from device memory (graph-safe launches).
+template <typename T, Mode M, bool kDev>
 __global__ void __launch_bounds__(kThreads)
     planes_kernel(const T *x, T *y, uint32_t *mask_out, const uint32_t *mask_in, uint64_t planes, uint64_t s,
                   uint64_t parts, uint64_t seg, const __grid_constant__ Params p) {
+  PhiloxStream dev_philox;
+  if constexpr (kDev) dev_philox = device_stream(p.dev, p.decision_offset);
+  const PhiloxStream &philox = kDev ? dev_philox : p.philox;
   constexpr int V = VecWidth<T>::value;
   const unsigned lane = threadIdx.x & 31u;
   const uint64_t warp = (static_cast<uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
@@ -123,7 +134,7 @@ __global__ void __launch_bounds__(kThreads)
       word = __ldg(mask_in + (q >> 5));
     } else {
       const uint64_t d = (q & ~uint64_t{31}) + lane;
-      const bool k = d < planes && keep_word(element_word(p.philox, p.decision_offset + d), p.keep);
+      const bool k = d < planes && keep_word(element_word(philox, p.decision_offset + d), p.keep);
       word = __ballot_sync(kFullWarp, k);
       if constexpr (M == Mode::ForwardMask) {
         if (part == 0 && (q & 31u) == 0 && lane == 0) mask_out[q >> 5] = word;
@@ -171,12 +182,15 @@ __global__ void __launch_bounds__(kThreads)
 // ------------------------------------------------------------------------------------------------
 // Locked along the outer axis: [T rows of H], decision = e % H.
 
-template <typename T, bool VEC, Mode M, bool kBlockAligned>
+template <typename T, bool VEC, Mode M, bool kBlockAligned, bool kDev>
 // (Two resident blocks per SM as the register budget: with the default, ptxas for sm_80 kept 64
 // registers and spilled 8 bytes in some instantiations.)
 __global__ void __launch_bounds__(kThreads, 2)
     locked_kernel(const T *x, T *y, uint32_t *mask_out, const uint32_t *mask_in, uint64_t rows, uint64_t h,
                   uint64_t rows_per_slice, const __grid_constant__ Params p) {
+  PhiloxStream dev_philox;
+  if constexpr (kDev) dev_philox = device_stream(p.dev, p.decision_offset);
+  const PhiloxStream &philox = kDev ? dev_philox : p.philox;
   constexpr int V = VecWidth<T>::value;
   constexpr int G = 32 / V;
   const unsigned lane = threadIdx.x & 31u;
@@ -198,7 +212,7 @@ __global__ void __launch_bounds__(kThreads, 2)
       } else {
         // A partial last chunk draws the words past h too (harmless; masked off below).
         uint32_t w[V];
-        element_words<V, kBlockAligned>(p.philox, p.decision_offset + d0, w);
+        element_words<V, kBlockAligned>(philox, p.decision_offset + d0, w);
 #pragma unroll
         for (int j = 0; j < V; ++j) bits |= static_cast<uint32_t>(keep_word(w[j], p.keep)) << j;
       }
@@ -291,7 +305,7 @@ __device__ __forceinline__ void decisions_of(const Groups &g, uint64_t e, int co
 // a row (consecutive decisions share blocks) or reading the stored mask.
 template <int V, Mode M>
 __device__ __forceinline__ uint32_t keep_bits(const uint64_t (&d)[V], int count, const uint32_t *mask_in,
-                                              const Params &p) {
+                                              const Params &p, const PhiloxStream &philox) {
   uint32_t bits = 0;
   if constexpr (M == Mode::ApplyMask) {
 #pragma unroll
@@ -306,7 +320,7 @@ __device__ __forceinline__ uint32_t keep_bits(const uint64_t (&d)[V], int count,
         const uint64_t gi = p.decision_offset + d[j];
         if ((gi >> 2) != cached) {
           cached = gi >> 2;
-          block = philox_block(p.philox, cached);
+          block = philox_block(philox, cached);
         }
         bits |= static_cast<uint32_t>(keep_word(uint4_get(block, static_cast<unsigned>(gi & 3)), p.keep)) << j;
       }
@@ -315,10 +329,13 @@ __device__ __forceinline__ uint32_t keep_bits(const uint64_t (&d)[V], int count,
   return bits;
 }
 
-template <typename T, bool VEC, Mode M>
+template <typename T, bool VEC, Mode M, bool kDev>
 __global__ void __launch_bounds__(kThreads)
     general_kernel(const T *x, T *y, const uint32_t *mask_in, uint64_t n, const __grid_constant__ Groups g,
                    const __grid_constant__ Params p) {
+  PhiloxStream dev_philox;
+  if constexpr (kDev) dev_philox = device_stream(p.dev, p.decision_offset);
+  const PhiloxStream &philox = kDev ? dev_philox : p.philox;
   constexpr int V = VecWidth<T>::value;
   const uint64_t chunks = n / V;
   const uint64_t stride = static_cast<uint64_t>(gridDim.x) * blockDim.x;
@@ -327,7 +344,7 @@ __global__ void __launch_bounds__(kThreads)
     load_elems<T, V, VEC>(x + c * V, v);
     uint64_t d[V];
     decisions_of<V>(g, c * V, V, d);
-    const uint32_t bits = keep_bits<V, M>(d, V, mask_in, p);
+    const uint32_t bits = keep_bits<V, M>(d, V, mask_in, p, philox);
     T out[V];
     scale_kept(v, bits, p.scale, out);
     store_elems<T, V, VEC>(y + c * V, out);
@@ -337,7 +354,7 @@ __global__ void __launch_bounds__(kThreads)
     const uint64_t e = chunks * V + threadIdx.x;
     uint64_t d[V];
     decisions_of<V>(g, e, 1, d);
-    const uint32_t bits = keep_bits<V, M>(d, 1, mask_in, p);
+    const uint32_t bits = keep_bits<V, M>(d, 1, mask_in, p, philox);
     y[e] = scaled_or_zero(x[e], bits & 1u, p.scale);
   }
 }
@@ -438,7 +455,7 @@ template <typename T, Mode M>
 cudaError_t launch_planes(const T *x, T *y, uint32_t *mask_out, const uint32_t *mask_in, const Plan &plan,
                           const Params &p, cudaStream_t stream) {
   constexpr int V = VecWidth<T>::value;
-  auto kernel = planes_kernel<T, M>;
+  auto kernel = p.dev.state != nullptr ? planes_kernel<T, M, M != Mode::ApplyMask> : planes_kernel<T, M, false>;
   uint64_t resident = 0;
   cudaError_t err = resident_blocks(kernel, &resident);
   if (err != cudaSuccess) return err;
@@ -465,7 +482,8 @@ template <typename T, bool VEC, Mode M, bool kBlockAligned>
 cudaError_t launch_locked_typed(const T *x, T *y, uint32_t *mask_out, const uint32_t *mask_in, const Plan &plan,
                                 const Params &p, cudaStream_t stream) {
   constexpr int V = VecWidth<T>::value;
-  auto kernel = locked_kernel<T, VEC, M, kBlockAligned>;
+  auto kernel = p.dev.state != nullptr ? locked_kernel<T, VEC, M, kBlockAligned, M != Mode::ApplyMask>
+                                       : locked_kernel<T, VEC, M, kBlockAligned, false>;
   uint64_t resident = 0;
   cudaError_t err = resident_blocks(kernel, &resident);
   if (err != cudaSuccess) return err;
@@ -500,7 +518,8 @@ template <typename T, bool VEC, Mode M>
 cudaError_t launch_general_typed(const T *x, T *y, const uint32_t *mask_in, uint64_t n, const Plan &plan,
                                  const Params &p, cudaStream_t stream) {
   constexpr int V = VecWidth<T>::value;
-  auto kernel = general_kernel<T, VEC, M>;
+  auto kernel = p.dev.state != nullptr ? general_kernel<T, VEC, M, M != Mode::ApplyMask>
+                                       : general_kernel<T, VEC, M, false>;
   const uint64_t chunks = std::max<uint64_t>(1, n / V);
   unsigned grid = 0;
   cudaError_t err = wave_grid(kernel, kThreads, (chunks + kThreads - 1) / kThreads, &grid, 32);
@@ -565,6 +584,11 @@ cudaError_t launch_dtype(dropfuse_dtype dtype, const void *x, void *y, uint32_t 
 
 bool misaligned_mask(const uint32_t *mask) { return (reinterpret_cast<uintptr_t>(mask) & 3u) != 0; }
 
+// A device Philox state must be 8-byte aligned (null: the host values apply).
+bool bad_device_state(const dropfuse_dropout_params &p) {
+  return (reinterpret_cast<uintptr_t>(p.philox_dev) & 7u) != 0;
+}
+
 bool valid_dtype(dropfuse_dtype dtype) {
   return dtype == DROPFUSE_F32 || dtype == DROPFUSE_F16 || dtype == DROPFUSE_BF16;
 }
@@ -579,7 +603,8 @@ extern "C" int dropfuse_structured_mask(uint32_t *mask, const dropfuse_structure
   if (layout == nullptr || params == nullptr) return cudaErrorInvalidValue;
   if (layout->numel == 0) return cudaSuccess;
   Plan plan;
-  if (!plan_layout(*layout, &plan) || mask == nullptr || misaligned_mask(mask)) return cudaErrorInvalidValue;
+  if (!plan_layout(*layout, &plan) || mask == nullptr || misaligned_mask(mask) || bad_device_state(*params))
+    return cudaErrorInvalidValue;
   return dropfuse_dropout_mask(mask, layout->decisions, params, stream);
 }
 
@@ -589,7 +614,8 @@ extern "C" int dropfuse_structured_forward(dropfuse_dtype dtype, const void *x, 
   if (layout == nullptr || params == nullptr) return cudaErrorInvalidValue;
   if (layout->numel == 0) return cudaSuccess;
   Plan plan;
-  if (!plan_layout(*layout, &plan) || x == nullptr || y == nullptr || !valid_dtype(dtype)) return cudaErrorInvalidValue;
+  if (!plan_layout(*layout, &plan) || x == nullptr || y == nullptr || !valid_dtype(dtype) || bad_device_state(*params))
+    return cudaErrorInvalidValue;
   if (mask != nullptr && misaligned_mask(mask)) return cudaErrorInvalidValue;
   if (plan.path == Path::Dropout) return dropfuse_dropout_forward(dtype, x, y, mask, layout->numel, params, stream);
   return launch_dtype(dtype, x, y, mask, nullptr, mask != nullptr ? Mode::ForwardMask : Mode::ForwardNoMask, *layout,

@@ -36,6 +36,10 @@
 //! `keep ? scale * dy : +0` over rows in 256-row chunks, in a fixed order (deterministic), and
 //! rounds once.
 //!
+//! The random calls take any [`Randomness`]: a [`PhiloxState`] fixed at launch, or a
+//! [`DevicePhilox`](crate::DevicePhilox) (`&state` or `state.at(add)`) read when the kernels run,
+//! so that a captured CUDA graph draws fresh masks on each replay ([`crate::rng`]).
+//!
 //! Every call validates its arguments first (row length, lengths, contexts, offsets) and returns
 //! [`Error::InvalidArgument`] without writing anything when they are wrong. The optional bias and
 //! bias gradient are passed as trait objects (`Some(&bias)` with any cudarc slice or view), so
@@ -50,7 +54,7 @@ use crate::dropout::{after, bind, check_mask_len, check_same_len, check_stream, 
 use crate::dtype::Element;
 use crate::error::{Error, Result};
 use crate::ffi;
-use crate::rng::PhiloxState;
+use crate::rng::{PhiloxState, Randomness, Source};
 
 /// Rows per partial sum of the bias gradient (the contract's reduction order).
 pub const DBIAS_CHUNK: usize = ffi::DROPFUSE_BDR_DBIAS_CHUNK as usize;
@@ -105,14 +109,15 @@ impl BiasDropoutResidual {
         rows.div_ceil(DBIAS_CHUNK).saturating_mul(self.row_len)
     }
 
-    fn params(&self, rng: PhiloxState) -> ffi::dropfuse_dropout_params {
+    /// The launch params for `(seed, offset, philox_dev)` as [`Source::bind`] gives them.
+    fn params(&self, (seed, offset, philox_dev): (u64, u64, *const u64)) -> ffi::dropfuse_dropout_params {
         ffi::dropfuse_dropout_params {
-            seed: rng.seed,
-            offset: rng.offset,
+            seed,
+            offset,
             element_offset: self.drop.element_offset(),
             threshold: self.drop.threshold(),
             scale: self.drop.scale(),
-            philox_dev: std::ptr::null(),
+            philox_dev,
         }
     }
 
@@ -139,10 +144,17 @@ impl BiasDropoutResidual {
 
     /// `y = residual + dropout(x + bias)` and the bit mask (`mask_words(x.len())` words).
     #[allow(clippy::too_many_arguments)]
-    pub fn forward<T: Element, X: DevicePtr<T>, R: DevicePtr<T>, Y: DevicePtrMut<T>, M: DevicePtrMut<u32>>(
+    pub fn forward<
+        T: Element,
+        X: DevicePtr<T>,
+        R: DevicePtr<T>,
+        Y: DevicePtrMut<T>,
+        M: DevicePtrMut<u32>,
+        Rng: Randomness,
+    >(
         &self,
         stream: &CudaStream,
-        rng: PhiloxState,
+        rng: Rng,
         x: &X,
         residual: &R,
         bias: Option<&dyn DevicePtr<T>>,
@@ -166,14 +178,20 @@ impl BiasDropoutResidual {
         let (mp, _gm) = mask.device_ptr_mut(stream);
         // SAFETY: validated; y is a distinct buffer from x, residual and bias (a mutable borrow
         // cannot alias a shared one); the guards keep every buffer alive and ordered on `stream`.
-        unsafe { self.launch_forward::<T>(stream, rng, xp, rp, bp, yp, mp, rows) }
+        unsafe { self.launch_forward::<T>(stream, rng.source(), xp, rp, bp, yp, mp, rows) }
     }
 
     /// `y = residual + dropout(x + bias)` without a mask: the backward regenerates it from `rng`.
-    pub fn forward_maskless<T: Element, X: DevicePtr<T>, R: DevicePtr<T>, Y: DevicePtrMut<T>>(
+    pub fn forward_maskless<
+        T: Element,
+        X: DevicePtr<T>,
+        R: DevicePtr<T>,
+        Y: DevicePtrMut<T>,
+        Rng: Randomness,
+    >(
         &self,
         stream: &CudaStream,
-        rng: PhiloxState,
+        rng: Rng,
         x: &X,
         residual: &R,
         bias: Option<&dyn DevicePtr<T>>,
@@ -194,14 +212,20 @@ impl BiasDropoutResidual {
         let (bp, _gb) = opt_ptr(bias, stream);
         let (yp, _gy) = y.device_ptr_mut(stream);
         // SAFETY: as in `forward`.
-        unsafe { self.launch_forward::<T>(stream, rng, xp, rp, bp, yp, NULL, rows) }
+        unsafe { self.launch_forward::<T>(stream, rng.source(), xp, rp, bp, yp, NULL, rows) }
     }
 
     /// In place on the residual stream: `residual += dropout(x + bias)`, and the bit mask.
-    pub fn forward_inplace<T: Element, X: DevicePtr<T>, R: DevicePtrMut<T>, M: DevicePtrMut<u32>>(
+    pub fn forward_inplace<
+        T: Element,
+        X: DevicePtr<T>,
+        R: DevicePtrMut<T>,
+        M: DevicePtrMut<u32>,
+        Rng: Randomness,
+    >(
         &self,
         stream: &CudaStream,
-        rng: PhiloxState,
+        rng: Rng,
         x: &X,
         bias: Option<&dyn DevicePtr<T>>,
         residual: &mut R,
@@ -220,14 +244,14 @@ impl BiasDropoutResidual {
         let (mp, _gm) = mask.device_ptr_mut(stream);
         // SAFETY: as in `forward`; the residual is input and output (each element is read, then
         // written, by the same thread).
-        unsafe { self.launch_forward::<T>(stream, rng, xp, rp, bp, rp, mp, rows) }
+        unsafe { self.launch_forward::<T>(stream, rng.source(), xp, rp, bp, rp, mp, rows) }
     }
 
     /// In place on the residual stream, no mask stored.
-    pub fn forward_maskless_inplace<T: Element, X: DevicePtr<T>, R: DevicePtrMut<T>>(
+    pub fn forward_maskless_inplace<T: Element, X: DevicePtr<T>, R: DevicePtrMut<T>, Rng: Randomness>(
         &self,
         stream: &CudaStream,
-        rng: PhiloxState,
+        rng: Rng,
         x: &X,
         bias: Option<&dyn DevicePtr<T>>,
         residual: &mut R,
@@ -243,7 +267,7 @@ impl BiasDropoutResidual {
         let (bp, _gb) = opt_ptr(bias, stream);
         let (rp, _gr) = residual.device_ptr_mut(stream);
         // SAFETY: as in `forward_inplace`.
-        unsafe { self.launch_forward::<T>(stream, rng, xp, rp, bp, rp, NULL, rows) }
+        unsafe { self.launch_forward::<T>(stream, rng.source(), xp, rp, bp, rp, NULL, rows) }
     }
 
     // ---- backward ----
@@ -268,14 +292,22 @@ impl BiasDropoutResidual {
         let (mp, _gm) = mask.device_ptr(stream);
         let (dyp, _gdy) = dy.device_ptr(stream);
         let (dxp, _gdx) = dx.device_ptr_mut(stream);
-        self.launch_backward_grad(stream, PhiloxState::new(0, 0), mp, dyp, dxp, bias_grad, rows)
+        self.launch_backward_grad(
+            stream,
+            Source::Host(PhiloxState::new(0, 0)),
+            mp,
+            dyp,
+            dxp,
+            bias_grad,
+            rows,
+        )
     }
 
     /// Backward regenerating the keep decisions from the forward's `rng` (and element offset).
-    pub fn backward_maskless<T: Element, DY: DevicePtr<T>, DX: DevicePtrMut<T>>(
+    pub fn backward_maskless<T: Element, DY: DevicePtr<T>, DX: DevicePtrMut<T>, R: Randomness>(
         &self,
         stream: &CudaStream,
-        rng: PhiloxState,
+        rng: R,
         dy: &DY,
         dx: &mut DX,
         bias_grad: Option<BiasGrad<'_, T>>,
@@ -283,7 +315,7 @@ impl BiasDropoutResidual {
         let rows = self.validate_backward(stream, dy, &[("dx", dx.len(), dx.stream())], None, &bias_grad)?;
         let (dyp, _gdy) = dy.device_ptr(stream);
         let (dxp, _gdx) = dx.device_ptr_mut(stream);
-        self.launch_backward_grad(stream, rng, NULL, dyp, dxp, bias_grad, rows)
+        self.launch_backward_grad(stream, rng.source(), NULL, dyp, dxp, bias_grad, rows)
     }
 
     /// In place backward from a mask: `grad` goes in as `dy` and comes out as `dx`.
@@ -298,20 +330,28 @@ impl BiasDropoutResidual {
             self.validate_backward(stream, &*grad, &[], Some((mask.len(), mask.stream())), &bias_grad)?;
         let (mp, _gm) = mask.device_ptr(stream);
         let (gp, _gg) = grad.device_ptr_mut(stream);
-        self.launch_backward_grad(stream, PhiloxState::new(0, 0), mp, gp, gp, bias_grad, rows)
+        self.launch_backward_grad(
+            stream,
+            Source::Host(PhiloxState::new(0, 0)),
+            mp,
+            gp,
+            gp,
+            bias_grad,
+            rows,
+        )
     }
 
     /// In place backward regenerating the keep decisions from `rng`.
-    pub fn backward_maskless_inplace<T: Element, G: DevicePtrMut<T>>(
+    pub fn backward_maskless_inplace<T: Element, G: DevicePtrMut<T>, R: Randomness>(
         &self,
         stream: &CudaStream,
-        rng: PhiloxState,
+        rng: R,
         grad: &mut G,
         bias_grad: Option<BiasGrad<'_, T>>,
     ) -> Result<()> {
         let rows = self.validate_backward(stream, &*grad, &[], None, &bias_grad)?;
         let (gp, _gg) = grad.device_ptr_mut(stream);
-        self.launch_backward_grad(stream, rng, NULL, gp, gp, bias_grad, rows)
+        self.launch_backward_grad(stream, rng.source(), NULL, gp, gp, bias_grad, rows)
     }
 
     // ---- validation and launches ----
@@ -398,6 +438,8 @@ impl BiasDropoutResidual {
         Ok(rows)
     }
 
+    /// Checks `rng`'s context (the device state's guard lives until the launch is enqueued).
+    ///
     /// # Safety
     /// Validated device pointers of the stream's context (`bias` and `mask` may be [`NULL`]),
     /// alive until the enqueued work has run; `y` is `residual` (in place) or does not overlap
@@ -406,7 +448,7 @@ impl BiasDropoutResidual {
     unsafe fn launch_forward<T: Element>(
         &self,
         stream: &CudaStream,
-        rng: PhiloxState,
+        rng: Source<'_>,
         x: CUdeviceptr,
         residual: CUdeviceptr,
         bias: CUdeviceptr,
@@ -414,7 +456,9 @@ impl BiasDropoutResidual {
         mask: CUdeviceptr,
         rows: usize,
     ) -> Result<()> {
-        let params = self.params(rng);
+        rng.check(stream)?;
+        let (seed, offset, dev, _gr) = rng.bind(stream);
+        let params = self.params((seed, offset, dev));
         let status = ffi::dropfuse_bias_dropout_residual_forward(
             crate::dropout::raw::dtype(T::DTYPE),
             x as *const c_void,
@@ -431,20 +475,23 @@ impl BiasDropoutResidual {
         after(stream)
     }
 
-    /// Takes the bias gradient's pointers (their guards live until the launch is enqueued) and
-    /// launches the backward on validated pointers (`mask` may be [`NULL`]: regenerate).
+    /// Takes the bias gradient's pointers and `rng`'s (checked here; their guards live until the
+    /// launch is enqueued) and launches the backward on validated pointers (`mask` may be
+    /// [`NULL`]: regenerate).
     #[allow(clippy::too_many_arguments)]
     fn launch_backward_grad<T: Element>(
         &self,
         stream: &CudaStream,
-        rng: PhiloxState,
+        rng: Source<'_>,
         mask: CUdeviceptr,
         dy: CUdeviceptr,
         dx: CUdeviceptr,
         bias_grad: Option<BiasGrad<'_, T>>,
         rows: usize,
     ) -> Result<()> {
-        let params = self.params(rng);
+        rng.check(stream)?;
+        let (seed, offset, dev, _gr) = rng.bind(stream);
+        let params = self.params((seed, offset, dev));
         let launch = |dbias: CUdeviceptr, workspace: CUdeviceptr| {
             // SAFETY: every pointer was validated (lengths, contexts) by the caller and is kept
             // alive by its guard until after this call; dx is dy (in place) or a distinct buffer;

@@ -7,6 +7,11 @@
 //! [`Generator::next_streams(R)`](crate::Generator::next_streams)), summaries in `f32` within
 //! [`f32_tolerance`](crate::reference::mc_dropout::f32_tolerance) of the `f64` reference.
 //!
+//! The replicas take any [`Randomness`]: a [`PhiloxState`](crate::PhiloxState) fixed at launch, or
+//! a [`DevicePhilox`](crate::DevicePhilox) (`&state` or `state.at(add)`) read when the kernel runs
+//! (CUDA graphs, [`crate::rng`]): replica `t` then uses the stream `device offset + add + t`, so a
+//! captured graph advances the state by `R` per replay.
+//!
 //! ```no_run
 //! use dropfuse::mc_dropout::{McDropout, McOutputs, McSummaryState};
 //! use dropfuse::{Device, Generator};
@@ -36,7 +41,7 @@ use crate::dropout::{after, bind, check_stream, mask_words, Dropout};
 use crate::dtype::Element;
 use crate::error::{Error, Result};
 use crate::ffi;
-use crate::rng::PhiloxState;
+use crate::rng::{Randomness, Source};
 
 /// A validated batch-replicated dropout: `p`, the number of replicas `R` and the element offset.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -136,11 +141,11 @@ impl McDropout {
         bind(stream)
     }
 
-    /// `y[t * n + i]` = replica `t` of dropout of `x` (stream `rng.offset + t`), and the `R` masks.
-    pub fn forward<T: Element, X: DevicePtr<T>, Y: DevicePtrMut<T>, M: DevicePtrMut<u32>>(
+    /// `y[t * n + i]` = replica `t` of dropout of `x` (stream `offset + t` of `rng`), and the `R` masks.
+    pub fn forward<T: Element, X: DevicePtr<T>, Y: DevicePtrMut<T>, M: DevicePtrMut<u32>, R: Randomness>(
         &self,
         stream: &CudaStream,
-        rng: PhiloxState,
+        rng: R,
         x: &X,
         y: &mut Y,
         masks: &mut M,
@@ -156,14 +161,14 @@ impl McDropout {
         let (yp, _gy) = y.device_ptr_mut(stream);
         let (mp, _gm) = masks.device_ptr_mut(stream);
         // SAFETY: validated lengths and contexts; x, y and masks are distinct cudarc buffers.
-        unsafe { self.launch::<T>(stream, rng, xp, yp, mp, n) }
+        unsafe { self.launch::<T>(stream, rng.source(), xp, yp, mp, n) }
     }
 
     /// The replicas without masks.
-    pub fn forward_maskless<T: Element, X: DevicePtr<T>, Y: DevicePtrMut<T>>(
+    pub fn forward_maskless<T: Element, X: DevicePtr<T>, Y: DevicePtrMut<T>, R: Randomness>(
         &self,
         stream: &CudaStream,
-        rng: PhiloxState,
+        rng: R,
         x: &X,
         y: &mut Y,
     ) -> Result<()> {
@@ -172,27 +177,31 @@ impl McDropout {
         let (xp, _gx) = x.device_ptr(stream);
         let (yp, _gy) = y.device_ptr_mut(stream);
         // SAFETY: as in `forward`.
-        unsafe { self.launch::<T>(stream, rng, xp, yp, 0, n) }
+        unsafe { self.launch::<T>(stream, rng.source(), xp, yp, 0, n) }
     }
 
+    /// Checks `rng`'s context (the device state's guard lives until the launch is enqueued).
+    ///
     /// # Safety
     /// Validated pointers of the stream's context kept alive by the caller's guards.
     unsafe fn launch<T: Element>(
         &self,
         stream: &CudaStream,
-        rng: PhiloxState,
+        rng: Source<'_>,
         x: u64,
         y: u64,
         masks: u64,
         n: usize,
     ) -> Result<()> {
+        rng.check(stream)?;
+        let (seed, offset, philox_dev, _gr) = rng.bind(stream);
         let params = ffi::dropfuse_dropout_params {
-            seed: rng.seed,
-            offset: rng.offset,
+            seed,
+            offset,
             element_offset: self.drop.element_offset(),
             threshold: self.drop.threshold(),
             scale: self.drop.scale(),
-            philox_dev: std::ptr::null(),
+            philox_dev,
         };
         let status = ffi::dropfuse_mc_dropout_forward(
             crate::dropout::raw::dtype(T::DTYPE),

@@ -8,6 +8,10 @@
 //!   `offset + k` (wrapping) over the `n` elements (element offset 0), bit for bit
 //!   [`reference::multi_sample::masked_copies`](crate::reference::multi_sample::masked_copies);
 //!   optionally the `K` bit masks, sample `k`'s `mask_words(n)` words at `k * mask_words(n)`.
+//!   The state is any [`Randomness`]: a [`PhiloxState`] fixed at launch, or a
+//!   [`DevicePhilox`](crate::DevicePhilox) (`&state` or `state.at(add)`) read when the kernel runs
+//!   (CUDA graphs, [`crate::rng`]): sample `k` then uses `device offset + add + k`, so a captured
+//!   graph advances the state by `K` per replay.
 //! * [`MultiSample::reduce`]: `dh = sum_k keep_k * grad_k * scale` over `K` per-sample gradients
 //!   (`K x n`, `f32` or the feature type), in `f32`, `k` ascending (each product rounded, then
 //!   added), from stored masks or with the masks regenerated ([`MultiSample::reduce_maskless`]).
@@ -70,7 +74,7 @@ use crate::dropout::{after, bind, check_stream, mask_words, raw::dtype as ffi_dt
 use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
 use crate::ffi;
-use crate::rng::PhiloxState;
+use crate::rng::{PhiloxState, Randomness, Source};
 
 pub use crate::reference::multi_sample::{sample_state, DEFAULT_IGNORE_INDEX, WEIGHT_SUM_TOLERANCE};
 
@@ -149,22 +153,27 @@ impl MultiSample {
         self.drop.scale()
     }
 
-    fn params(&self, state: PhiloxState) -> ffi::dropfuse_multi_sample_params {
+    /// The launch params for `(seed, offset, philox_dev)` as [`Source::bind`] gives them.
+    fn params(
+        &self,
+        (seed, offset, philox_dev): (u64, u64, *const u64),
+    ) -> ffi::dropfuse_multi_sample_params {
         ffi::dropfuse_multi_sample_params {
-            seed: state.seed,
-            offset: state.offset,
+            seed,
+            offset,
             k: self.k as u64,
             threshold: self.drop.threshold(),
             scale: self.drop.scale(),
+            philox_dev,
         }
     }
 
     /// The `K` masked copies of `h` (`n` elements) into `copies` (`K * n`), sample `k` on the
-    /// stream `state.offset + k`.
-    pub fn copies<T: Element, H: DevicePtr<T>, C: DevicePtrMut<T>>(
+    /// stream `offset + k` of `state`.
+    pub fn copies<T: Element, H: DevicePtr<T>, C: DevicePtrMut<T>, R: Randomness>(
         &self,
         stream: &CudaStream,
-        state: PhiloxState,
+        state: R,
         h: &H,
         copies: &mut C,
     ) -> Result<()> {
@@ -173,14 +182,20 @@ impl MultiSample {
         let (hp, _gh) = h.device_ptr(stream);
         let (cp, _gc) = copies.device_ptr_mut(stream);
         // SAFETY: lengths and contexts validated; h and copies are distinct buffers.
-        unsafe { self.launch_copies::<T>(stream, state, hp, cp, 0, n) }
+        unsafe { self.launch_copies::<T>(stream, state.source(), hp, cp, 0, n) }
     }
 
     /// [`copies`](Self::copies) and the `K` bit masks (`masks_len(K, n)` words).
-    pub fn copies_with_masks<T: Element, H: DevicePtr<T>, C: DevicePtrMut<T>, M: DevicePtrMut<u32>>(
+    pub fn copies_with_masks<
+        T: Element,
+        H: DevicePtr<T>,
+        C: DevicePtrMut<T>,
+        M: DevicePtrMut<u32>,
+        R: Randomness,
+    >(
         &self,
         stream: &CudaStream,
-        state: PhiloxState,
+        state: R,
         h: &H,
         copies: &mut C,
         masks: &mut M,
@@ -198,7 +213,7 @@ impl MultiSample {
         let (cp, _gc) = copies.device_ptr_mut(stream);
         let (mp, _gm) = masks.device_ptr_mut(stream);
         // SAFETY: as in `copies`; masks is a third distinct buffer.
-        unsafe { self.launch_copies::<T>(stream, state, hp, cp, mp, n) }
+        unsafe { self.launch_copies::<T>(stream, state.source(), hp, cp, mp, n) }
     }
 
     fn check_copies<T, H: DeviceSlice<T>, C: DeviceSlice<T>>(
@@ -217,16 +232,22 @@ impl MultiSample {
         Ok(n)
     }
 
+    /// Checks the state's context (a device state's guard lives until the launch is enqueued).
+    ///
+    /// # Safety
+    /// Validated pointers of the stream's context, kept alive by the caller's guards.
     unsafe fn launch_copies<T: Element>(
         &self,
         stream: &CudaStream,
-        state: PhiloxState,
+        state: Source<'_>,
         h: CUdeviceptr,
         copies: CUdeviceptr,
         masks: CUdeviceptr,
         n: usize,
     ) -> Result<()> {
-        let params = self.params(state);
+        state.check(stream)?;
+        let (seed, offset, dev, _gr) = state.bind(stream);
+        let params = self.params((seed, offset, dev));
         let status = ffi::dropfuse_multi_sample_copies(
             ffi_dtype(T::DTYPE),
             h as *const c_void,
@@ -262,14 +283,14 @@ impl MultiSample {
         let (gp, _gg) = grads.device_ptr(stream);
         let (dp, _gd) = dh.device_ptr_mut(stream);
         // SAFETY: lengths and contexts validated; dh is distinct from the inputs.
-        unsafe { self.launch_reduce::<G, O>(stream, PhiloxState::new(0, 0), mp, gp, dp, n) }
+        unsafe { self.launch_reduce::<G, O>(stream, Source::Host(PhiloxState::new(0, 0)), mp, gp, dp, n) }
     }
 
     /// [`reduce`](Self::reduce) with the masks regenerated from the forward's `state`.
-    pub fn reduce_maskless<G: Element, O: Element, GS: DevicePtr<G>, D: DevicePtrMut<O>>(
+    pub fn reduce_maskless<G: Element, O: Element, GS: DevicePtr<G>, D: DevicePtrMut<O>, R: Randomness>(
         &self,
         stream: &CudaStream,
-        state: PhiloxState,
+        state: R,
         grads: &GS,
         dh: &mut D,
     ) -> Result<()> {
@@ -278,7 +299,7 @@ impl MultiSample {
         let (gp, _gg) = grads.device_ptr(stream);
         let (dp, _gd) = dh.device_ptr_mut(stream);
         // SAFETY: as in `reduce`.
-        unsafe { self.launch_reduce::<G, O>(stream, state, 0, gp, dp, n) }
+        unsafe { self.launch_reduce::<G, O>(stream, state.source(), 0, gp, dp, n) }
     }
 
     fn check_reduce<G, O, GS: DeviceSlice<G>, D: DeviceSlice<O>>(
@@ -302,16 +323,22 @@ impl MultiSample {
         Ok(n)
     }
 
+    /// As [`Self::launch_copies`].
+    ///
+    /// # Safety
+    /// As [`Self::launch_copies`].
     unsafe fn launch_reduce<G: Element, O: Element>(
         &self,
         stream: &CudaStream,
-        state: PhiloxState,
+        state: Source<'_>,
         masks: CUdeviceptr,
         grads: CUdeviceptr,
         dh: CUdeviceptr,
         n: usize,
     ) -> Result<()> {
-        let params = self.params(state);
+        state.check(stream)?;
+        let (seed, offset, dev, _gr) = state.bind(stream);
+        let params = self.params((seed, offset, dev));
         let status = ffi::dropfuse_multi_sample_reduce(
             ffi_dtype(G::DTYPE),
             grads as *const c_void,

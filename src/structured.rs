@@ -25,6 +25,11 @@
 //! # Ok(()) }
 //! ```
 //!
+//! The random calls take any [`Randomness`]: a [`PhiloxState`](crate::PhiloxState) fixed at launch,
+//! or a [`DevicePhilox`](crate::DevicePhilox) (`&state` or `state.at(add)`) that the kernels read
+//! when they run, so that a captured CUDA graph draws fresh decisions on each replay
+//! ([`crate::rng`]).
+//!
 //! Every call validates its arguments first ([`Error::InvalidArgument`] named as in the reference:
 //! `shape`, `axis`, `axes`, `p`, `decision_offset`, `x`, `y`, `dy`, `dx`, `grad`, `mask`) and
 //! writes nothing when they are wrong. The kernels take the layout collapsed into at most
@@ -40,7 +45,7 @@ use crate::dropout::{after, bind, check_stream, Dropout};
 use crate::dtype::Element;
 use crate::error::{Error, Result};
 use crate::ffi;
-use crate::rng::PhiloxState;
+use crate::rng::{Randomness, Source};
 
 pub use crate::reference::structured::Layout;
 
@@ -183,14 +188,15 @@ impl StructuredDropout {
         self.layout.mask_words()
     }
 
-    fn params(&self, rng: PhiloxState) -> ffi::dropfuse_dropout_params {
+    /// The launch params for `(seed, offset, philox_dev)` as [`Source::bind`] gives them.
+    fn params(&self, (seed, offset, philox_dev): (u64, u64, *const u64)) -> ffi::dropfuse_dropout_params {
         ffi::dropfuse_dropout_params {
-            seed: rng.seed,
-            offset: rng.offset,
+            seed,
+            offset,
             element_offset: self.decision_offset,
             threshold: self.drop.threshold(),
             scale: self.drop.scale(),
-            philox_dev: std::ptr::null(),
+            philox_dev,
         }
     }
 
@@ -235,17 +241,20 @@ impl StructuredDropout {
     // ---- safe API on cudarc slices and views ----
 
     /// Writes the decision mask (`mask_words()` words).
-    pub fn mask<M: DevicePtrMut<u32>>(
+    pub fn mask<M: DevicePtrMut<u32>, R: Randomness>(
         &self,
         stream: &CudaStream,
-        rng: PhiloxState,
+        rng: R,
         mask: &mut M,
     ) -> Result<()> {
+        let rng = rng.source();
         self.validate(stream, &[], Some((mask.len(), mask.stream())))?;
+        rng.check(stream)?;
         let (mp, _gm) = mask.device_ptr_mut(stream);
-        let params = self.params(rng);
-        // SAFETY: the mask holds mask_words() words of the stream's context (validated); the guard
-        // keeps it alive and ordered on `stream`.
+        let (seed, offset, dev, _gr) = rng.bind(stream);
+        let params = self.params((seed, offset, dev));
+        // SAFETY: the mask holds mask_words() words of the stream's context (validated), as does a
+        // device Philox state; the guards keep them alive and ordered on `stream`.
         let status = unsafe {
             ffi::dropfuse_structured_mask(
                 mp as *mut u32,
@@ -259,10 +268,10 @@ impl StructuredDropout {
     }
 
     /// `y = dropout(x)` and the decision mask.
-    pub fn forward<T: Element, X: DevicePtr<T>, Y: DevicePtrMut<T>, M: DevicePtrMut<u32>>(
+    pub fn forward<T: Element, X: DevicePtr<T>, Y: DevicePtrMut<T>, M: DevicePtrMut<u32>, R: Randomness>(
         &self,
         stream: &CudaStream,
-        rng: PhiloxState,
+        rng: R,
         x: &X,
         y: &mut Y,
         mask: &mut M,
@@ -276,14 +285,14 @@ impl StructuredDropout {
         let (yp, _gy) = y.device_ptr_mut(stream);
         let (mp, _gm) = mask.device_ptr_mut(stream);
         // SAFETY: validated; x and y are distinct cudarc buffers (a shared and a mutable borrow).
-        unsafe { self.launch_forward::<T>(stream, rng, xp, yp, mp) }
+        unsafe { self.launch_forward::<T>(stream, rng.source(), xp, yp, mp) }
     }
 
     /// `y = dropout(x)` without storing the mask: the backward regenerates it from `rng`.
-    pub fn forward_maskless<T: Element, X: DevicePtr<T>, Y: DevicePtrMut<T>>(
+    pub fn forward_maskless<T: Element, X: DevicePtr<T>, Y: DevicePtrMut<T>, R: Randomness>(
         &self,
         stream: &CudaStream,
-        rng: PhiloxState,
+        rng: R,
         x: &X,
         y: &mut Y,
     ) -> Result<()> {
@@ -295,14 +304,14 @@ impl StructuredDropout {
         let (xp, _gx) = x.device_ptr(stream);
         let (yp, _gy) = y.device_ptr_mut(stream);
         // SAFETY: as in `forward`.
-        unsafe { self.launch_forward::<T>(stream, rng, xp, yp, 0) }
+        unsafe { self.launch_forward::<T>(stream, rng.source(), xp, yp, 0) }
     }
 
     /// In place: `x = dropout(x)`, and the decision mask.
-    pub fn forward_inplace<T: Element, X: DevicePtrMut<T>, M: DevicePtrMut<u32>>(
+    pub fn forward_inplace<T: Element, X: DevicePtrMut<T>, M: DevicePtrMut<u32>, R: Randomness>(
         &self,
         stream: &CudaStream,
-        rng: PhiloxState,
+        rng: R,
         x: &mut X,
         mask: &mut M,
     ) -> Result<()> {
@@ -314,20 +323,20 @@ impl StructuredDropout {
         let (xp, _gx) = x.device_ptr_mut(stream);
         let (mp, _gm) = mask.device_ptr_mut(stream);
         // SAFETY: validated; in place (each element is read, then written, by the same thread).
-        unsafe { self.launch_forward::<T>(stream, rng, xp, xp, mp) }
+        unsafe { self.launch_forward::<T>(stream, rng.source(), xp, xp, mp) }
     }
 
     /// In place, no mask stored.
-    pub fn forward_maskless_inplace<T: Element, X: DevicePtrMut<T>>(
+    pub fn forward_maskless_inplace<T: Element, X: DevicePtrMut<T>, R: Randomness>(
         &self,
         stream: &CudaStream,
-        rng: PhiloxState,
+        rng: R,
         x: &mut X,
     ) -> Result<()> {
         self.validate(stream, &[("x", x.len(), x.stream())], None)?;
         let (xp, _gx) = x.device_ptr_mut(stream);
         // SAFETY: as in `forward_inplace`.
-        unsafe { self.launch_forward::<T>(stream, rng, xp, xp, 0) }
+        unsafe { self.launch_forward::<T>(stream, rng.source(), xp, xp, 0) }
     }
 
     /// Backward from a stored decision mask: `dx = dy * scale` where the element's decision is
@@ -352,10 +361,10 @@ impl StructuredDropout {
     }
 
     /// Backward regenerating the decisions from the forward's `rng`: the forward's arithmetic on `dy`.
-    pub fn backward_maskless<T: Element, DY: DevicePtr<T>, DX: DevicePtrMut<T>>(
+    pub fn backward_maskless<T: Element, DY: DevicePtr<T>, DX: DevicePtrMut<T>, R: Randomness>(
         &self,
         stream: &CudaStream,
-        rng: PhiloxState,
+        rng: R,
         dy: &DY,
         dx: &mut DX,
     ) -> Result<()> {
@@ -367,7 +376,7 @@ impl StructuredDropout {
         let (dyp, _gdy) = dy.device_ptr(stream);
         let (dxp, _gdx) = dx.device_ptr_mut(stream);
         // SAFETY: as in `forward`.
-        unsafe { self.launch_forward::<T>(stream, rng, dyp, dxp, 0) }
+        unsafe { self.launch_forward::<T>(stream, rng.source(), dyp, dxp, 0) }
     }
 
     /// In place backward from a stored mask.
@@ -389,30 +398,34 @@ impl StructuredDropout {
     }
 
     /// In place backward regenerating the decisions from `rng`.
-    pub fn backward_maskless_inplace<T: Element, G: DevicePtrMut<T>>(
+    pub fn backward_maskless_inplace<T: Element, G: DevicePtrMut<T>, R: Randomness>(
         &self,
         stream: &CudaStream,
-        rng: PhiloxState,
+        rng: R,
         grad: &mut G,
     ) -> Result<()> {
         self.validate(stream, &[("grad", grad.len(), grad.stream())], None)?;
         let (gp, _gg) = grad.device_ptr_mut(stream);
         // SAFETY: as in `forward_inplace`.
-        unsafe { self.launch_forward::<T>(stream, rng, gp, gp, 0) }
+        unsafe { self.launch_forward::<T>(stream, rng.source(), gp, gp, 0) }
     }
 
+    /// Checks `rng`'s context (the device state's guard lives until the launch is enqueued).
+    ///
     /// # Safety
     /// Validated pointers of the stream's context, kept alive by the caller's guards; `y` equals
     /// `x` or does not overlap it; `mask` is 0 (none) or `mask_words()` words.
     unsafe fn launch_forward<T: Element>(
         &self,
         stream: &CudaStream,
-        rng: PhiloxState,
+        rng: Source<'_>,
         x: CUdeviceptr,
         y: CUdeviceptr,
         mask: CUdeviceptr,
     ) -> Result<()> {
-        let params = self.params(rng);
+        rng.check(stream)?;
+        let (seed, offset, dev, _gr) = rng.bind(stream);
+        let params = self.params((seed, offset, dev));
         let status = ffi::dropfuse_structured_forward(
             crate::dropout::raw::dtype(T::DTYPE),
             x as *const c_void,

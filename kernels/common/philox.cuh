@@ -169,4 +169,22 @@ __device__ __forceinline__ PhiloxStream device_stream(DeviceState d, uint64_t fi
   return philox_stream(__ldg(d.state), __ldg(d.state + 1) + d.add, first_element);
 }
 
+// The stream of `offset` with the key and fast-path high word of `base`: philox_stream's
+// offset-dependent part, on the device, for launches that use consecutive streams (MC-dropout
+// replicas, multi-sample dropout) from one key schedule.
+__device__ __forceinline__ PhiloxStream philox_restream(const PhiloxStream &base, uint64_t offset) {
+  PhiloxStream s = base;
+  s.off_lo = lo32(offset);
+  s.off_hi = hi32(offset);
+  const uint64_t u1 = static_cast<uint64_t>(kPhiloxM1) * s.off_lo;
+  const uint32_t x1 = hi32(u1) ^ s.hi ^ s.key.k0[0];
+  const uint32_t y1 = lo32(u1);
+  const uint64_t u2 = static_cast<uint64_t>(kPhiloxM0) * x1;
+  s.r1_z = s.off_hi ^ s.key.k1[0];
+  s.r2_x = y1 ^ s.key.k0[1];
+  s.r2_z = hi32(u2) ^ s.key.k1[1];
+  s.r2_w = lo32(u2);
+  return s;
+}
+
 }  // namespace dropfuse

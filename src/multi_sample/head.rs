@@ -329,6 +329,9 @@ impl MultiSampleHead {
             k: self.k as u64,
             threshold: self.drop.threshold(),
             scale,
+            // The head takes a host state: it is not graph-safe yet (MultiSample::copies alone
+            // accepts a DevicePhilox).
+            philox_dev: std::ptr::null(),
         }
     }
 
