@@ -88,7 +88,9 @@ impl CeProblem {
     ) -> Vec<String> {
         let mut bad = Vec::new();
         let (want_loss, want_dz) = want;
-        if !((loss - want_loss).abs() <= LOSS_TOL * want_loss.abs().max(1.0)) {
+        // Written so that a NaN fails.
+        let loss_ok = (loss - want_loss).abs() <= LOSS_TOL * want_loss.abs().max(1.0);
+        if !loss_ok {
             bad.push(format!(
                 "loss {loss} vs reference {want_loss} (bound {LOSS_TOL:e} relative)"
             ));
@@ -103,7 +105,8 @@ impl CeProblem {
             GRAD_TOL_16
         };
         let err = rel_err_norm(dz, want_dz);
-        if !(err <= tol) {
+        let grad_ok = err <= tol;
+        if !grad_ok {
             bad.push(format!("dz relative error norm {err:e} > {tol:e}"));
         }
         let row = self.c;

@@ -169,7 +169,7 @@ pub fn check_routing(
     // (flat indices order the tokens of a sequence like their indices within it).
     let groups: Vec<std::ops::Range<usize>> = match select {
         Select::TopK(_) => (0..batch).map(|b| b * seq_len..(b + 1) * seq_len).collect(),
-        Select::Global(_) => vec![0..batch * seq_len],
+        Select::Global(_) => std::iter::once(0..batch * seq_len).collect(),
     };
     let mut count_bad = None;
     let mut rank_bad = None;
