@@ -1,5 +1,6 @@
-//! Randomized differential fuzzing: every dropout and DropBlock kernel on GPU 0 against the CPU
-//! reference.
+//! Randomized differential fuzzing: every kernel on GPU 0 (dropout, DropBlock, token routing,
+//! stochastic depth and sample compaction, multi-sample dropout and weighted cross-entropy) against
+//! the CPU reference.
 //!
 //! ```text
 //! cargo run --release --example fuzz -- [--seconds S] [--seed U64] [--max-n N] [--case CASE]
@@ -8,13 +9,18 @@
 //! * `--seconds S` (default 30): draw and check random cases until `S` seconds have elapsed.
 //! * `--seed U64` (default: from the clock, printed at the start): the seed of the case generator
 //!   (a `rand::rngs::StdRng`); the same seed draws the same cases.
-//! * `--max-n N` (default 2^20): the largest tensor length drawn (every `n` is in `1..=N`).
+//! * `--max-n N` (default 2^20): the largest tensor length drawn (every `n` is in `1..=N`; for the
+//!   shaped families, the largest tensor of a case has at most `N` elements).
 //! * `--case CASE`: rerun exactly one case, given as the reproducer string a mismatch prints,
 //!   e.g. `dtype=f16,kernel=forward,n=33,p=0.5,seed=1,offset=2,eo=3,xo=1,yo=2,mo=0,data=9`, or for
 //!   DropBlock `dtype=bf16,kernel=drop_block_forward,shape=2x3x7x33,block=4,p=0.5,gamma=1.0,
-//!   shared=false,norm=global,seed=1,offset=2,xo=1,yo=2,mo=0,so=1,data=9` (one line, no spaces).
+//!   shared=false,norm=global,seed=1,offset=2,xo=1,yo=2,mo=0,so=1,data=9`, or for the later
+//!   families e.g. `dtype=f16,kernel=routing_scatter_add,shape=2x33x40,sel=fraction:0.5,pad=all,
+//!   scores=ties,src=select,cap=1,rows=-1,xo=1,yo=2,data=3` (one line, no spaces). Every kernel
+//!   takes exactly its keys (`Kernel::keys`), each once.
 //!
-//! Each case picks a dtype (f16, bf16, f32), a kernel (`mask`, `forward`, `forward_maskless`,
+//! Each case picks a dtype (f16, bf16, f32) and a family (dropout in 4 of 12 cases, each other
+//! family in 2 of 12). A dropout case picks a kernel (`mask`, `forward`, `forward_maskless`,
 //! `forward_inplace`, `forward_maskless_inplace`, `backward` (from the mask), `backward_maskless`,
 //! `backward_inplace`, `backward_maskless_inplace`), a length `n` (many tiny ones, values near
 //! multiples of 32 and 8, medium ones, now and then one near `N`), a drop probability `p` (0, 1, near
@@ -35,6 +41,27 @@
 //! `mo`: mask words, `so`: `u64` counters) and the data seed. They have no `n` (the shape's element
 //! count) and no `eo` (DropBlock has no element offset). The mask, the `N + 1` kept counters and the
 //! outputs are compared with `dropfuse::reference::drop_block`, with the same guard checks.
+//!
+//! The later families, one module each in `examples/fuzz/` whose documentation lists its kernels
+//! and keys, are drawn and checked the same way (sentinel-filled buffers, misaligned views, guard
+//! slots, inputs unchanged):
+//! * token routing (`routing.rs`): `routing_top_k`, `routing_global`, `routing_gather`,
+//!   `routing_scatter_add`, `routing_scatter_add_backward`, `routing_gather_backward`; batches of
+//!   sequences of 1 to 5000 tokens, every selection rule, padding by masks or lengths (also above
+//!   `S`), scores with ties, NaN, `±0` and infinities, index capacities and compact buffers above
+//!   and below the selected total, the GPU's routing or the reference's uploaded;
+//! * stochastic depth and sample compaction (`skip.rs`): `stochastic_depth`,
+//!   `stochastic_depth_in_place`, `stochastic_depth_backward` (with or without the bias
+//!   gradient), `sample_slots`, `gather_samples`, `gather_samples_checked`, `scatter_samples`,
+//!   `scatter_samples_in_place`, `scatter_samples_backward`, `scatter_add_samples`,
+//!   `scatter_add_samples_backward`, `gather_samples_backward`; per-sample, batch and device batch
+//!   decisions with any non-zero flag byte for a kept sample, biases of every divisor of the row,
+//!   rows over 2^16 elements, compact buffers above and below the kept count;
+//! * multi-sample dropout (`multi_sample.rs`): `multi_sample_copies`, `multi_sample_copies_masks`,
+//!   `multi_sample_reduce`, `multi_sample_reduce_maskless`, `multi_sample_mean` (bit for bit
+//!   against the reference's copies and masks and the documented `f32` formulas, any output type),
+//!   `weighted_ce`, `weighted_ce_loss` (within the bounds `dropfuse::multi_sample` documents
+//!   against the `f64` reference; bad labels must write nothing and be named by `check_labels`).
 //!
 //! The kernel runs on views into sentinel-filled buffers with guard slots after the view; the
 //! mask words and every output element are compared bit for bit with `dropfuse::reference`, the
@@ -58,7 +85,16 @@
 //! words re-derived here, the mask against blocks painted independently (a unit is dropped iff a
 //! drawn seed of its plane covers it, counted with prefix sums), counts, scales of each
 //! normalisation, forward and backward arithmetic, and the keep rate within a tail bound
-//! (Freedman's inequality, exceeded with probability below 1e-12) of its exact expectation.
+//! (Freedman's inequality, exceeded with probability below 1e-12) of its exact expectation. For the
+//! later families: the contracts re-derived in `examples/checks/` (shared with the tour), on the
+//! case's inputs: selections (counts, rank order with ties to the lower index, the threshold,
+//! the host bounds), row operations, the stochastic-depth arithmetic and chunked bias gradient,
+//! slots and compaction round trips, masked copies, the mean's formula within its rounding bound,
+//! the cross-entropy's formulas, finite differences and zero row sums, bad labels rejected.
+//!
+//! A new family is one module in `examples/fuzz/` (its `Op`s, `Spec`, `draw` and `run`) and a
+//! line in each of `Kernel`, `Kernel::all`, `Kernel::keys`, `Kernel::name`, `Spec`,
+//! `Spec::numel`, `Case::value`, `Case::from_str`, `draw_case` and `run_on`.
 
 use std::fmt;
 use std::process::ExitCode;

@@ -1,5 +1,6 @@
-//! A tour of dropfuse: every dropout and DropBlock kernel on the GPU, checked bit for bit against
-//! the CPU reference, with event-timed bandwidth next to a device-to-device copy of the same bytes.
+//! A tour of dropfuse: every kernel on the GPU, checked against the CPU reference (bit for bit,
+//! the weighted cross-entropy within its documented bounds), with event-timed bandwidth next to a
+//! device-to-device copy of the same bytes.
 //!
 //! ```text
 //! cargo run --release --example tour
@@ -13,18 +14,50 @@
 //! `2 x 16 x 8 x 28 x 28` (block 5), for each dtype: `mask`, `forward`, `forward_inplace`,
 //! `backward` and `backward_inplace`, each compared with `dropfuse::reference::drop_block` (mask
 //! bits, the `N + 1` kept counters, every output element), in rows of the same table, with a copy
-//! of the same x as baseline for each shape and dtype. Bytes moved: x + y (dy + dx) + mask bits, like the dropout rows (the
-//! `N + 1` counters are left out). The exit code is 1 if anything mismatches.
+//! of the same x as baseline for each shape and dtype. Bytes moved: x + y (dy + dx) + mask bits,
+//! like the dropout rows (the `N + 1` counters are left out).
+//!
+//! Then the later families (`FAMILIES`, one module each in `examples/tour/`), for each dtype
+//! after a copy of the shape's main tensor (`copy`, the baseline of the rows that follow it), in
+//! the issues' benchmark shapes scaled down where the CPU reference would be slow:
+//! * token routing, `B x S x H = 8 x 2048 x 1024` (`routing.rs`): `routing_top_k_select` (half of
+//!   each sequence's real tokens, padding by lengths, scores with many ties: offsets and indices),
+//!   `routing_global_select` (half of the batch's real tokens, a padding mask: routing and
+//!   threshold), `routing_gather`, `routing_scatter_add`, `routing_scatter_add_backward`
+//!   (`d_branch` and `d_gate`) and `routing_gather_backward` through the top-k routing;
+//! * stochastic depth and sample compaction, `B x R = 16 x 256 * 4096`, a bias of 4096, samples 3,
+//!   7, 11, 15 dropped, p = 0.25 (`skip.rs`): `stochastic_depth_in_place`, `stochastic_depth` (out
+//!   of place), `stochastic_depth_backward_bias` (`d_branch` and the reproducible `d_bias`),
+//!   `sample_slots`, `sample_gather`, `sample_scatter`, `sample_scatter_backward`,
+//!   `sample_scatter_add`, `sample_scatter_add_backward`, `sample_gather_backward`;
+//! * multi-sample dropout, K = 8, B = 1024, D = 2048, C = 1000, p = 0.1 (`multi_sample.rs`):
+//!   `multi_sample_copies` (copies and masks), `multi_sample_reduce` (stored masks) and
+//!   `multi_sample_reduce_maskless` bit for bit against their `f32` formulas, then on the logits
+//!   `multi_sample_mean` (bit for bit), `weighted_ce_fwd_bwd` and `weighted_ce_loss` (label
+//!   smoothing 0.1, every ninth row ignored) within the bounds documented in
+//!   `dropfuse::multi_sample` (a row counts one mismatch per bound exceeded, or a wrong valid-row
+//!   count, or a loss-only call not equal to the full call's loss).
+//!
+//! Bytes moved are the minimal traffic, as in the benches. The exit code is 1 if anything
+//! mismatches. A NaN matches any NaN (payloads are not part of the contracts).
 //!
 //! Without a GPU it says so and runs the CPU reference alone on 2^16 + 37 elements, printing the
 //! reference's own consistency checks (keep rate, backward from the mask == mask-free backward, ...),
 //! then the DropBlock reference's on `4 x 8 x 28 x 28` (block 7) and `2 x 4 x 8 x 16 x 16` (block 5):
 //! seeds drawn from Philox, dropped units == units covered by a drawn seed's block, keep rate,
-//! counts, scales, forward and backward arithmetic.
+//! counts, scales, forward and backward arithmetic; then each family's on its small shapes,
+//! through the contracts re-derived in `examples/checks/` (shared with the fuzz entry): selections
+//! (counts, rank order with ties to the lower index, the threshold), row operations, the
+//! stochastic-depth arithmetic and the chunked bias gradient, slots, compaction round trips,
+//! masked copies, the reduction's and mean's formulas, the cross-entropy's formulas, finite
+//! differences and zero row sums.
 //!
 //! `cargo test --example tour` runs the same entry point: on a GPU at 2^16 + 37 elements and the
-//! small DropBlock shapes (to keep the debug-build reference fast), without one the CPU reference
-//! exactly as above.
+//! small DropBlock and family shapes (to keep the debug-build reference fast), without one the CPU
+//! reference exactly as above.
+//!
+//! A new family is one module in `examples/tour/` exporting a `Family` (its header lines, GPU
+//! rows and CPU checks) and one entry in `FAMILIES`.
 
 use std::process::ExitCode;
 
@@ -175,14 +208,15 @@ fn random_input<T: Element>(n: usize, seed: u64) -> Vec<T> {
         .collect()
 }
 
-/// Number of elements whose bits differ.
+/// Number of elements whose bits differ; a NaN matches any NaN (NaN payloads are not part of the
+/// contract: infinities of opposite signs in the inputs of the later families can meet).
 fn element_mismatches<T: Element>(got: &[T], want: &[T]) -> usize {
     if got.len() != want.len() {
         return got.len().max(want.len());
     }
     got.iter()
         .zip(want)
-        .filter(|(a, b)| a.to_bits_u32() != b.to_bits_u32())
+        .filter(|(a, b)| !checks::same_element(**a, **b))
         .count()
 }
 
