@@ -1,5 +1,6 @@
-//! Randomized differential fuzzing: every dropout and DropBlock kernel on GPU 0 against the CPU
-//! reference.
+//! Randomized differential fuzzing: every kernel on GPU 0 (dropout, DropBlock, token routing,
+//! stochastic depth and sample compaction, multi-sample dropout and weighted cross-entropy) against
+//! the CPU reference.
 //!
 //! ```text
 //! cargo run --release --example fuzz -- [--seconds S] [--seed U64] [--max-n N] [--case CASE]
@@ -8,13 +9,18 @@
 //! * `--seconds S` (default 30): draw and check random cases until `S` seconds have elapsed.
 //! * `--seed U64` (default: from the clock, printed at the start): the seed of the case generator
 //!   (a `rand::rngs::StdRng`); the same seed draws the same cases.
-//! * `--max-n N` (default 2^20): the largest tensor length drawn (every `n` is in `1..=N`).
+//! * `--max-n N` (default 2^20): the largest tensor length drawn (every `n` is in `1..=N`; for the
+//!   shaped families, the largest tensor of a case has at most `N` elements).
 //! * `--case CASE`: rerun exactly one case, given as the reproducer string a mismatch prints,
 //!   e.g. `dtype=f16,kernel=forward,n=33,p=0.5,seed=1,offset=2,eo=3,xo=1,yo=2,mo=0,data=9`, or for
 //!   DropBlock `dtype=bf16,kernel=drop_block_forward,shape=2x3x7x33,block=4,p=0.5,gamma=1.0,
-//!   shared=false,norm=global,seed=1,offset=2,xo=1,yo=2,mo=0,so=1,data=9` (one line, no spaces).
+//!   shared=false,norm=global,seed=1,offset=2,xo=1,yo=2,mo=0,so=1,data=9`, or for the later
+//!   families e.g. `dtype=f16,kernel=routing_scatter_add,shape=2x33x40,sel=fraction:0.5,pad=all,
+//!   scores=ties,src=select,cap=1,rows=-1,xo=1,yo=2,data=3` (one line, no spaces). Every kernel
+//!   takes exactly its keys (`Kernel::keys`), each once.
 //!
-//! Each case picks a dtype (f16, bf16, f32), a kernel (`mask`, `forward`, `forward_maskless`,
+//! Each case picks a dtype (f16, bf16, f32) and a family (dropout in 4 of 12 cases, each other
+//! family in 2 of 12). A dropout case picks a kernel (`mask`, `forward`, `forward_maskless`,
 //! `forward_inplace`, `forward_maskless_inplace`, `backward` (from the mask), `backward_maskless`,
 //! `backward_inplace`, `backward_maskless_inplace`), a length `n` (many tiny ones, values near
 //! multiples of 32 and 8, medium ones, now and then one near `N`), a drop probability `p` (0, 1, near
@@ -35,6 +41,27 @@
 //! `mo`: mask words, `so`: `u64` counters) and the data seed. They have no `n` (the shape's element
 //! count) and no `eo` (DropBlock has no element offset). The mask, the `N + 1` kept counters and the
 //! outputs are compared with `dropfuse::reference::drop_block`, with the same guard checks.
+//!
+//! The later families, one module each in `examples/fuzz/` whose documentation lists its kernels
+//! and keys, are drawn and checked the same way (sentinel-filled buffers, misaligned views, guard
+//! slots, inputs unchanged):
+//! * token routing (`routing.rs`): `routing_top_k`, `routing_global`, `routing_gather`,
+//!   `routing_scatter_add`, `routing_scatter_add_backward`, `routing_gather_backward`; batches of
+//!   sequences of 1 to 5000 tokens, every selection rule, padding by masks or lengths (also above
+//!   `S`), scores with ties, NaN, `±0` and infinities, index capacities and compact buffers above
+//!   and below the selected total, the GPU's routing or the reference's uploaded;
+//! * stochastic depth and sample compaction (`skip.rs`): `stochastic_depth`,
+//!   `stochastic_depth_in_place`, `stochastic_depth_backward` (with or without the bias
+//!   gradient), `sample_slots`, `gather_samples`, `gather_samples_checked`, `scatter_samples`,
+//!   `scatter_samples_in_place`, `scatter_samples_backward`, `scatter_add_samples`,
+//!   `scatter_add_samples_backward`, `gather_samples_backward`; per-sample, batch and device batch
+//!   decisions with any non-zero flag byte for a kept sample, biases of every divisor of the row,
+//!   rows over 2^16 elements, compact buffers above and below the kept count;
+//! * multi-sample dropout (`multi_sample.rs`): `multi_sample_copies`, `multi_sample_copies_masks`,
+//!   `multi_sample_reduce`, `multi_sample_reduce_maskless`, `multi_sample_mean` (bit for bit
+//!   against the reference's copies and masks and the documented `f32` formulas, any output type),
+//!   `weighted_ce`, `weighted_ce_loss` (within the bounds `dropfuse::multi_sample` documents
+//!   against the `f64` reference; bad labels must write nothing and be named by `check_labels`).
 //!
 //! The kernel runs on views into sentinel-filled buffers with guard slots after the view; the
 //! mask words and every output element are compared bit for bit with `dropfuse::reference`, the
@@ -58,7 +85,16 @@
 //! words re-derived here, the mask against blocks painted independently (a unit is dropped iff a
 //! drawn seed of its plane covers it, counted with prefix sums), counts, scales of each
 //! normalisation, forward and backward arithmetic, and the keep rate within a tail bound
-//! (Freedman's inequality, exceeded with probability below 1e-12) of its exact expectation.
+//! (Freedman's inequality, exceeded with probability below 1e-12) of its exact expectation. For the
+//! later families: the contracts re-derived in `examples/checks/` (shared with the tour), on the
+//! case's inputs: selections (counts, rank order with ties to the lower index, the threshold,
+//! the host bounds), row operations, the stochastic-depth arithmetic and chunked bias gradient,
+//! slots and compaction round trips, masked copies, the mean's formula within its rounding bound,
+//! the cross-entropy's formulas, finite differences and zero row sums, bad labels rejected.
+//!
+//! A new family is one module in `examples/fuzz/` (its `Op`s, `Spec`, `draw` and `run`) and a
+//! line in each of `Kernel`, `Kernel::all`, `Kernel::keys`, `Kernel::name`, `Spec`,
+//! `Spec::numel`, `Case::value`, `Case::from_str`, `draw_case` and `run_on`.
 
 use std::fmt;
 use std::process::ExitCode;
@@ -76,6 +112,19 @@ use dropfuse::reference::philox4x32_10;
 use dropfuse::{DType, Device, Dropout, Element, Error, PhiloxState};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+
+// The reference self-checks shared with the tour (each example uses part of them).
+#[allow(dead_code)]
+#[path = "checks/mod.rs"]
+mod checks;
+// The families after dropout and DropBlock, one module each (`examples/fuzz/*.rs`): their
+// kernels ([`Kernel`]), case keys ([`Spec`]), draws, GPU runs and CPU self-checks.
+#[path = "fuzz/multi_sample.rs"]
+mod multi_sample;
+#[path = "fuzz/routing.rs"]
+mod routing;
+#[path = "fuzz/skip.rs"]
+mod skip;
 
 type BoxError = Box<dyn std::error::Error>;
 
@@ -185,7 +234,8 @@ fn clock_seed() -> u64 {
 
 // -------------------------------------------------------------- cases ----
 
-/// The kernels (methods of `Dropout`, and of `DropBlock` for the `DropBlock*` ones).
+/// The kernels: methods of `Dropout`, of `DropBlock` for the `DropBlock*` ones, and the
+/// operations of the later families.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kernel {
     Mask,
@@ -202,10 +252,24 @@ enum Kernel {
     DropBlockForwardInplace,
     DropBlockBackward,
     DropBlockBackwardInplace,
+    /// The later families: an operation of the family's module (`examples/fuzz/*.rs`).
+    Routing(routing::Op),
+    Skip(skip::Op),
+    MultiSample(multi_sample::Op),
 }
 
+/// The keys of a dropout case, in the order of its string.
+const DROPOUT_KEYS: [&str; 11] = [
+    "dtype", "kernel", "n", "p", "seed", "offset", "eo", "xo", "yo", "mo", "data",
+];
+/// The keys of a DropBlock case.
+const BLOCK_KEYS: [&str; 15] = [
+    "dtype", "kernel", "shape", "block", "p", "gamma", "shared", "norm", "seed", "offset", "xo", "yo", "mo",
+    "so", "data",
+];
+
 impl Kernel {
-    const ALL: [Kernel; 14] = [
+    const DROPOUT: [Kernel; 9] = [
         Kernel::Mask,
         Kernel::Forward,
         Kernel::ForwardMaskless,
@@ -215,6 +279,8 @@ impl Kernel {
         Kernel::BackwardMaskless,
         Kernel::BackwardInplace,
         Kernel::BackwardMasklessInplace,
+    ];
+    const DROP_BLOCK: [Kernel; 5] = [
         Kernel::DropBlockMask,
         Kernel::DropBlockForward,
         Kernel::DropBlockForwardInplace,
@@ -222,8 +288,32 @@ impl Kernel {
         Kernel::DropBlockBackwardInplace,
     ];
 
+    /// Every kernel, family after family.
+    fn all() -> impl Iterator<Item = Kernel> {
+        Kernel::DROPOUT
+            .into_iter()
+            .chain(Kernel::DROP_BLOCK)
+            .chain(routing::Op::ALL.map(Kernel::Routing))
+            .chain(skip::Op::ALL.map(Kernel::Skip))
+            .chain(multi_sample::Op::ALL.map(Kernel::MultiSample))
+    }
+
+    /// The keys of a case of this kernel, in the order of its string.
+    fn keys(self) -> &'static [&'static str] {
+        match self {
+            Kernel::Routing(op) => op.keys(),
+            Kernel::Skip(op) => op.keys(),
+            Kernel::MultiSample(op) => op.keys(),
+            k if k.is_drop_block() => &BLOCK_KEYS,
+            _ => &DROPOUT_KEYS,
+        }
+    }
+
     fn name(self) -> &'static str {
         match self {
+            Kernel::Routing(op) => op.name(),
+            Kernel::Skip(op) => op.name(),
+            Kernel::MultiSample(op) => op.name(),
             Kernel::Mask => "mask",
             Kernel::Forward => "forward",
             Kernel::ForwardMaskless => "forward_maskless",
@@ -313,6 +403,51 @@ impl BlockSpec {
             .with_shared_channels(self.shared)
             .with_normalize(self.normalize))
     }
+    /// The value of one of its keys in a case string.
+    fn value(&self, key: &str) -> String {
+        match key {
+            "shape" => dims_text(self.shape()),
+            "block" => self.block_size.to_string(),
+            // `{:?}` of an f64 is the shortest string that parses back to the same bits.
+            "gamma" => format!("{:?}", self.gamma_scale),
+            "shared" => self.shared.to_string(),
+            "norm" => normalize_name(self.normalize).to_string(),
+            "so" => self.so.to_string(),
+            _ => unreachable!("DropBlock cases have no key {key}"),
+        }
+    }
+    fn parse(f: &Fields<'_>) -> Result<Self, String> {
+        let dims = parse_dims("shape", f.get("shape")?, &[4, 5])?;
+        let mut padded = [0usize; 5];
+        padded[..dims.len()].copy_from_slice(&dims);
+        let spec = BlockSpec {
+            dims: padded,
+            rank: dims.len(),
+            block_size: f.num("block")?,
+            gamma_scale: f.num("gamma")?,
+            shared: f.num("shared")?,
+            normalize: match f.get("norm")? {
+                "global" => Normalize::Global,
+                "per_sample" => Normalize::PerSample,
+                "off" => Normalize::Off,
+                other => return Err(format!("norm: expected global, per_sample or off, got {other:?}")),
+            },
+            so: f.num("so")?,
+        };
+        if spec.block_size == 0 {
+            return Err("block: must be >= 1".into());
+        }
+        if !(spec.gamma_scale.is_finite() && spec.gamma_scale >= 0.0) {
+            return Err(format!(
+                "gamma: must be finite and >= 0, got {}",
+                spec.gamma_scale
+            ));
+        }
+        if spec.so > 1024 {
+            return Err("so: view offsets must be <= 1024".into());
+        }
+        Ok(spec)
+    }
 }
 
 fn normalize_name(n: Normalize) -> &'static str {
@@ -339,6 +474,96 @@ fn smem_need(shape: &[usize], block_size: usize) -> u64 {
     8 * block_a as u64 * rows as u64 * w.div_ceil(32) as u64
 }
 
+/// The `key=value` pairs of a case string, each key at most once.
+struct Fields<'a> {
+    pairs: Vec<(&'a str, &'a str)>,
+}
+
+impl<'a> Fields<'a> {
+    fn parse(s: &'a str) -> Result<Self, String> {
+        let mut pairs: Vec<(&str, &str)> = Vec::new();
+        for pair in s.trim().split(',') {
+            let (key, value) = pair
+                .split_once('=')
+                .ok_or_else(|| format!("expected key=value, got {pair:?}"))?;
+            let key = key.trim();
+            if pairs.iter().any(|(k, _)| *k == key) {
+                return Err(format!("key {key:?} given twice"));
+            }
+            pairs.push((key, value.trim()));
+        }
+        Ok(Fields { pairs })
+    }
+    fn get(&self, key: &str) -> Result<&'a str, String> {
+        self.pairs
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| *v)
+            .ok_or_else(|| format!("missing key {key:?}"))
+    }
+    fn num<T: FromStr>(&self, key: &str) -> Result<T, String> {
+        let v = self.get(key)?;
+        v.parse().map_err(|_| format!("{key}: cannot parse {v:?}"))
+    }
+}
+
+/// `f32`, `f16` or `bf16`.
+fn parse_dtype(key: &str, v: &str) -> Result<DType, String> {
+    match v {
+        "f32" => Ok(DType::F32),
+        "f16" => Ok(DType::F16),
+        "bf16" => Ok(DType::BF16),
+        other => Err(format!("{key}: expected f32, f16 or bf16, got {other:?}")),
+    }
+}
+
+/// A shape `AxBx...`: one of the `ranks`, no zero extent, a product that fits `usize`.
+fn parse_dims(key: &str, text: &str, ranks: &[usize]) -> Result<Vec<usize>, String> {
+    let dims: Vec<usize> = text
+        .split('x')
+        .map(|d| d.parse().map_err(|_| format!("{key}: cannot parse {d:?}")))
+        .collect::<Result<_, _>>()?;
+    if !ranks.contains(&dims.len()) || dims.contains(&0) {
+        return Err(format!(
+            "{key}: expected {ranks:?} extents without zeros, got {text:?}"
+        ));
+    }
+    if dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).is_none() {
+        return Err(format!("{key}: {text:?} has too many elements"));
+    }
+    Ok(dims)
+}
+
+/// `AxBx...`.
+fn dims_text(dims: &[usize]) -> String {
+    let dims: Vec<String> = dims.iter().map(|d| d.to_string()).collect();
+    dims.join("x")
+}
+
+/// The part of a case beyond the common fields: its family, shape and parameters.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Spec {
+    /// Dropout: the common fields say it all.
+    Dropout,
+    Block(BlockSpec),
+    Routing(routing::Spec),
+    Skip(skip::Spec),
+    MultiSample(multi_sample::Spec),
+}
+
+impl Spec {
+    /// The element count of a shaped family (dropout's `n` is a key of its own).
+    fn numel(&self) -> usize {
+        match self {
+            Spec::Dropout => 0,
+            Spec::Block(b) => b.numel(),
+            Spec::Routing(s) => s.numel(),
+            Spec::Skip(s) => s.numel(),
+            Spec::MultiSample(s) => s.numel(),
+        }
+    }
+}
+
 /// One fuzz case: everything needed to rerun it exactly (`Display` and `FromStr` round-trip).
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct Case {
@@ -358,175 +583,129 @@ struct Case {
     mo: usize,
     /// Seed of the input values.
     data: u64,
-    /// `Some` exactly for the DropBlock kernels (then `n` is the shape's element count and `eo`
-    /// is 0).
-    block: Option<BlockSpec>,
+    /// The family's part. The common fields a kernel's [`Kernel::keys`] do not list are 0, and
+    /// `n` is the shape's element count where `n` is not a key.
+    spec: Spec,
 }
 
 impl Case {
+    /// A case of `kernel` with the common fields 0 (`n` the element count of `spec`).
+    fn of(dtype: DType, kernel: Kernel, spec: Spec) -> Case {
+        Case {
+            dtype,
+            kernel,
+            n: spec.numel(),
+            p: 0.0,
+            seed: 0,
+            offset: 0,
+            eo: 0,
+            xo: 0,
+            yo: 0,
+            mo: 0,
+            data: 0,
+            spec,
+        }
+    }
     fn state(&self) -> PhiloxState {
         PhiloxState::new(self.seed, self.offset)
+    }
+    #[cfg(test)]
+    fn block(&self) -> Option<&BlockSpec> {
+        match &self.spec {
+            Spec::Block(b) => Some(b),
+            _ => None,
+        }
+    }
+    /// The value of `key` in the case string.
+    fn value(&self, key: &str) -> String {
+        match key {
+            "dtype" => self.dtype.name().to_string(),
+            "kernel" => self.kernel.name().to_string(),
+            "n" => self.n.to_string(),
+            // `{:?}` of an f64 is the shortest string that parses back to the same bits.
+            "p" => format!("{:?}", self.p),
+            "seed" => self.seed.to_string(),
+            "offset" => self.offset.to_string(),
+            "eo" => self.eo.to_string(),
+            "xo" => self.xo.to_string(),
+            "yo" => self.yo.to_string(),
+            "mo" => self.mo.to_string(),
+            "data" => self.data.to_string(),
+            _ => match &self.spec {
+                Spec::Dropout => unreachable!("dropout cases have no key {key}"),
+                Spec::Block(b) => b.value(key),
+                Spec::Routing(s) => s.value(key),
+                Spec::Skip(s) => s.value(key),
+                Spec::MultiSample(s) => s.value(key),
+            },
+        }
     }
 }
 
 impl fmt::Display for Case {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // `{:?}` of an f64 is the shortest string that parses back to the same bits.
-        if let Some(b) = &self.block {
-            let shape: Vec<String> = b.shape().iter().map(|d| d.to_string()).collect();
-            return write!(
-                f,
-                "dtype={},kernel={},shape={},block={},p={:?},gamma={:?},shared={},norm={},seed={},\
-                 offset={},xo={},yo={},mo={},so={},data={}",
-                self.dtype.name(),
-                self.kernel.name(),
-                shape.join("x"),
-                b.block_size,
-                self.p,
-                b.gamma_scale,
-                b.shared,
-                normalize_name(b.normalize),
-                self.seed,
-                self.offset,
-                self.xo,
-                self.yo,
-                self.mo,
-                b.so,
-                self.data
-            );
-        }
-        write!(
-            f,
-            "dtype={},kernel={},n={},p={:?},seed={},offset={},eo={},xo={},yo={},mo={},data={}",
-            self.dtype.name(),
-            self.kernel.name(),
-            self.n,
-            self.p,
-            self.seed,
-            self.offset,
-            self.eo,
-            self.xo,
-            self.yo,
-            self.mo,
-            self.data
-        )
+        let pairs: Vec<String> = self
+            .kernel
+            .keys()
+            .iter()
+            .map(|&k| format!("{k}={}", self.value(k)))
+            .collect();
+        f.write_str(&pairs.join(","))
     }
 }
 
 impl FromStr for Case {
     type Err = String;
 
-    /// `key=value` pairs separated by commas, every key of the kernel's family exactly once (the
-    /// `Display` form): dropout kernels take `n` and `eo`, DropBlock kernels `shape`, `block`,
-    /// `gamma`, `shared`, `norm` and `so` instead.
+    /// `key=value` pairs separated by commas, every key of the kernel's family exactly once and
+    /// no other (the `Display` form, [`Kernel::keys`]): dropout kernels take `n` and `eo`,
+    /// DropBlock kernels `shape`, `block`, `gamma`, `shared`, `norm` and `so` instead, the later
+    /// families the keys of their modules.
     fn from_str(s: &str) -> Result<Self, String> {
-        const KEYS: [&str; 17] = [
-            "dtype", "kernel", "n", "p", "seed", "offset", "eo", "xo", "yo", "mo", "data", "shape", "block",
-            "gamma", "shared", "norm", "so",
-        ];
-        /// The keys only dropout cases take, and those only DropBlock cases take.
-        const DROPOUT_ONLY: [&str; 2] = ["n", "eo"];
-        const BLOCK_ONLY: [&str; 6] = ["shape", "block", "gamma", "shared", "norm", "so"];
-        let mut values: [Option<&str>; 17] = [None; 17];
-        for pair in s.trim().split(',') {
-            let (key, value) = pair
-                .split_once('=')
-                .ok_or_else(|| format!("expected key=value, got {pair:?}"))?;
-            let k = KEYS
-                .iter()
-                .position(|&k| k == key.trim())
-                .ok_or_else(|| format!("unknown key {key:?} (keys: {})", KEYS.join(",")))?;
-            if values[k].replace(value.trim()).is_some() {
-                return Err(format!("key {key:?} given twice"));
-            }
-        }
-        let index = |key: &str| KEYS.iter().position(|&k| k == key).expect("a known key");
-        let get = |key: &str| values[index(key)].ok_or_else(|| format!("missing key {key:?}"));
-        fn num<T: FromStr>(key: &str, v: &str) -> Result<T, String> {
-            v.parse().map_err(|_| format!("{key}: cannot parse {v:?}"))
-        }
-        let dtype = match get("dtype")? {
-            "f32" => DType::F32,
-            "f16" => DType::F16,
-            "bf16" => DType::BF16,
-            other => return Err(format!("dtype: expected f32, f16 or bf16, got {other:?}")),
-        };
-        let kernel_name = get("kernel")?;
-        let kernel = Kernel::ALL
-            .into_iter()
+        let f = Fields::parse(s)?;
+        let kernel_name = f.get("kernel")?;
+        let kernel = Kernel::all()
             .find(|k| k.name() == kernel_name)
             .ok_or_else(|| format!("kernel: unknown kernel {kernel_name:?}"))?;
-        let foreign: &[&str] = if kernel.is_drop_block() {
-            &DROPOUT_ONLY
-        } else {
-            &BLOCK_ONLY
-        };
-        if let Some(k) = foreign.iter().find(|&&k| values[index(k)].is_some()) {
-            return Err(format!("key {k:?} does not apply to kernel {kernel_name}"));
+        let keys = kernel.keys();
+        if let Some((k, _)) = f.pairs.iter().find(|(k, _)| !keys.contains(k)) {
+            return Err(format!(
+                "key {k:?} does not apply to kernel {kernel_name} (its keys: {})",
+                keys.join(",")
+            ));
         }
-        let block = if kernel.is_drop_block() {
-            let shape_text = get("shape")?;
-            let dims: Vec<usize> = shape_text
-                .split('x')
-                .map(|d| num("shape", d))
-                .collect::<Result<_, _>>()?;
-            if !(dims.len() == 4 || dims.len() == 5) || dims.contains(&0) {
-                return Err(format!(
-                    "shape: expected NxCxHxW or NxCxDxHxW without zeros, got {shape_text:?}"
-                ));
-            }
-            if dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).is_none() {
-                return Err(format!("shape: {shape_text:?} has too many elements"));
-            }
-            let mut padded = [0usize; 5];
-            padded[..dims.len()].copy_from_slice(&dims);
-            let spec = BlockSpec {
-                dims: padded,
-                rank: dims.len(),
-                block_size: num("block", get("block")?)?,
-                gamma_scale: num("gamma", get("gamma")?)?,
-                shared: num("shared", get("shared")?)?,
-                normalize: match get("norm")? {
-                    "global" => Normalize::Global,
-                    "per_sample" => Normalize::PerSample,
-                    "off" => Normalize::Off,
-                    other => return Err(format!("norm: expected global, per_sample or off, got {other:?}")),
-                },
-                so: num("so", get("so")?)?,
-            };
-            if spec.block_size == 0 {
-                return Err("block: must be >= 1".into());
-            }
-            if !(spec.gamma_scale.is_finite() && spec.gamma_scale >= 0.0) {
-                return Err(format!(
-                    "gamma: must be finite and >= 0, got {}",
-                    spec.gamma_scale
-                ));
-            }
-            if spec.so > 1024 {
-                return Err("so: view offsets must be <= 1024".into());
-            }
-            Some(spec)
-        } else {
-            None
+        for key in keys {
+            f.get(key)?;
+        }
+        let dtype = parse_dtype("dtype", f.get("dtype")?)?;
+        let spec = match kernel {
+            Kernel::Routing(op) => Spec::Routing(routing::Spec::parse(op, &f)?),
+            Kernel::Skip(op) => Spec::Skip(skip::Spec::parse(op, &f)?),
+            Kernel::MultiSample(op) => Spec::MultiSample(multi_sample::Spec::parse(op, &f)?),
+            k if k.is_drop_block() => Spec::Block(BlockSpec::parse(&f)?),
+            _ => Spec::Dropout,
         };
-        let (n, eo) = match &block {
-            Some(b) => (b.numel(), 0),
-            None => (num("n", get("n")?)?, num("eo", get("eo")?)?),
-        };
+        let has = |key: &str| keys.contains(&key);
+        fn or_zero<T: FromStr + Default>(f: &Fields<'_>, has: bool, key: &str) -> Result<T, String> {
+            if has {
+                f.num(key)
+            } else {
+                Ok(T::default())
+            }
+        }
         let case = Case {
             dtype,
             kernel,
-            n,
-            p: num("p", get("p")?)?,
-            seed: num("seed", get("seed")?)?,
-            offset: num("offset", get("offset")?)?,
-            eo,
-            xo: num("xo", get("xo")?)?,
-            yo: num("yo", get("yo")?)?,
-            mo: num("mo", get("mo")?)?,
-            data: num("data", get("data")?)?,
-            block,
+            n: if has("n") { f.num("n")? } else { spec.numel() },
+            p: or_zero(&f, has("p"), "p")?,
+            seed: or_zero(&f, has("seed"), "seed")?,
+            offset: or_zero(&f, has("offset"), "offset")?,
+            eo: or_zero(&f, has("eo"), "eo")?,
+            xo: or_zero(&f, has("xo"), "xo")?,
+            yo: or_zero(&f, has("yo"), "yo")?,
+            mo: or_zero(&f, has("mo"), "mo")?,
+            data: f.num("data")?,
+            spec,
         };
         if case.n == 0 {
             return Err("n: must be >= 1".into());
@@ -720,34 +899,39 @@ fn draw_block_spec(rng: &mut StdRng, max_n: usize) -> (BlockSpec, f64) {
     }
 }
 
+/// A random case: a dtype, a family (dropout 4 in 12, the others 2 in 12 each), one of its
+/// kernels and the rest as the family draws it.
 fn draw_case(rng: &mut StdRng, max_n: usize) -> Case {
     let dtype = [DType::F16, DType::BF16, DType::F32][rng.random_range(0..3)];
-    let kernel = Kernel::ALL[rng.random_range(0..Kernel::ALL.len())];
-    if kernel.is_drop_block() {
-        let (spec, p) = draw_block_spec(rng, max_n);
-        return Case {
-            dtype,
-            kernel,
-            n: spec.numel(),
-            p,
-            seed: draw_u64(rng),
-            offset: draw_u64(rng),
-            eo: 0,
-            xo: rng.random_range(0..8),
-            yo: rng.random_range(0..8),
-            mo: rng.random_range(0..4),
-            data: rng.random(),
-            block: Some(spec),
-        };
+    let pick = |rng: &mut StdRng, ops: &[Kernel]| ops[rng.random_range(0..ops.len())];
+    let family = rng.random_range(0..12u32);
+    match family {
+        0..=3 => {}
+        4 | 5 => {
+            let kernel = pick(rng, &Kernel::DROP_BLOCK);
+            let (spec, p) = draw_block_spec(rng, max_n);
+            return Case {
+                p,
+                seed: draw_u64(rng),
+                offset: draw_u64(rng),
+                xo: rng.random_range(0..8),
+                yo: rng.random_range(0..8),
+                mo: rng.random_range(0..4),
+                data: rng.random(),
+                ..Case::of(dtype, kernel, Spec::Block(spec))
+            };
+        }
+        6 | 7 => return routing::draw(rng, dtype, max_n),
+        8 | 9 => return skip::draw(rng, dtype, max_n),
+        _ => return multi_sample::draw(rng, dtype, max_n),
     }
+    let kernel = pick(rng, &Kernel::DROPOUT);
     let n = draw_n(rng, max_n);
     let p = draw_p(rng);
     let seed = draw_u64(rng);
     let offset = draw_u64(rng);
     let eo = draw_element_offset(rng, n);
     Case {
-        dtype,
-        kernel,
         n,
         p,
         seed,
@@ -757,7 +941,7 @@ fn draw_case(rng: &mut StdRng, max_n: usize) -> Case {
         yo: rng.random_range(0..8),
         mo: rng.random_range(0..4),
         data: rng.random(),
-        block: None,
+        ..Case::of(dtype, kernel, Spec::Dropout)
     }
 }
 
@@ -873,9 +1057,6 @@ macro_rules! element_word {
 }
 element_word!(f32, f16, bf16);
 
-/// Compares a whole buffer `got` with `want` at `off..off + want.len()` and `fill` everywhere
-/// else; appends one line naming the first differing indices to `out` if anything differs. With
-/// `nan_equal`, a NaN inside the view matches any NaN.
 /// An out-of-place call's output (`want` at view offset `off`, sentinels around it) and its input
 /// buffer, which must be unchanged (`x_host` uploaded as it is).
 fn compare_out_of_place<T: FuzzElement>(
@@ -906,6 +1087,9 @@ fn compare_out_of_place<T: FuzzElement>(
     Ok(())
 }
 
+/// Compares a whole buffer `got` with `want` at `off..off + want.len()` and `fill` everywhere
+/// else; appends one line naming the first differing indices to `out` if anything differs. With
+/// `nan_equal`, a NaN inside the view matches any NaN.
 fn compare<W: Word>(
     what: &str,
     got: &[W],
@@ -1698,11 +1882,15 @@ fn run_case(backend: &Backend, c: &Case) -> dropfuse::Result<Vec<String>> {
 
 /// Case `c` for element type `T`: on the GPU `dev`, or the reference self-checks without one.
 fn run_on<T: FuzzElement>(dev: Option<&Device>, c: &Case) -> dropfuse::Result<Vec<String>> {
-    match (dev, &c.block) {
-        (Some(dev), None) => gpu_case::<T>(dev, c),
-        (Some(dev), Some(b)) => gpu_block_case::<T>(dev, c, b),
-        (None, None) => cpu_case::<T>(c),
-        (None, Some(b)) => cpu_block_case::<T>(c, b),
+    match (dev, &c.spec, c.kernel) {
+        (Some(dev), Spec::Dropout, _) => gpu_case::<T>(dev, c),
+        (Some(dev), Spec::Block(b), _) => gpu_block_case::<T>(dev, c, b),
+        (None, Spec::Dropout, _) => cpu_case::<T>(c),
+        (None, Spec::Block(b), _) => cpu_block_case::<T>(c, b),
+        (dev, Spec::Routing(s), Kernel::Routing(op)) => routing::run::<T>(dev, c, op, s),
+        (dev, Spec::Skip(s), Kernel::Skip(op)) => skip::run::<T>(dev, c, op, s),
+        (dev, Spec::MultiSample(s), Kernel::MultiSample(op)) => multi_sample::run::<T>(dev, c, op, s),
+        _ => unreachable!("the spec of case {c} is not its kernel's family"),
     }
 }
 
@@ -1852,7 +2040,7 @@ mod tests {
         let cfg = parse_args(args(&format!("--case {case}"))).unwrap().unwrap();
         let c = cfg.case.unwrap();
         assert_eq!(
-            (c.n, c.eo, c.block.unwrap().shape()),
+            (c.n, c.eo, c.block().unwrap().shape()),
             (2 * 3 * 4 * 33 * 5, 0, &[2, 3, 4, 33, 5][..])
         );
         assert_eq!(c.to_string(), case);
@@ -1863,14 +2051,27 @@ mod tests {
     #[test]
     fn case_strings_round_trip() {
         let mut rng = StdRng::seed_from_u64(1);
-        let mut blocks = 0;
+        // Cases per family: dropout, DropBlock, routing, skip, multi-sample.
+        let mut families = [0usize; 5];
+        let mut kernels = std::collections::HashSet::new();
         for _ in 0..5000 {
             let c = draw_case(&mut rng, 1 << 20);
             assert!((1..=1 << 20).contains(&c.n), "{c}");
             assert!(c.eo.checked_add(c.n as u64).is_some(), "{c}");
-            assert_eq!(c.block.is_some(), c.kernel.is_drop_block(), "{c}");
-            if let Some(b) = &c.block {
-                blocks += 1;
+            assert_eq!(c.block().is_some(), c.kernel.is_drop_block(), "{c}");
+            kernels.insert(c.kernel.name());
+            families[match (&c.spec, c.kernel) {
+                (Spec::Dropout, k) => {
+                    assert!(Kernel::DROPOUT.contains(&k), "{c}");
+                    0
+                }
+                (Spec::Block(_), _) => 1,
+                (Spec::Routing(_), Kernel::Routing(_)) => 2,
+                (Spec::Skip(_), Kernel::Skip(_)) => 3,
+                (Spec::MultiSample(_), Kernel::MultiSample(_)) => 4,
+                _ => panic!("spec and kernel of different families: {c}"),
+            }] += 1;
+            if let Some(b) = c.block() {
                 assert_eq!((c.n, c.eo), (b.numel(), 0), "{c}");
                 assert!(c.n <= BLOCK_MEDIUM_N && (1..=9).contains(&b.block_size), "{c}");
                 assert!(
@@ -1883,7 +2084,12 @@ mod tests {
             assert_eq!(back, c);
             assert_eq!(back.p.to_bits(), c.p.to_bits());
         }
-        assert!(blocks > 1000, "{blocks} DropBlock cases of 5000");
+        // 4, 2, 2, 2, 2 in 12: about 1667 and 833 each.
+        assert!(
+            families[0] > 1400 && families[1..].iter().all(|&f| f > 650),
+            "{families:?}"
+        );
+        assert_eq!(kernels.len(), Kernel::all().count(), "every kernel drawn");
         // Small limits hold for DropBlock shapes too.
         for _ in 0..500 {
             let c = draw_case(&mut rng, 40);
@@ -1898,7 +2104,7 @@ mod tests {
         let ok = "dtype=f32,kernel=drop_block_mask,shape=1x1x1x1,block=1,p=0,gamma=1,shared=false,\
                   norm=global,seed=0,offset=0,xo=0,yo=0,mo=0,so=0,data=0";
         let c: Case = ok.parse().unwrap();
-        assert_eq!((c.n, c.block.unwrap().rank), (1, 4));
+        assert_eq!((c.n, c.block().unwrap().rank), (1, 4));
         for (from, to) in [
             ("shape=1x1x1x1", "shape=1x1x1"),
             ("shape=1x1x1x1", "shape=1x1x1x1x1x1"),
@@ -1944,7 +2150,7 @@ mod tests {
                        shared=false,norm=per_sample,seed=7,offset=1,xo=0,yo=0,mo=0,so=0,data=3"
             .parse()
             .unwrap();
-        let b = c.block.unwrap();
+        let b = *c.block().unwrap();
         let x: Vec<f32> = values(c.n, c.data);
         let with = |spec: BlockSpec, state: PhiloxState| {
             BlockOutputs::of(&spec.cfg(c.p).unwrap(), spec.shape(), &x, state).unwrap()
@@ -2023,6 +2229,260 @@ mod tests {
             let failures = check_block(&c, &b, &x, r);
             assert!(!failures.is_empty(), "not caught: {what}");
         }
+    }
+
+    /// One case string of every later family's kernels reruns (on the GPU, or the CPU
+    /// self-checks) without a mismatch and prints back the same string.
+    #[test]
+    fn family_cases_rerun() {
+        let m = u64::MAX;
+        for case in [
+            "dtype=bf16,kernel=routing_top_k,shape=3x37,sel=tokens:40,pad=lengths,scores=ties,cap=-1,xo=3,yo=1,data=5"
+                .to_string(),
+            "dtype=f32,kernel=routing_global,shape=2x50,sel=global:0.3,pad=mask,scores=special,cap=bound,xo=0,yo=7,data=9"
+                .to_string(),
+            "dtype=f16,kernel=routing_scatter_add_backward,shape=2x33x40,sel=fraction:0.5,pad=all,scores=random,\
+             src=select,cap=1,rows=-1,xo=1,yo=2,data=3"
+                .to_string(),
+            "dtype=f32,kernel=routing_gather_backward,shape=3x9x8,sel=tokens:4,pad=none,scores=equal,src=upload,\
+             cap=0,rows=2,xo=0,yo=0,data=4"
+                .to_string(),
+            "dtype=bf16,kernel=stochastic_depth_backward,shape=5x24,bias=6,keep=random,mode=batch_device,scale=1.3333334,\
+             xo=1,yo=2,co=3,data=6"
+                .to_string(),
+            "dtype=f16,kernel=scatter_samples,shape=7x13,keep=random,cap=-2,xo=5,yo=3,co=1,data=7".to_string(),
+            "dtype=f32,kernel=sample_slots,shape=4100x1,keep=random,data=8".to_string(),
+            format!(
+                "dtype=bf16,kernel=multi_sample_reduce,n=37,k=5,p=0.5,seed={m},offset={m},out=f16,xo=1,yo=2,mo=3,data=9"
+            ),
+            "dtype=f16,kernel=multi_sample_mean,n=9,k=3,out=f32,xo=1,yo=0,data=10".to_string(),
+            "dtype=f32,kernel=weighted_ce,shape=3x5x7,eps=0.1,labels=bad,ii=0,weights=random,out=f32,xo=2,yo=1,data=11"
+                .to_string(),
+            "dtype=bf16,kernel=weighted_ce_loss,shape=2x4x1,eps=1.0,labels=some,ii=-100,weights=uniform,xo=0,data=12"
+                .to_string(),
+        ] {
+            let cfg = parse_args(args(&format!("--case {case}"))).unwrap_or_else(|e| panic!("{case}: {e}")).unwrap();
+            assert_eq!(cfg.case.unwrap().to_string(), case);
+            let s = run(&cfg).expect("fuzz run");
+            assert_eq!((s.cases, s.mismatches), (1, 0), "{case}: {s}");
+        }
+    }
+
+    /// The later families' case strings: each kernel's keys exactly, valid values.
+    #[test]
+    fn bad_family_cases_are_rejected() {
+        let routing =
+            "dtype=f32,kernel=routing_gather,shape=2x3x4,sel=tokens:2,pad=all,scores=ties,src=select,cap=0,\
+                       rows=0,xo=0,yo=0,data=0";
+        let skip = "dtype=f32,kernel=stochastic_depth,shape=2x6,bias=3,keep=all,mode=batch,scale=1.0,xo=0,yo=0,co=0,\
+                    data=0";
+        let multi =
+            "dtype=f16,kernel=weighted_ce,shape=2x3x4,eps=0.0,labels=all,ii=-100,weights=uniform,out=f16,\
+                     xo=0,yo=0,data=0";
+        for ok in [routing, skip, multi] {
+            let c: Case = ok.parse().unwrap_or_else(|e| panic!("{ok}: {e}"));
+            assert_eq!(c.to_string(), ok);
+        }
+        for (ok, from, to) in [
+            (routing, "shape=2x3x4", "shape=2x3"),
+            (routing, "sel=tokens:2", "sel=global:1.5"),
+            (routing, "sel=tokens:2", "sel=top:2"),
+            (routing, "pad=all", "pad=some"),
+            (routing, "src=select", "src=gpu"),
+            (routing, "cap=0", "cap=many"),
+            (routing, "rows=0,", ""),
+            (routing, "data=0", "data=0,p=0.5"),
+            (routing, "kernel=routing_gather", "kernel=routing_top_k"),
+            (skip, "bias=3", "bias=4"),
+            (skip, "scale=1.0", "scale=-1.0"),
+            (skip, "scale=1.0", "scale=inf"),
+            (skip, "mode=batch", "mode=all"),
+            (skip, "keep=all", "keep=half"),
+            (skip, "data=0", "data=0,cap=1"),
+            (skip, "kernel=stochastic_depth", "kernel=sample_slots"),
+            (multi, "out=f16", "out=bf16"),
+            (multi, "shape=2x3x4", "shape=0x3x4"),
+            (multi, "shape=2x3x4", "shape=129x3x4"),
+            (multi, "eps=0.0", "eps=1.5"),
+            (multi, "labels=all", "labels=none"),
+            (multi, "weights=uniform", "weights=equal"),
+            (multi, "data=0", "data=0,n=4"),
+        ] {
+            let bad = ok.replacen(from, to, 1);
+            assert_ne!(bad, ok);
+            assert!(bad.parse::<Case>().is_err(), "{bad}");
+        }
+        for bad in [
+            "dtype=f32,kernel=multi_sample_copies,n=4,k=0,p=0.5,seed=0,offset=0,xo=0,yo=0,data=0",
+            "dtype=f32,kernel=multi_sample_copies,n=4,k=129,p=0.5,seed=0,offset=0,xo=0,yo=0,data=0",
+            "dtype=f32,kernel=multi_sample_copies,n=0,k=1,p=0.5,seed=0,offset=0,xo=0,yo=0,data=0",
+            "dtype=f32,kernel=multi_sample_copies,n=4,k=1,p=1.5,seed=0,offset=0,xo=0,yo=0,data=0",
+            "dtype=f32,kernel=multi_sample_copies,n=4,k=1,p=0.5,seed=0,offset=0,xo=0,yo=0,mo=0,data=0",
+            "dtype=bf16,kernel=multi_sample_mean,n=4,k=2,out=f16,xo=0,yo=0,data=0",
+        ] {
+            assert!(bad.parse::<Case>().is_err(), "{bad}");
+        }
+    }
+
+    /// The routing self-check catches broken selections: a worse token selected instead of a
+    /// better one, one token too many or too few, a padding token, indices out of order, offsets
+    /// that do not add up, a wrong threshold.
+    #[test]
+    fn routing_self_check_catches_a_broken_selection() {
+        use checks::routing::{check_routing, ranks_before, Select};
+        use dropfuse::reference::skip::{route_global, route_top_k, Capacity, ValidTokens};
+
+        // NaN below -inf, -0 == +0, ties to the lower index.
+        assert!(ranks_before(f32::NEG_INFINITY, 5, f32::NAN, 0));
+        assert!(!ranks_before(f32::NAN, 0, f32::NEG_INFINITY, 5));
+        assert!(ranks_before(-0.0, 1, 0.0, 2) && !ranks_before(0.0, 2, -0.0, 1));
+        assert!(ranks_before(f32::NAN, 1, -f32::NAN, 2));
+        assert!(ranks_before(2.0, 9, 1.0, 0));
+
+        let scores = [0.5f32, 3.0, -1.0, 3.0, 0.0, 2.0, f32::NAN, 1.0, 7.0, -2.0];
+        let lens = [4usize, 5];
+        let valid = ValidTokens::Lengths(&lens);
+        let top = Select::TopK(Capacity::Tokens(2));
+        let r = route_top_k(&scores, 5, valid, Capacity::Tokens(2)).unwrap();
+        // Sequence 0: tokens 1 and 3 (3.0, 3.0); sequence 1: tokens 3 and 0 (7.0, 2.0).
+        assert_eq!(
+            (r.offsets(), r.indices()),
+            (&[0u32, 2, 4][..], &[1u32, 3, 0, 3][..])
+        );
+        let failures = |select, offsets: &[u32], indices: &[u32], threshold| {
+            let mut c = checks::Checks::new();
+            check_routing(&mut c, &scores, 5, valid, select, (offsets, indices), threshold);
+            c.failures()
+        };
+        assert_eq!(
+            failures(top, r.offsets(), r.indices(), None),
+            Vec::<String>::new()
+        );
+        let broken: [(&str, &[u32], &[u32]); 7] = [
+            ("a worse token in sequence 0", &[0, 2, 4], &[0, 1, 0, 3]),
+            ("a worse token in sequence 1", &[0, 2, 4], &[1, 3, 3, 4]),
+            ("a padding token", &[0, 2, 4], &[1, 4, 0, 3]),
+            ("indices out of order", &[0, 2, 4], &[3, 1, 0, 3]),
+            ("one too few", &[0, 1, 3], &[1, 0, 3]),
+            ("one too many", &[0, 3, 5], &[1, 2, 3, 0, 3]),
+            ("offsets past the indices", &[0, 2, 5], &[1, 3, 0, 3]),
+        ];
+        for (what, offsets, indices) in broken {
+            assert!(
+                !failures(top, offsets, indices, None).is_empty(),
+                "not caught: {what}"
+            );
+        }
+        // Equal scores go to the lower index: sequence 0 with k = 1 selects token 1, not 3.
+        let one = Select::TopK(Capacity::Tokens(1));
+        let r1 = route_top_k(&scores, 5, valid, Capacity::Tokens(1)).unwrap();
+        assert_eq!(r1.indices(), &[1, 3]);
+        assert_eq!(
+            failures(one, r1.offsets(), r1.indices(), None),
+            Vec::<String>::new()
+        );
+        assert!(
+            !failures(one, &[0, 1, 2], &[3, 3], None).is_empty(),
+            "not caught: the tie to the higher index"
+        );
+
+        let mask = [true, true, false, true, true, true, true, true, false, true];
+        let valid = ValidTokens::Mask(&mask);
+        let (g, threshold) = route_global(&scores, 5, valid, 0.5).unwrap();
+        let global = Select::Global(0.5);
+        let gfail = |offsets: &[u32], indices: &[u32], threshold| {
+            let mut c = checks::Checks::new();
+            check_routing(&mut c, &scores, 5, valid, global, (offsets, indices), threshold);
+            c.failures()
+        };
+        assert_eq!(gfail(g.offsets(), g.indices(), threshold), Vec::<String>::new());
+        assert!(
+            !gfail(g.offsets(), g.indices(), Some(0.25)).is_empty(),
+            "a wrong threshold"
+        );
+        assert!(!gfail(g.offsets(), g.indices(), None).is_empty(), "no threshold");
+        // The same count, one selected token swapped for a worse real one.
+        let mut worse = g.indices().to_vec();
+        let (b, _) = (0..2)
+            .map(|b| (b, g.offsets()[b]))
+            .find(|&(b, o)| g.offsets()[b + 1] > o)
+            .unwrap();
+        let lo = g.offsets()[b] as usize;
+        let unselected = (0..5u32)
+            .find(|t| mask[b * 5 + *t as usize] && !g.sequence(b).unwrap().contains(t))
+            .unwrap();
+        worse[lo] = unselected;
+        worse[lo..g.offsets()[b + 1] as usize].sort_unstable();
+        assert!(
+            !gfail(g.offsets(), &worse, threshold).is_empty(),
+            "a worse token in the batch"
+        );
+    }
+
+    /// The order of the chunked sums and the `f32` formulas of the reduction and the mean: `+0`
+    /// start, dropped terms skipped (a NaN there does not propagate), one rounding at the end.
+    #[test]
+    fn shared_formulas_are_the_documented_ones() {
+        use checks::multi_sample::{mean_model, reduce_model};
+        use dropfuse::reference::skip::chunked_sum;
+        // 2^24 + 1 + 1 sequentially is 2^24 (each 1 is lost); 1 + 1 in a chunk of 2, then 2^24,
+        // is 2^24 + 2.
+        let terms = [16_777_216.0f32, 1.0, 1.0, 0.0];
+        assert_eq!(checks::chunk_sum(&terms, 4), 16_777_216.0);
+        assert_eq!(checks::chunk_sum(&terms, 1), 16_777_216.0);
+        let chunked = checks::chunk_sum(&[1.0, 1.0, 16_777_216.0], 2);
+        assert_eq!(chunked, 16_777_218.0);
+        for chunk in [1, 2, 3, 32, 256] {
+            let t: Vec<f32> = values(1000, chunk as u64);
+            let (a, b) = (checks::chunk_sum(&t, chunk), chunked_sum(&t, chunk).unwrap());
+            assert!(
+                a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()),
+                "chunk {chunk}"
+            );
+        }
+        assert_eq!(checks::chunk_sum(&[-0.0], 32).to_bits(), 0, "+0 start");
+
+        // Two samples of 3 elements: masks 0b011 and 0b110.
+        let grads = [-0.0f32, 2.0, f32::NAN, 1.0, -0.0, 4.0];
+        let dh: Vec<f32> = reduce_model(&grads, &[0b011, 0b110], 0.5, 3);
+        assert_eq!(
+            dh.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            [0, 1f32.to_bits(), 2f32.to_bits()]
+        );
+        let z = [1.0f32, -0.0, 3.0, 2.0, -0.0, 4.0];
+        let mean: Vec<f16> = mean_model(&z, 2, 3);
+        assert_eq!(mean, [f16::from_f32(1.5), f16::from_f32(0.0), f16::from_f32(3.5)]);
+        assert_eq!(mean[1].to_bits(), 0);
+    }
+
+    /// The cross-entropy bounds reject a loss or a gradient just outside them and a non-zero
+    /// gradient on an ignored row.
+    #[test]
+    fn cross_entropy_bounds_catch_errors() {
+        use checks::multi_sample::{widen, CeProblem, GRAD_TOL_16, LOSS_TOL};
+        let p = CeProblem {
+            k: 2,
+            b: 3,
+            c: 4,
+            weights: vec![0.25, 0.75],
+            labels: vec![1, -100, 3],
+            ignore_index: -100,
+            label_smoothing: 0.1,
+        };
+        let z: Vec<f32> = (0..24).map(|i| (i as f32 * 0.37).sin() * 5.0).collect();
+        let want = p.reference(&widen(&z)).unwrap();
+        let (loss, dz) = (want.0, want.1.clone());
+        assert!(p.within_bounds(loss, Some(&dz), &want, DType::F32).is_empty());
+        assert!(!p
+            .within_bounds(loss * (1.0 + 2.0 * LOSS_TOL), Some(&dz), &want, DType::F32)
+            .is_empty());
+        let scaled: Vec<f64> = dz.iter().map(|v| v * (1.0 + 2.0 * GRAD_TOL_16)).collect();
+        assert!(p.within_bounds(loss, Some(&scaled), &want, DType::F16).len() == 1);
+        let mut ignored = dz.clone();
+        ignored[4] = 1e-30; // row 1 of set 0 is ignored
+        assert!(!p
+            .within_bounds(loss, Some(&ignored), &want, DType::F32)
+            .is_empty());
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! A tour of dropfuse: every dropout and DropBlock kernel on the GPU, checked bit for bit against
-//! the CPU reference, with event-timed bandwidth next to a device-to-device copy of the same bytes.
+//! A tour of dropfuse: every kernel on the GPU, checked against the CPU reference (bit for bit,
+//! the weighted cross-entropy within its documented bounds), with event-timed bandwidth next to a
+//! device-to-device copy of the same bytes.
 //!
 //! ```text
 //! cargo run --release --example tour
@@ -13,18 +14,50 @@
 //! `2 x 16 x 8 x 28 x 28` (block 5), for each dtype: `mask`, `forward`, `forward_inplace`,
 //! `backward` and `backward_inplace`, each compared with `dropfuse::reference::drop_block` (mask
 //! bits, the `N + 1` kept counters, every output element), in rows of the same table, with a copy
-//! of the same x as baseline for each shape and dtype. Bytes moved: x + y (dy + dx) + mask bits, like the dropout rows (the
-//! `N + 1` counters are left out). The exit code is 1 if anything mismatches.
+//! of the same x as baseline for each shape and dtype. Bytes moved: x + y (dy + dx) + mask bits,
+//! like the dropout rows (the `N + 1` counters are left out).
+//!
+//! Then the later families (`FAMILIES`, one module each in `examples/tour/`), for each dtype
+//! after a copy of the shape's main tensor (`copy`, the baseline of the rows that follow it), in
+//! the issues' benchmark shapes scaled down where the CPU reference would be slow:
+//! * token routing, `B x S x H = 8 x 2048 x 1024` (`routing.rs`): `routing_top_k_select` (half of
+//!   each sequence's real tokens, padding by lengths, scores with many ties: offsets and indices),
+//!   `routing_global_select` (half of the batch's real tokens, a padding mask: routing and
+//!   threshold), `routing_gather`, `routing_scatter_add`, `routing_scatter_add_backward`
+//!   (`d_branch` and `d_gate`) and `routing_gather_backward` through the top-k routing;
+//! * stochastic depth and sample compaction, `B x R = 16 x 256 * 4096`, a bias of 4096, samples 3,
+//!   7, 11, 15 dropped, p = 0.25 (`skip.rs`): `stochastic_depth_in_place`, `stochastic_depth` (out
+//!   of place), `stochastic_depth_backward_bias` (`d_branch` and the reproducible `d_bias`),
+//!   `sample_slots`, `sample_gather`, `sample_scatter`, `sample_scatter_backward`,
+//!   `sample_scatter_add`, `sample_scatter_add_backward`, `sample_gather_backward`;
+//! * multi-sample dropout, K = 8, B = 1024, D = 2048, C = 1000, p = 0.1 (`multi_sample.rs`):
+//!   `multi_sample_copies` (copies and masks), `multi_sample_reduce` (stored masks) and
+//!   `multi_sample_reduce_maskless` bit for bit against their `f32` formulas, then on the logits
+//!   `multi_sample_mean` (bit for bit), `weighted_ce_fwd_bwd` and `weighted_ce_loss` (label
+//!   smoothing 0.1, every ninth row ignored) within the bounds documented in
+//!   `dropfuse::multi_sample` (a row counts one mismatch per bound exceeded, or a wrong valid-row
+//!   count, or a loss-only call not equal to the full call's loss).
+//!
+//! Bytes moved are the minimal traffic, as in the benches. The exit code is 1 if anything
+//! mismatches. A NaN matches any NaN (payloads are not part of the contracts).
 //!
 //! Without a GPU it says so and runs the CPU reference alone on 2^16 + 37 elements, printing the
 //! reference's own consistency checks (keep rate, backward from the mask == mask-free backward, ...),
 //! then the DropBlock reference's on `4 x 8 x 28 x 28` (block 7) and `2 x 4 x 8 x 16 x 16` (block 5):
 //! seeds drawn from Philox, dropped units == units covered by a drawn seed's block, keep rate,
-//! counts, scales, forward and backward arithmetic.
+//! counts, scales, forward and backward arithmetic; then each family's on its small shapes,
+//! through the contracts re-derived in `examples/checks/` (shared with the fuzz entry): selections
+//! (counts, rank order with ties to the lower index, the threshold), row operations, the
+//! stochastic-depth arithmetic and the chunked bias gradient, slots, compaction round trips,
+//! masked copies, the reduction's and mean's formulas, the cross-entropy's formulas, finite
+//! differences and zero row sums.
 //!
 //! `cargo test --example tour` runs the same entry point: on a GPU at 2^16 + 37 elements and the
-//! small DropBlock shapes (to keep the debug-build reference fast), without one the CPU reference
-//! exactly as above.
+//! small DropBlock and family shapes (to keep the debug-build reference fast), without one the CPU
+//! reference exactly as above.
+//!
+//! A new family is one module in `examples/tour/` exporting a `Family` (its header lines, GPU
+//! rows and CPU checks) and one entry in `FAMILIES`.
 
 use std::process::ExitCode;
 
@@ -39,6 +72,21 @@ use dropfuse::reference::philox::element_word;
 use dropfuse::{Device, Dropout, Element, Error, Generator, PhiloxState};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+
+// The reference self-checks shared with the fuzz entry (each example uses part of them).
+#[allow(dead_code)]
+#[path = "checks/mod.rs"]
+mod checks;
+// The families after dropout and DropBlock, one module each (`examples/tour/*.rs`), listed in
+// [`FAMILIES`].
+#[path = "tour/multi_sample.rs"]
+mod multi_sample;
+#[path = "tour/routing.rs"]
+mod routing;
+#[path = "tour/skip.rs"]
+mod skip;
+
+use checks::Checks;
 
 /// Drop probability of the tour.
 const P: f64 = 0.1;
@@ -94,10 +142,35 @@ const SMALL_BLOCKS: [BlockShape; 2] = [
     },
 ];
 
+/// Which shapes the families of [`FAMILIES`] use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scale {
+    /// The GPU tour's shapes (the issues' benchmark shapes, scaled down where the CPU reference
+    /// would be slow).
+    Full,
+    /// Small shapes: the CPU reference alone, and the GPU under `cargo test` (debug build).
+    Small,
+}
+
+/// A kernel family of the tour after dropout and DropBlock: one module, one entry of
+/// [`FAMILIES`].
+struct Family {
+    /// The shapes and parameters, one header line each.
+    describe: fn(Scale) -> Vec<String>,
+    /// Runs every kernel of the family on the GPU, checks it against the CPU reference and times
+    /// it: for each shape and dtype a copy baseline and one row per kernel.
+    gpu: fn(&Device, Scale, &mut Generator, &mut Vec<Row>) -> BoxResult<()>,
+    /// The CPU reference's self-checks (on the small shapes), printed; `false` if one failed.
+    cpu: fn(Scale, &mut Generator) -> BoxResult<bool>,
+}
+
+/// The families after dropout and DropBlock, in the order of the table.
+const FAMILIES: [Family; 3] = [routing::FAMILY, skip::FAMILY, multi_sample::FAMILY];
+
 type BoxResult<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
 fn main() -> ExitCode {
-    match tour(GPU_N, CPU_N, &GPU_BLOCKS) {
+    match tour(GPU_N, CPU_N, &GPU_BLOCKS, Scale::Full) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
         Err(e) => {
@@ -107,12 +180,13 @@ fn main() -> ExitCode {
     }
 }
 
-/// The tour: every dropout kernel on GPU 0 at `gpu_n` elements and DropBlock on `gpu_blocks`, or
-/// without a GPU the CPU reference at `cpu_n` (at least 6000) and on [`SMALL_BLOCKS`]. `Ok(false)`
-/// if anything mismatches or a check fails.
-fn tour(gpu_n: usize, cpu_n: usize, gpu_blocks: &[BlockShape]) -> BoxResult<bool> {
+/// The tour: every dropout kernel on GPU 0 at `gpu_n` elements, DropBlock on `gpu_blocks` and
+/// the [`FAMILIES`] on their `scale` shapes, or without a GPU the CPU reference at `cpu_n` (at
+/// least 6000), on [`SMALL_BLOCKS`] and on the families' small shapes. `Ok(false)` if anything
+/// mismatches or a check fails.
+fn tour(gpu_n: usize, cpu_n: usize, gpu_blocks: &[BlockShape], scale: Scale) -> BoxResult<bool> {
     match Device::new(0) {
-        Ok(dev) => gpu_tour(&dev, gpu_n, gpu_blocks),
+        Ok(dev) => gpu_tour(&dev, gpu_n, gpu_blocks, scale),
         Err(e) => {
             println!("No CUDA device found ({e}): running the CPU reference only.");
             cpu_tour(cpu_n, &SMALL_BLOCKS)
@@ -134,14 +208,15 @@ fn random_input<T: Element>(n: usize, seed: u64) -> Vec<T> {
         .collect()
 }
 
-/// Number of elements whose bits differ.
+/// Number of elements whose bits differ; a NaN matches any NaN (NaN payloads are not part of the
+/// contract: infinities of opposite signs in the inputs of the later families can meet).
 fn element_mismatches<T: Element>(got: &[T], want: &[T]) -> usize {
     if got.len() != want.len() {
         return got.len().max(want.len());
     }
     got.iter()
         .zip(want)
-        .filter(|(a, b)| a.to_bits_u32() != b.to_bits_u32())
+        .filter(|(a, b)| !checks::same_element(**a, **b))
         .count()
 }
 
@@ -156,8 +231,8 @@ fn mask_mismatches(got: &[u32], want: &[u32]) -> usize {
         .sum()
 }
 
-/// Number of `u64` counters that differ (DropBlock's kept counts).
-fn counter_mismatches(got: &[u64], want: &[u64]) -> usize {
+/// Number of words that differ (DropBlock's kept counters, routing offsets and indices, slots).
+fn counter_mismatches<W: PartialEq>(got: &[W], want: &[W]) -> usize {
     if got.len() != want.len() {
         return got.len().max(want.len());
     }
@@ -222,6 +297,43 @@ fn download<T: Element, S: DevicePtr<T>>(dev: &Device, s: &S) -> dropfuse::Resul
     dev.download(s)
 }
 
+/// Mean milliseconds of a device-to-device copy of `x`: the baseline of a shape and dtype.
+fn time_copy<T: Element>(dev: &Device, x: &CudaSlice<T>) -> BoxResult<f64> {
+    let mut dst: CudaSlice<T> = dev.zeros(x.len())?;
+    time_ms(dev, || {
+        dev.stream()
+            .memcpy_dtod(x, &mut dst)
+            .map_err(|e| Error::driver("cuMemcpyDtoDAsync", e))
+    })
+}
+
+/// The rows of one shape and dtype: the copy baseline (`copy_ms` for `copy_bytes`) as a `copy`
+/// row, then one row per `(kernel, mismatches, ms, bytes)`.
+fn push_rows<K: Into<String>>(
+    rows: &mut Vec<Row>,
+    dtype: &'static str,
+    n: usize,
+    (copy_ms, copy_bytes): (f64, u64),
+    kernels: impl IntoIterator<Item = (K, usize, f64, u64)>,
+) {
+    let copy = std::iter::once(("copy".to_string(), 0, copy_ms, copy_bytes));
+    let kernels = kernels
+        .into_iter()
+        .map(|(k, bad, ms, bytes)| (k.into(), bad, ms, bytes));
+    for (kernel, mismatches, ms, bytes) in copy.chain(kernels) {
+        rows.push(Row {
+            kernel,
+            dtype,
+            n,
+            mismatches,
+            ms,
+            bytes,
+            copy_ms,
+            copy_bytes,
+        });
+    }
+}
+
 /// Runs and checks every kernel for dtype `T`; appends one row per kernel.
 fn gpu_dtype<T: Element>(
     dev: &Device,
@@ -276,13 +388,7 @@ fn gpu_dtype<T: Element>(
     // Timing, with a device-to-device copy of the input (read n + write n elements) as baseline.
     let data = 2 * n as u64 * size;
     let mask_bytes = mask_words(n) as u64 * 4;
-    let mut copy_dst: CudaSlice<T> = dev.zeros(n)?;
-    let copy_ms = time_ms(dev, || {
-        stream
-            .memcpy_dtod(&x, &mut copy_dst)
-            .map_err(|e| Error::driver("cuMemcpyDtoDAsync", e))
-    })?;
-    std::mem::drop(copy_dst);
+    let copy_ms = time_copy(dev, &x)?;
     let mask_ms = time_ms(dev, || drop.mask(stream, state, n, &mut mask2))?;
     let fwd_ms = time_ms(dev, || drop.forward(stream, state, &x, &mut y, &mut mask))?;
     let fwd_ml_ms = time_ms(dev, || drop.forward_maskless(stream, state, &x, &mut y))?;
@@ -290,25 +396,13 @@ fn gpu_dtype<T: Element>(
     let bwd_ml_ms = time_ms(dev, || drop.backward_maskless(stream, state, &dy, &mut dx))?;
 
     let table = [
-        ("copy", 0, copy_ms, data),
         ("mask", mask_bad, mask_ms, mask_bytes),
         ("forward_mask", fwd_bad, fwd_ms, data + mask_bytes),
         ("forward_maskless", fwd_ml_bad, fwd_ml_ms, data),
         ("backward_mask", bwd_bad, bwd_ms, data + mask_bytes),
         ("backward_maskless", bwd_ml_bad, bwd_ml_ms, data),
     ];
-    for (kernel, mismatches, ms, bytes) in table {
-        rows.push(Row {
-            kernel: kernel.to_string(),
-            dtype,
-            n,
-            mismatches,
-            ms,
-            bytes,
-            copy_ms,
-            copy_bytes: data,
-        });
-    }
+    push_rows(rows, dtype, n, (copy_ms, data), table);
     Ok(())
 }
 
@@ -373,13 +467,7 @@ fn gpu_drop_block<T: Element>(
     // Timing, with a device-to-device copy of x (read n + write n elements) as baseline.
     let data = 2 * n as u64 * size;
     let mask_bytes = mask_words(n) as u64 * 4;
-    let mut copy_dst: CudaSlice<T> = dev.zeros(n)?;
-    let copy_ms = time_ms(dev, || {
-        stream
-            .memcpy_dtod(&x, &mut copy_dst)
-            .map_err(|e| Error::driver("cuMemcpyDtoDAsync", e))
-    })?;
-    std::mem::drop(copy_dst);
+    let copy_ms = time_copy(dev, &x)?;
     let mask_ms = time_ms(dev, || cfg.mask(stream, state, shape, &mut mask2, &mut stats2))?;
     let fwd_ms = time_ms(dev, || {
         cfg.forward(stream, state, shape, &x, &mut y, &mut mask, &mut stats)
@@ -393,33 +481,18 @@ fn gpu_drop_block<T: Element>(
     })?;
 
     let table = [
-        ("copy", 0, copy_ms, data),
         ("mask", mask_bad, mask_ms, mask_bytes),
         ("forward", fwd_bad, fwd_ms, data + mask_bytes),
         ("forward_inplace", fwd_ip_bad, fwd_ip_ms, data + mask_bytes),
         ("backward", bwd_bad, bwd_ms, data + mask_bytes),
         ("backward_inplace", bwd_ip_bad, bwd_ip_ms, data + mask_bytes),
     ];
-    for (kernel, mismatches, ms, bytes) in table {
-        rows.push(Row {
-            kernel: if kernel == "copy" {
-                kernel.to_string()
-            } else {
-                format!("{}_{kernel}", bs.name)
-            },
-            dtype,
-            n,
-            mismatches,
-            ms,
-            bytes,
-            copy_ms,
-            copy_bytes: data,
-        });
-    }
+    let table = table.map(|(kernel, bad, ms, bytes)| (format!("{}_{kernel}", bs.name), bad, ms, bytes));
+    push_rows(rows, dtype, n, (copy_ms, data), table);
     Ok(())
 }
 
-fn gpu_tour(dev: &Device, n: usize, blocks: &[BlockShape]) -> BoxResult<bool> {
+fn gpu_tour(dev: &Device, n: usize, blocks: &[BlockShape], scale: Scale) -> BoxResult<bool> {
     let name = dev.name()?;
     let (major, minor) = dev.compute_capability()?;
     println!(
@@ -435,6 +508,11 @@ fn gpu_tour(dev: &Device, n: usize, blocks: &[BlockShape]) -> BoxResult<bool> {
             bs.numel()
         );
     }
+    for family in &FAMILIES {
+        for line in (family.describe)(scale) {
+            println!("{line}");
+        }
+    }
     println!("checking every mask bit, counter and output element against the CPU reference...\n");
 
     let mut rng = Generator::new(2024);
@@ -446,6 +524,9 @@ fn gpu_tour(dev: &Device, n: usize, blocks: &[BlockShape]) -> BoxResult<bool> {
         gpu_drop_block::<f16>(dev, bs, &mut rng, 4, &mut rows)?;
         gpu_drop_block::<bf16>(dev, bs, &mut rng, 5, &mut rows)?;
         gpu_drop_block::<f32>(dev, bs, &mut rng, 6, &mut rows)?;
+    }
+    for family in &FAMILIES {
+        (family.gpu)(dev, scale, &mut rng, &mut rows)?;
     }
 
     println!(
@@ -473,15 +554,37 @@ fn gpu_tour(dev: &Device, n: usize, blocks: &[BlockShape]) -> BoxResult<bool> {
     let bad: usize = rows.iter().map(|r| r.mismatches).sum();
     println!();
     if bad == 0 {
-        println!("all kernels match the CPU reference bit for bit");
+        println!(
+            "all kernels match the CPU reference bit for bit (the weighted cross-entropy within its \
+             documented bounds)"
+        );
         Ok(true)
     } else {
-        println!("MISMATCH: {bad} elements/bits/counters differ from the CPU reference");
+        println!("MISMATCH: {bad} elements/bits/counters differ from the CPU reference (or bounds exceeded)");
         Ok(false)
     }
 }
 
 // ---------------------------------------------------------------- CPU ----
+
+/// Prints one row per check (`dtype n check ok|FAILED`, a failed check's details below it);
+/// `false` if one failed.
+fn print_checks(dtype: &str, n: usize, checks: &Checks) -> bool {
+    for (check, failure) in checks.rows() {
+        let result = if failure.is_none() { "ok" } else { "FAILED" };
+        println!("{dtype:<5} {n:>7}  {check:<62} {result}");
+        if let Some(f) = failure.as_ref().filter(|f| !f.is_empty()) {
+            println!("               {f}");
+        }
+    }
+    checks.ok()
+}
+
+/// The table header of the CPU checks.
+fn print_check_header() {
+    println!("{:<5} {:>7}  {:<62} result", "dtype", "n", "check");
+    println!("{}", "-".repeat(84));
+}
 
 /// The reference's own consistency checks for dtype `T`; prints one row each.
 fn cpu_dtype<T: Element>(n: usize, seed: u64, state: PhiloxState) -> BoxResult<bool> {
@@ -495,29 +598,29 @@ fn cpu_dtype<T: Element>(n: usize, seed: u64, state: PhiloxState) -> BoxResult<b
     let dx_from_mask = reference::backward_from_mask(&dy, &fwd_mask, P)?;
     let dx = reference::backward(&dy, P, state, 0)?;
 
-    let mut checks: Vec<(String, bool)> = Vec::new();
+    let mut checks = Checks::new();
 
     // Keep rate within 5 standard deviations of 1 - p.
     let kept: usize = mask.iter().map(|w| w.count_ones() as usize).sum();
     let rate = kept as f64 / n as f64;
     let sigma = (P * (1.0 - P) / n as f64).sqrt();
-    checks.push((
+    checks.check(
         format!("keep rate {rate:.4} vs 1 - p = {:.4} (+-5 sigma)", 1.0 - P),
         (rate - (1.0 - P)).abs() <= 5.0 * sigma,
-    ));
+    );
 
     // Mask shape: ceil(n / 32) words, unused high bits of the last word zero.
     let used = n % 32;
     let tail_ok = used == 0 || mask[mask.len() - 1] >> used == 0;
-    checks.push((
+    checks.check(
         format!("mask has ceil(n/32) = {} words, unused bits 0", mask_words(n)),
         mask.len() == mask_words(n) && tail_ok,
-    ));
+    );
 
-    checks.push((
+    checks.check(
         "forward's mask == mask()".to_string(),
         mask_mismatches(&fwd_mask, &mask) == 0,
-    ));
+    );
 
     // y: kept elements are x * scale rounded once, dropped ones +0.
     let y_bad = (0..n)
@@ -530,35 +633,27 @@ fn cpu_dtype<T: Element>(n: usize, seed: u64, state: PhiloxState) -> BoxResult<b
             y[i].to_bits_u32() != want.to_bits_u32()
         })
         .count();
-    checks.push(("forward y == kept ? x * scale : +0".to_string(), y_bad == 0));
+    checks.check("forward y == kept ? x * scale : +0".to_string(), y_bad == 0);
 
-    checks.push((
+    checks.check(
         "backward_from_mask == backward (mask-free)".to_string(),
         element_mismatches(&dx_from_mask, &dx) == 0,
-    ));
+    );
 
     // Shards: the mask of [a, a + m) with element_offset = a equals bits a..a+m of the whole mask.
     let (a, m) = (1000, 5000);
     let shard = reference::mask(P, state, a as u64, m)?;
     let shard_ok = (0..m).all(|i| reference::mask_bit(&shard, i) == reference::mask_bit(&mask, a + i));
-    checks.push((
+    checks.check(
         format!("shard mask [{a}, {}) == slice of the whole mask", a + m),
         shard_ok,
-    ));
+    );
 
     // A different Philox stream gives a different mask.
     let other = reference::mask(P, PhiloxState::new(state.seed, state.offset + 1), 0, n)?;
-    checks.push(("next offset gives a different mask".to_string(), other != mask));
+    checks.check("next offset gives a different mask".to_string(), other != mask);
 
-    let mut all = true;
-    for (check, ok) in checks {
-        all &= ok;
-        println!(
-            "{dtype:<5} {n:>7}  {check:<52} {}",
-            if ok { "ok" } else { "FAILED" }
-        );
-    }
-    Ok(all)
+    Ok(print_checks(dtype, n, &checks))
 }
 
 /// The tour's own view of a DropBlock shape, written from the contract in `dropfuse::drop_block`
@@ -674,7 +769,7 @@ fn cpu_drop_block<T: Element>(bs: &BlockShape, seed: u64, state: PhiloxState) ->
     let fwd = block_ref::forward(&cfg, shape, &x, state)?;
     let dx = block_ref::backward(shape, &dy, &fwd.mask, &fwd.scales)?;
 
-    let mut checks: Vec<(String, bool)> = Vec::new();
+    let mut checks = Checks::new();
 
     // Seeds: seed i is drawn iff the Philox word of element i is below the threshold.
     let threshold = g.threshold(P);
@@ -685,19 +780,19 @@ fn cpu_drop_block<T: Element>(bs: &BlockShape, seed: u64, state: PhiloxState) ->
             .iter()
             .enumerate()
             .all(|(i, &s)| s == (u64::from(element_word(state, i as u64)) < threshold));
-    checks.push((
+    checks.check(
         format!("{drawn} seeds: drawn iff Philox word < {threshold}"),
         seeds_ok,
-    ));
+    );
 
     // Blocks: an element is dropped iff a drawn seed of its plane covers it.
     let cover_ok = g.numel() == n && (0..n).all(|e| reference::mask_bit(&mask, e) != g.covered(&seeds, e));
-    checks.push(("dropped == covered by a drawn seed's block".to_string(), cover_ok));
+    checks.check("dropped == covered by a drawn seed's block".to_string(), cover_ok);
 
     // Keep rate within a 1e-12 tail bound of its expectation.
     let kept: u64 = fwd.counts.iter().sum();
     let (mean, bound) = g.expected_kept(threshold);
-    checks.push((
+    checks.check(
         format!(
             "keep rate {:.4} vs expected {:.4} +- {:.4}",
             kept as f64 / n as f64,
@@ -705,19 +800,19 @@ fn cpu_drop_block<T: Element>(bs: &BlockShape, seed: u64, state: PhiloxState) ->
             bound / n as f64
         ),
         (kept as f64 - mean).abs() <= bound + 1.0,
-    ));
+    );
 
     // Mask shape: ceil(numel / 32) words, unused high bits of the last word zero.
     let used = n % 32;
     let tail_ok = used == 0 || mask[mask.len() - 1] >> used == 0;
-    checks.push((
+    checks.check(
         format!("mask has ceil(n/32) = {} words, unused bits 0", mask_words(n)),
         mask.len() == mask_words(n) && tail_ok,
-    ));
-    checks.push((
+    );
+    checks.check(
         "forward's mask == mask()".to_string(),
         mask_mismatches(&fwd.mask, &mask) == 0,
-    ));
+    );
 
     // Counts: kept mask bits of each sample; scales: numel / kept (global normalisation).
     let per_sample = n / g.n;
@@ -734,10 +829,10 @@ fn cpu_drop_block<T: Element>(bs: &BlockShape, seed: u64, state: PhiloxState) ->
         (n as f64 / kept as f64) as f32
     };
     let scales_ok = fwd.scales.len() == g.n && fwd.scales.iter().all(|s| s.to_bits() == scale.to_bits());
-    checks.push((
+    checks.check(
         format!("counts per sample, scale numel/kept = {scale:.5}"),
         counts_ok && scales_ok,
-    ));
+    );
 
     // y and dx: kept elements are v * scale rounded once, dropped ones +0.
     let apply = |v: &[T], out: &[T]| {
@@ -752,34 +847,25 @@ fn cpu_drop_block<T: Element>(bs: &BlockShape, seed: u64, state: PhiloxState) ->
             })
             .count()
     };
-    checks.push((
+    checks.check(
         "forward y == kept ? x * scale : +0".to_string(),
         apply(&x, &fwd.y) == 0,
-    ));
-    checks.push((
+    );
+    checks.check(
         "backward dx == kept ? dy * scale : +0".to_string(),
         apply(&dy, &dx) == 0,
-    ));
+    );
 
     // A different Philox stream gives a different mask.
     let other = block_ref::mask(&cfg, shape, PhiloxState::new(state.seed, state.offset + 1))?;
-    checks.push(("next offset gives a different mask".to_string(), other != mask));
+    checks.check("next offset gives a different mask".to_string(), other != mask);
 
-    let mut all = true;
-    for (check, ok) in checks {
-        all &= ok;
-        println!(
-            "{dtype:<5} {n:>7}  {check:<52} {}",
-            if ok { "ok" } else { "FAILED" }
-        );
-    }
-    Ok(all)
+    Ok(print_checks(dtype, n, &checks))
 }
 
 fn cpu_tour(n: usize, blocks: &[BlockShape]) -> BoxResult<bool> {
     println!("CPU reference: dropout p = {P}, n = {n}\n");
-    println!("{:<5} {:>7}  {:<52} result", "dtype", "n", "check");
-    println!("{}", "-".repeat(74));
+    print_check_header();
     let mut rng = Generator::new(2024);
     let mut ok = cpu_dtype::<f16>(n, 1, rng.next())?;
     ok &= cpu_dtype::<bf16>(n, 2, rng.next())?;
@@ -790,11 +876,14 @@ fn cpu_tour(n: usize, blocks: &[BlockShape]) -> BoxResult<bool> {
             "CPU reference: {}: DropBlock p = {P}, block {}, shape {:?}\n",
             bs.name, bs.block, bs.shape
         );
-        println!("{:<5} {:>7}  {:<52} result", "dtype", "n", "check");
-        println!("{}", "-".repeat(74));
+        print_check_header();
         ok &= cpu_drop_block::<f16>(bs, 4, rng.next())?;
         ok &= cpu_drop_block::<bf16>(bs, 5, rng.next())?;
         ok &= cpu_drop_block::<f32>(bs, 6, rng.next())?;
+    }
+    for family in &FAMILIES {
+        println!();
+        ok &= (family.cpu)(Scale::Small, &mut rng)?;
     }
     println!();
     println!(
@@ -815,7 +904,13 @@ mod tests {
     /// debug-build reference stays fast).
     #[test]
     fn tour_matches_the_reference() {
-        let ok = super::tour((1 << 16) + 37, super::CPU_N, &super::SMALL_BLOCKS).expect("tour failed");
+        let ok = super::tour(
+            (1 << 16) + 37,
+            super::CPU_N,
+            &super::SMALL_BLOCKS,
+            super::Scale::Small,
+        )
+        .expect("tour failed");
         assert!(ok, "the tour found a mismatch or a failed check");
     }
 }
