@@ -715,15 +715,22 @@ cudaError_t emit(const float *scores, Valid valid, const dropfuse_routing &r, co
   return launch_kernel(emit_kernel, sequence_grid(r.batch), sequence_threads(r.seq_len, kEmitItems), 0, stream, e);
 }
 
-// Dynamic shared memory the top-k kernel may use for a sequence's keys on this device.
-cudaError_t smem_budget(uint64_t *bytes) {
+// The dynamic shared memory the top-k kernel may use for a sequence's keys on this device (the
+// opt-in maximum less the kernel's static shared memory), and what a launch may use now: until
+// cudaFuncSetAttribute raises it, 48 KB less the static shared memory (static + dynamic above
+// 48 KB needs the opt-in, so keys of slightly under 48 KB need it too).
+cudaError_t smem_limits(uint64_t *max_bytes, uint64_t *now_bytes) {
   int dev = 0, optin = 0;
   cudaError_t err = cudaGetDevice(&dev);
   if (err != cudaSuccess) return err;
   err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
   if (err != cudaSuccess) return err;
-  const uint64_t reserve = 4096;  // the kernel's static shared memory
-  *bytes = optin > static_cast<int>(reserve) ? static_cast<uint64_t>(optin) - reserve : 0;
+  cudaFuncAttributes attr;
+  err = cudaFuncGetAttributes(&attr, topk_select_kernel<true>);
+  if (err != cudaSuccess) return err;
+  const uint64_t fixed = attr.sharedSizeBytes;
+  *max_bytes = static_cast<uint64_t>(optin) > fixed ? static_cast<uint64_t>(optin) - fixed : 0;
+  *now_bytes = attr.maxDynamicSharedSizeBytes > 0 ? static_cast<uint64_t>(attr.maxDynamicSharedSizeBytes) : 0;
   return cudaSuccess;
 }
 
@@ -798,14 +805,15 @@ extern "C" int dropfuse_route_top_k(const float *scores, const uint8_t *mask, co
   const Work w = carve(r.work, r.batch);
   const Valid valid{mask, lengths};
   const TopK a{scores, valid, r.batch, r.seq_len, capacity_kind, fraction, tokens, w.kth, w.ties, w.count};
-  uint64_t smem_max = 0;
-  if ((err = smem_budget(&smem_max)) != cudaSuccess) return err;
+  uint64_t smem_max = 0, smem_now = 0;
+  if ((err = smem_limits(&smem_max, &smem_now)) != cudaSuccess) return err;
   const unsigned threads = sequence_threads(r.seq_len, 4);
   const uint64_t key_bytes = r.seq_len * sizeof(uint32_t);
   if (key_bytes <= smem_max) {
-    if (key_bytes > 48 * 1024) {
+    // Raised to the device's maximum (never lowered: concurrent callers all set the same value).
+    if (key_bytes > smem_now) {
       err = cudaFuncSetAttribute(topk_select_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                 static_cast<int>(key_bytes));
+                                 static_cast<int>(smem_max));
       if (err != cudaSuccess) return err;
     }
     err = launch_kernel(topk_select_kernel<true>, sequence_grid(r.batch), threads, key_bytes, stream, a);

@@ -67,7 +67,13 @@ pub fn build_and_run(test: &str, source: &str) -> Option<String> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(source.replace('.', "_"));
     let built = Command::new(&cxx)
-        .args(["-std=c++17", "-O2", "-fno-strict-aliasing", "-ffp-contract=off", "-Wno-unknown-pragmas"])
+        .args([
+            "-std=c++17",
+            "-O2",
+            "-fno-strict-aliasing",
+            "-ffp-contract=off",
+            "-Wno-unknown-pragmas",
+        ])
         .arg("-I")
         .arg(&include)
         .arg("-I")
@@ -86,7 +92,10 @@ pub fn build_and_run(test: &str, source: &str) -> Option<String> {
         String::from_utf8_lossy(&built.stderr)
     );
     let scale = std::env::var("DROPFUSE_EMU_SCALE").unwrap_or_else(|_| "1".into());
-    let run = Command::new(&out).arg(scale).output().expect("running the emulation");
+    let run = Command::new(&out)
+        .arg(scale)
+        .output()
+        .expect("running the emulation");
     let stdout = String::from_utf8_lossy(&run.stdout).into_owned();
     assert!(run.status.success(), "emulation failed:\n{stdout}");
     Some(stdout)
