@@ -31,6 +31,17 @@ constexpr unsigned kFullWarp = 0xffffffffu;
 constexpr float kEps = 1e-8f;
 constexpr int kFinalThreads = 256;
 
+// Every launch (`launch_kernel`): the host emulation (tests/host_emu/cuda_fiber_emu.h) defines it
+// before including this file.
+#ifndef DROPFUSE_HOST_EMULATION
+template <typename... P, typename... A>
+cudaError_t launch_kernel(void (*kernel)(P...), unsigned grid, unsigned block, size_t smem, cudaStream_t stream,
+                          A &&...args) {
+  kernel<<<grid, block, smem, stream>>>(static_cast<A &&>(args)...);
+  return cudaGetLastError();
+}
+#endif
+
 // Tuning knobs (not measured yet): 16-byte chunks per lane and row loaded before any is used
 // (default: 16 elements of each row on sm_90, i.e. 2 chunks of f16/bf16 and 4 of f32, where 32
 // elements spill at 64 registers; one chunk on older GPUs, where more spill at 80 registers with
@@ -194,16 +205,17 @@ cudaError_t launch(const void *input, const void *output, const uint8_t *mask, f
   if (vec) {
     err = wave_grid(rows_kernel<T, true>, kThreads, tiles, &grid);
     if (err != cudaSuccess) return err;
-    rows_kernel<T, true><<<grid, kThreads, 0, stream>>>(a, b, mask, sims, tokens, hidden, tile_sums, tile_counts);
+    err = launch_kernel(rows_kernel<T, true>, grid, kThreads, 0, stream, a, b, mask, sims, tokens, hidden, tile_sums,
+                        tile_counts);
   } else {
     err = wave_grid(rows_kernel<T, false>, kThreads, tiles, &grid);
     if (err != cudaSuccess) return err;
-    rows_kernel<T, false><<<grid, kThreads, 0, stream>>>(a, b, mask, sims, tokens, hidden, tile_sums, tile_counts);
+    err = launch_kernel(rows_kernel<T, false>, grid, kThreads, 0, stream, a, b, mask, sims, tokens, hidden, tile_sums,
+                        tile_counts);
   }
-  err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  finalize_kernel<<<1, kFinalThreads, 0, stream>>>(tile_sums, tile_counts, tiles, layer_sum, layer_count);
-  return cudaGetLastError();
+  return launch_kernel(finalize_kernel, 1, kFinalThreads, 0, stream, tile_sums, tile_counts, tiles, layer_sum,
+                       layer_count);
 }
 
 bool misaligned(const void *p, uintptr_t align) { return (reinterpret_cast<uintptr_t>(p) & (align - 1)) != 0; }

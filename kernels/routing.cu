@@ -62,6 +62,25 @@ constexpr int kRowThreads = 256;  // threads per block of the row kernels
 constexpr int kGateChunk = 32;    // D_GATE_CHUNK
 constexpr int kHistThreads = 256;
 
+// Blocks of the per-sequence kernels (grid-stride over the sequences beyond it). A macro so that
+// the host emulation (tests/host_emu/routing_emu.cpp) can make the grid-stride loops wrap.
+#ifndef DROPFUSE_ROUTING_MAX_SEQUENCE_BLOCKS
+#define DROPFUSE_ROUTING_MAX_SEQUENCE_BLOCKS (1u << 20)
+#endif
+
+// The dynamic shared memory of a kernel, and every launch (`launch_kernel`): the host emulation
+// (tests/host_emu/cuda_fiber_emu.h) defines both before including this file.
+#ifndef DROPFUSE_HOST_EMULATION
+#define DROPFUSE_DYNAMIC_SHARED(type, name) extern __shared__ type name[]
+
+template <typename... P, typename... A>
+cudaError_t launch_kernel(void (*kernel)(P...), unsigned grid, unsigned block, size_t smem, cudaStream_t stream,
+                          A &&...args) {
+  kernel<<<grid, block, smem, stream>>>(static_cast<A &&>(args)...);
+  return cudaGetLastError();
+}
+#endif
+
 // Word offsets inside the work buffer (see dropfuse.h): kth, ties, count (or greater), equal: B
 // words each; then 4 x 256 histogram words and the state words.
 struct Work {
@@ -210,7 +229,7 @@ struct TopK {
 
 template <bool kSmemKeys>
 __global__ void __launch_bounds__(1024) topk_select_kernel(const TopK a) {
-  extern __shared__ uint32_t keys[];  // S keys (kSmemKeys)
+  DROPFUSE_DYNAMIC_SHARED(uint32_t, keys);  // S keys (kSmemKeys)
   __shared__ uint32_t hist[256];
   __shared__ unsigned long long ws[32];
   __shared__ uint32_t sh_digit, sh_rem;
@@ -668,7 +687,9 @@ unsigned sequence_threads(uint64_t S, uint64_t per_thread) {
   return std::min(1024u, std::max(32u, pow2_at_least((S + per_thread - 1) / per_thread)));
 }
 
-unsigned sequence_grid(uint64_t batch) { return static_cast<unsigned>(std::min<uint64_t>(batch, 1u << 20)); }
+unsigned sequence_grid(uint64_t batch) {
+  return static_cast<unsigned>(std::min<uint64_t>(batch, DROPFUSE_ROUTING_MAX_SEQUENCE_BLOCKS));
+}
 
 // A routing descriptor is usable: B, S >= 1, B * S <= 2^32 - 1, 4-byte aligned buffers.
 cudaError_t check_routing(const dropfuse_routing *r, bool with_work) {
@@ -688,23 +709,28 @@ cudaError_t check_valid(const uint8_t *mask, const uint32_t *lengths) {
 
 cudaError_t emit(const float *scores, Valid valid, const dropfuse_routing &r, const Work &w, bool global,
                  cudaStream_t stream) {
-  offsets_kernel<<<1, 1024, 0, stream>>>(r.batch, w, r.offsets, global);
-  cudaError_t err = cudaGetLastError();
+  cudaError_t err = launch_kernel(offsets_kernel, 1, 1024, 0, stream, r.batch, w, r.offsets, global);
   if (err != cudaSuccess) return err;
-  Emit e{scores, valid, r.batch, r.seq_len, w.kth, w.ties, r.offsets, r.indices, r.capacity};
-  emit_kernel<<<sequence_grid(r.batch), sequence_threads(r.seq_len, kEmitItems), 0, stream>>>(e);
-  return cudaGetLastError();
+  const Emit e{scores, valid, r.batch, r.seq_len, w.kth, w.ties, r.offsets, r.indices, r.capacity};
+  return launch_kernel(emit_kernel, sequence_grid(r.batch), sequence_threads(r.seq_len, kEmitItems), 0, stream, e);
 }
 
-// Dynamic shared memory the top-k kernel may use for a sequence's keys on this device.
-cudaError_t smem_budget(uint64_t *bytes) {
+// The dynamic shared memory the top-k kernel may use for a sequence's keys on this device (the
+// opt-in maximum less the kernel's static shared memory), and what a launch may use now: until
+// cudaFuncSetAttribute raises it, 48 KB less the static shared memory (static + dynamic above
+// 48 KB needs the opt-in, so keys of slightly under 48 KB need it too).
+cudaError_t smem_limits(uint64_t *max_bytes, uint64_t *now_bytes) {
   int dev = 0, optin = 0;
   cudaError_t err = cudaGetDevice(&dev);
   if (err != cudaSuccess) return err;
   err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
   if (err != cudaSuccess) return err;
-  const uint64_t reserve = 4096;  // the kernel's static shared memory
-  *bytes = optin > static_cast<int>(reserve) ? static_cast<uint64_t>(optin) - reserve : 0;
+  cudaFuncAttributes attr;
+  err = cudaFuncGetAttributes(&attr, topk_select_kernel<true>);
+  if (err != cudaSuccess) return err;
+  const uint64_t fixed = attr.sharedSizeBytes;
+  *max_bytes = static_cast<uint64_t>(optin) > fixed ? static_cast<uint64_t>(optin) - fixed : 0;
+  *now_bytes = attr.maxDynamicSharedSizeBytes > 0 ? static_cast<uint64_t>(attr.maxDynamicSharedSizeBytes) : 0;
   return cudaSuccess;
 }
 
@@ -719,8 +745,8 @@ cudaError_t launch_rows(const void *src, void *dst, const float *gate, const Row
   unsigned grid = 0;
   cudaError_t err = wave_grid(kernel, kRowThreads, (a.rows + per_block - 1) / per_block, &grid, 8);
   if (err != cudaSuccess) return err;
-  kernel<<<grid, kRowThreads, 0, stream>>>(static_cast<const T *>(src), static_cast<T *>(dst), gate, a, shift);
-  return cudaGetLastError();
+  return launch_kernel(kernel, grid, kRowThreads, 0, stream, static_cast<const T *>(src), static_cast<T *>(dst), gate,
+                       a, shift);
 }
 
 template <RowOp OP>
@@ -750,9 +776,8 @@ cudaError_t launch_scatter_backward(const void *d_out, const void *branch, const
   unsigned grid = 0;
   cudaError_t err = wave_grid(kernel, threads, a.rows, &grid, 8);
   if (err != cudaSuccess) return err;
-  kernel<<<grid, threads, 0, stream>>>(static_cast<const T *>(d_out), static_cast<const T *>(branch), gate,
-                                       static_cast<T *>(d_branch), d_gate, a);
-  return cudaGetLastError();
+  return launch_kernel(kernel, grid, threads, 0, stream, static_cast<const T *>(d_out),
+                       static_cast<const T *>(branch), gate, static_cast<T *>(d_branch), d_gate, a);
 }
 
 Rows rows_of(const dropfuse_routing &r, uint64_t hidden, uint64_t compact_rows) {
@@ -780,21 +805,22 @@ extern "C" int dropfuse_route_top_k(const float *scores, const uint8_t *mask, co
   const Work w = carve(r.work, r.batch);
   const Valid valid{mask, lengths};
   const TopK a{scores, valid, r.batch, r.seq_len, capacity_kind, fraction, tokens, w.kth, w.ties, w.count};
-  uint64_t smem_max = 0;
-  if ((err = smem_budget(&smem_max)) != cudaSuccess) return err;
+  uint64_t smem_max = 0, smem_now = 0;
+  if ((err = smem_limits(&smem_max, &smem_now)) != cudaSuccess) return err;
   const unsigned threads = sequence_threads(r.seq_len, 4);
   const uint64_t key_bytes = r.seq_len * sizeof(uint32_t);
   if (key_bytes <= smem_max) {
-    if (key_bytes > 48 * 1024) {
+    // Raised to the device's maximum (never lowered: concurrent callers all set the same value).
+    if (key_bytes > smem_now) {
       err = cudaFuncSetAttribute(topk_select_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                 static_cast<int>(key_bytes));
+                                 static_cast<int>(smem_max));
       if (err != cudaSuccess) return err;
     }
-    topk_select_kernel<true><<<sequence_grid(r.batch), threads, key_bytes, stream>>>(a);
+    err = launch_kernel(topk_select_kernel<true>, sequence_grid(r.batch), threads, key_bytes, stream, a);
   } else {
-    topk_select_kernel<false><<<sequence_grid(r.batch), threads, 0, stream>>>(a);
+    err = launch_kernel(topk_select_kernel<false>, sequence_grid(r.batch), threads, 0, stream, a);
   }
-  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  if (err != cudaSuccess) return err;
   return emit(scores, valid, r, w, false, stream);
 }
 
@@ -819,11 +845,10 @@ extern "C" int dropfuse_route_global(const float *scores, const uint8_t *mask, c
       cudaSuccess)
     return err;
   for (int pass = 0; pass < 4; ++pass) {
-    global_hist_kernel<<<grid, kHistThreads, 0, stream>>>(a, pass);
-    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+    if ((err = launch_kernel(global_hist_kernel, grid, kHistThreads, 0, stream, a, pass)) != cudaSuccess) return err;
   }
-  global_count_kernel<<<sequence_grid(r.batch), sequence_threads(r.seq_len, 4), 0, stream>>>(a);
-  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  err = launch_kernel(global_count_kernel, sequence_grid(r.batch), sequence_threads(r.seq_len, 4), 0, stream, a);
+  if (err != cudaSuccess) return err;
   return emit(scores, valid, r, w, true, stream);
 }
 

@@ -149,18 +149,24 @@ fn check_case<T: Element>(dev: &Device, c: &Case) -> Result<(), TestCaseError> {
         None => None,
     };
     let mv: Option<&dyn DevicePtr<u8>> = md.as_ref().map(|m| m as &dyn DevicePtr<u8>);
-    let mut sims = ok(dev.upload(&vec![-7.0f32; tokens]), "upload")?;
+    // Three guard entries after the similarities: nothing may be written there.
+    let mut sims = ok(dev.upload(&vec![-7.0f32; tokens + 3]), "upload")?;
 
     // Layer 1 gets the batch twice (once with per-token output), layer 0 once, layer 2 nothing.
     let mut acc = ok(ImportanceAccumulator::new(dev, 3), "new")?;
     ok(
-        acc.add_with_similarities(1, h, &av, &bv, mv, &mut sims),
+        acc.add_with_similarities(1, h, &av, &bv, mv, &mut sims.slice_mut(..tokens)),
         "add_with_similarities",
     )?;
     ok(acc.add(0, h, &av, &bv, mv), "add")?;
     ok(acc.add(1, h, &av, &bv, mv), "add")?;
     let (sums, counts) = ok(acc.download(), "download")?;
-    let got = ok(dev.download(&sims), "download")?;
+    let mut got = ok(dev.download(&sims), "download")?;
+    prop_assert!(
+        got[tokens..].iter().all(|&v| v == -7.0),
+        "similarity guards written"
+    );
+    got.truncate(tokens);
 
     let tol = reference::f32_token_tolerance(h);
     for (t, (g, w)) in got.iter().zip(&want).enumerate() {
@@ -268,6 +274,75 @@ fn gpu_long_rows() {
         check_case::<bf16>(&dev, &c).unwrap();
         check_case::<f32>(&dev, &c).unwrap();
     }
+}
+
+/// More tiles than the grid has blocks (the tile loop wraps: 16 waves of at most 8 blocks per SM
+/// on 132 SMs is below 18750 tiles) and more than the finalize kernel's 256 threads.
+#[test]
+fn gpu_more_tiles_than_blocks() {
+    let Some(dev) = gpu("gpu_more_tiles_than_blocks") else {
+        return;
+    };
+    for (tokens, hidden, pad) in [(1_200_000usize, 2usize, 0u64), (20_000, 8, 20)] {
+        let c = Case {
+            tokens,
+            hidden,
+            a_off: 0,
+            b_off: 1,
+            pad,
+            kind: 1,
+            seed: tokens as u64,
+        };
+        check_case::<bf16>(&dev, &c).unwrap_or_else(|e| panic!("{c:?}: {e}"));
+    }
+}
+
+/// Hidden states of more than 2^32 elements (65540 tokens x 65536, bf16, 8.6 GB each): the rows
+/// beyond element 2^32 are read where they are (zero rows everywhere else, similarity 0).
+#[test]
+fn gpu_importance_huge_rows_beyond_2_pow_32() {
+    let test = "gpu_importance_huge_rows_beyond_2_pow_32";
+    let Some(dev) = gpu(test) else { return };
+    let (tokens, h) = (65_540usize, 65_536usize);
+    let numel = tokens * h;
+    assert!(numel > 1 << 32);
+    let (free, _) = dev.context().mem_get_info().unwrap();
+    let need = numel * 4 + (1 << 30);
+    if free < need {
+        common::skip(test, &format!("needs {need} bytes of GPU memory, {free} free"));
+        return;
+    }
+    let s = dev.stream();
+    let mut a = dev.zeros::<bf16>(numel).unwrap();
+    let mut b = dev.zeros::<bf16>(numel).unwrap();
+    let rows = [1usize, 65_535, 65_536, 65_539];
+    let mut host_rows = Vec::new();
+    for (i, &t) in rows.iter().enumerate() {
+        let x = values::<bf16>(h, 10 + i as u64);
+        let y = correlated(&x, 20 + i as u64, 1.0 + i as f32);
+        s.memcpy_htod(&x, &mut a.slice_mut(t * h..(t + 1) * h)).unwrap();
+        s.memcpy_htod(&y, &mut b.slice_mut(t * h..(t + 1) * h)).unwrap();
+        host_rows.push(reference::cosine(&x, &y));
+    }
+    let mut sims = dev.upload(&vec![-7.0f32; tokens]).unwrap();
+    let mut acc = ImportanceAccumulator::new(&dev, 1).unwrap();
+    acc.add_with_similarities(0, h, &a, &b, None, &mut sims).unwrap();
+    let got = dev.download(&sims).unwrap();
+    let tol = reference::f32_token_tolerance(h);
+    for (t, &g) in got.iter().enumerate() {
+        match rows.iter().position(|&r| r == t) {
+            Some(i) => assert!(
+                (f64::from(g) - host_rows[i]).abs() <= tol,
+                "token {t}: {g} vs {}",
+                host_rows[i]
+            ),
+            None => assert_eq!(g, 0.0, "token {t}: a zero row"),
+        }
+    }
+    let (sums, counts) = acc.download().unwrap();
+    assert_eq!(counts, vec![tokens as u64]);
+    let want: f64 = host_rows.iter().sum();
+    assert!((sums[0] - want).abs() <= reference::f32_sum_tolerance(tokens as u64, h));
 }
 
 /// Every token padding: nothing is counted, and the host hand-over skips the layer.

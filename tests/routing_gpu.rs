@@ -520,10 +520,46 @@ fn gpu_routing_selection_edge_cases() {
             }
         }
     }
+    // Keys of 48000 and 49152 bytes: static + dynamic shared memory above 48 KB needs the opt-in
+    // (the launch failed before the launcher compared the keys with the kernel's current limit).
+    for (b, s) in [(1usize, 12_000usize), (2, 12_288)] {
+        for pad_kind in [0u8, 1] {
+            cases.push(fixed_sel(
+                b,
+                s,
+                0,
+                pad_kind,
+                Capacity::Fraction(0.3),
+                0.25,
+                21 + pad_kind as u64,
+            ));
+        }
+    }
     cases.push(fixed_sel(1, 1 << 20, 1, 1, Capacity::Fraction(0.5), 0.5, 11));
     cases.push(fixed_sel(1, 1 << 20, 0, 0, Capacity::Tokens(12_345), 0.01, 12));
     for c in &cases {
         check_selection(&dev, c).unwrap_or_else(|e| panic!("{c:?}: {e}"));
+    }
+}
+
+/// More sequences than the per-sequence kernels have blocks (2^20: each block then walks several
+/// sequences, reusing its shared memory), and row kernels over more than 1024 sequences (the
+/// offsets are searched in global memory rather than in a shared-memory copy).
+#[test]
+fn gpu_routing_more_sequences_than_blocks() {
+    let Some(dev) = gpu("gpu_routing_more_sequences_than_blocks") else {
+        return;
+    };
+    let b = (1usize << 20) + 3;
+    // One case (the reference takes a while in a debug build): heavy ties, a padding mask.
+    let c = fixed_sel(b, 3, 1, 1, Capacity::Tokens(1), 0.5, 1);
+    check_selection(&dev, &c).unwrap_or_else(|e| panic!("{c:?}: {e}"));
+    for (i, &(batch, seq_len, hidden)) in [(1100usize, 5usize, 8usize), (1500, 3, 7)].iter().enumerate() {
+        for offs in [[0, 0, 0, 0], [1, 2, 3, 1]] {
+            let c = fixed_rows(batch, seq_len, hidden, 2, offs, 40 + i as u64);
+            check_rows::<f32>(&dev, &c).unwrap_or_else(|e| panic!("{c:?}: {e}"));
+            check_rows::<bf16>(&dev, &c).unwrap_or_else(|e| panic!("{c:?}: {e}"));
+        }
     }
 }
 
@@ -745,7 +781,8 @@ fn check_rows<T: Element>(dev: &Device, c: &RowCase) -> Result<(), TestCaseError
     )?;
     let dyd = upload_at(dev, o4, &dy, sentinel);
     let mut dbd = upload_at(dev, o2, &vec![sentinel; rows * h], sentinel);
-    let mut dgd = dev.upload(&vec![f32::from_bits(0xDEAD_BEEF); tokens]).unwrap();
+    let dg_fill = f32::from_bits(0xDEAD_BEEF);
+    let mut dgd = dev.upload(&vec![dg_fill; tokens + GUARD]).unwrap();
     ok(
         routing::scatter_add_tokens_backward(
             s,
@@ -755,7 +792,7 @@ fn check_rows<T: Element>(dev: &Device, c: &RowCase) -> Result<(), TestCaseError
             &bd.slice(o3..o3 + rows * h),
             &gd,
             &mut dbd.slice_mut(o2..o2 + rows * h),
-            &mut dgd,
+            &mut dgd.slice_mut(..tokens),
         ),
         "scatter_add_backward",
     )?;
@@ -768,7 +805,8 @@ fn check_rows<T: Element>(dev: &Device, c: &RowCase) -> Result<(), TestCaseError
             d_gate[flat] = 0.0;
         }
     }
-    same_bits(&dl(dev, &dgd), &d_gate, "d_gate")?;
+    d_gate.extend([dg_fill; GUARD]);
+    same_bits(&dl(dev, &dgd), &d_gate, "d_gate (and the guard after it)")?;
 
     // Backward of the gather, accumulated into d_x.
     let d_c = values::<T>(brows * h, c.seed ^ 5);
@@ -795,7 +833,15 @@ fn check_rows<T: Element>(dev: &Device, c: &RowCase) -> Result<(), TestCaseError
         ),
         "gather_backward",
     )?;
-    same_bits(&dl(dev, &dxd)[o4..o4 + tokens * h], &dx_want, "d_x")?;
+    let got = dl(dev, &dxd);
+    same_bits(&got[o4..o4 + tokens * h], &dx_want, "d_x")?;
+    prop_assert!(
+        got[..o4]
+            .iter()
+            .chain(&got[o4 + tokens * h..])
+            .all(|v| v.to_bits_u32() == sentinel.to_bits_u32()),
+        "d_x: guard elements written"
+    );
 
     // The capacity check sees what the kernels could not.
     let checked = routing.check_capacity(s, rows);

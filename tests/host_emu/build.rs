@@ -1,0 +1,94 @@
+//! Builds a host emulation program (`tests/host_emu/*.cpp`: CUDA kernels on the fiber-per-thread
+//! emulator of `cuda_fiber_emu.h`) with the host C++ compiler against the CUDA headers, and runs it.
+//! Shared by the `*_host_emulation` tests (included with `#[path]`).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn find_nvcc() -> Option<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut candidates: Vec<PathBuf> = Vec::new();
+    if let Some(p) = std::env::var_os("NVCC") {
+        candidates.push(PathBuf::from(p));
+    }
+    for var in ["CUDA_HOME", "CUDA_PATH"] {
+        if let Some(p) = std::env::var_os(var) {
+            candidates.push(PathBuf::from(p).join("bin/nvcc"));
+        }
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        candidates.extend(std::env::split_paths(&path).map(|d| d.join("nvcc")));
+    }
+    candidates.push(root.join(".cuda/site/nvidia/cu13/bin/nvcc"));
+    candidates.into_iter().find(|p| p.is_file())
+}
+
+fn find_cxx() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("CXX") {
+        let p = PathBuf::from(p);
+        if p.is_file() {
+            return Some(p);
+        }
+    }
+    let path = std::env::var_os("PATH")?;
+    for name in ["c++", "g++", "clang++"] {
+        for d in std::env::split_paths(&path) {
+            let p = d.join(name);
+            if p.is_file() {
+                return Some(p);
+            }
+        }
+    }
+    None
+}
+
+/// Builds `tests/host_emu/<source>` with the host compiler and runs it; `None` (after a SKIPPED
+/// line) without a compiler or the CUDA headers.
+pub fn build_and_run(test: &str, source: &str) -> Option<String> {
+    let Some(cxx) = find_cxx() else {
+        crate::common::skip(test, "no host C++ compiler found");
+        return None;
+    };
+    let include = find_nvcc()
+        .and_then(|n| n.parent().and_then(Path::parent).map(|d| d.join("include")))
+        .filter(|d| d.join("cuda_fp16.h").is_file());
+    let Some(include) = include else {
+        crate::common::skip(test, "no CUDA headers found (next to nvcc)");
+        return None;
+    };
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(source.replace('.', "_"));
+    let built = Command::new(&cxx)
+        .args([
+            "-std=c++17",
+            "-O2",
+            "-fno-strict-aliasing",
+            "-ffp-contract=off",
+            "-Wno-unknown-pragmas",
+        ])
+        .arg("-I")
+        .arg(&include)
+        .arg("-I")
+        .arg(root.join("kernels"))
+        .arg("-I")
+        .arg(root.join("tests/host_emu"))
+        .arg("-o")
+        .arg(&out)
+        .arg(root.join("tests/host_emu").join(source))
+        .output()
+        .expect("running the C++ compiler");
+    assert!(
+        built.status.success(),
+        "{} failed:\n{}",
+        cxx.display(),
+        String::from_utf8_lossy(&built.stderr)
+    );
+    let scale = std::env::var("DROPFUSE_EMU_SCALE").unwrap_or_else(|_| "1".into());
+    let run = Command::new(&out)
+        .arg(scale)
+        .output()
+        .expect("running the emulation");
+    let stdout = String::from_utf8_lossy(&run.stdout).into_owned();
+    assert!(run.status.success(), "emulation failed:\n{stdout}");
+    Some(stdout)
+}

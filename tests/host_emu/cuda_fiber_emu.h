@@ -1,0 +1,379 @@
+// A small CUDA execution emulator for the host (no GPU): every thread of a block is a fiber
+// (ucontext) on one OS thread; __syncthreads and the warp intrinsics are rendezvous points, so the
+// emulation honours barrier semantics: between two sync points a thread runs alone, the threads of
+// a block run in a RANDOM order each round (a read of shared memory that another thread writes
+// without a barrier in between sees either value, as on a GPU), a barrier releases only when every
+// thread of the block reached it (reached by some threads after others exited: reported), and a
+// warp intrinsic with the full mask needs all 32 lanes at the same intrinsic (divergence: reported).
+// Blocks run one after the other; `__shared__` variables are function statics (one block at a
+// time: faithful), the dynamic shared memory is poisoned before every block.
+//
+// Used by tests/host_emu/routing_emu.cpp and importance_emu.cpp, compiled with a plain host C++
+// compiler (-ffp-contract=off: the __fmul_rn / __fadd_rn stand-ins round each operation) against
+// the CUDA headers (half / bfloat16 conversions, runtime types). The CUDA runtime calls the
+// launchers make are stubs below (an emulated device: few SMs, so grid-stride loops wrap), and
+// launches go through `launch_kernel`, which the kernel files define with <<<>>> unless
+// DROPFUSE_HOST_EMULATION is set.
+#pragma once
+#define DROPFUSE_HOST_EMULATION 1
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+#include <string.h>
+#include <ucontext.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <functional>
+#include <map>
+#include <random>
+#include <tuple>
+#include <vector>
+
+using std::isnan;
+
+#undef __global__
+#undef __device__
+#undef __host__
+#undef __shared__
+#undef __forceinline__
+#undef __launch_bounds__
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __shared__ static
+#define __launch_bounds__(...)
+#define DROPFUSE_DYNAMIC_SHARED(type, name) type *name = reinterpret_cast<type *>(emu::g.dyn_smem.data())
+
+namespace emu {
+
+[[noreturn]] inline void fatal(const char *what) {
+  fprintf(stderr, "EMULATION ERROR: %s\n", what);
+  printf("EMULATION ERROR: %s\n", what);
+  fflush(stdout);
+  abort();
+}
+
+enum State { kRun, kBar, kWarp, kDone };
+enum WarpOp { kShflUp = 1, kShflIdx, kShflXor, kBallot };
+
+struct Fiber {
+  ucontext_t ctx;
+  State state;
+  int op;
+  uint64_t val;
+  int arg;
+  uint64_t result;
+};
+
+struct Global {
+  // The emulated device.
+  int sms = 3;
+  int blocks_per_sm = 2;
+  int smem_optin = 232448;
+  unsigned max_grid_x = 0x7FFFFFFFu;
+  std::map<const void *, int> max_dynamic;  // cudaFuncAttributeMaxDynamicSharedMemorySize
+  int static_smem = 4096;                  // reported sharedSizeBytes (an upper bound)
+  // The running block.
+  std::vector<Fiber> fibers;
+  std::vector<char *> stacks;
+  ucontext_t sched;
+  int cur = 0;
+  const std::function<void()> *body = nullptr;
+  std::vector<unsigned char> dyn_smem;
+  std::mt19937_64 rng{42};
+  uint64_t launches = 0;
+  cudaError_t sticky = cudaSuccess;
+};
+inline Global g;
+
+}  // namespace emu
+
+// The built-in variables: the scheduler sets threadIdx before resuming a thread.
+inline uint3 threadIdx, blockIdx;
+inline dim3 blockDim, gridDim;
+
+namespace emu {
+
+constexpr size_t kStack = 64 * 1024;
+
+inline void entry() {
+  (*g.body)();
+  g.fibers[g.cur].state = kDone;
+  // returning switches to uc_link (the scheduler)
+}
+
+inline void yield() { swapcontext(&g.fibers[g.cur].ctx, &g.sched); }
+
+inline void resolve_warp(int w) {
+  Fiber *f = &g.fibers[w * 32];
+  const int op = f[0].op;
+  for (int l = 0; l < 32; ++l)
+    if (f[l].op != op) fatal("lanes of a warp at different warp intrinsics (divergence)");
+  for (int l = 0; l < 32; ++l) {
+    uint64_t r = 0;
+    switch (op) {
+      case kShflUp: r = l >= f[l].arg ? f[l - f[l].arg].val : f[l].val; break;
+      case kShflIdx: r = f[f[l].arg & 31].val; break;
+      case kShflXor: r = f[(l ^ f[l].arg) & 31].val; break;
+      case kBallot: {
+        uint64_t b = 0;
+        for (int j = 0; j < 32; ++j) b |= (f[j].val ? 1ull : 0ull) << j;
+        r = b;
+        break;
+      }
+      default: fatal("unknown warp op");
+    }
+    f[l].result = r;
+  }
+  for (int l = 0; l < 32; ++l) f[l].state = kRun;
+}
+
+// Runs one block: every thread to completion, honouring barriers and warp rendezvous. Each step
+// runs one runnable thread up to its next sync point; a warp intrinsic completes as soon as its 32
+// lanes are there (other threads may still be anywhere before their next barrier), a barrier as
+// soon as every thread of the block is there. Which thread runs next: half of the blocks pick a
+// random runnable warp, the others run the warps in a random priority order (a warp runs ahead of
+// the others as far as it can: the usual shape of a missing-barrier race); the lane is random.
+inline void run_block(unsigned threads) {
+  if (threads % 32 != 0) fatal("block size not a multiple of 32 (the warp intrinsics need whole warps)");
+  while (g.stacks.size() < threads) g.stacks.push_back(static_cast<char *>(malloc(kStack)));
+  g.fibers.assign(threads, Fiber{});
+  const unsigned warps = threads / 32;
+  std::vector<std::vector<unsigned>> runnable(warps);
+  std::vector<unsigned> at_warp(warps, 0), priority(warps);
+  for (unsigned w = 0; w < warps; ++w) priority[w] = w;
+  std::shuffle(priority.begin(), priority.end(), g.rng);
+  const bool by_priority = g.rng() % 2 == 0;
+  size_t live = threads;
+  for (unsigned i = 0; i < threads; ++i) {
+    Fiber &f = g.fibers[i];
+    getcontext(&f.ctx);
+    f.ctx.uc_stack.ss_sp = g.stacks[i];
+    f.ctx.uc_stack.ss_size = kStack;
+    f.ctx.uc_link = &g.sched;
+    makecontext(&f.ctx, entry, 0);
+    f.state = kRun;
+    runnable[i / 32].push_back(i);
+  }
+  unsigned bar = 0, done = 0;
+  std::vector<unsigned> nonempty;
+  while (live > 0) {
+    unsigned w = 0;
+    if (by_priority) {
+      for (unsigned p : priority)
+        if (!runnable[p].empty()) {
+          w = p;
+          break;
+        }
+    } else {
+      nonempty.clear();
+      for (unsigned p = 0; p < warps; ++p)
+        if (!runnable[p].empty()) nonempty.push_back(p);
+      w = nonempty[g.rng() % nonempty.size()];
+    }
+    std::vector<unsigned> &list = runnable[w];
+    const size_t k = g.rng() % list.size();
+    const unsigned i = list[k];
+    list[k] = list.back();
+    list.pop_back();
+    --live;
+    g.cur = static_cast<int>(i);
+    threadIdx = uint3{i, 0, 0};
+    swapcontext(&g.sched, &g.fibers[i].ctx);
+    switch (g.fibers[i].state) {
+      case kDone: ++done; break;
+      case kBar: ++bar; break;
+      case kWarp:
+        if (++at_warp[w] == 32) {
+          at_warp[w] = 0;
+          resolve_warp(static_cast<int>(w));
+          for (unsigned l = 0; l < 32; ++l) list.push_back(w * 32 + l);
+          live += 32;
+        }
+        break;
+      default: fatal("a thread stopped without reaching a sync point");
+    }
+    if (bar > 0 && bar + done == threads) {
+      if (done > 0) fatal("__syncthreads reached by some threads after others exited");
+      bar = 0;
+      for (unsigned j = 0; j < threads; ++j) {
+        g.fibers[j].state = kRun;
+        runnable[j / 32].push_back(j);
+      }
+      live += threads;
+    }
+  }
+  if (done != threads) {
+    for (unsigned w = 0; w < warps; ++w)
+      if (at_warp[w] > 0) fatal("a warp intrinsic (full mask) reached by only some lanes of a warp");
+    fatal("deadlock (threads at a barrier while others wait at a warp intrinsic)");
+  }
+}
+
+inline uint64_t warp_op(int op, uint64_t v, int arg) {
+  Fiber &f = g.fibers[g.cur];
+  f.op = op;
+  f.val = v;
+  f.arg = arg;
+  f.state = kWarp;
+  yield();
+  return g.fibers[g.cur].result;
+}
+
+// A launch: checks the configuration like the driver, then runs every block.
+template <typename... P, typename... A>
+cudaError_t launch(void (*kernel)(P...), unsigned grid, unsigned block, size_t smem, A &&...args) {
+  if (g.sticky != cudaSuccess) return g.sticky;
+  if (grid == 0 || grid > g.max_grid_x || block == 0 || block > 1024) return cudaErrorInvalidConfiguration;
+  auto it = g.max_dynamic.find(reinterpret_cast<const void *>(kernel));
+  const int max_dyn = it == g.max_dynamic.end() ? 48 * 1024 - g.static_smem : it->second;
+  if (smem > static_cast<size_t>(max_dyn)) return cudaErrorInvalidValue;  // what the runtime reports
+  ++g.launches;
+  std::tuple<std::decay_t<P>...> params(std::forward<A>(args)...);
+  const std::function<void()> body = [&] { std::apply(kernel, params); };
+  g.body = &body;
+  gridDim = dim3(grid, 1, 1);
+  blockDim = dim3(block, 1, 1);
+  for (unsigned b = 0; b < grid; ++b) {
+    g.dyn_smem.assign(smem + 16, 0xA5);
+    blockIdx = uint3{b, 0, 0};
+    run_block(block);
+  }
+  g.body = nullptr;
+  return cudaSuccess;
+}
+
+}  // namespace emu
+
+// ---- device intrinsics ----
+inline void __syncthreads() {
+  emu::g.fibers[emu::g.cur].state = emu::kBar;
+  emu::yield();
+}
+inline void __threadfence() {}
+
+template <typename T>
+inline uint64_t emu_bits(T v) {
+  static_assert(sizeof(T) <= 8, "");
+  uint64_t b = 0;
+  memcpy(&b, &v, sizeof(T));
+  return b;
+}
+template <typename T>
+inline T emu_from(uint64_t b) {
+  T v;
+  memcpy(&v, &b, sizeof(T));
+  return v;
+}
+template <typename T>
+inline T __shfl_up_sync(unsigned mask, T v, unsigned delta) {
+  if (mask != 0xFFFFFFFFu) emu::fatal("partial shuffle masks are not emulated");
+  return emu_from<T>(emu::warp_op(emu::kShflUp, emu_bits(v), static_cast<int>(delta)));
+}
+template <typename T>
+inline T __shfl_sync(unsigned mask, T v, int src) {
+  if (mask != 0xFFFFFFFFu) emu::fatal("partial shuffle masks are not emulated");
+  return emu_from<T>(emu::warp_op(emu::kShflIdx, emu_bits(v), src));
+}
+template <typename T>
+inline T __shfl_xor_sync(unsigned mask, T v, int m) {
+  if (mask != 0xFFFFFFFFu) emu::fatal("partial shuffle masks are not emulated");
+  return emu_from<T>(emu::warp_op(emu::kShflXor, emu_bits(v), m));
+}
+inline unsigned __ballot_sync(unsigned mask, int pred) {
+  if (mask != 0xFFFFFFFFu) emu::fatal("partial ballot masks are not emulated");
+  return static_cast<unsigned>(emu::warp_op(emu::kBallot, pred ? 1 : 0, 0));
+}
+inline int __popc(unsigned v) { return __builtin_popcount(v); }
+inline int __ffs(int v) { return __builtin_ffs(v); }
+inline unsigned atomicAdd(unsigned *p, unsigned v) {
+  const unsigned old = *p;
+  *p = old + v;
+  return old;
+}
+inline unsigned long long atomicAdd(unsigned long long *p, unsigned long long v) {
+  const unsigned long long old = *p;
+  *p = old + v;
+  return old;
+}
+// Each one operation rounded to nearest (the file is compiled with -ffp-contract=off).
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
+inline float __fsqrt_rn(float a) { return std::sqrt(a); }
+inline double __dmul_rn(double a, double b) { return a * b; }
+inline unsigned __float_as_uint(float f) { return emu_bits(f) & 0xFFFFFFFFu; }
+inline float __int_as_float(int i) { return emu_from<float>(static_cast<uint32_t>(i)); }
+inline float __uint_as_float(unsigned i) { return emu_from<float>(i); }
+template <typename T>
+inline T min(T a, T b) {
+  return b < a ? b : a;
+}
+template <typename T>
+inline T max(T a, T b) {
+  return a < b ? b : a;
+}
+
+// ---- runtime stubs (the emulated device) ----
+extern "C" {
+inline cudaError_t cudaGetLastError(void) {
+  const cudaError_t e = emu::g.sticky;
+  emu::g.sticky = cudaSuccess;
+  return e;
+}
+inline cudaError_t cudaPeekAtLastError(void) { return emu::g.sticky; }
+inline cudaError_t cudaGetDevice(int *d) {
+  *d = 0;
+  return cudaSuccess;
+}
+inline cudaError_t cudaDeviceGetAttribute(int *v, cudaDeviceAttr attr, int) {
+  switch (attr) {
+    case cudaDevAttrMultiProcessorCount: *v = emu::g.sms; return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *v = emu::g.smem_optin; return cudaSuccess;
+    default: return cudaErrorInvalidValue;
+  }
+}
+inline cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int *n, const void *, int, size_t) {
+  *n = emu::g.blocks_per_sm;
+  return cudaSuccess;
+}
+inline cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessorWithFlags(int *n, const void *, int, size_t,
+                                                                          unsigned) {
+  *n = emu::g.blocks_per_sm;
+  return cudaSuccess;
+}
+inline cudaError_t cudaMemsetAsync(void *p, int v, size_t n, cudaStream_t) {
+  memset(p, v, n);
+  return cudaSuccess;
+}
+}
+template <typename T>
+inline cudaError_t cudaFuncSetAttribute(T *kernel, cudaFuncAttribute attr, int value) {
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) return cudaErrorInvalidValue;
+  if (value < 0 || value + emu::g.static_smem > emu::g.smem_optin) return cudaErrorInvalidValue;
+  emu::g.max_dynamic[reinterpret_cast<const void *>(kernel)] = value;
+  return cudaSuccess;
+}
+template <typename T>
+inline cudaError_t cudaFuncGetAttributes(cudaFuncAttributes *a, T *kernel) {
+  memset(a, 0, sizeof(*a));
+  a->sharedSizeBytes = static_cast<size_t>(emu::g.static_smem);
+  auto it = emu::g.max_dynamic.find(reinterpret_cast<const void *>(kernel));
+  a->maxDynamicSharedSizeBytes = it == emu::g.max_dynamic.end() ? 48 * 1024 - emu::g.static_smem : it->second;
+  a->maxThreadsPerBlock = 1024;
+  return cudaSuccess;
+}
+
+namespace dropfuse {
+template <typename... P, typename... A>
+cudaError_t launch_kernel(void (*kernel)(P...), unsigned grid, unsigned block, size_t smem, cudaStream_t,
+                          A &&...args) {
+  return emu::launch(kernel, grid, block, smem, std::forward<A>(args)...);
+}
+}  // namespace dropfuse
