@@ -290,6 +290,11 @@ inline unsigned __ballot_sync(unsigned mask, int pred) {
   if (mask != 0xFFFFFFFFu) emu::fatal("partial ballot masks are not emulated");
   return static_cast<unsigned>(emu::warp_op(emu::kBallot, pred ? 1 : 0, 0));
 }
+// Read-only loads: plain loads (the emulation has no texture path).
+template <typename T>
+inline T __ldg(const T *p) {
+  return *p;
+}
 inline int __popc(unsigned v) { return __builtin_popcount(v); }
 inline int __ffs(int v) { return __builtin_ffs(v); }
 inline unsigned atomicAdd(unsigned *p, unsigned v) {
