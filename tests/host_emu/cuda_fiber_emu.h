@@ -8,12 +8,15 @@
 // Blocks run one after the other; `__shared__` variables are function statics (one block at a
 // time: faithful), the dynamic shared memory is poisoned before every block.
 //
-// Used by tests/host_emu/*_emu.cpp (routing, importance, skip, graph-safe randomness), compiled with a plain host C++
-// compiler (-ffp-contract=off: the __fmul_rn / __fadd_rn stand-ins round each operation) against
-// the CUDA headers (half / bfloat16 conversions, runtime types). The CUDA runtime calls the
-// launchers make are stubs below (an emulated device: few SMs, so grid-stride loops wrap), and
-// launches go through `launch_kernel`, which the kernel files define with <<<>>> unless
-// DROPFUSE_HOST_EMULATION is set.
+// Used by tests/host_emu/*_emu.cpp (routing, importance, skip, graph-safe randomness), compiled
+// with a plain host C++ compiler (-ffp-contract=off: the __fmul_rn / __fadd_rn stand-ins round each
+// operation) against the CUDA headers (half / bfloat16 conversions, runtime types). The CUDA
+// runtime calls the launchers make are stubs below (an emulated device: few SMs, so grid-stride
+// loops wrap; the launchers cache the SM count of their first launch), and launches go through
+// `launch_kernel`, which the kernel files define with <<<>>> unless DROPFUSE_HOST_EMULATION is set.
+// Not emulated: concurrency between blocks (they run one after the other, so inter-block races and
+// atomics' contention are not exercised), texture/read-only caches, and the 16-byte accesses'
+// atomicity (a uint4 load or store is a plain copy here).
 #pragma once
 #define DROPFUSE_HOST_EMULATION 1
 

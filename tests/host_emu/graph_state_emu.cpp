@@ -221,7 +221,9 @@ template <typename T> void test_dropout() {
   CHECK(sd.intact(seed, dev_off), "the dropout kernels changed the device state");
   const bool writes_y = mode != DMode::Mask, writes_mask = mode != DMode::Forward;
   char what[256];
-  snprintf(what, sizeof what, "dropout %s mode %d n=%lu element_offset=%#lx threshold=%#lx dev_off=%#lx add=%#lx xo=%zu yo=%zu in_place=%d",
+  snprintf(what, sizeof what,
+           "dropout %s mode %d n=%lu element_offset=%#lx threshold=%#lx dev_off=%#lx add=%#lx xo=%zu yo=%zu "
+           "in_place=%d",
            Ty<T>::name, (int)mode, n, p.element_offset, p.threshold, dev_off, add, xo, yo, in_place);
   CHECK(yh.guards() && yd.guards() && mh.guards() && md.guards() && x.guards(), "%s: guards", what);
   if (writes_y) CHECK(yh == yd, "%s: y differs between the host and the device state", what);

@@ -370,10 +370,12 @@ std::vector<uint8_t> random_flags(uint64_t B) {
 }
 
 void test_slots() {
-  for (uint64_t B : {1ull, 2ull, 31ull, 32ull, 33ull, 127ull, 128ull, 129ull, 1000ull}) run_slots(random_flags(B), nullptr);
+  for (uint64_t B : {1ull, 2ull, 31ull, 32ull, 33ull, 127ull, 128ull, 129ull, 1000ull})
+    run_slots(random_flags(B), nullptr);
   for (int i = 0; i < 6; ++i) run_slots(random_flags(1 + rnd(9000)), nullptr);
   // Tile boundaries (4096 flags per tile) and a few 10^4 samples.
-  for (uint64_t B : {4095ull, 4096ull, 4097ull, 8192ull, 8193ull, 20000ull + rnd(20000)}) run_slots(random_flags(B), nullptr);
+  for (uint64_t B : {4095ull, 4096ull, 4097ull, 8192ull, 8193ull, 20000ull + rnd(20000)})
+    run_slots(random_flags(B), nullptr);
   std::vector<uint8_t> all(33000, 1);
   run_slots(all, nullptr);
 }
