@@ -41,6 +41,20 @@ constexpr int kMaskThreads = 128;
 constexpr int kApplyThreads = 256;
 constexpr int kApplyUnroll = 4;  // chunks in flight per lane, as dropout's backward
 
+// The dynamic shared memory of a kernel, and every launch (`launch_kernel`): the host emulation
+// (tests/host_emu/cuda_fiber_emu.h) defines both (and runs the kernels on the CPU) before including
+// this file.
+#ifndef DROPFUSE_HOST_EMULATION
+#define DROPFUSE_DYNAMIC_SHARED(type, name) extern __shared__ type name[]
+
+template <typename... P, typename... A>
+cudaError_t launch_kernel(void (*kernel)(P...), unsigned grid, unsigned block, size_t smem, cudaStream_t stream,
+                          A &&...args) {
+  kernel<<<grid, block, smem, stream>>>(static_cast<A &&>(args)...);
+  return cudaGetLastError();
+}
+#endif
+
 // Everything the mask kernel needs, prepared on the host.
 struct Geometry {
   PhiloxStream philox;    // host-prepared; unused when dev.state is set
@@ -89,7 +103,7 @@ __global__ void DROPFUSE_MASK_BOUNDS
   if constexpr (kDev) dev_philox = device_stream(g.dev, 0);
   const PhiloxStream &philox = kDev ? dev_philox : g.philox;
   using Word = typename std::conditional<kNarrow, uint64_t, uint32_t>::type;
-  extern __shared__ uint64_t smem_raw[];
+  DROPFUSE_DYNAMIC_SHARED(uint64_t, smem_raw);
   __shared__ unsigned long long block_kept;
   __shared__ int any_seed;
   const uint32_t Wk = kNarrow ? 1u : g.Wk;  // words per row
@@ -418,8 +432,8 @@ cudaError_t apply_grid(const void *x, void *y, const uint32_t *mask, const unsig
   unsigned grid = 0;
   const cudaError_t err = wave_grid(kernel, kApplyThreads, wanted, &grid, 32);
   if (err != cudaSuccess) return err;
-  kernel<<<grid, kApplyThreads, 0, stream>>>(static_cast<const T *>(x), static_cast<T *>(y), mask, stats, ap);
-  return cudaGetLastError();
+  return launch_kernel(kernel, grid, kApplyThreads, 0, stream, static_cast<const T *>(x), static_cast<T *>(y), mask,
+                       stats, ap);
 }
 
 template <typename T>
@@ -491,8 +505,8 @@ extern "C" int dropfuse_drop_block_forward(dropfuse_dtype dtype, const void *x, 
   if (err != cudaSuccess) return err;
   const uint64_t cap = static_cast<uint64_t>(sms) * (per_sm > 0 ? per_sm : 1) * 16;
   const unsigned grid = static_cast<unsigned>(g.jobs < cap ? g.jobs : cap);
-  kernel<<<grid, kMaskThreads, smem, stream>>>(mask, reinterpret_cast<unsigned long long *>(stats), g);
-  err = cudaGetLastError();
+  err = launch_kernel(kernel, grid, kMaskThreads, smem, static_cast<cudaStream_t>(stream), mask,
+                      reinterpret_cast<unsigned long long *>(stats), g);
   if (err != cudaSuccess || x == nullptr) return err;
   return launch_apply_dtype(dtype, x, y, mask, stats, p, static_cast<cudaStream_t>(stream));
 }

@@ -48,6 +48,17 @@ constexpr int kThreads = 256;
 
 constexpr unsigned kFullWarp = 0xffffffffu;
 
+// Every launch goes through `launch_kernel`: the host emulation (tests/host_emu/cuda_fiber_emu.h)
+// defines it (and runs the kernels on the CPU) before including this file.
+#ifndef DROPFUSE_HOST_EMULATION
+template <typename... P, typename... A>
+cudaError_t launch_kernel(void (*kernel)(P...), unsigned grid, unsigned block, size_t smem, cudaStream_t stream,
+                          A &&...args) {
+  kernel<<<grid, block, smem, stream>>>(static_cast<A &&>(args)...);
+  return cudaGetLastError();
+}
+#endif
+
 enum class Mode {
   ForwardMask,    // y = dropout(x), write the bit mask
   ForwardNoMask,  // y = dropout(x); also the mask-free backward
@@ -276,8 +287,7 @@ cudaError_t launch_typed(const T *x, T *y, uint32_t *mask_out, const uint32_t *m
   unsigned grid = 0;
   cudaError_t err = wave_grid(kernel, kThreads, (chunks + per_block - 1) / per_block, &grid, waves_for<T, M>(n));
   if (err != cudaSuccess) return err;
-  kernel<<<grid, kThreads, 0, stream>>>(x, y, mask_out, mask_in, n, prepare(p));
-  return cudaGetLastError();
+  return launch_kernel(kernel, grid, kThreads, 0, stream, x, y, mask_out, mask_in, n, prepare(p));
 }
 
 // Picks the instantiation: 16-byte vectors when both data pointers allow them, and for the Philox
@@ -334,8 +344,7 @@ extern "C" int dropfuse_dropout_mask(uint32_t *mask, uint64_t n, const dropfuse_
   unsigned grid = 0;
   cudaError_t err = wave_grid(kernel, kThreads, (words + kThreads - 1) / kThreads, &grid);
   if (err != cudaSuccess) return err;
-  kernel<<<grid, kThreads, 0, stream>>>(mask, n, prepare(*params));
-  return cudaGetLastError();
+  return launch_kernel(kernel, grid, kThreads, 0, stream, mask, n, prepare(*params));
 }
 
 extern "C" int dropfuse_dropout_forward(dropfuse_dtype dtype, const void *x, void *y, uint32_t *mask,

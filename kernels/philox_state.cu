@@ -11,9 +11,23 @@ __global__ void philox_advance_kernel(uint64_t *state, uint64_t streams) { state
 
 }  // namespace
 
+// The launch (`launch_kernel`): the host emulation (tests/host_emu/cuda_fiber_emu.h) defines it
+// (and runs the kernel on the CPU) before including this file.
+#ifndef DROPFUSE_HOST_EMULATION
+namespace dropfuse {
+namespace {
+template <typename... P, typename... A>
+cudaError_t launch_kernel(void (*kernel)(P...), unsigned grid, unsigned block, size_t smem, cudaStream_t stream,
+                          A &&...args) {
+  kernel<<<grid, block, smem, stream>>>(static_cast<A &&>(args)...);
+  return cudaGetLastError();
+}
+}  // namespace
+}  // namespace dropfuse
+#endif
+
 extern "C" int dropfuse_philox_advance(uint64_t *philox_dev, uint64_t streams, dropfuse_stream_t stream) {
   if (philox_dev == nullptr || (reinterpret_cast<uintptr_t>(philox_dev) & 7u) != 0) return cudaErrorInvalidValue;
   if (streams == 0) return cudaSuccess;
-  philox_advance_kernel<<<1, 1, 0, stream>>>(philox_dev, streams);
-  return cudaGetLastError();
+  return dropfuse::launch_kernel(philox_advance_kernel, 1, 1, 0, stream, philox_dev, streams);
 }

@@ -12,8 +12,8 @@
 // a warp almost everywhere); a dropped row is neither loaded nor, in place, stored, so a dropped
 // sample never reads its branch. All indices are 64-bit.
 //
-// The per-thread bodies are __host__ __device__: they are plain C++ over a thread index, so the
-// launch arithmetic can be exercised on the CPU as well (one thread index after the other).
+// Every launch goes through `launch_kernel`: the host emulation (tests/host_emu/cuda_fiber_emu.h,
+// tests/host_emu/skip_emu.cpp) defines it, and runs these very kernels and launchers on the CPU.
 #include <stdint.h>
 
 #include "common/launch.cuh"
@@ -23,7 +23,16 @@
 namespace dropfuse {
 namespace {
 
-#define DF_HD __host__ __device__ __forceinline__
+#define DF_HD __device__ __forceinline__
+
+#ifndef DROPFUSE_HOST_EMULATION
+template <typename... P, typename... A>
+cudaError_t launch_kernel(void (*kernel)(P...), unsigned grid, unsigned block, size_t smem, cudaStream_t stream,
+                          A &&...args) {
+  kernel<<<grid, block, smem, stream>>>(static_cast<A &&>(args)...);
+  return cudaGetLastError();
+}
+#endif
 
 constexpr int kThreads = 256;
 // Tuning knobs (DROPFUSE_NVCC_FLAGS="-DDROPFUSE_SKIP_UNROLL=..."); defaults chosen from the
@@ -54,44 +63,19 @@ struct Conv<__half> {
 };
 template <>
 struct Conv<__nv_bfloat16> {
-  DF_HD static float to(__nv_bfloat16 v) {
-#ifdef __CUDA_ARCH__
-    return Elem<__nv_bfloat16>::to_f32(v);
-#else
-    return __bfloat162float(v);
-#endif
-  }
+  DF_HD static float to(__nv_bfloat16 v) { return Elem<__nv_bfloat16>::to_f32(v); }
   DF_HD static __nv_bfloat16 from(float v) { return __float2bfloat16_rn(v); }
 };
 
 // One f32 operation, rounded to nearest even: never contracted into an FMA (contract point 1).
-DF_HD float mul_rn(float a, float b) {
-#ifdef __CUDA_ARCH__
-  return __fmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-DF_HD float add_rn(float a, float b) {
-#ifdef __CUDA_ARCH__
-  return __fadd_rn(a, b);
-#else
-  return a + b;
-#endif
-}
+DF_HD float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+DF_HD float add_rn(float a, float b) { return __fadd_rn(a, b); }
 
 // Rounds V f32 values to T (pairs of 16-bit values with one packed conversion on the device).
 template <typename T, int V>
 DF_HD void round_to(const float (&f)[V], T (&out)[V]) {
-#ifdef __CUDA_ARCH__
-  constexpr bool kPacked = V % 2 == 0;
-#else
-  constexpr bool kPacked = false;
-#endif
-  if constexpr (kPacked) {
-#ifdef __CUDA_ARCH__
+  if constexpr (V % 2 == 0) {
     Elem<T>::from_f32(f, out);
-#endif
   } else {
 #pragma unroll
     for (int j = 0; j < V; ++j) out[j] = Conv<T>::from(f[j]);
@@ -136,11 +120,7 @@ DF_HD void store_v(T *p, const T (&in)[V]) {
 
 template <typename P>
 DF_HD P load_ro(const P *p) {
-#ifdef __CUDA_ARCH__
   return __ldg(p);
-#else
-  return *p;
-#endif
 }
 
 // ---- row kernels ----------------------------------------------------------------------------
@@ -372,8 +352,7 @@ cudaError_t launch_rows(const RowArgs<T> &a, uint64_t rows, uint64_t bias_len, c
   cudaError_t err = wave_grid(kernel, kThreads, (total + per_block - 1) / per_block, &grid, DROPFUSE_SKIP_WAVES);
   if (err != cudaSuccess) return err;
   const Walk w = make_walk<T, VEC, BIAS>(rows, a.row_len, bias_len, static_cast<uint64_t>(grid) * kThreads);
-  kernel<<<grid, kThreads, 0, stream>>>(a, w);
-  return cudaGetLastError();
+  return launch_kernel(kernel, grid, kThreads, 0, stream, a, w);
 }
 
 // Picks the vector path when every pointer the op touches is 16-byte aligned and rows are whole
@@ -498,8 +477,7 @@ cudaError_t launch_bias_partials(const BiasArgs<T> &a, cudaStream_t stream) {
   unsigned grid = 0;
   cudaError_t err = wave_grid(kernel, kThreads, (a.items + kThreads - 1) / kThreads, &grid);
   if (err != cudaSuccess) return err;
-  kernel<<<grid, kThreads, 0, stream>>>(a);
-  return cudaGetLastError();
+  return launch_kernel(kernel, grid, kThreads, 0, stream, a);
 }
 
 template <typename T>
@@ -535,8 +513,8 @@ cudaError_t bias_backward(const T *dy, T *d_branch, T *d_bias, float *workspace,
   unsigned grid = 0;
   err = wave_grid(bias_combine_kernel<T>, kThreads, (bias_len + kThreads - 1) / kThreads, &grid);
   if (err != cudaSuccess) return err;
-  bias_combine_kernel<T><<<grid, kThreads, 0, stream>>>(workspace, d_bias, bias_len, chunks, scale);
-  return cudaGetLastError();
+  return launch_kernel(bias_combine_kernel<T>, grid, kThreads, 0, stream, static_cast<const float *>(workspace), d_bias,
+                       bias_len, chunks, scale);
 }
 
 // ---- slots: one block scans the flags tile after tile ---------------------------------------
@@ -636,6 +614,10 @@ cudaError_t run_rows(dropfuse_dtype dtype, const void *x, const void *src, void 
 
 bool misaligned4(const void *p) { return (reinterpret_cast<uintptr_t>(p) & 3u) != 0; }
 
+// Checked before the early returns of calls that have nothing to do (a bad dtype is an error
+// whatever the keep flags or the capacity).
+bool bad_dtype(dropfuse_dtype d) { return d != DROPFUSE_F32 && d != DROPFUSE_F16 && d != DROPFUSE_BF16; }
+
 }  // namespace
 }  // namespace dropfuse
 
@@ -650,6 +632,7 @@ extern "C" int dropfuse_stochastic_depth_forward(dropfuse_dtype dtype, const voi
   if (batch == 0 || row_len == 0) return cudaSuccess;
   if (residual == nullptr || branch == nullptr || out == nullptr || keep == nullptr) return cudaErrorInvalidValue;
   if (bias != nullptr && (bias_len == 0 || row_len % bias_len != 0)) return cudaErrorInvalidValue;
+  if (bad_dtype(dtype)) return cudaErrorInvalidValue;
   if (keep->flags == nullptr && keep->all == 0 && residual == out) return cudaSuccess;  // nothing kept, in place
   return run_rows<Op::Depth>(dtype, residual, branch, out, nullptr, bias, keep, nullptr, batch, row_len,
                              bias != nullptr ? bias_len : 0, 0, scale, stream);
@@ -689,26 +672,26 @@ extern "C" int dropfuse_compact_slots(const uint8_t *keep, uint64_t batch, uint3
     return cudaErrorInvalidValue;
   }
   if (batch > 0xffffffffull) return cudaErrorInvalidValue;
-  slots_kernel<<<1, kScanThreads, 0, stream>>>(keep, batch, slots, count);
-  return cudaGetLastError();
+  return launch_kernel(slots_kernel, 1, kScanThreads, 0, stream, keep, batch, slots, count);
 }
 
 namespace {
 // Common checks of the compaction launchers: 0 = go, 1 = nothing to do, else an error.
-int compact_checks(const void *full_in, const void *full_out, const void *compact, const uint32_t *slots,
-                   uint64_t batch, uint64_t row_len, uint64_t capacity) {
+int compact_checks(dropfuse_dtype dtype, const void *full_in, const void *full_out, const void *compact,
+                   const uint32_t *slots, uint64_t batch, uint64_t row_len, uint64_t capacity) {
   if (batch == 0 || row_len == 0) return 1;
   if (full_in == nullptr || full_out == nullptr || slots == nullptr || misaligned4(slots)) return -1;
+  if (bad_dtype(dtype)) return -1;
   if (compact == nullptr && capacity != 0) return -1;
   return 0;
 }
 }  // namespace
 
-#define DF_COMPACT_CHECKS(in, out, compact)                                    \
-  do {                                                                         \
-    const int c_ = compact_checks(in, out, compact, slots, batch, row_len, capacity); \
-    if (c_ == 1) return cudaSuccess;                                           \
-    if (c_ != 0) return cudaErrorInvalidValue;                                 \
+#define DF_COMPACT_CHECKS(in, out, compact)                                                  \
+  do {                                                                                       \
+    const int c_ = compact_checks(dtype, in, out, compact, slots, batch, row_len, capacity); \
+    if (c_ == 1) return cudaSuccess;                                                         \
+    if (c_ != 0) return cudaErrorInvalidValue;                                               \
   } while (0)
 
 extern "C" int dropfuse_gather_samples(dropfuse_dtype dtype, const void *x, void *compact, const uint32_t *slots,

@@ -8,12 +8,15 @@
 // Blocks run one after the other; `__shared__` variables are function statics (one block at a
 // time: faithful), the dynamic shared memory is poisoned before every block.
 //
-// Used by tests/host_emu/routing_emu.cpp and importance_emu.cpp, compiled with a plain host C++
-// compiler (-ffp-contract=off: the __fmul_rn / __fadd_rn stand-ins round each operation) against
-// the CUDA headers (half / bfloat16 conversions, runtime types). The CUDA runtime calls the
-// launchers make are stubs below (an emulated device: few SMs, so grid-stride loops wrap), and
-// launches go through `launch_kernel`, which the kernel files define with <<<>>> unless
-// DROPFUSE_HOST_EMULATION is set.
+// Used by tests/host_emu/*_emu.cpp (routing, importance, skip, graph-safe randomness), compiled
+// with a plain host C++ compiler (-ffp-contract=off: the __fmul_rn / __fadd_rn stand-ins round each
+// operation) against the CUDA headers (half / bfloat16 conversions, runtime types). The CUDA
+// runtime calls the launchers make are stubs below (an emulated device: few SMs, so grid-stride
+// loops wrap; the launchers cache the SM count of their first launch), and launches go through
+// `launch_kernel`, which the kernel files define with <<<>>> unless DROPFUSE_HOST_EMULATION is set.
+// Not emulated: concurrency between blocks (they run one after the other, so inter-block races and
+// atomics' contention are not exercised), texture/read-only caches, and the 16-byte accesses'
+// atomicity (a uint4 load or store is a plain copy here).
 #pragma once
 #define DROPFUSE_HOST_EMULATION 1
 
@@ -140,11 +143,12 @@ inline void resolve_warp(int w) {
 // soon as every thread of the block is there. Which thread runs next: half of the blocks pick a
 // random runnable warp, the others run the warps in a random priority order (a warp runs ahead of
 // the others as far as it can: the usual shape of a missing-barrier race); the lane is random.
+// A block size that is not a multiple of 32 ends in a partial warp, which must not reach a warp
+// intrinsic (every one here takes the full mask).
 inline void run_block(unsigned threads) {
-  if (threads % 32 != 0) fatal("block size not a multiple of 32 (the warp intrinsics need whole warps)");
   while (g.stacks.size() < threads) g.stacks.push_back(static_cast<char *>(malloc(kStack)));
   g.fibers.assign(threads, Fiber{});
-  const unsigned warps = threads / 32;
+  const unsigned warps = (threads + 31) / 32;
   std::vector<std::vector<unsigned>> runnable(warps);
   std::vector<unsigned> at_warp(warps, 0), priority(warps);
   for (unsigned w = 0; w < warps; ++w) priority[w] = w;
@@ -190,6 +194,7 @@ inline void run_block(unsigned threads) {
       case kDone: ++done; break;
       case kBar: ++bar; break;
       case kWarp:
+        if (threads - w * 32 < 32) fatal("a warp intrinsic (full mask) in a partial warp");
         if (++at_warp[w] == 32) {
           at_warp[w] = 0;
           resolve_warp(static_cast<int>(w));
@@ -290,6 +295,11 @@ inline unsigned __ballot_sync(unsigned mask, int pred) {
   if (mask != 0xFFFFFFFFu) emu::fatal("partial ballot masks are not emulated");
   return static_cast<unsigned>(emu::warp_op(emu::kBallot, pred ? 1 : 0, 0));
 }
+// Read-only loads: plain loads (the emulation has no texture path).
+template <typename T>
+inline T __ldg(const T *p) {
+  return *p;
+}
 inline int __popc(unsigned v) { return __builtin_popcount(v); }
 inline int __ffs(int v) { return __builtin_ffs(v); }
 inline unsigned atomicAdd(unsigned *p, unsigned v) {
@@ -302,12 +312,33 @@ inline unsigned long long atomicAdd(unsigned long long *p, unsigned long long v)
   *p = old + v;
   return old;
 }
+inline unsigned atomicOr(unsigned *p, unsigned v) {
+  const unsigned old = *p;
+  *p = old | v;
+  return old;
+}
+inline unsigned long long atomicOr(unsigned long long *p, unsigned long long v) {
+  const unsigned long long old = *p;
+  *p = old | v;
+  return old;
+}
+inline unsigned atomicAnd(unsigned *p, unsigned v) {
+  const unsigned old = *p;
+  *p = old & v;
+  return old;
+}
+// Bits 32 + (sh & 31) .. (sh & 31) of hi:lo.
+inline unsigned __funnelshift_r(unsigned lo, unsigned hi, unsigned sh) {
+  return static_cast<unsigned>((((uint64_t)hi << 32) | lo) >> (sh & 31));
+}
 // Each one operation rounded to nearest (the file is compiled with -ffp-contract=off).
 inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __fdiv_rn(float a, float b) { return a / b; }
 inline float __fsqrt_rn(float a) { return std::sqrt(a); }
 inline double __dmul_rn(double a, double b) { return a * b; }
+inline float __double2float_rn(double a) { return static_cast<float>(a); }  // round to nearest even
+inline double __ull2double_rn(unsigned long long a) { return static_cast<double>(a); }
 inline unsigned __float_as_uint(float f) { return emu_bits(f) & 0xFFFFFFFFu; }
 inline float __int_as_float(int i) { return emu_from<float>(static_cast<uint32_t>(i)); }
 inline float __uint_as_float(unsigned i) { return emu_from<float>(i); }

@@ -1,0 +1,460 @@
+// Host emulation of the graph-safe randomness of kernels/dropout.cu, kernels/drop_block.cu and
+// kernels/philox_state.cu (built and run by tests/graph_state_host_emulation.rs): the real
+// launchers and kernels, every CUDA thread a fiber (tests/host_emu/cuda_fiber_emu.h), on an
+// emulated device of one SM and a grid of at most one wave (DROPFUSE_WAVES 1), so that the
+// grid-stride loops wrap. Every case runs twice, once with the seed and offset given on the host
+// (the path verified bit for bit on a GPU) and once with them in a device state {seed, offset}
+// (philox_dev: the kDev kernels, offset = state[1] + params.offset, wrapping at 2^64), and the two
+// must agree bit for bit: outputs, masks and DropBlock's counts. Both are also compared with
+// plain loops written from the contract (kernels/dropfuse.h: Philox4x32-10 per element; the
+// DropBlock reference, src/reference/drop_block.rs). Cases: f32 / f16 / bf16, tails (n % 32,
+// n % V), element offsets that are not multiples of 4 and that cross 2^34 (the high counter word
+// changes inside a launch), device offsets that wrap at 2^64, misaligned views, in place; then
+// dropfuse_philox_advance (wrapping, streams 0, bad pointers) and a captured-graph replay pattern.
+#define DROPFUSE_WAVES 1
+#include "cuda_fiber_emu.h"
+// clang-format off
+#include "dropout.cu"
+#include "drop_block.cu"
+#include "philox_state.cu"
+// clang-format on
+
+namespace t {
+
+std::mt19937_64 rng(77);
+uint64_t rnd(uint64_t n) { return n ? rng() % n : 0; }
+double unit() { return (rng() >> 11) * (1.0 / 9007199254740992.0); }
+
+int failures = 0;
+long checks = 0;
+#define CHECK(c, ...)                               \
+  do {                                              \
+    ++t::checks;                                    \
+    if (!(c)) {                                     \
+      if (t::failures++ < 30) {                     \
+        printf("FAIL %s:%d: ", __FILE__, __LINE__); \
+        printf(__VA_ARGS__);                        \
+        printf("\n");                               \
+      }                                             \
+    }                                               \
+  } while (0)
+
+template <typename T> struct Ty;
+template <> struct Ty<float> {
+  static float to(float v) { return v; }
+  static float from(float v) { return v; }
+  static constexpr dropfuse_dtype code = DROPFUSE_F32;
+  static constexpr const char *name = "f32";
+};
+template <> struct Ty<__half> {
+  static float to(__half v) { return __half2float(v); }
+  static __half from(float v) { return __float2half_rn(v); }
+  static constexpr dropfuse_dtype code = DROPFUSE_F16;
+  static constexpr const char *name = "f16";
+};
+template <> struct Ty<__nv_bfloat16> {
+  static float to(__nv_bfloat16 v) { return __bfloat162float(v); }
+  static __nv_bfloat16 from(float v) { return __float2bfloat16_rn(v); }
+  static constexpr dropfuse_dtype code = DROPFUSE_BF16;
+  static constexpr const char *name = "bf16";
+};
+template <typename T> uint64_t bits(T v) {
+  uint64_t b = 0;
+  memcpy(&b, &v, sizeof(T));
+  return b;
+}
+template <typename T> bool same(T a, T b) {
+  return bits(a) == bits(b) || (std::isnan(Ty<T>::to(a)) && std::isnan(Ty<T>::to(b)));
+}
+
+// n elements at element offset `off` after 32 guard bytes of a 64-byte aligned allocation.
+template <typename T> struct Buf {
+  static constexpr size_t kG = 32 / sizeof(T);
+  std::vector<unsigned char> raw;
+  size_t n;
+  T *p;
+  T fill;
+  Buf(size_t n_, size_t off, T fill_) : raw((n_ + off + 2 * kG) * sizeof(T) + 64), n(n_), fill(fill_) {
+    const uintptr_t a = (reinterpret_cast<uintptr_t>(raw.data()) + 63) & ~uintptr_t(63);
+    p = reinterpret_cast<T *>(a) + kG + off;
+    for (size_t i = 0; i < n + 2 * kG; ++i) p[(ptrdiff_t)i - (ptrdiff_t)kG] = fill;
+  }
+  bool guards() const {
+    for (size_t i = 0; i < kG; ++i)
+      if (bits(p[-1 - (ptrdiff_t)i]) != bits(fill) || bits(p[n + i]) != bits(fill)) return false;
+    return true;
+  }
+  bool operator==(const Buf &o) const {
+    if (n != o.n) return false;
+    for (size_t i = 0; i < n; ++i)
+      if (bits(p[i]) != bits(o.p[i])) return false;
+    return true;
+  }
+};
+
+template <typename T> T val() {
+  switch (rnd(60)) {
+    case 0: return Ty<T>::from(INFINITY);
+    case 1: return Ty<T>::from(NAN);
+    case 2: return Ty<T>::from(-0.0f);
+    default: return Ty<T>::from((float)(unit() * 16 - 8));
+  }
+}
+
+// ---- the contract: Philox4x32-10 (cuRAND constants), one word per element ----------------------
+
+uint32_t word(uint64_t seed, uint64_t offset, uint64_t e) {
+  const uint64_t blk = e >> 2;
+  uint32_t c[4] = {(uint32_t)blk, (uint32_t)(blk >> 32), (uint32_t)offset, (uint32_t)(offset >> 32)};
+  uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
+  for (int r = 0; r < 10; ++r) {
+    const uint64_t p0 = (uint64_t)0xD2511F53u * c[0], p1 = (uint64_t)0xCD9E8D57u * c[2];
+    const uint32_t n0 = (uint32_t)(p1 >> 32) ^ c[1] ^ k0, n2 = (uint32_t)(p0 >> 32) ^ c[3] ^ k1;
+    c[0] = n0;
+    c[1] = (uint32_t)p1;
+    c[2] = n2;
+    c[3] = (uint32_t)p0;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  return c[e & 3];
+}
+
+// A device state {seed, offset} at an 8-byte aligned address (with guards).
+struct State {
+  uint64_t raw[4];
+  uint64_t *p() { return raw + 1; }
+  State(uint64_t seed, uint64_t offset) : raw{0x5A5A5A5A5A5A5A5Aull, seed, offset, 0xA5A5A5A5A5A5A5A5ull} {}
+  bool intact(uint64_t seed, uint64_t offset) const {
+    return raw[0] == 0x5A5A5A5A5A5A5A5Aull && raw[1] == seed && raw[2] == offset && raw[3] == 0xA5A5A5A5A5A5A5A5ull;
+  }
+};
+
+// (device offset, params.offset) pairs: random, and sums that wrap at 2^64.
+std::pair<uint64_t, uint64_t> offsets() {
+  switch (rnd(5)) {
+    case 0: return {~0ull - rnd(4), 1 + rnd(9)};            // wraps
+    case 1: return {rnd(9), ~0ull - rnd(4)};                // wraps the other way
+    case 2: return {(uint64_t)rng(), 0};                    // the device offset alone
+    case 3: return {0x00000000FFFFFFFFull, 1};              // carry into the high counter word
+    default: return {(uint64_t)rng(), (uint64_t)rnd(1000)};
+  }
+}
+
+uint64_t element_offset() {
+  switch (rnd(6)) {
+    case 0: return 0;
+    case 1: return 4 * rnd(1u << 20);
+    case 2: return 4 * rnd(1u << 20) + 1 + rnd(3);  // not a multiple of 4
+    case 3: return (1ull << 34) - 1 - rnd(6000);    // crosses 2^34: the high counter word changes
+    case 4: return (1ull << 63) + rnd(1000);
+    default: return (uint64_t)rng() >> 2;
+  }
+}
+
+uint64_t threshold() {
+  switch (rnd(7)) {
+    case 0: return 0;               // keeps everything
+    case 1: return 1ull << 32;      // drops everything
+    case 2: return 1;
+    case 3: return 0xFFFFFFFFull;
+    default: return (uint64_t)std::llround(unit() * 4294967296.0);
+  }
+}
+
+// ---- dropout: host state vs device state ----------------------------------------------------------
+
+enum class DMode { Mask, Forward, ForwardMask };
+
+template <typename T> void test_dropout() {
+  constexpr uint64_t V = VecWidth<T>::value;
+  uint64_t n;
+  switch (rnd(5)) {
+    case 0: n = 1 + rnd(40); break;
+    case 1: n = 32 * (1 + rnd(300)); break;
+    case 2: n = V * (1 + rnd(2000)); break;
+    default: n = 1 + rnd(20000);
+  }
+  emu::g.blocks_per_sm = 1 + (int)rnd(3);
+  const DMode mode = (DMode)rnd(3);
+  const uint64_t seed = rng();
+  const auto [dev_off, add] = offsets();
+  const uint64_t host_off = dev_off + add;  // wrapping
+  dropfuse_dropout_params p{};
+  p.element_offset = element_offset();
+  p.threshold = threshold();
+  p.scale = p.threshold >= (1ull << 32) ? 0.0f : (float)(4294967296.0 / (4294967296.0 - (double)p.threshold));
+  const bool in_place = rnd(3) == 0;
+  const size_t xo = rnd(3) == 0 ? 1 + rnd(V - 1) : 0;
+  const size_t yo = in_place ? xo : (rnd(4) == 0 ? 1 + rnd(3) : 0);
+  const uint64_t words = (n + 31) / 32;
+  const T sentinel = Ty<T>::from(-4321.0f);
+  Buf<T> x(n, xo, sentinel);
+  for (uint64_t i = 0; i < n; ++i) x.p[i] = val<T>();
+  const std::vector<T> x0(x.p, x.p + n);
+
+  auto run = [&](bool dev, Buf<T> &y, Buf<uint32_t> &mask, State &st) {
+    dropfuse_dropout_params q = p;
+    if (dev) {
+      q.seed = rng();  // ignored with a device state
+      q.offset = add;
+      q.philox_dev = st.p();
+    } else {
+      q.seed = seed;
+      q.offset = host_off;
+    }
+    if (in_place)
+      for (uint64_t i = 0; i < n; ++i) y.p[i] = x0[i];
+    const T *xin = in_place ? y.p : x.p;
+    switch (mode) {
+      case DMode::Mask: return dropfuse_dropout_mask(mask.p, n, &q, nullptr);
+      case DMode::Forward: return dropfuse_dropout_forward(Ty<T>::code, xin, y.p, nullptr, n, &q, nullptr);
+      default: return dropfuse_dropout_forward(Ty<T>::code, xin, y.p, mask.p, n, &q, nullptr);
+    }
+  };
+  Buf<T> yh(n, yo, sentinel), yd(n, yo, sentinel);
+  Buf<uint32_t> mh(words, 0, 0xDEADBEEFu), md(words, 0, 0xDEADBEEFu);
+  State sh(1, 2), sd(seed, dev_off);
+  const uint64_t l0 = emu::g.launches;
+  const int s1 = run(false, yh, mh, sh), s2 = run(true, yd, md, sd);
+  CHECK(s1 == 0 && s2 == 0 && emu::g.launches == l0 + 2, "dropout status %d / %d", s1, s2);
+  CHECK(sd.intact(seed, dev_off), "the dropout kernels changed the device state");
+  const bool writes_y = mode != DMode::Mask, writes_mask = mode != DMode::Forward;
+  char what[256];
+  snprintf(what, sizeof what,
+           "dropout %s mode %d n=%lu element_offset=%#lx threshold=%#lx dev_off=%#lx add=%#lx xo=%zu yo=%zu "
+           "in_place=%d",
+           Ty<T>::name, (int)mode, n, p.element_offset, p.threshold, dev_off, add, xo, yo, in_place);
+  CHECK(yh.guards() && yd.guards() && mh.guards() && md.guards() && x.guards(), "%s: guards", what);
+  if (writes_y) CHECK(yh == yd, "%s: y differs between the host and the device state", what);
+  if (writes_mask) CHECK(mh == md, "%s: mask differs between the host and the device state", what);
+  // Both against the contract.
+  bool ok_mask = true, ok_y = true;
+  uint64_t bad = ~0ull;
+  for (uint64_t i = 0; i < n; ++i) {
+    const uint64_t e = p.element_offset + i;
+    const bool keep = p.threshold <= 0xFFFFFFFFull && word(seed, host_off, e) >= p.threshold;
+    if (writes_mask && (((mh.p[i / 32] >> (i % 32)) & 1u) != 0) != keep) ok_mask = false;
+    if (writes_y) {
+      const T want = keep ? Ty<T>::from(Ty<T>::to(x0[i]) * p.scale) : Ty<T>::from(0.0f);
+      if (!same(yh.p[i], want)) {
+        ok_y = false;
+        if (bad == ~0ull) bad = i;
+      }
+    }
+  }
+  if (writes_mask && n % 32 != 0) ok_mask = ok_mask && (mh.p[words - 1] >> (n % 32)) == 0;
+  CHECK(ok_mask, "%s: mask vs the contract", what);
+  CHECK(ok_y, "%s: y vs the contract (first bad %ld)", what, (long)bad);
+}
+
+// ---- DropBlock: host state vs device state ----------------------------------------------------------
+
+struct DB {
+  dropfuse_drop_block_params p;
+  uint64_t numel() const { return p.n * p.c * p.d * p.h * p.w; }
+};
+
+// The contract: keep flags of every element (src/reference/drop_block.rs).
+std::vector<uint8_t> ref_keep(const dropfuse_drop_block_params &p, uint64_t seed, uint64_t off) {
+  const uint64_t D = p.d, H = p.h, W = p.w, bd = p.block_d, bh = p.block_h, bw = p.block_w;
+  const uint64_t vD = D - bd + 1, vH = H - bh + 1, vW = W - bw + 1, valid = vD * vH * vW, spatial = D * H * W;
+  const uint64_t planes = p.shared_channels ? p.n : p.n * p.c;
+  const bool all = p.threshold > 0xFFFFFFFFull;
+  std::vector<uint8_t> dropped(planes * spatial, 0);
+  for (uint64_t q = 0; q < planes; ++q)
+    for (uint64_t l = 0; l < valid; ++l) {
+      const uint64_t i = q * valid + l;
+      if (!(all || word(seed, off, i) < p.threshold)) continue;
+      const uint64_t ud = l / (vH * vW), uh = (l / vW) % vH, uw = l % vW;
+      for (uint64_t a = ud; a < ud + bd; ++a)
+        for (uint64_t b = uh; b < uh + bh; ++b)
+          for (uint64_t c = uw; c < uw + bw; ++c) dropped[q * spatial + (a * H + b) * W + c] = 1;
+    }
+  std::vector<uint8_t> keep(p.n * p.c * spatial);
+  for (uint64_t n = 0; n < p.n; ++n)
+    for (uint64_t c = 0; c < p.c; ++c) {
+      const uint64_t q = p.shared_channels ? n : n * p.c + c;
+      for (uint64_t s = 0; s < spatial; ++s) keep[(n * p.c + c) * spatial + s] = !dropped[q * spatial + s];
+    }
+  return keep;
+}
+
+float ref_scale(uint64_t total, uint64_t kept) {
+  return kept == 0 ? 0.0f : (float)((double)total / (double)kept);
+}
+
+template <typename T> void test_drop_block() {
+  DB g{};
+  dropfuse_drop_block_params &p = g.p;
+  const bool three_d = rnd(3) == 0;
+  p.n = 1 + rnd(3);
+  p.c = 1 + rnd(three_d ? 3 : 8);
+  p.d = three_d ? 1 + rnd(6) : 1;
+  p.h = 1 + rnd(three_d ? 9 : 24);
+  p.w = rnd(3) == 0 ? 65 + rnd(70) : 1 + rnd(64);
+  const uint64_t bs = 1 + rnd(7);
+  p.block_d = three_d ? std::min(bs, p.d) : 1;
+  p.block_h = std::min(bs, p.h);
+  p.block_w = std::min(bs, p.w);
+  p.threshold = rnd(5) == 0 ? threshold() : (uint64_t)std::llround(unit() * 0.2 * 4294967296.0);
+  p.shared_channels = (int)rnd(2);
+  p.normalize = (dropfuse_normalize)rnd(3);
+  emu::g.blocks_per_sm = 1 + (int)rnd(2);
+  const uint64_t numel = g.numel(), words = (numel + 31) / 32;
+  const uint64_t seed = rng();
+  const auto [dev_off, add] = offsets();
+  const uint64_t host_off = dev_off + add;
+  const bool with_x = rnd(4) != 0, in_place = with_x && rnd(3) == 0;
+  const size_t xo = rnd(3) == 0 ? 1 : 0, yo = in_place ? xo : (rnd(3) == 0 ? 1 : 0);
+  const T sentinel = Ty<T>::from(-4321.0f);
+  Buf<T> x(numel, xo, sentinel);
+  for (uint64_t i = 0; i < numel; ++i) x.p[i] = val<T>();
+  const std::vector<T> x0(x.p, x.p + numel);
+
+  auto run = [&](bool dev, Buf<T> &y, Buf<uint32_t> &mask, Buf<uint64_t> &stats, State &st) {
+    dropfuse_drop_block_params q = p;
+    if (dev) {
+      q.seed = rng();
+      q.offset = add;
+      q.philox_dev = st.p();
+    } else {
+      q.seed = seed;
+      q.offset = host_off;
+    }
+    if (in_place)
+      for (uint64_t i = 0; i < numel; ++i) y.p[i] = x0[i];
+    const T *xin = in_place ? y.p : x.p;
+    return dropfuse_drop_block_forward(Ty<T>::code, with_x ? xin : nullptr, with_x ? y.p : nullptr, mask.p, stats.p, &q,
+                                       nullptr);
+  };
+  Buf<T> yh(numel, yo, sentinel), yd(numel, yo, sentinel);
+  Buf<uint32_t> mh(words, 0, 0xDEADBEEFu), md(words, 0, 0xDEADBEEFu);
+  Buf<uint64_t> sth(p.n + 1, 0, 0xABABABABABABABABull), std_(p.n + 1, 0, 0xABABABABABABABABull);
+  for (uint64_t i = 0; i <= p.n; ++i) sth.p[i] = std_.p[i] = 0xCDCDCDCDull;  // zeroed by the call
+  State sh(1, 2), sd(seed, dev_off);
+  const int s1 = run(false, yh, mh, sth, sh), s2 = run(true, yd, md, std_, sd);
+  char what[256];
+  snprintf(what, sizeof what,
+           "drop_block %s n=%lu c=%lu d=%lu h=%lu w=%lu block=%lu/%lu/%lu threshold=%#lx shared=%d normalize=%d "
+           "dev_off=%#lx add=%#lx x=%d in_place=%d",
+           Ty<T>::name, p.n, p.c, p.d, p.h, p.w, p.block_d, p.block_h, p.block_w, p.threshold, p.shared_channels,
+           (int)p.normalize, dev_off, add, with_x, in_place);
+  CHECK(s1 == 0 && s2 == 0, "%s: status %d / %d", what, s1, s2);
+  CHECK(sd.intact(seed, dev_off), "%s: the kernels changed the device state", what);
+  CHECK(yh.guards() && yd.guards() && mh.guards() && md.guards() && sth.guards() && std_.guards(), "%s: guards", what);
+  CHECK(mh == md, "%s: mask differs between the host and the device state", what);
+  CHECK(sth == std_, "%s: stats differ between the host and the device state", what);
+  if (with_x) CHECK(yh == yd, "%s: y differs between the host and the device state", what);
+  // Both against the contract.
+  const std::vector<uint8_t> keep = ref_keep(p, seed, host_off);
+  const uint64_t per_sample = numel / p.n;
+  std::vector<uint64_t> kept(p.n + 1, 0);
+  bool ok_mask = true;
+  for (uint64_t e = 0; e < numel; ++e) {
+    if ((((mh.p[e / 32] >> (e % 32)) & 1u) != 0) != (keep[e] != 0)) ok_mask = false;
+    kept[e / per_sample] += keep[e];
+    kept[p.n] += keep[e];
+  }
+  if (numel % 32 != 0) ok_mask = ok_mask && (mh.p[words - 1] >> (numel % 32)) == 0;
+  CHECK(ok_mask, "%s: mask vs the contract", what);
+  bool ok_stats = true;
+  for (uint64_t i = 0; i <= p.n; ++i) ok_stats = ok_stats && sth.p[i] == kept[i];
+  CHECK(ok_stats, "%s: stats vs the contract", what);
+  if (with_x) {
+    bool ok_y = true;
+    for (uint64_t e = 0; e < numel; ++e) {
+      const uint64_t s = e / per_sample;
+      const float scale = p.normalize == DROPFUSE_NORMALIZE_GLOBAL ? ref_scale(numel, kept[p.n])
+                          : p.normalize == DROPFUSE_NORMALIZE_PER_SAMPLE ? ref_scale(per_sample, kept[s])
+                                                                          : 1.0f;
+      const T want = keep[e] ? Ty<T>::from(Ty<T>::to(x0[e]) * scale) : Ty<T>::from(0.0f);
+      ok_y = ok_y && same(yh.p[e], want);
+    }
+    CHECK(ok_y, "%s: y vs the contract", what);
+  }
+}
+
+// ---- the device state itself ------------------------------------------------------------------------
+
+void test_philox_advance() {
+  const int bad = cudaErrorInvalidValue;
+  for (int i = 0; i < 8; ++i) {
+    const uint64_t seed = rng(), off = i < 3 ? ~0ull - rnd(3) : rng();
+    const uint64_t k = i == 0 ? 1 : i == 1 ? ~0ull : 1 + rnd(1000);
+    State s(seed, off);
+    const int st = dropfuse_philox_advance(s.p(), k, nullptr);
+    CHECK(st == 0 && s.intact(seed, off + k), "philox_advance by %#lx from %#lx: status %d, offset %#lx", k, off, st,
+          s.raw[2]);
+  }
+  State s(5, 7);
+  const uint64_t l0 = emu::g.launches;
+  CHECK(dropfuse_philox_advance(s.p(), 0, nullptr) == 0 && s.intact(5, 7), "philox_advance by 0");
+  CHECK(dropfuse_philox_advance(nullptr, 1, nullptr) == bad, "philox_advance: null state");
+  CHECK(dropfuse_philox_advance(reinterpret_cast<uint64_t *>(reinterpret_cast<char *>(s.p()) + 4), 1, nullptr) == bad,
+        "philox_advance: misaligned state");
+  CHECK(emu::g.launches == l0 && s.intact(5, 7), "philox_advance: a launch for 0 streams or a bad state");
+  // Misaligned device states are refused by the random launchers, before anything runs.
+  std::vector<float> x(64, 1.0f), y(64, 2.0f);
+  std::vector<uint32_t> mask(2, 0xDEADBEEFu);
+  std::vector<uint64_t> stats(2, 9);
+  dropfuse_dropout_params dp{};
+  dp.philox_dev = reinterpret_cast<const uint64_t *>(reinterpret_cast<char *>(s.p()) + 4);
+  CHECK(dropfuse_dropout_forward(DROPFUSE_F32, x.data(), y.data(), mask.data(), 64, &dp, nullptr) == bad,
+        "dropout: misaligned device state");
+  CHECK(dropfuse_dropout_mask(mask.data(), 64, &dp, nullptr) == bad, "dropout mask: misaligned device state");
+  dropfuse_drop_block_params bp{};
+  bp.n = bp.c = bp.d = 1;
+  bp.h = bp.w = 8;
+  bp.block_d = bp.block_h = bp.block_w = 1;
+  bp.philox_dev = dp.philox_dev;
+  CHECK(dropfuse_drop_block_forward(DROPFUSE_F32, x.data(), y.data(), mask.data(), stats.data(), &bp, nullptr) == bad,
+        "drop_block: misaligned device state");
+  CHECK(emu::g.launches == l0 && y[0] == 2.0f && mask[0] == 0xDEADBEEFu && stats[0] == 9,
+        "a refused call launched or wrote something");
+
+  // A captured graph's pattern: [advance, dropout with the device state] replayed three times
+  // draws the streams off + k + add, off + 2k + add, ... (each equal to a host-state launch).
+  const uint64_t seed = rng(), off = ~0ull - 1, k = 1, add = 3;
+  State g(seed, off);
+  const uint64_t n = 3000;
+  std::vector<float> in(n), out(n), want(n);
+  for (auto &v : in) v = (float)unit();
+  for (int replay = 1; replay <= 3; ++replay) {
+    CHECK(dropfuse_philox_advance(g.p(), k, nullptr) == 0, "replay %d: advance", replay);
+    dropfuse_dropout_params q{};
+    q.offset = add;
+    q.threshold = 1ull << 31;
+    q.scale = 2.0f;
+    q.philox_dev = g.p();
+    CHECK(dropfuse_dropout_forward(DROPFUSE_F32, in.data(), out.data(), nullptr, n, &q, nullptr) == 0,
+          "replay %d: dropout", replay);
+    q.philox_dev = nullptr;
+    q.seed = seed;
+    q.offset = off + replay * k + add;
+    CHECK(dropfuse_dropout_forward(DROPFUSE_F32, in.data(), want.data(), nullptr, n, &q, nullptr) == 0,
+          "replay %d: host dropout", replay);
+    CHECK(memcmp(out.data(), want.data(), n * 4) == 0, "replay %d: device-state stream differs", replay);
+  }
+}
+
+}  // namespace t
+
+int main(int argc, char **argv) {
+  using namespace t;
+  const int scale = argc > 1 ? atoi(argv[1]) : 1;
+  emu::g.sms = 1;  // cached by the launchers at the first launch
+  test_philox_advance();
+  for (int i = 0; i < 80 * scale; ++i) {
+    test_dropout<float>();
+    test_dropout<__half>();
+    test_dropout<__nv_bfloat16>();
+  }
+  for (int i = 0; i < 40 * scale; ++i) {
+    test_drop_block<float>();
+    test_drop_block<__half>();
+    test_drop_block<__nv_bfloat16>();
+  }
+  printf("launches: %lu, checks: %ld, failures: %d\n", (unsigned long)emu::g.launches, checks, failures);
+  return failures == 0 ? 0 : 1;
+}
