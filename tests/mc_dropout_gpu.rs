@@ -214,7 +214,18 @@ fn gpu_replicas_huge() {
     let scale = mc.scale();
     for t in 0..r {
         let rs = reference::replica_state(state, t as u64);
-        for i in [0, 1, 31, 32, (1 << 31) - 1, 1 << 31, (1 << 31) + 1, n - 24, n - 2, n - 1] {
+        for i in [
+            0,
+            1,
+            31,
+            32,
+            (1 << 31) - 1,
+            1 << 31,
+            (1 << 31) + 1,
+            n - 24,
+            n - 2,
+            n - 1,
+        ] {
             let keep = dropfuse::reference::dropout::keep(rs, eo + i as u64, threshold);
             let want = if keep {
                 f16::from_f32(value(i).to_f32() * scale)
@@ -223,7 +234,9 @@ fn gpu_replicas_huge() {
             };
             let got = dev.download(&y.slice(t * n + i..t * n + i + 1)).unwrap()[0];
             assert_eq!(got.to_bits(), want.to_bits(), "replica {t}, element {i}");
-            let word = dev.download(&m.slice(t * w + i / 32..t * w + i / 32 + 1)).unwrap()[0];
+            let word = dev
+                .download(&m.slice(t * w + i / 32..t * w + i / 32 + 1))
+                .unwrap()[0];
             assert_eq!((word >> (i % 32)) & 1 == 1, keep, "replica {t}, mask bit {i}");
         }
         // The tail word's unused high bits are 0.
