@@ -27,6 +27,23 @@ namespace {
 constexpr int kThreads = 256;
 constexpr unsigned kFullWarp = 0xffffffffu;
 
+// Every launch (`launch_kernel`): the host emulation (tests/host_emu/cuda_fiber_emu.h) defines it
+// before including this file.
+#ifndef DROPFUSE_HOST_EMULATION
+template <typename... P, typename... A>
+cudaError_t launch_kernel(void (*kernel)(P...), unsigned grid, unsigned block, size_t smem, cudaStream_t stream,
+                          A &&...args) {
+  kernel<<<grid, block, smem, stream>>>(static_cast<A &&>(args)...);
+  return cudaGetLastError();
+}
+#endif
+
+// Most blocks of the per-row summary kernels (they grid-stride over the rows beyond it). A macro so
+// that the host emulation (tests/host_emu/mc_dropout_emu.cpp) can make the row loops wrap.
+#ifndef DROPFUSE_MC_MAX_ROW_BLOCKS
+#define DROPFUSE_MC_MAX_ROW_BLOCKS (1u << 20)
+#endif
+
 // ------------------------------------------------------------------------------------------------
 // Replicated forward.
 
@@ -133,8 +150,7 @@ cudaError_t launch_replicas_typed(const T *x, T *y, uint32_t *masks, uint64_t n,
   unsigned grid = 0;
   cudaError_t err = wave_grid(kernel, kThreads, std::max<uint64_t>(1, (chunks + kThreads - 1) / kThreads), &grid, 32);
   if (err != cudaSuccess) return err;
-  kernel<<<grid, kThreads, 0, stream>>>(x, y, masks, n, replicas, p);
-  return cudaGetLastError();
+  return launch_kernel(kernel, grid, kThreads, 0, stream, x, y, masks, n, replicas, p);
 }
 
 template <typename T, bool kMask>
@@ -313,7 +329,7 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-unsigned row_grid(uint64_t rows) { return static_cast<unsigned>(std::min<uint64_t>(rows, 1u << 20)); }
+unsigned row_grid(uint64_t rows) { return static_cast<unsigned>(std::min<uint64_t>(rows, DROPFUSE_MC_MAX_ROW_BLOCKS)); }
 
 bool valid_state(const dropfuse_mc_state *st) {
   return st != nullptr && st->mean != nullptr && st->m2 != nullptr && st->expected_entropy != nullptr &&
@@ -362,24 +378,19 @@ extern "C" int dropfuse_mc_summary_push(const float *probs, uint64_t samples, in
     unsigned grid = 0;
     cudaError_t err = wave_grid(validate_kernel, kThreads, (total + kThreads - 1) / kThreads, &grid, 8);
     if (err != cudaSuccess) return err;
-    validate_kernel<<<grid, kThreads, 0, stream>>>(probs, total, st.ctl);
-    err = cudaGetLastError();
+    err = launch_kernel(validate_kernel, grid, kThreads, 0, stream, probs, total, st.ctl);
     if (err != cudaSuccess) return err;
   }
   const unsigned grid = row_grid(st.batch);
-  if (st.classes <= static_cast<uint64_t>(kThreads) * kPerThread) {
-    push_kernel<true><<<grid, kThreads, 0, stream>>>(probs, samples, st);
-  } else {
-    push_kernel<false><<<grid, kThreads, 0, stream>>>(probs, samples, st);
-  }
-  return cudaGetLastError();
+  if (st.classes <= static_cast<uint64_t>(kThreads) * kPerThread)
+    return launch_kernel(push_kernel<true>, grid, kThreads, 0, stream, probs, samples, st);
+  return launch_kernel(push_kernel<false>, grid, kThreads, 0, stream, probs, samples, st);
 }
 
 extern "C" int dropfuse_mc_summary_finish(const dropfuse_mc_state *state, float *variance, float *predictive_entropy,
                                           float *mutual_information, dropfuse_stream_t stream) {
   if (!valid_state(state) || variance == nullptr || predictive_entropy == nullptr || mutual_information == nullptr)
     return cudaErrorInvalidValue;
-  finish_kernel<<<row_grid(state->batch), kThreads, 0, stream>>>(*state, variance, predictive_entropy,
-                                                                  mutual_information);
-  return cudaGetLastError();
+  return launch_kernel(finish_kernel, row_grid(state->batch), kThreads, 0, stream, *state, variance,
+                       predictive_entropy, mutual_information);
 }

@@ -43,6 +43,17 @@ constexpr int kUnroll = 4;
 // Rows per thread per iteration in the locked kernel.
 constexpr int kRowUnroll = 4;
 
+// Every launch (`launch_kernel`): the host emulation (tests/host_emu/cuda_fiber_emu.h) defines it
+// before including this file.
+#ifndef DROPFUSE_HOST_EMULATION
+template <typename... P, typename... A>
+cudaError_t launch_kernel(void (*kernel)(P...), dim3 grid, unsigned block, size_t smem, cudaStream_t stream,
+                          A &&...args) {
+  kernel<<<grid, block, smem, stream>>>(static_cast<A &&>(args)...);
+  return cudaGetLastError();
+}
+#endif
+
 enum class Mode {
   ForwardMask,    // y = dropout(x), write the decision mask
   ForwardNoMask,  // y = dropout(x); also the mask-free backward
@@ -474,8 +485,7 @@ cudaError_t launch_planes(const T *x, T *y, uint32_t *mask_out, const uint32_t *
   unsigned grid = 0;
   err = wave_grid(kernel, kThreads, (items + warps_per_block - 1) / warps_per_block, &grid, 32);
   if (err != cudaSuccess) return err;
-  kernel<<<grid, kThreads, 0, stream>>>(x, y, mask_out, mask_in, planes, s, used_parts, seg, p);
-  return cudaGetLastError();
+  return launch_kernel(kernel, grid, kThreads, 0, stream, x, y, mask_out, mask_in, planes, s, used_parts, seg, p);
 }
 
 template <typename T, bool VEC, Mode M, bool kBlockAligned>
@@ -498,8 +508,7 @@ cudaError_t launch_locked_typed(const T *x, T *y, uint32_t *mask_out, const uint
   const uint64_t per = (rows + slices - 1) / slices;
   const uint64_t gy = (rows + per - 1) / per;
   const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(gy));
-  kernel<<<grid, kThreads, 0, stream>>>(x, y, mask_out, mask_in, rows, h, per, p);
-  return cudaGetLastError();
+  return launch_kernel(kernel, grid, kThreads, 0, stream, x, y, mask_out, mask_in, rows, h, per, p);
 }
 
 // Only for decision offsets that are multiples of 4 (each chunk's decisions are whole Philox
@@ -524,8 +533,7 @@ cudaError_t launch_general_typed(const T *x, T *y, const uint32_t *mask_in, uint
   unsigned grid = 0;
   cudaError_t err = wave_grid(kernel, kThreads, (chunks + kThreads - 1) / kThreads, &grid, 32);
   if (err != cudaSuccess) return err;
-  kernel<<<grid, kThreads, 0, stream>>>(x, y, mask_in, n, plan.inner, p);
-  return cudaGetLastError();
+  return launch_kernel(kernel, grid, kThreads, 0, stream, x, y, mask_in, n, plan.inner, p);
 }
 
 template <typename T, Mode M>

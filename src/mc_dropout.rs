@@ -256,6 +256,24 @@ fn check_shape(batch: usize, classes: usize) -> Result<usize> {
     })
 }
 
+/// Rejects (as `out`) output buffers other than `B * C` variances, `B` predictive entropies and `B`
+/// mutual informations: the finish kernel writes exactly that many values into each.
+fn check_output_lens(batch: usize, classes: usize, [variance, predictive, mutual]: [usize; 3]) -> Result<()> {
+    let want = [batch * classes, batch, batch];
+    let got = [variance, predictive, mutual];
+    if got != want {
+        return Err(Error::invalid(
+            "out",
+            format!(
+                "{} variances, {batch} predictive entropies and {batch} mutual informations",
+                want[0]
+            ),
+            format!("{variance}, {predictive} and {mutual}"),
+        ));
+    }
+    Ok(())
+}
+
 /// The counters of a summary state ([`McSummaryState::counters`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct McCounters {
@@ -442,7 +460,19 @@ impl McSummaryState {
                 format!("outputs for {} x {}", out.batch, out.classes),
             ));
         }
+        // The buffers are public fields: one may have been replaced since `McOutputs::new`.
+        check_output_lens(
+            self.batch,
+            self.classes,
+            [
+                out.variance.len(),
+                out.predictive_entropy.len(),
+                out.mutual_information.len(),
+            ],
+        )?;
         check_stream(stream, out.variance.stream(), "out")?;
+        check_stream(stream, out.predictive_entropy.stream(), "out")?;
+        check_stream(stream, out.mutual_information.stream(), "out")?;
         self.check_own_streams(stream)?;
         bind(stream)?;
         {
@@ -450,7 +480,7 @@ impl McSummaryState {
             let (v, _gv) = out.variance.device_ptr_mut(stream);
             let (h, _gh) = out.predictive_entropy.device_ptr_mut(stream);
             let (mi, _gmi) = out.mutual_information.device_ptr_mut(stream);
-            // SAFETY: as in `push_samples`; the outputs are the sizes the state implies.
+            // SAFETY: as in `push_samples`; the outputs hold B * C, B and B values (checked).
             let status = unsafe {
                 ffi::dropfuse_mc_summary_finish(
                     &st,
@@ -577,4 +607,22 @@ pub fn summarize<P: DevicePtr<f32>>(
     state.push_stack(dev.stream(), probs, samples)?;
     state.finish(dev.stream(), &mut out)?;
     Ok((state, out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `McOutputs`' buffers are public: `finish` must check each one's length, or a replaced,
+    /// shorter buffer would be written past its end.
+    #[test]
+    fn finish_checks_every_output_length() {
+        assert!(check_output_lens(3, 5, [15, 3, 3]).is_ok());
+        for lens in [[14, 3, 3], [15, 2, 3], [15, 3, 1], [15, 3, 4], [3, 15, 3]] {
+            match check_output_lens(3, 5, lens) {
+                Err(Error::InvalidArgument { name, .. }) => assert_eq!(name, "out", "{lens:?}"),
+                other => panic!("{lens:?}: {other:?}"),
+            }
+        }
+    }
 }

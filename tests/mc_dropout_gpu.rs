@@ -178,6 +178,73 @@ fn gpu_replicas_match_reference_bf16() {
     run_replicas::<bf16>("gpu_replicas_match_reference_bf16");
 }
 
+/// Replicas of a tensor over 2^31 elements (f16, 3 replicas: y over 2^32 elements, 12.9 GB): the
+/// 64-bit offsets `t * n` of the replicas and `t * ceil(n / 32)` of their masks. n * 2 bytes is a
+/// multiple of 16 (the vector kernel) and n % 32 != 0 (the tail word of every replica); the element
+/// offset is not a multiple of 4. Probes around the start, the 2^31 boundary and the end of every
+/// replica against the reference decisions.
+#[test]
+fn gpu_replicas_huge() {
+    let Some(dev) = gpu("gpu_replicas_huge") else {
+        return;
+    };
+    let n = (1usize << 31) + 24;
+    let r = 3;
+    let (p, eo) = (0.5, 5u64);
+    let state = PhiloxState::new(123, 456);
+    let mc = McDropout::new(p, r).unwrap().with_element_offset(eo);
+    let value = |i: usize| f16::from_f32((i % 251) as f32 * 0.25 - 31.0);
+    let chunk = 251 * (1 << 17);
+    let host: Vec<f16> = (0..chunk).map(value).collect();
+    let src = dev.upload(&host).unwrap();
+    let mut x = dev.zeros::<f16>(n).unwrap();
+    let mut at = 0;
+    while at < n {
+        let len = chunk.min(n - at);
+        dev.stream()
+            .memcpy_dtod(&src.slice(0..len), &mut x.slice_mut(at..at + len))
+            .unwrap();
+        at += len;
+    }
+    let mut y = dev.zeros::<f16>(r * n).unwrap();
+    let w = mask_words(n);
+    let mut m = dev.upload(&vec![0xDEAD_BEEFu32; mc.masks_words(n)]).unwrap();
+    mc.forward(dev.stream(), state, &x, &mut y, &mut m).unwrap();
+    let threshold = dropfuse::reference::dropout::drop_threshold(p).unwrap();
+    let scale = mc.scale();
+    for t in 0..r {
+        let rs = reference::replica_state(state, t as u64);
+        for i in [
+            0,
+            1,
+            31,
+            32,
+            (1 << 31) - 1,
+            1 << 31,
+            (1 << 31) + 1,
+            n - 24,
+            n - 2,
+            n - 1,
+        ] {
+            let keep = dropfuse::reference::dropout::keep(rs, eo + i as u64, threshold);
+            let want = if keep {
+                f16::from_f32(value(i).to_f32() * scale)
+            } else {
+                f16::from_f32(0.0)
+            };
+            let got = dev.download(&y.slice(t * n + i..t * n + i + 1)).unwrap()[0];
+            assert_eq!(got.to_bits(), want.to_bits(), "replica {t}, element {i}");
+            let word = dev
+                .download(&m.slice(t * w + i / 32..t * w + i / 32 + 1))
+                .unwrap()[0];
+            assert_eq!((word >> (i % 32)) & 1 == 1, keep, "replica {t}, mask bit {i}");
+        }
+        // The tail word's unused high bits are 0.
+        let last = dev.download(&m.slice(t * w + w - 1..t * w + w)).unwrap()[0];
+        assert_eq!(last >> (n % 32), 0, "replica {t}: unused mask bits");
+    }
+}
+
 // ---- summaries ----
 
 /// `samples` probability tensors `B x C` (softmax of random logits, some rows peaked, some with
@@ -409,6 +476,17 @@ fn gpu_invalid_arguments() {
     let mut other = McOutputs::new(&dev, 2, 4).unwrap();
     state.push(s, &stack.slice(0..6)).unwrap();
     assert_eq!(invalid_name(state.finish(s, &mut other)), "out");
+    // The output buffers are public fields: a replaced one of another length is rejected (the
+    // kernel would write B * C and B values past its end), and nothing is written.
+    let mut resized = McOutputs::new(&dev, 2, 3).unwrap();
+    resized.predictive_entropy = dev.upload(&[7.0f32]).unwrap();
+    resized.mutual_information = dev.upload(&[7.0f32; 2]).unwrap();
+    assert_eq!(invalid_name(state.finish(s, &mut resized)), "out");
+    assert_eq!(dev.download(&resized.mutual_information).unwrap(), [7.0; 2]);
+    resized.predictive_entropy = dev.upload(&[7.0f32; 2]).unwrap();
+    resized.variance = dev.upload(&[7.0f32; 5]).unwrap();
+    assert_eq!(invalid_name(state.finish(s, &mut resized)), "out");
+    assert_eq!(dev.download(&resized.variance).unwrap(), [7.0; 5]);
 }
 
 // ---- without a GPU ----

@@ -5,12 +5,14 @@
 // without a barrier in between sees either value, as on a GPU), a barrier releases only when every
 // thread of the block reached it (reached by some threads after others exited: reported), and a
 // warp intrinsic with the full mask needs all 32 lanes at the same intrinsic (divergence: reported).
-// Blocks run one after the other; `__shared__` variables are function statics (one block at a
-// time: faithful), the dynamic shared memory is poisoned before every block.
+// Blocks run one after the other, in a random order (a kernel may not assume that block 0 runs
+// first, nor that the block that finishes last has the highest index), over 1D, 2D or 3D grids;
+// `__shared__` variables are function statics (one block at a time: faithful), the dynamic shared
+// memory is poisoned before every block. Atomics and fences are plain (blocks never overlap).
 //
-// Used by tests/host_emu/*_emu.cpp (routing, importance, skip, graph-safe randomness), compiled
-// with a plain host C++ compiler (-ffp-contract=off: the __fmul_rn / __fadd_rn stand-ins round each
-// operation) against the CUDA headers (half / bfloat16 conversions, runtime types). The CUDA
+// Used by tests/host_emu/*_emu.cpp (routing, importance, skip, graph-safe randomness, structured,
+// MC dropout), compiled with a plain host C++ compiler (-ffp-contract=off: the __fmul_rn /
+// __fadd_rn stand-ins round each operation) against the CUDA headers (half / bfloat16 conversions, runtime types). The CUDA
 // runtime calls the launchers make are stubs below (an emulated device: few SMs, so grid-stride
 // loops wrap; the launchers cache the SM count of their first launch), and launches go through
 // `launch_kernel`, which the kernel files define with <<<>>> unless DROPFUSE_HOST_EMULATION is set.
@@ -45,12 +47,14 @@ using std::isnan;
 #undef __shared__
 #undef __forceinline__
 #undef __launch_bounds__
+#undef __grid_constant__
 #define __global__
 #define __device__
 #define __host__
 #define __forceinline__ inline
 #define __shared__ static
 #define __launch_bounds__(...)
+#define __grid_constant__
 #define DROPFUSE_DYNAMIC_SHARED(type, name) type *name = reinterpret_cast<type *>(emu::g.dyn_smem.data())
 
 namespace emu {
@@ -63,7 +67,7 @@ namespace emu {
 }
 
 enum State { kRun, kBar, kWarp, kDone };
-enum WarpOp { kShflUp = 1, kShflIdx, kShflXor, kBallot };
+enum WarpOp { kShflUp = 1, kShflDown, kShflIdx, kShflXor, kBallot };
 
 struct Fiber {
   ucontext_t ctx;
@@ -80,6 +84,8 @@ struct Global {
   int blocks_per_sm = 2;
   int smem_optin = 232448;
   unsigned max_grid_x = 0x7FFFFFFFu;
+  // The launchers cache the SM count per device ordinal (common/launch.cuh): cudaGetDevice reports
+  // `sms` as the ordinal, so a test that changes `sms` between launches gets a fresh cache entry.
   std::map<const void *, int> max_dynamic;  // cudaFuncAttributeMaxDynamicSharedMemorySize
   int static_smem = 4096;                  // reported sharedSizeBytes (an upper bound)
   // The running block.
@@ -91,6 +97,10 @@ struct Global {
   std::vector<unsigned char> dyn_smem;
   std::mt19937_64 rng{42};
   uint64_t launches = 0;
+  std::map<const void *, uint64_t> launched;  // launches per kernel (coverage checks)
+  const void *last_kernel = nullptr;
+  dim3 last_grid;
+  unsigned last_block = 0;
   cudaError_t sticky = cudaSuccess;
 };
 inline Global g;
@@ -122,6 +132,7 @@ inline void resolve_warp(int w) {
     uint64_t r = 0;
     switch (op) {
       case kShflUp: r = l >= f[l].arg ? f[l - f[l].arg].val : f[l].val; break;
+      case kShflDown: r = l + f[l].arg < 32 ? f[l + f[l].arg].val : f[l].val; break;
       case kShflIdx: r = f[f[l].arg & 31].val; break;
       case kShflXor: r = f[(l ^ f[l].arg) & 31].val; break;
       case kBallot: {
@@ -231,23 +242,34 @@ inline uint64_t warp_op(int op, uint64_t v, int arg) {
   return g.fibers[g.cur].result;
 }
 
-// A launch: checks the configuration like the driver, then runs every block.
+// A launch: checks the configuration like the driver, then runs every block (in a random order).
 template <typename... P, typename... A>
-cudaError_t launch(void (*kernel)(P...), unsigned grid, unsigned block, size_t smem, A &&...args) {
+cudaError_t launch(void (*kernel)(P...), dim3 grid, unsigned block, size_t smem, A &&...args) {
   if (g.sticky != cudaSuccess) return g.sticky;
-  if (grid == 0 || grid > g.max_grid_x || block == 0 || block > 1024) return cudaErrorInvalidConfiguration;
+  if (grid.x == 0 || grid.x > g.max_grid_x || grid.y == 0 || grid.y > 65535 || grid.z == 0 || grid.z > 65535 ||
+      block == 0 || block > 1024)
+    return cudaErrorInvalidConfiguration;
   auto it = g.max_dynamic.find(reinterpret_cast<const void *>(kernel));
   const int max_dyn = it == g.max_dynamic.end() ? 48 * 1024 - g.static_smem : it->second;
   if (smem > static_cast<size_t>(max_dyn)) return cudaErrorInvalidValue;  // what the runtime reports
   ++g.launches;
+  ++g.launched[reinterpret_cast<const void *>(kernel)];
+  g.last_kernel = reinterpret_cast<const void *>(kernel);
+  g.last_grid = grid;
+  g.last_block = block;
   std::tuple<std::decay_t<P>...> params(std::forward<A>(args)...);
   const std::function<void()> body = [&] { std::apply(kernel, params); };
   g.body = &body;
-  gridDim = dim3(grid, 1, 1);
+  gridDim = grid;
   blockDim = dim3(block, 1, 1);
-  for (unsigned b = 0; b < grid; ++b) {
+  const uint64_t blocks = static_cast<uint64_t>(grid.x) * grid.y * grid.z;
+  std::vector<uint64_t> order(blocks);
+  for (uint64_t b = 0; b < blocks; ++b) order[b] = b;
+  std::shuffle(order.begin(), order.end(), g.rng);
+  for (const uint64_t b : order) {
     g.dyn_smem.assign(smem + 16, 0xA5);
-    blockIdx = uint3{b, 0, 0};
+    blockIdx = uint3{static_cast<unsigned>(b % grid.x), static_cast<unsigned>(b / grid.x % grid.y),
+                     static_cast<unsigned>(b / grid.x / grid.y)};
     run_block(block);
   }
   g.body = nullptr;
@@ -280,6 +302,11 @@ template <typename T>
 inline T __shfl_up_sync(unsigned mask, T v, unsigned delta) {
   if (mask != 0xFFFFFFFFu) emu::fatal("partial shuffle masks are not emulated");
   return emu_from<T>(emu::warp_op(emu::kShflUp, emu_bits(v), static_cast<int>(delta)));
+}
+template <typename T>
+inline T __shfl_down_sync(unsigned mask, T v, unsigned delta) {
+  if (mask != 0xFFFFFFFFu) emu::fatal("partial shuffle masks are not emulated");
+  return emu_from<T>(emu::warp_op(emu::kShflDown, emu_bits(v), static_cast<int>(delta)));
 }
 template <typename T>
 inline T __shfl_sync(unsigned mask, T v, int src) {
@@ -331,9 +358,20 @@ inline unsigned atomicAnd(unsigned *p, unsigned v) {
 inline unsigned __funnelshift_r(unsigned lo, unsigned hi, unsigned sh) {
   return static_cast<unsigned>((((uint64_t)hi << 32) | lo) >> (sh & 31));
 }
+inline unsigned atomicMax(unsigned *p, unsigned v) {
+  const unsigned old = *p;
+  *p = std::max(old, v);
+  return old;
+}
+inline unsigned long long atomicMax(unsigned long long *p, unsigned long long v) {
+  const unsigned long long old = *p;
+  *p = std::max(old, v);
+  return old;
+}
 // Each one operation rounded to nearest (the file is compiled with -ffp-contract=off).
 inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
 inline float __fdiv_rn(float a, float b) { return a / b; }
 inline float __fsqrt_rn(float a) { return std::sqrt(a); }
 inline double __dmul_rn(double a, double b) { return a * b; }
@@ -360,7 +398,7 @@ inline cudaError_t cudaGetLastError(void) {
 }
 inline cudaError_t cudaPeekAtLastError(void) { return emu::g.sticky; }
 inline cudaError_t cudaGetDevice(int *d) {
-  *d = 0;
+  *d = emu::g.sms;  // one ordinal per emulated SM count (see Global::sms)
   return cudaSuccess;
 }
 inline cudaError_t cudaDeviceGetAttribute(int *v, cudaDeviceAttr attr, int) {
@@ -403,7 +441,7 @@ inline cudaError_t cudaFuncGetAttributes(cudaFuncAttributes *a, T *kernel) {
 
 namespace dropfuse {
 template <typename... P, typename... A>
-cudaError_t launch_kernel(void (*kernel)(P...), unsigned grid, unsigned block, size_t smem, cudaStream_t,
+cudaError_t launch_kernel(void (*kernel)(P...), dim3 grid, unsigned block, size_t smem, cudaStream_t,
                           A &&...args) {
   return emu::launch(kernel, grid, block, smem, std::forward<A>(args)...);
 }
