@@ -495,11 +495,27 @@ extern "C" int dropfuse_drop_block_forward(dropfuse_dtype dtype, const void *x, 
   Geometry g;
   size_t smem = 0;
   if (!make_geometry(p, sms, &g, &smem)) return cudaErrorInvalidValue;
-  err = cudaMemsetAsync(stats, 0, (p.n + 1) * sizeof(uint64_t), stream);
-  if (err != cudaSuccess) return err;
   const bool dev = p.philox_dev != nullptr;
   auto kernel = g.narrow ? (dev ? drop_block_mask_kernel<true, true> : drop_block_mask_kernel<true, false>)
                          : (dev ? drop_block_mask_kernel<false, true> : drop_block_mask_kernel<false, false>);
+  // Static plus dynamic shared memory above the default 48 KB needs the opt-in (the kernel's own
+  // 16 static bytes made exactly 48 KB of bitmaps fail). The limit is raised once to the device's
+  // maximum less the static part, never lowered, so concurrent callers cannot undo each other.
+  cudaFuncAttributes attr;
+  err = cudaFuncGetAttributes(&attr, kernel);
+  if (err != cudaSuccess) return err;
+  if (smem > static_cast<size_t>(attr.maxDynamicSharedSizeBytes)) {
+    int device = 0, optin = 0;
+    if ((err = cudaGetDevice(&device)) != cudaSuccess) return err;
+    if ((err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device)) != cudaSuccess)
+      return err;
+    const int limit = optin - static_cast<int>(attr.sharedSizeBytes);
+    if (limit < 0 || smem > static_cast<size_t>(limit)) return cudaErrorInvalidValue;
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, limit);
+    if (err != cudaSuccess) return err;
+  }
+  err = cudaMemsetAsync(stats, 0, (p.n + 1) * sizeof(uint64_t), stream);
+  if (err != cudaSuccess) return err;
   int per_sm = 0;
   err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kMaskThreads, smem);
   if (err != cudaSuccess) return err;

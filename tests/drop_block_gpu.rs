@@ -329,6 +329,23 @@ fn gpu_drop_block_edge_shapes() {
     }
 }
 
+/// Shapes whose mask kernel asks for exactly 48 KB of bitmaps (found in the host emulation, for
+/// 108 and 132 SMs): with the kernel's static shared memory that is over the default limit, so the
+/// launcher must opt in (it did not: the launch failed with cudaErrorInvalidValue).
+#[test]
+fn gpu_drop_block_full_shared_memory() {
+    let Some(dev) = gpu("gpu_drop_block_full_shared_memory") else {
+        return;
+    };
+    for (i, shape) in [&[32usize, 16, 1024, 256][..], &[8, 64, 64, 64, 64][..]]
+        .iter()
+        .enumerate()
+    {
+        let c = fixed(shape, 7, 0.1, false, Normalize::Global, 90 + i as u64);
+        check_case::<f16>(&dev, &c).unwrap_or_else(|e| panic!("{c:?}: {e}"));
+    }
+}
+
 /// Invalid arguments are typed errors and nothing is written.
 #[test]
 fn gpu_drop_block_invalid_arguments_write_nothing() {
