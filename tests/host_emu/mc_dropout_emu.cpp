@@ -41,7 +41,16 @@ static void random_device() {
 
 // ---- replicas ----
 
-template <typename T> static void replica_case(uint64_t n, uint64_t R) {
+// A variant: -1 random, else forced (vec: every pointer 16-byte aligned and n * sizeof(T) a
+// multiple of 16, or not; aligned: element offset a multiple of 4, or not).
+struct Force {
+  int vec = -1, masks = -1, aligned = -1, dev = -1;
+};
+
+template <typename T> static void replica_case(uint64_t n, uint64_t R, Force f = Force{}) {
+  constexpr uint64_t V = 16 / sizeof(T);
+  if (f.vec == 1) n = (n + V - 1) / V * V;
+  if (f.vec == 0 && n % V == 0) n += 1;
   random_device();
   const uint64_t seed = rng();
   uint64_t offset = rnd(3) == 0 ? ~uint64_t(0) - rnd(2 * R) : rng();  // replica streams wrap around 2^64
@@ -55,6 +64,8 @@ template <typename T> static void replica_case(uint64_t n, uint64_t R) {
     default: eo = rng() >> rnd(64); break;
   }
   if (eo > ~uint64_t(0) - n) eo = ~uint64_t(0) - n;
+  if (f.aligned == 1) eo &= ~uint64_t(3);
+  if (f.aligned == 0 && eo % 4 == 0) eo = eo == 0 ? 1 : eo - 1;
   uint64_t thr;
   switch (rnd(6)) {
     case 0: thr = 0; break;
@@ -63,10 +74,10 @@ template <typename T> static void replica_case(uint64_t n, uint64_t R) {
     default: thr = rnd((uint64_t(1) << 32) + 1); break;
   }
   const float scale = rnd(3) == 0 ? 0.0f : (float)(rnd(4000) + 1) / 512.0f;
-  const bool dev = rnd(2), with_masks = rnd(3) != 0;
+  const bool dev = f.dev >= 0 ? f.dev == 1 : rnd(2), with_masks = f.masks >= 0 ? f.masks == 1 : rnd(3) != 0;
   const uint64_t add = rnd(3) == 0 ? ~uint64_t(0) - rnd(3) : rng();
   const uint64_t W = (n + 31) / 32;
-  const size_t xoff = rnd(2) ? 0 : rnd(9), yoff = rnd(2) ? xoff : rnd(9), moff = rnd(3);
+  const size_t xoff = f.vec == 1 || rnd(3) ? 0 : rnd(9), yoff = f.vec == 1 || rnd(3) ? xoff : rnd(9), moff = rnd(3);
   char what[400];
   snprintf(what, sizeof what,
            "%s n=%llu R=%llu eo=%#llx offset=%#llx thr=%#llx scale=%g dev=%d masks=%d xoff=%zu yoff=%zu moff=%zu "
@@ -262,6 +273,8 @@ static void zero_inside(Buf<float> &b) {
   for (size_t i = 0; i < b.n; ++i) b.p[i] = 0.0f;
 }
 
+static double worst_ratio[5];  // largest error / tolerance seen, per summary
+
 static void summary_case(uint64_t B, uint64_t C, int pushes) {
   char what[200];
   snprintf(what, sizeof what, "summaries B=%llu C=%llu", (unsigned long long)B, (unsigned long long)C);
@@ -343,6 +356,7 @@ static void summary_case(uint64_t B, uint64_t C, int pushes) {
     worst[4] = std::max(worst[4], std::fabs(mi.p[b] - std::max(0.0, hp - m64.e[b])) / (tp + te));
   }
   const char *names[] = {"mean", "variance", "predictive entropy", "expected entropy", "mutual information"};
+  for (int i = 0; i < 5; ++i) worst_ratio[i] = std::max(worst_ratio[i], worst[i]);
   for (int i = 0; i < 5; ++i)
     CHECK(worst[i] <= 1.0, "%s T=%llu: %s error %.3g x the tolerance", what, (unsigned long long)m64.samples, names[i],
           worst[i]);
@@ -440,6 +454,7 @@ template <typename T> static void random_replicas(uint64_t max_n) {
 
 int main(int argc, char **argv) {
   const int scale = argc > 1 ? atoi(argv[1]) : 1;
+  if (argc > 2) rng.seed(strtoull(argv[2], nullptr, 0)), emu::g.rng.seed(strtoull(argv[2], nullptr, 0));  // explore
   CHECK(philox_kat_ok(), "the model's Philox differs from Random123's known answers");
   expect_kernels<float>();
   expect_kernels<__half>();
@@ -449,13 +464,23 @@ int main(int argc, char **argv) {
   expected.push_back({reinterpret_cast<const void *>(&push_kernel<false>), "push (memory)"});
   expected.push_back({reinterpret_cast<const void *>(&finish_kernel), "finish"});
   invalid_arguments();
+  // Every kernel variant, forced, with random sizes and the rest random.
+  for (int v = 0; v < 2; ++v)
+    for (int m = 0; m < 2; ++m)
+      for (int a = 0; a < 2; ++a)
+        for (int d = 0; d < 2; ++d) {
+          const Force f{v, m, a, d};
+          replica_case<float>(1 + rnd(3000), 1 + rnd(4), f);
+          replica_case<__half>(1 + rnd(3000), 1 + rnd(4), f);
+          replica_case<__nv_bfloat16>(1 + rnd(3000), 1 + rnd(4), f);
+        }
   for (uint64_t n : {1, 7, 31, 32, 33, 63, 64, 65, 96, 100, 1024, 1031})
     for (uint64_t R : {1, 3}) {
       replica_case<float>(n, R);
       replica_case<__half>(n, R);
       replica_case<__nv_bfloat16>(n, R);
     }
-  for (int i = 0; i < 40 * scale; ++i) {
+  for (int i = 0; i < 80 * scale; ++i) {
     random_replicas<float>(6000);
     random_replicas<__half>(6000);
     random_replicas<__nv_bfloat16>(6000);
@@ -474,12 +499,20 @@ int main(int argc, char **argv) {
       if (emu::g.launched[k.first] == 0) m.push_back(k.second);
     return m;
   };
-  for (int i = 0; i < 300 && !missing().empty(); ++i) {
+  int extra = 0;
+  for (; extra < 300 && !missing().empty(); ++extra) {
     random_replicas<float>(600);
     random_replicas<__half>(600);
     random_replicas<__nv_bfloat16>(600);
   }
   for (const std::string &k : missing()) CHECK(false, "kernel never launched: %s", k.c_str());
+  uint64_t fewest = ~uint64_t(0);
+  for (auto &k : expected) fewest = std::min<uint64_t>(fewest, emu::g.launched[k.first]);
+  printf("kernel instantiations: %zu, each launched at least %llu times (%d extra rounds for coverage)\n",
+         expected.size(), (unsigned long long)fewest, extra);
+  printf("largest error / tolerance: mean %.3f, variance %.3f, predictive entropy %.3f, expected entropy %.3f, "
+         "mutual information %.3f\n",
+         worst_ratio[0], worst_ratio[1], worst_ratio[2], worst_ratio[3], worst_ratio[4]);
   printf("launches: %lu, checks: %d, failures: %d\n", (unsigned long)emu::g.launches, checks, failures);
   return failures == 0 ? 0 : 1;
 }
