@@ -37,6 +37,17 @@ constexpr unsigned kFullWarp = 0xffffffffu;
 constexpr int kChunk = 8;  // elements per lane and step (one mask byte)
 constexpr uint64_t kNoBadRow = ~uint64_t{0};
 
+// Every launch (`launch_kernel`): the host emulation (tests/host_emu/cuda_fiber_emu.h) defines it
+// before including this file.
+#ifndef DROPFUSE_HOST_EMULATION
+template <typename... P, typename... A>
+cudaError_t launch_kernel(void (*kernel)(P...), unsigned grid, unsigned block, size_t smem, cudaStream_t stream,
+                          A &&...args) {
+  kernel<<<grid, block, smem, stream>>>(static_cast<A &&>(args)...);
+  return cudaGetLastError();
+}
+#endif
+
 // ---- 8-element chunks as f32, one or two 16-byte accesses when VEC ----
 
 template <typename T, bool VEC>
@@ -301,9 +312,8 @@ cudaError_t launch_ce(const void *logits, const int64_t *labels, void *grad, flo
   unsigned grid = 0;
   cudaError_t err = wave_grid(kernel, kThreads, (rows + warps_per_block - 1) / warps_per_block, &grid, 4);
   if (err != cudaSuccess) return err;
-  kernel<<<grid, kThreads, 0, stream>>>(static_cast<const T *>(logits), labels, static_cast<G *>(grad), partial,
-                                        stats, p);
-  return cudaGetLastError();
+  return launch_kernel(kernel, grid, kThreads, 0, stream, static_cast<const T *>(logits), labels,
+                       static_cast<G *>(grad), partial, stats, p);
 }
 
 template <typename T, typename G>
@@ -545,8 +555,8 @@ cudaError_t launch_copies(const void *h, void *copies, uint32_t *masks, uint64_t
   unsigned grid = 0;
   const cudaError_t err = chunk_grid(kernel, n, &grid);
   if (err != cudaSuccess) return err;
-  kernel<<<grid, kThreads, 0, stream>>>(static_cast<const T *>(h), static_cast<T *>(copies), masks, n, p);
-  return cudaGetLastError();
+  return launch_kernel(kernel, grid, kThreads, 0, stream, static_cast<const T *>(h), static_cast<T *>(copies), masks,
+                       n, p);
 }
 
 template <typename G, typename O, bool VEC>
@@ -558,14 +568,16 @@ cudaError_t launch_reduce3(const void *grad, void *dh, const uint32_t *masks, ui
     auto kernel = reduce_kernel<G, O, VEC, true, false>;
     err = chunk_grid(kernel, n, &grid);
     if (err != cudaSuccess) return err;
-    kernel<<<grid, kThreads, 0, stream>>>(static_cast<const G *>(grad), static_cast<O *>(dh), masks, n, p);
+    err = launch_kernel(kernel, grid, kThreads, 0, stream, static_cast<const G *>(grad), static_cast<O *>(dh), masks, n,
+                        p);
   } else {
     auto kernel = p.dev.state != nullptr ? reduce_kernel<G, O, VEC, false, true> : reduce_kernel<G, O, VEC, false, false>;
     err = chunk_grid(kernel, n, &grid);
     if (err != cudaSuccess) return err;
-    kernel<<<grid, kThreads, 0, stream>>>(static_cast<const G *>(grad), static_cast<O *>(dh), masks, n, p);
+    err = launch_kernel(kernel, grid, kThreads, 0, stream, static_cast<const G *>(grad), static_cast<O *>(dh), masks, n,
+                        p);
   }
-  return cudaGetLastError();
+  return err;
 }
 
 template <typename G, typename O>
@@ -598,13 +610,15 @@ cudaError_t launch_mean2(const void *z, void *mean, uint64_t k, uint64_t n, cuda
   if (vec) {
     err = chunk_grid(mean_kernel<T, O, true>, n, &grid);
     if (err != cudaSuccess) return err;
-    mean_kernel<T, O, true><<<grid, kThreads, 0, stream>>>(static_cast<const T *>(z), static_cast<O *>(mean), k, static_cast<float>(1.0 / static_cast<double>(k)), n);
+    err = launch_kernel(mean_kernel<T, O, true>, grid, kThreads, 0, stream, static_cast<const T *>(z),
+                        static_cast<O *>(mean), k, static_cast<float>(1.0 / static_cast<double>(k)), n);
   } else {
     err = chunk_grid(mean_kernel<T, O, false>, n, &grid);
     if (err != cudaSuccess) return err;
-    mean_kernel<T, O, false><<<grid, kThreads, 0, stream>>>(static_cast<const T *>(z), static_cast<O *>(mean), k, static_cast<float>(1.0 / static_cast<double>(k)), n);
+    err = launch_kernel(mean_kernel<T, O, false>, grid, kThreads, 0, stream, static_cast<const T *>(z),
+                        static_cast<O *>(mean), k, static_cast<float>(1.0 / static_cast<double>(k)), n);
   }
-  return cudaGetLastError();
+  return err;
 }
 
 template <typename T>
@@ -664,8 +678,7 @@ extern "C" int dropfuse_weighted_ce_scaled(dropfuse_dtype dtype, const void *log
   float *partial = reinterpret_cast<float *>(stats + 2);
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
 
-  labels_kernel<<<1, kReduceThreads, 0, s>>>(labels, q.b, q.c, q.ignore_index, stats);
-  cudaError_t err = cudaGetLastError();
+  cudaError_t err = launch_kernel(labels_kernel, 1, kReduceThreads, 0, s, labels, q.b, q.c, q.ignore_index, stats);
   if (err != cudaSuccess) return err;
   switch (dtype) {
     case DROPFUSE_F32:
@@ -679,8 +692,7 @@ extern "C" int dropfuse_weighted_ce_scaled(dropfuse_dtype dtype, const void *log
       break;
   }
   if (err != cudaSuccess) return err;
-  combine_kernel<<<1, kReduceThreads, 0, s>>>(partial, stats, loss, p);
-  return cudaGetLastError();
+  return launch_kernel(combine_kernel, 1, kReduceThreads, 0, s, partial, stats, loss, p);
 }
 
 extern "C" int dropfuse_multi_sample_copies(dropfuse_dtype dtype, const void *h, void *copies, uint32_t *masks,
