@@ -6,6 +6,8 @@
 //   - ce_kernel: one warp per (k, row), grid-stride: pass 1 reads the row once (online max and sum
 //     of exp, sum of z), pass 2 re-reads it (L1/L2) and writes dz = w_k * (softmax - t) / n_valid;
 //     lane 0 writes the row's cross-entropy to the scratch. Nothing is written when a label is bad.
+//     The arithmetic depends on C alone (chunks of 8 when C % 8 == 0), never on the alignment of
+//     the logits or the gradient, so the loss and the gradient are the same bits for any views.
 //   - combine_kernel: one CTA sums the K * B row partials in a fixed order (per-thread strided sums
 //     in f64, then a fixed tree), loss = sum_k w_k * sum_i CE_ki / n_valid, rounded once to f32.
 //   - copies_kernel: reads each 8-element chunk of h once and writes it K times (sample k on Philox
@@ -157,7 +159,11 @@ __device__ __forceinline__ void lse_merge(float &m, float &s, float m2, float s2
 #define DROPFUSE_CE_MIN_BLOCKS 4
 #endif
 
-template <typename T, typename G, bool VEC>
+// kChunked (C % 8 == 0): lanes take 8-element chunks (chunk max and sum of exp, then merged);
+// otherwise single elements. VEC (kChunked, logits and gradient 16-byte aligned) only selects the
+// width of the memory accesses: the arithmetic, hence the loss and the gradient bits, depend on C
+// alone, not on where the gradient goes (loss only, aligned or misaligned views).
+template <typename T, typename G, bool kChunked, bool VEC>
 __global__ void __launch_bounds__(kThreads, DROPFUSE_CE_MIN_BLOCKS)
     ce_kernel(const T *z, const int64_t *labels, G *dz, float *partial, const uint64_t *stats,
               const __grid_constant__ CeParams p) {
@@ -178,7 +184,8 @@ __global__ void __launch_bounds__(kThreads, DROPFUSE_CE_MIN_BLOCKS)
   const uint64_t warps = (static_cast<uint64_t>(gridDim.x) * blockDim.x) >> 5;
   const uint64_t rows = p.k * p.b;
   const uint64_t C = p.c;
-  const uint64_t chunks = VEC ? C / kChunk : 0;
+  static_assert(kChunked || !VEC, "vector accesses need whole chunks");
+  const uint64_t chunks = kChunked ? C / kChunk : 0;
   constexpr int kUnroll = DROPFUSE_CE_UNROLL;
   for (uint64_t r = warp; r < rows; r += warps) {
     const uint64_t k = r / p.b;
@@ -190,8 +197,8 @@ __global__ void __launch_bounds__(kThreads, DROPFUSE_CE_MIN_BLOCKS)
       if (lane == 0) partial[r] = 0.0f;
       if (dr != nullptr) {
         const float zero[kChunk] = {};
-        if constexpr (VEC) {
-          for (uint64_t c = lane; c < chunks; c += 32) store8<G, true>(dr + c * kChunk, zero);
+        if constexpr (kChunked) {
+          for (uint64_t c = lane; c < chunks; c += 32) store8<G, VEC>(dr + c * kChunk, zero);
         } else {
           for (uint64_t j = lane; j < C; j += 32) dr[j] = Elem<G>::from_f32(0.0f);
         }
@@ -200,13 +207,13 @@ __global__ void __launch_bounds__(kThreads, DROPFUSE_CE_MIN_BLOCKS)
     }
     // Pass 1: max, sum of exp(z - max), sum of z.
     float m = -INFINITY, s = 0.0f, sum = 0.0f;
-    if constexpr (VEC) {
+    if constexpr (kChunked) {
       for (uint64_t c0 = lane; c0 < chunks; c0 += 32 * kUnroll) {
         float f[kUnroll][kChunk];
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
           const uint64_t c = c0 + 32 * u;
-          if (c < chunks) load8<T, true>(zr + c * kChunk, f[u]);
+          if (c < chunks) load8<T, VEC>(zr + c * kChunk, f[u]);
         }
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
@@ -249,13 +256,13 @@ __global__ void __launch_bounds__(kThreads, DROPFUSE_CE_MIN_BLOCKS)
     // Pass 2: dz = (exp(z - lse) - t) * w_k / n_valid.
     // grad_scale = 1 leaves the gradient bit for bit as without it; a power of two scales it exactly.
     const float coef = __fmul_rn(__fdiv_rn(p.weights[k], static_cast<float>(n_valid)), p.grad_scale);
-    if constexpr (VEC) {
+    if constexpr (kChunked) {
       for (uint64_t c0 = lane; c0 < chunks; c0 += 32 * kUnroll) {
         float f[kUnroll][kChunk];
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
           const uint64_t c = c0 + 32 * u;
-          if (c < chunks) load8<T, true>(zr + c * kChunk, f[u]);
+          if (c < chunks) load8<T, VEC>(zr + c * kChunk, f[u]);
         }
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
@@ -267,7 +274,7 @@ __global__ void __launch_bounds__(kThreads, DROPFUSE_CE_MIN_BLOCKS)
               const float t = static_cast<int64_t>(c * kChunk + j) == y ? p.t_on : p.t_off;
               g[j] = __fmul_rn(expf(f[u][j] - lse) - t, coef);
             }
-            store8<G, true>(dr + c * kChunk, g);
+            store8<G, VEC>(dr + c * kChunk, g);
           }
         }
       }
@@ -303,10 +310,10 @@ __global__ void __launch_bounds__(kReduceThreads)
   if (threadIdx.x == 0) *loss = n_valid == 0 ? 0.0f : static_cast<float>(s_sum[0] / static_cast<double>(n_valid));
 }
 
-template <typename T, typename G, bool VEC>
+template <typename T, typename G, bool kChunked, bool VEC>
 cudaError_t launch_ce(const void *logits, const int64_t *labels, void *grad, float *partial,
                       const uint64_t *stats, const CeParams &p, cudaStream_t stream) {
-  auto kernel = ce_kernel<T, G, VEC>;
+  auto kernel = ce_kernel<T, G, kChunked, VEC>;
   const uint64_t rows = p.k * p.b;
   const uint64_t warps_per_block = kThreads / 32;
   unsigned grid = 0;
@@ -319,9 +326,10 @@ cudaError_t launch_ce(const void *logits, const int64_t *labels, void *grad, flo
 template <typename T, typename G>
 cudaError_t launch_ce_vec(const void *logits, const int64_t *labels, void *grad, float *partial,
                           const uint64_t *stats, const CeParams &p, cudaStream_t stream) {
-  const bool vec = p.c % kChunk == 0 && host_aligned16(logits) && (grad == nullptr || host_aligned16(grad));
-  if (vec) return launch_ce<T, G, true>(logits, labels, grad, partial, stats, p, stream);
-  return launch_ce<T, G, false>(logits, labels, grad, partial, stats, p, stream);
+  if (p.c % kChunk != 0) return launch_ce<T, G, false, false>(logits, labels, grad, partial, stats, p, stream);
+  const bool vec = host_aligned16(logits) && (grad == nullptr || host_aligned16(grad));
+  if (vec) return launch_ce<T, G, true, true>(logits, labels, grad, partial, stats, p, stream);
+  return launch_ce<T, G, true, false>(logits, labels, grad, partial, stats, p, stream);
 }
 
 // The gradient in T or f32; f32 logits (a GEMM's f32 output) also give f16 or bf16 gradients.
