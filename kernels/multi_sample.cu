@@ -106,6 +106,8 @@ struct CeParams {
   float weights[DROPFUSE_WEIGHTED_CE_MAX_K];
 };
 
+static_assert(sizeof(CeParams) + 5 * sizeof(void *) <= 4096, "cross-entropy kernel parameters above 4 KB");
+
 // stats[0] = n_valid, stats[1] = first bad row or kNoBadRow.
 __global__ void __launch_bounds__(kReduceThreads)
     labels_kernel(const int64_t *labels, uint64_t b, uint64_t c, int64_t ignore_index, uint64_t *stats) {
@@ -360,6 +362,11 @@ struct SampleParams {
   float scale;
   DeviceState dev;  // graph-safe launches: {seed, offset} in device memory, plus dev.add
 };
+
+// The per-sample stream parts make the parameters grow with DROPFUSE_MULTI_SAMPLE_MAX_K (24 bytes
+// each); with the kernels' pointer and size arguments they must fit the classic 4 KB kernel
+// parameter limit (raising the maximum K needs another layout, e.g. the parts in device memory).
+static_assert(sizeof(SampleParams) + 4 * sizeof(uint64_t) <= 4096, "multi-sample kernel parameters above 4 KB");
 
 SampleParams prepare_samples(const dropfuse_multi_sample_params &p) {
   SampleParams s{};
