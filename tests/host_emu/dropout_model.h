@@ -10,6 +10,7 @@
 
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <random>
 #include <type_traits>
 #include <vector>
@@ -135,6 +136,14 @@ inline uint64_t random_offset(uint64_t span) {
     case 2: return (uint64_t{1} << 32) - rnd(span + 2);  // crosses into the high offset word
     default: return rnd64();
   }
+}
+
+// DROPFUSE_EMU_SEED (optional) reseeds the random cases; the seed is printed either way.
+inline void seed_from_env() {
+  const char *e = getenv("DROPFUSE_EMU_SEED");
+  const uint64_t seed = e ? strtoull(e, nullptr, 0) : 20250101;
+  rng.seed(seed);
+  printf("seed: %llu\n", (unsigned long long)seed);
 }
 
 // ---- element types ----

@@ -617,6 +617,7 @@ template <typename T> static void random_head() {
 
 int main(int argc, char **argv) {
   scale_arg = argc > 1 ? std::max(1, atoi(argv[1])) : 1;
+  seed_from_env();
   if (!philox_self_test()) {
     printf("the Philox model fails its known-answer test\nfailures: 1\n");
     return 1;
