@@ -9,17 +9,19 @@
 //! scan exactly and its loss and gradient within the documented bounds of an f64 model (ignored,
 //! all-ignored and bad labels, loss only, grad_scale, determinism across grids); the head's bias
 //! broadcast and column sums bit for bit; the launchers' argument checks. Without a C++ compiler or
-//! the CUDA headers it prints a SKIPPED line. `DROPFUSE_EMU_SCALE` multiplies the random cases.
+//! the CUDA headers it prints a SKIPPED line. Built with UndefinedBehaviorSanitizer when the
+//! compiler has it: a misaligned 16-byte vector access (a GPU fault) aborts the run.
+//! `DROPFUSE_EMU_SCALE` multiplies the random cases, `DROPFUSE_EMU_SEED` reseeds them.
 
 mod common;
 
-#[path = "host_emu/build.rs"]
+#[path = "host_emu/build_sanitized.rs"]
 mod build;
 
 #[test]
 fn multi_sample_kernels_match_the_contract_on_a_host_emulation() {
     let test = "multi_sample_kernels_match_the_contract_on_a_host_emulation";
-    if let Some(out) = build::build_and_run(test, "multi_sample_emu.cpp") {
+    if let Some(out) = build::build_and_run_sanitized(test, "multi_sample_emu.cpp") {
         assert!(out.contains("failures: 0"), "{out}");
     }
 }
