@@ -51,6 +51,23 @@ constexpr int kThreads = 256;
 constexpr unsigned kFullWarp = 0xffffffffu;
 constexpr uint64_t kChunkRows = DROPFUSE_BDR_DBIAS_CHUNK;  // rows per dbias partial (the contract's 256)
 
+// Every launch (`launch_kernel`, 1-D and 2-D grids): the host emulation
+// (tests/host_emu/cuda_fiber_emu.h and cuda_fiber_emu_2d.h) defines both before including this file.
+#ifndef DROPFUSE_HOST_EMULATION
+template <typename... P, typename... A>
+cudaError_t launch_kernel(void (*kernel)(P...), unsigned grid, unsigned block, size_t smem, cudaStream_t stream,
+                          A &&...args) {
+  kernel<<<grid, block, smem, stream>>>(static_cast<A &&>(args)...);
+  return cudaGetLastError();
+}
+template <typename... P, typename... A>
+cudaError_t launch_kernel(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                          A &&...args) {
+  kernel<<<grid, block, smem, stream>>>(static_cast<A &&>(args)...);
+  return cudaGetLastError();
+}
+#endif
+
 enum class Mode {
   ForwardMask,    // y = r + dropout(x + b), write the bit mask
   ForwardNoMask,  // the same without a mask
@@ -248,8 +265,7 @@ cudaError_t launch_forward_typed(const T *x, const T *r, const T *bias, T *y, ui
   const uint64_t step_elems = static_cast<uint64_t>(grid) * kThreads * kUnroll * V;
   p.lane_step = static_cast<uint32_t>((32u * V) % p.h);
   p.iter_step = static_cast<uint32_t>(step_elems % p.h);
-  kernel<<<grid, kThreads, 0, stream>>>(x, r, bias, y, mask, n, p);
-  return cudaGetLastError();
+  return launch_kernel(kernel, grid, kThreads, 0, stream, x, r, bias, y, mask, n, p);
 }
 
 bool aligned16(const void *p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
@@ -420,14 +436,12 @@ cudaError_t launch_backward_typed(const T *dy, T *dx, const uint32_t *mask, T *d
   // Applying a stored mask uses no randomness: one instantiation.
   auto kernel = !kFromMask && p.dev.state != nullptr ? backward_kernel<T, VEC, kFromMask, kBlockAligned, !kFromMask>
                                                      : backward_kernel<T, VEC, kFromMask, kBlockAligned, false>;
-  kernel<<<grid, block, 0, stream>>>(dy, dx, mask, workspace, rows, p);
-  cudaError_t err = cudaGetLastError();
+  cudaError_t err = launch_kernel(kernel, grid, block, 0, stream, dy, dx, mask, workspace, rows, p);
   if (err != cudaSuccess) return err;
   unsigned cgrid = 0;
   err = wave_grid(dbias_combine_kernel<T>, 256, (p.h + 255) / 256, &cgrid, 1);
   if (err != cudaSuccess) return err;
-  dbias_combine_kernel<T><<<cgrid, 256, 0, stream>>>(workspace, dbias, chunks, p.h);
-  return cudaGetLastError();
+  return launch_kernel(dbias_combine_kernel<T>, cgrid, 256, 0, stream, workspace, dbias, chunks, p.h);
 }
 
 template <typename T>

@@ -6,6 +6,8 @@
 //   - ce_kernel: one warp per (k, row), grid-stride: pass 1 reads the row once (online max and sum
 //     of exp, sum of z), pass 2 re-reads it (L1/L2) and writes dz = w_k * (softmax - t) / n_valid;
 //     lane 0 writes the row's cross-entropy to the scratch. Nothing is written when a label is bad.
+//     The arithmetic depends on C alone (chunks of 8 when C % 8 == 0), never on the alignment of
+//     the logits or the gradient, so the loss and the gradient are the same bits for any views.
 //   - combine_kernel: one CTA sums the K * B row partials in a fixed order (per-thread strided sums
 //     in f64, then a fixed tree), loss = sum_k w_k * sum_i CE_ki / n_valid, rounded once to f32.
 //   - copies_kernel: reads each 8-element chunk of h once and writes it K times (sample k on Philox
@@ -36,6 +38,17 @@ constexpr int kReduceThreads = 1024;  // labels and combine kernels: one CTA
 constexpr unsigned kFullWarp = 0xffffffffu;
 constexpr int kChunk = 8;  // elements per lane and step (one mask byte)
 constexpr uint64_t kNoBadRow = ~uint64_t{0};
+
+// Every launch (`launch_kernel`): the host emulation (tests/host_emu/cuda_fiber_emu.h) defines it
+// before including this file.
+#ifndef DROPFUSE_HOST_EMULATION
+template <typename... P, typename... A>
+cudaError_t launch_kernel(void (*kernel)(P...), unsigned grid, unsigned block, size_t smem, cudaStream_t stream,
+                          A &&...args) {
+  kernel<<<grid, block, smem, stream>>>(static_cast<A &&>(args)...);
+  return cudaGetLastError();
+}
+#endif
 
 // ---- 8-element chunks as f32, one or two 16-byte accesses when VEC ----
 
@@ -93,6 +106,8 @@ struct CeParams {
   float weights[DROPFUSE_WEIGHTED_CE_MAX_K];
 };
 
+static_assert(sizeof(CeParams) + 5 * sizeof(void *) <= 4096, "cross-entropy kernel parameters above 4 KB");
+
 // stats[0] = n_valid, stats[1] = first bad row or kNoBadRow.
 __global__ void __launch_bounds__(kReduceThreads)
     labels_kernel(const int64_t *labels, uint64_t b, uint64_t c, int64_t ignore_index, uint64_t *stats) {
@@ -146,7 +161,11 @@ __device__ __forceinline__ void lse_merge(float &m, float &s, float m2, float s2
 #define DROPFUSE_CE_MIN_BLOCKS 4
 #endif
 
-template <typename T, typename G, bool VEC>
+// kChunked (C % 8 == 0): lanes take 8-element chunks (chunk max and sum of exp, then merged);
+// otherwise single elements. VEC (kChunked, logits and gradient 16-byte aligned) only selects the
+// width of the memory accesses: the arithmetic, hence the loss and the gradient bits, depend on C
+// alone, not on where the gradient goes (loss only, aligned or misaligned views).
+template <typename T, typename G, bool kChunked, bool VEC>
 __global__ void __launch_bounds__(kThreads, DROPFUSE_CE_MIN_BLOCKS)
     ce_kernel(const T *z, const int64_t *labels, G *dz, float *partial, const uint64_t *stats,
               const __grid_constant__ CeParams p) {
@@ -167,7 +186,8 @@ __global__ void __launch_bounds__(kThreads, DROPFUSE_CE_MIN_BLOCKS)
   const uint64_t warps = (static_cast<uint64_t>(gridDim.x) * blockDim.x) >> 5;
   const uint64_t rows = p.k * p.b;
   const uint64_t C = p.c;
-  const uint64_t chunks = VEC ? C / kChunk : 0;
+  static_assert(kChunked || !VEC, "vector accesses need whole chunks");
+  const uint64_t chunks = kChunked ? C / kChunk : 0;
   constexpr int kUnroll = DROPFUSE_CE_UNROLL;
   for (uint64_t r = warp; r < rows; r += warps) {
     const uint64_t k = r / p.b;
@@ -179,8 +199,8 @@ __global__ void __launch_bounds__(kThreads, DROPFUSE_CE_MIN_BLOCKS)
       if (lane == 0) partial[r] = 0.0f;
       if (dr != nullptr) {
         const float zero[kChunk] = {};
-        if constexpr (VEC) {
-          for (uint64_t c = lane; c < chunks; c += 32) store8<G, true>(dr + c * kChunk, zero);
+        if constexpr (kChunked) {
+          for (uint64_t c = lane; c < chunks; c += 32) store8<G, VEC>(dr + c * kChunk, zero);
         } else {
           for (uint64_t j = lane; j < C; j += 32) dr[j] = Elem<G>::from_f32(0.0f);
         }
@@ -189,13 +209,13 @@ __global__ void __launch_bounds__(kThreads, DROPFUSE_CE_MIN_BLOCKS)
     }
     // Pass 1: max, sum of exp(z - max), sum of z.
     float m = -INFINITY, s = 0.0f, sum = 0.0f;
-    if constexpr (VEC) {
+    if constexpr (kChunked) {
       for (uint64_t c0 = lane; c0 < chunks; c0 += 32 * kUnroll) {
         float f[kUnroll][kChunk];
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
           const uint64_t c = c0 + 32 * u;
-          if (c < chunks) load8<T, true>(zr + c * kChunk, f[u]);
+          if (c < chunks) load8<T, VEC>(zr + c * kChunk, f[u]);
         }
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
@@ -238,13 +258,13 @@ __global__ void __launch_bounds__(kThreads, DROPFUSE_CE_MIN_BLOCKS)
     // Pass 2: dz = (exp(z - lse) - t) * w_k / n_valid.
     // grad_scale = 1 leaves the gradient bit for bit as without it; a power of two scales it exactly.
     const float coef = __fmul_rn(__fdiv_rn(p.weights[k], static_cast<float>(n_valid)), p.grad_scale);
-    if constexpr (VEC) {
+    if constexpr (kChunked) {
       for (uint64_t c0 = lane; c0 < chunks; c0 += 32 * kUnroll) {
         float f[kUnroll][kChunk];
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
           const uint64_t c = c0 + 32 * u;
-          if (c < chunks) load8<T, true>(zr + c * kChunk, f[u]);
+          if (c < chunks) load8<T, VEC>(zr + c * kChunk, f[u]);
         }
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
@@ -256,7 +276,7 @@ __global__ void __launch_bounds__(kThreads, DROPFUSE_CE_MIN_BLOCKS)
               const float t = static_cast<int64_t>(c * kChunk + j) == y ? p.t_on : p.t_off;
               g[j] = __fmul_rn(expf(f[u][j] - lse) - t, coef);
             }
-            store8<G, true>(dr + c * kChunk, g);
+            store8<G, VEC>(dr + c * kChunk, g);
           }
         }
       }
@@ -292,26 +312,26 @@ __global__ void __launch_bounds__(kReduceThreads)
   if (threadIdx.x == 0) *loss = n_valid == 0 ? 0.0f : static_cast<float>(s_sum[0] / static_cast<double>(n_valid));
 }
 
-template <typename T, typename G, bool VEC>
+template <typename T, typename G, bool kChunked, bool VEC>
 cudaError_t launch_ce(const void *logits, const int64_t *labels, void *grad, float *partial,
                       const uint64_t *stats, const CeParams &p, cudaStream_t stream) {
-  auto kernel = ce_kernel<T, G, VEC>;
+  auto kernel = ce_kernel<T, G, kChunked, VEC>;
   const uint64_t rows = p.k * p.b;
   const uint64_t warps_per_block = kThreads / 32;
   unsigned grid = 0;
   cudaError_t err = wave_grid(kernel, kThreads, (rows + warps_per_block - 1) / warps_per_block, &grid, 4);
   if (err != cudaSuccess) return err;
-  kernel<<<grid, kThreads, 0, stream>>>(static_cast<const T *>(logits), labels, static_cast<G *>(grad), partial,
-                                        stats, p);
-  return cudaGetLastError();
+  return launch_kernel(kernel, grid, kThreads, 0, stream, static_cast<const T *>(logits), labels,
+                       static_cast<G *>(grad), partial, stats, p);
 }
 
 template <typename T, typename G>
 cudaError_t launch_ce_vec(const void *logits, const int64_t *labels, void *grad, float *partial,
                           const uint64_t *stats, const CeParams &p, cudaStream_t stream) {
-  const bool vec = p.c % kChunk == 0 && host_aligned16(logits) && (grad == nullptr || host_aligned16(grad));
-  if (vec) return launch_ce<T, G, true>(logits, labels, grad, partial, stats, p, stream);
-  return launch_ce<T, G, false>(logits, labels, grad, partial, stats, p, stream);
+  if (p.c % kChunk != 0) return launch_ce<T, G, false, false>(logits, labels, grad, partial, stats, p, stream);
+  const bool vec = host_aligned16(logits) && (grad == nullptr || host_aligned16(grad));
+  if (vec) return launch_ce<T, G, true, true>(logits, labels, grad, partial, stats, p, stream);
+  return launch_ce<T, G, true, false>(logits, labels, grad, partial, stats, p, stream);
 }
 
 // The gradient in T or f32; f32 logits (a GEMM's f32 output) also give f16 or bf16 gradients.
@@ -342,6 +362,11 @@ struct SampleParams {
   float scale;
   DeviceState dev;  // graph-safe launches: {seed, offset} in device memory, plus dev.add
 };
+
+// The per-sample stream parts make the parameters grow with DROPFUSE_MULTI_SAMPLE_MAX_K (24 bytes
+// each); with the kernels' pointer and size arguments they must fit the classic 4 KB kernel
+// parameter limit (raising the maximum K needs another layout, e.g. the parts in device memory).
+static_assert(sizeof(SampleParams) + 4 * sizeof(uint64_t) <= 4096, "multi-sample kernel parameters above 4 KB");
 
 SampleParams prepare_samples(const dropfuse_multi_sample_params &p) {
   SampleParams s{};
@@ -545,8 +570,8 @@ cudaError_t launch_copies(const void *h, void *copies, uint32_t *masks, uint64_t
   unsigned grid = 0;
   const cudaError_t err = chunk_grid(kernel, n, &grid);
   if (err != cudaSuccess) return err;
-  kernel<<<grid, kThreads, 0, stream>>>(static_cast<const T *>(h), static_cast<T *>(copies), masks, n, p);
-  return cudaGetLastError();
+  return launch_kernel(kernel, grid, kThreads, 0, stream, static_cast<const T *>(h), static_cast<T *>(copies), masks,
+                       n, p);
 }
 
 template <typename G, typename O, bool VEC>
@@ -558,14 +583,16 @@ cudaError_t launch_reduce3(const void *grad, void *dh, const uint32_t *masks, ui
     auto kernel = reduce_kernel<G, O, VEC, true, false>;
     err = chunk_grid(kernel, n, &grid);
     if (err != cudaSuccess) return err;
-    kernel<<<grid, kThreads, 0, stream>>>(static_cast<const G *>(grad), static_cast<O *>(dh), masks, n, p);
+    err = launch_kernel(kernel, grid, kThreads, 0, stream, static_cast<const G *>(grad), static_cast<O *>(dh), masks, n,
+                        p);
   } else {
     auto kernel = p.dev.state != nullptr ? reduce_kernel<G, O, VEC, false, true> : reduce_kernel<G, O, VEC, false, false>;
     err = chunk_grid(kernel, n, &grid);
     if (err != cudaSuccess) return err;
-    kernel<<<grid, kThreads, 0, stream>>>(static_cast<const G *>(grad), static_cast<O *>(dh), masks, n, p);
+    err = launch_kernel(kernel, grid, kThreads, 0, stream, static_cast<const G *>(grad), static_cast<O *>(dh), masks, n,
+                        p);
   }
-  return cudaGetLastError();
+  return err;
 }
 
 template <typename G, typename O>
@@ -598,13 +625,15 @@ cudaError_t launch_mean2(const void *z, void *mean, uint64_t k, uint64_t n, cuda
   if (vec) {
     err = chunk_grid(mean_kernel<T, O, true>, n, &grid);
     if (err != cudaSuccess) return err;
-    mean_kernel<T, O, true><<<grid, kThreads, 0, stream>>>(static_cast<const T *>(z), static_cast<O *>(mean), k, static_cast<float>(1.0 / static_cast<double>(k)), n);
+    err = launch_kernel(mean_kernel<T, O, true>, grid, kThreads, 0, stream, static_cast<const T *>(z),
+                        static_cast<O *>(mean), k, static_cast<float>(1.0 / static_cast<double>(k)), n);
   } else {
     err = chunk_grid(mean_kernel<T, O, false>, n, &grid);
     if (err != cudaSuccess) return err;
-    mean_kernel<T, O, false><<<grid, kThreads, 0, stream>>>(static_cast<const T *>(z), static_cast<O *>(mean), k, static_cast<float>(1.0 / static_cast<double>(k)), n);
+    err = launch_kernel(mean_kernel<T, O, false>, grid, kThreads, 0, stream, static_cast<const T *>(z),
+                        static_cast<O *>(mean), k, static_cast<float>(1.0 / static_cast<double>(k)), n);
   }
-  return cudaGetLastError();
+  return err;
 }
 
 template <typename T>
@@ -664,8 +693,7 @@ extern "C" int dropfuse_weighted_ce_scaled(dropfuse_dtype dtype, const void *log
   float *partial = reinterpret_cast<float *>(stats + 2);
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
 
-  labels_kernel<<<1, kReduceThreads, 0, s>>>(labels, q.b, q.c, q.ignore_index, stats);
-  cudaError_t err = cudaGetLastError();
+  cudaError_t err = launch_kernel(labels_kernel, 1, kReduceThreads, 0, s, labels, q.b, q.c, q.ignore_index, stats);
   if (err != cudaSuccess) return err;
   switch (dtype) {
     case DROPFUSE_F32:
@@ -679,8 +707,7 @@ extern "C" int dropfuse_weighted_ce_scaled(dropfuse_dtype dtype, const void *log
       break;
   }
   if (err != cudaSuccess) return err;
-  combine_kernel<<<1, kReduceThreads, 0, s>>>(partial, stats, loss, p);
-  return cudaGetLastError();
+  return launch_kernel(combine_kernel, 1, kReduceThreads, 0, s, partial, stats, loss, p);
 }
 
 extern "C" int dropfuse_multi_sample_copies(dropfuse_dtype dtype, const void *h, void *copies, uint32_t *masks,

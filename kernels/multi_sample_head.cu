@@ -21,6 +21,23 @@ constexpr int kColTile = 64;   // columns per block (threadIdx.x)
 constexpr int kRowLanes = 4;   // row lanes per block (threadIdx.y)
 constexpr unsigned kMaxGridY = 65535;
 
+// Every launch (`launch_kernel`, 1-D and 2-D grids): the host emulation
+// (tests/host_emu/cuda_fiber_emu.h and cuda_fiber_emu_2d.h) defines both before including this file.
+#ifndef DROPFUSE_HOST_EMULATION
+template <typename... P, typename... A>
+cudaError_t launch_kernel(void (*kernel)(P...), unsigned grid, unsigned block, size_t smem, cudaStream_t stream,
+                          A &&...args) {
+  kernel<<<grid, block, smem, stream>>>(static_cast<A &&>(args)...);
+  return cudaGetLastError();
+}
+template <typename... P, typename... A>
+cudaError_t launch_kernel(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                          A &&...args) {
+  kernel<<<grid, block, smem, stream>>>(static_cast<A &&>(args)...);
+  return cudaGetLastError();
+}
+#endif
+
 template <typename T>
 __global__ void __launch_bounds__(kBiasThreads) bias_rows_kernel(const T *bias, float *out, uint64_t rows, uint64_t c) {
   const uint64_t stride = static_cast<uint64_t>(gridDim.x) * blockDim.x;
@@ -42,9 +59,8 @@ cudaError_t launch_bias_rows(const void *bias, float *out, uint64_t rows, uint64
   if (gy > rows) gy = rows;
   if (gy > kMaxGridY) gy = kMaxGridY;
   if (gy == 0) gy = 1;
-  bias_rows_kernel<T><<<dim3(gx, static_cast<unsigned>(gy)), kBiasThreads, 0, stream>>>(static_cast<const T *>(bias), out,
-                                                                                       rows, c);
-  return cudaGetLastError();
+  return launch_kernel(bias_rows_kernel<T>, dim3(gx, static_cast<unsigned>(gy)), dim3(kBiasThreads), 0, stream,
+                       static_cast<const T *>(bias), out, rows, c);
 }
 
 // partial[chunk * C + j] = sum of x[r][j] over the chunk's rows: lane y sums rows r0 + y, r0 + y + 4, ...
@@ -96,15 +112,14 @@ cudaError_t launch_colsum(const void *x, uint64_t rows, uint64_t c, float *parti
   const uint64_t tiles = (c + kColTile - 1) / kColTile;
   const unsigned gx = static_cast<unsigned>(tiles < (1u << 30) ? tiles : (1u << 30));
   const unsigned gy = static_cast<unsigned>(chunks < kMaxGridY ? chunks : kMaxGridY);
-  colsum_partial_kernel<T><<<dim3(gx, gy), dim3(kColTile, kRowLanes), 0, stream>>>(static_cast<const T *>(x), rows, c,
-                                                                                  partial);
-  cudaError_t err = cudaGetLastError();
+  cudaError_t err = launch_kernel(colsum_partial_kernel<T>, dim3(gx, gy), dim3(kColTile, kRowLanes), 0, stream,
+                                  static_cast<const T *>(x), rows, c, partial);
   if (err != cudaSuccess) return err;
   unsigned grid = 0;
   err = wave_grid(colsum_finish_kernel<O>, kBiasThreads, (c + kBiasThreads - 1) / kBiasThreads, &grid, 4);
   if (err != cudaSuccess) return err;
-  colsum_finish_kernel<O><<<grid, kBiasThreads, 0, stream>>>(partial, chunks, c, scale, static_cast<O *>(out));
-  return cudaGetLastError();
+  return launch_kernel(colsum_finish_kernel<O>, grid, kBiasThreads, 0, stream, partial, chunks, c, scale,
+                       static_cast<O *>(out));
 }
 
 template <typename T>

@@ -1,0 +1,109 @@
+//! Builds a host emulation program (`tests/host_emu/*.cpp`) like `build.rs` does, but with
+//! UndefinedBehaviorSanitizer (`-fsanitize=undefined -fno-sanitize-recover=all`), and runs it.
+//! Under the sanitizer a misaligned 16-byte vector access (`uint4` needs 16-byte alignment: a
+//! "misaligned address" fault on a GPU), an out-of-range shift or a signed overflow in a kernel
+//! aborts the emulation. Without the sanitizer's runtime it builds and runs without it (a note in
+//! the output). Used by the multi-sample and bias + dropout + residual emulation tests (included
+//! with `#[path]`).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn find_nvcc() -> Option<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut candidates: Vec<PathBuf> = Vec::new();
+    if let Some(p) = std::env::var_os("NVCC") {
+        candidates.push(PathBuf::from(p));
+    }
+    for var in ["CUDA_HOME", "CUDA_PATH"] {
+        if let Some(p) = std::env::var_os(var) {
+            candidates.push(PathBuf::from(p).join("bin/nvcc"));
+        }
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        candidates.extend(std::env::split_paths(&path).map(|d| d.join("nvcc")));
+    }
+    candidates.push(root.join(".cuda/site/nvidia/cu13/bin/nvcc"));
+    candidates.into_iter().find(|p| p.is_file())
+}
+
+fn find_cxx() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("CXX") {
+        let p = PathBuf::from(p);
+        if p.is_file() {
+            return Some(p);
+        }
+    }
+    let path = std::env::var_os("PATH")?;
+    ["c++", "g++", "clang++"].iter().find_map(|name| {
+        std::env::split_paths(&path)
+            .map(|d| d.join(name))
+            .find(|p| p.is_file())
+    })
+}
+
+/// Builds `tests/host_emu/<source>` with the host compiler (under UBSan when it can) and runs it;
+/// `None` (after a SKIPPED line) without a compiler or the CUDA headers.
+pub fn build_and_run_sanitized(test: &str, source: &str) -> Option<String> {
+    let Some(cxx) = find_cxx() else {
+        crate::common::skip(test, "no host C++ compiler found");
+        return None;
+    };
+    let include = find_nvcc()
+        .and_then(|n| n.parent().and_then(Path::parent).map(|d| d.join("include")))
+        .filter(|d| d.join("cuda_fp16.h").is_file());
+    let Some(include) = include else {
+        crate::common::skip(test, "no CUDA headers found (next to nvcc)");
+        return None;
+    };
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(source.replace('.', "_") + "_ubsan");
+    let build = |sanitize: bool| {
+        let mut cmd = Command::new(&cxx);
+        cmd.args([
+            "-std=c++17",
+            "-O2",
+            "-fno-strict-aliasing",
+            "-ffp-contract=off",
+            "-Wno-unknown-pragmas",
+        ]);
+        if sanitize {
+            cmd.args(["-fsanitize=undefined", "-fno-sanitize-recover=all"]);
+        }
+        cmd.arg("-I")
+            .arg(&include)
+            .arg("-I")
+            .arg(root.join("kernels"))
+            .arg("-I")
+            .arg(root.join("tests/host_emu"))
+            .arg("-o")
+            .arg(&out)
+            .arg(root.join("tests/host_emu").join(source))
+            .output()
+            .expect("running the C++ compiler")
+    };
+    let mut note = String::new();
+    let mut built = build(true);
+    if !built.status.success() {
+        note = format!("note: built without UBSan ({} failed with it)\n", cxx.display());
+        built = build(false);
+    }
+    assert!(
+        built.status.success(),
+        "{} failed:\n{}",
+        cxx.display(),
+        String::from_utf8_lossy(&built.stderr)
+    );
+    let scale = std::env::var("DROPFUSE_EMU_SCALE").unwrap_or_else(|_| "1".into());
+    let run = Command::new(&out)
+        .arg(scale)
+        .output()
+        .expect("running the emulation");
+    let stdout = note + &String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success(),
+        "emulation failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    Some(stdout)
+}
