@@ -5,9 +5,14 @@
 //! random cases and reports the failures. A family is one module: add its file and a `pub mod`
 //! line below.
 
+pub mod bias_dropout_residual;
+pub mod head;
+pub mod importance;
+pub mod mc_dropout;
 pub mod multi_sample;
 pub mod routing;
 pub mod skip;
+pub mod structured;
 
 use std::fmt::Debug;
 
