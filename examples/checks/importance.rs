@@ -7,7 +7,7 @@ use dropfuse::layer_plan::SimilarityAccumulator;
 use dropfuse::reference::importance::{self as reference, f32_sum_tolerance, f32_token_tolerance, EPS};
 use dropfuse::Element;
 
-use super::Checks;
+use super::{within, Checks};
 
 /// `a . b / (max(|a|, 1e-8) max(|b|, 1e-8))` in `f64`, each sum sequential and ascending.
 fn cosine64<T: Element>(a: &[T], b: &[T]) -> f64 {
@@ -120,7 +120,7 @@ pub fn check_importance<T: Element>(
             continue;
         };
         let g = f64::from(kernel_model(&a[row(t)], &b[row(t)]));
-        if !((g - w).abs() <= tol) {
+        if !within((g - w).abs(), tol) {
             model_bad = Some(format!("token {t}: model {g} vs {w}, bound {tol:e}"));
             break;
         }

@@ -8,7 +8,7 @@ use dropfuse::reference::dropout as dropout_ref;
 use dropfuse::reference::mc_dropout::{self as reference, f32_tolerance, McStats, McSummary, Tolerance};
 use dropfuse::{Element, PhiloxState};
 
-use super::{bit_diff, word_diff, Checks};
+use super::{bit_diff, within, word_diff, Checks};
 
 /// The replicas (points 1 and 2): replica `t` is `dropout::forward` with the state
 /// `{seed, offset + t}` (wrapping), outputs `R x n` and masks `R x ceil(n / 32)` words
@@ -237,7 +237,7 @@ pub fn outside_tolerance(got: &McStats32, want: &McStats) -> (usize, Vec<String>
         }
         // Written so that a NaN is out of bounds.
         let out: Vec<usize> = (0..g.len())
-            .filter(|&i| !((f64::from(g[i]) - w[i]).abs() <= t))
+            .filter(|&i| !within((f64::from(g[i]) - w[i]).abs(), t))
             .collect();
         total += out.len();
         if let Some(&i) = out.first() {

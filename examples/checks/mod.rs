@@ -91,6 +91,11 @@ impl Checks {
     }
 }
 
+/// `err <= bound`, false when either is NaN (so that a NaN error fails a check).
+pub fn within(err: f64, bound: f64) -> bool {
+    err <= bound
+}
+
 /// Whether two elements are the same: equal bits, or both NaN.
 pub fn same_element<T: Element>(a: T, b: T) -> bool {
     a.to_bits_u32() == b.to_bits_u32() || (a.to_f32().is_nan() && b.to_f32().is_nan())

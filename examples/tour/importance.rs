@@ -12,7 +12,7 @@ use dropfuse::reference::importance::{self as reference, f32_sum_tolerance, f32_
 use dropfuse::{Device, Element, Generator};
 
 use crate::checks::importance::{self as check, hidden_states};
-use crate::checks::Checks;
+use crate::checks::{within, Checks};
 use crate::{print_check_header, print_checks, push_rows, time_copy, time_ms, BoxResult, Family, Row, Scale};
 
 pub const FAMILY: Family = Family { describe, gpu, cpu };
@@ -82,7 +82,10 @@ fn layer_mismatches(acc: &ImportanceAccumulator, want: (f64, u64), hidden: usize
     let (sums, counts) = acc.download()?;
     let (sum, count) = want;
     let mut bad = usize::from(counts[LAYER] != count);
-    bad += usize::from(!((sums[LAYER] - sum).abs() <= f32_sum_tolerance(count, hidden)));
+    bad += usize::from(!within(
+        (sums[LAYER] - sum).abs(),
+        f32_sum_tolerance(count, hidden),
+    ));
     bad += (0..LAYERS)
         .filter(|&l| l != LAYER && (sums[l] != 0.0 || counts[l] != 0))
         .count();
@@ -119,7 +122,7 @@ fn gpu_dtype<T: Element>(dev: &Device, shape: Shape, seed: u64, rows: &mut Vec<R
         .iter()
         .zip(&want_sims)
         .filter(|(g, w)| match w {
-            Some(w) => !((f64::from(**g) - w).abs() <= tol),
+            Some(w) => !within((f64::from(**g) - w).abs(), tol),
             None => !g.is_nan(),
         })
         .count()

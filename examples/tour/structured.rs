@@ -147,16 +147,17 @@ fn gpu_case<T: Element>(
         drop.forward_maskless(s, state, &x, &mut y2)?;
         let ml_bad = element_mismatches(&download(dev, &y2)?, &want_y);
         let mut xi = dev.upload(&x_host)?;
-        drop.forward_inplace(s, state, &mut xi, &mut m2)?;
+        let mut m3 = dev.zeros::<u32>(drop.mask_words())?;
+        drop.forward_inplace(s, state, &mut xi, &mut m3)?;
         let ip_bad = element_mismatches(&download(dev, &xi)?, &want_y)
-            + mask_mismatches(&dev.download(&m2)?, &want_mask);
+            + mask_mismatches(&dev.download(&m3)?, &want_mask);
         let mut dx2 = dev.zeros::<T>(n)?;
         drop.backward_maskless(s, state, &dy, &mut dx2)?;
         let bml_bad = element_mismatches(&download(dev, &dx2)?, &want_dx);
 
         let mask_ms = time_ms(dev, || drop.mask(s, state, &mut m2))?;
         let ml_ms = time_ms(dev, || drop.forward_maskless(s, state, &x, &mut y2))?;
-        let ip_ms = time_ms(dev, || drop.forward_inplace(s, state, &mut xi, &mut m2))?;
+        let ip_ms = time_ms(dev, || drop.forward_inplace(s, state, &mut xi, &mut m3))?;
         let bml_ms = time_ms(dev, || drop.backward_maskless(s, state, &dy, &mut dx2))?;
         table = vec![
             ("mask", mask_bad, mask_ms, mbytes),
