@@ -1,6 +1,7 @@
 //! Randomized differential fuzzing: every kernel on GPU 0 (dropout, DropBlock, token routing,
-//! stochastic depth and sample compaction, multi-sample dropout and weighted cross-entropy) against
-//! the CPU reference.
+//! stochastic depth and sample compaction, multi-sample dropout and weighted cross-entropy,
+//! structured dropout, Monte-Carlo dropout, fused bias + dropout + residual, attention importance,
+//! the multi-sample head, graph-safe randomness) against the CPU reference.
 //!
 //! ```text
 //! cargo run --release --example fuzz -- [--seconds S] [--seed U64] [--max-n N] [--case CASE]
@@ -19,8 +20,8 @@
 //!   scores=ties,src=select,cap=1,rows=-1,xo=1,yo=2,data=3` (one line, no spaces). Every kernel
 //!   takes exactly its keys (`Kernel::keys`), each once.
 //!
-//! Each case picks a dtype (f16, bf16, f32) and a family (dropout in 4 of 12 cases, each other
-//! family in 2 of 12). A dropout case picks a kernel (`mask`, `forward`, `forward_maskless`,
+//! Each case picks a dtype (f16, bf16, f32) and a family (dropout in 4 of 24 cases, each of the
+//! ten other families in 2 of 24). A dropout case picks a kernel (`mask`, `forward`, `forward_maskless`,
 //! `forward_inplace`, `forward_maskless_inplace`, `backward` (from the mask), `backward_maskless`,
 //! `backward_inplace`, `backward_maskless_inplace`), a length `n` (many tiny ones, values near
 //! multiples of 32 and 8, medium ones, now and then one near `N`), a drop probability `p` (0, 1, near
@@ -61,7 +62,36 @@
 //!   `multi_sample_reduce`, `multi_sample_reduce_maskless`, `multi_sample_mean` (bit for bit
 //!   against the reference's copies and masks and the documented `f32` formulas, any output type),
 //!   `weighted_ce`, `weighted_ce_loss` (within the bounds `dropfuse::multi_sample` documents
-//!   against the `f64` reference; bad labels must write nothing and be named by `check_labels`).
+//!   against the `f64` reference; bad labels must write nothing and be named by `check_labels`);
+//! * structured dropout (`structured.rs`): `structured_mask`, `structured_forward`,
+//!   `structured_forward_maskless`, `structured_forward_inplace`,
+//!   `structured_forward_maskless_inplace`, `structured_backward`, `structured_backward_maskless`,
+//!   `structured_backward_inplace`, `structured_backward_maskless_inplace`; channel, locked,
+//!   embedding-row and any shared-axes layouts of rank 1 to 10 (layouts of more than 8 groups
+//!   must be rejected as `axes`), decision offsets up to the largest allowed, decision masks and
+//!   outputs bit for bit;
+//! * Monte-Carlo dropout (`mc_dropout.rs`): `mc_replicas`, `mc_replicas_maskless` (bit for bit,
+//!   element offsets, streams wrapping around 2^64), `mc_summaries` (single checked pushes),
+//!   `mc_summaries_stack`, `mc_summaries_unchecked` (softmax, near one-hot, one-hot, identical
+//!   samples, and one invalid value: the push rejected and counted, the others summarized) within
+//!   `reference::mc_dropout::f32_tolerance`, counters exact;
+//! * fused bias + dropout + residual (`bias_dropout_residual.rs`): `bdr_forward`,
+//!   `bdr_forward_maskless`, `bdr_forward_inplace`, `bdr_forward_maskless_inplace`,
+//!   `bdr_backward`, `bdr_backward_maskless`, `bdr_backward_inplace`,
+//!   `bdr_backward_maskless_inplace`, with and without a bias, rows across the 256-row chunks of
+//!   the bias gradient, bit for bit (`dbias` included);
+//! * attention importance (`importance.rs`): `importance`, `importance_similarities` (no mask, all
+//!   real, some padding, all padding; one to three adds into one layer of three), the layer's
+//!   count exact, its sum and the similarities within `reference::importance`'s bounds;
+//! * the multi-sample head (`head.rs`, cuBLAS): `multi_sample_head` (training and evaluation mode,
+//!   bias or not, smoothing, ignored and bad labels, gradients in f32 or the input type), copies
+//!   and masks bit for bit, loss, averaged logits and gradients within the documented bounds. On a
+//!   GPU without libcublas these cases are skipped: a `fuzz: SKIPPED: multi_sample_head cases`
+//!   line at the start and the number skipped before the last line (they are not in `cases`);
+//! * graph-safe randomness (`graph.rs`): `dropout_device_philox` (dropout forward through a
+//!   `DevicePhilox` at `offset`, stream `+ add`, against the host state `{seed, offset + add}` and
+//!   the reference, bit for bit; the state unchanged), `dropout_device_philox_advance` (`advance`
+//!   by `add`, then the mask-free forward at the device offset; the state read back).
 //!
 //! The kernel runs on views into sentinel-filled buffers with guard slots after the view; the
 //! mask words and every output element are compared bit for bit with `dropfuse::reference`, the
@@ -90,7 +120,13 @@
 //! case's inputs: selections (counts, rank order with ties to the lower index, the threshold,
 //! the host bounds), row operations, the stochastic-depth arithmetic and chunked bias gradient,
 //! slots and compaction round trips, masked copies, the mean's formula within its rounding bound,
-//! the cross-entropy's formulas, finite differences and zero row sums, bad labels rejected.
+//! the cross-entropy's formulas, finite differences and zero row sums, bad labels rejected;
+//! structured decision indices (also through the safe API's collapsed groups, and its rejection of
+//! more than 8 groups), decision masks, arithmetic and shards; replicas on the streams
+//! `offset + t`; the summaries against two-pass formulas, rejected pushes; the bias + dropout +
+//! residual steps and chunked bias gradient; the cosine similarity and an `f32` model of the
+//! kernel within its bound; the head's logits, gradients, finite differences; and for the
+//! graph-safe kernels the dropout self-checks at the host state `{seed, offset + add}`.
 //!
 //! A new family is one module in `examples/fuzz/` (its `Op`s, `Spec`, `draw` and `run`) and a
 //! line in each of `Kernel`, `Kernel::all`, `Kernel::keys`, `Kernel::name`, `Spec`,
@@ -119,12 +155,24 @@ use rand::{Rng, SeedableRng};
 mod checks;
 // The families after dropout and DropBlock, one module each (`examples/fuzz/*.rs`): their
 // kernels ([`Kernel`]), case keys ([`Spec`]), draws, GPU runs and CPU self-checks.
+#[path = "fuzz/bias_dropout_residual.rs"]
+mod bias_dropout_residual;
+#[path = "fuzz/graph.rs"]
+mod graph;
+#[path = "fuzz/head.rs"]
+mod head;
+#[path = "fuzz/importance.rs"]
+mod importance;
+#[path = "fuzz/mc_dropout.rs"]
+mod mc_dropout;
 #[path = "fuzz/multi_sample.rs"]
 mod multi_sample;
 #[path = "fuzz/routing.rs"]
 mod routing;
 #[path = "fuzz/skip.rs"]
 mod skip;
+#[path = "fuzz/structured.rs"]
+mod structured;
 
 type BoxError = Box<dyn std::error::Error>;
 
@@ -175,6 +223,8 @@ struct Summary {
     seed: u64,
     /// Whether the cases ran on the GPU (else: CPU-reference self-checks).
     gpu: bool,
+    /// Cases drawn but not run: the multi-sample head's on a GPU without cuBLAS (not in `cases`).
+    skipped: u64,
 }
 
 impl fmt::Display for Summary {
@@ -256,6 +306,12 @@ enum Kernel {
     Routing(routing::Op),
     Skip(skip::Op),
     MultiSample(multi_sample::Op),
+    Structured(structured::Op),
+    McDropout(mc_dropout::Op),
+    Bdr(bias_dropout_residual::Op),
+    Importance(importance::Op),
+    Head(head::Op),
+    Graph(graph::Op),
 }
 
 /// The keys of a dropout case, in the order of its string.
@@ -296,6 +352,12 @@ impl Kernel {
             .chain(routing::Op::ALL.map(Kernel::Routing))
             .chain(skip::Op::ALL.map(Kernel::Skip))
             .chain(multi_sample::Op::ALL.map(Kernel::MultiSample))
+            .chain(structured::Op::ALL.map(Kernel::Structured))
+            .chain(mc_dropout::Op::ALL.map(Kernel::McDropout))
+            .chain(bias_dropout_residual::Op::ALL.map(Kernel::Bdr))
+            .chain(importance::Op::ALL.map(Kernel::Importance))
+            .chain(head::Op::ALL.map(Kernel::Head))
+            .chain(graph::Op::ALL.map(Kernel::Graph))
     }
 
     /// The keys of a case of this kernel, in the order of its string.
@@ -304,6 +366,12 @@ impl Kernel {
             Kernel::Routing(op) => op.keys(),
             Kernel::Skip(op) => op.keys(),
             Kernel::MultiSample(op) => op.keys(),
+            Kernel::Structured(op) => op.keys(),
+            Kernel::McDropout(op) => op.keys(),
+            Kernel::Bdr(op) => op.keys(),
+            Kernel::Importance(op) => op.keys(),
+            Kernel::Head(op) => op.keys(),
+            Kernel::Graph(op) => op.keys(),
             k if k.is_drop_block() => &BLOCK_KEYS,
             _ => &DROPOUT_KEYS,
         }
@@ -314,6 +382,12 @@ impl Kernel {
             Kernel::Routing(op) => op.name(),
             Kernel::Skip(op) => op.name(),
             Kernel::MultiSample(op) => op.name(),
+            Kernel::Structured(op) => op.name(),
+            Kernel::McDropout(op) => op.name(),
+            Kernel::Bdr(op) => op.name(),
+            Kernel::Importance(op) => op.name(),
+            Kernel::Head(op) => op.name(),
+            Kernel::Graph(op) => op.name(),
             Kernel::Mask => "mask",
             Kernel::Forward => "forward",
             Kernel::ForwardMaskless => "forward_maskless",
@@ -549,6 +623,12 @@ enum Spec {
     Routing(routing::Spec),
     Skip(skip::Spec),
     MultiSample(multi_sample::Spec),
+    Structured(structured::Spec),
+    McDropout(mc_dropout::Spec),
+    Bdr(bias_dropout_residual::Spec),
+    Importance(importance::Spec),
+    Head(head::Spec),
+    Graph(graph::Spec),
 }
 
 impl Spec {
@@ -560,6 +640,12 @@ impl Spec {
             Spec::Routing(s) => s.numel(),
             Spec::Skip(s) => s.numel(),
             Spec::MultiSample(s) => s.numel(),
+            Spec::Structured(s) => s.numel(),
+            Spec::McDropout(s) => s.numel(),
+            Spec::Bdr(s) => s.numel(),
+            Spec::Importance(s) => s.numel(),
+            Spec::Head(s) => s.numel(),
+            Spec::Graph(s) => s.numel(),
         }
     }
 }
@@ -637,6 +723,12 @@ impl Case {
                 Spec::Routing(s) => s.value(key),
                 Spec::Skip(s) => s.value(key),
                 Spec::MultiSample(s) => s.value(key),
+                Spec::Structured(s) => s.value(key),
+                Spec::McDropout(s) => s.value(key),
+                Spec::Bdr(s) => s.value(key),
+                Spec::Importance(s) => s.value(key),
+                Spec::Head(s) => s.value(key),
+                Spec::Graph(s) => s.value(key),
             },
         }
     }
@@ -682,6 +774,12 @@ impl FromStr for Case {
             Kernel::Routing(op) => Spec::Routing(routing::Spec::parse(op, &f)?),
             Kernel::Skip(op) => Spec::Skip(skip::Spec::parse(op, &f)?),
             Kernel::MultiSample(op) => Spec::MultiSample(multi_sample::Spec::parse(op, &f)?),
+            Kernel::Structured(op) => Spec::Structured(structured::Spec::parse(op, &f)?),
+            Kernel::McDropout(op) => Spec::McDropout(mc_dropout::Spec::parse(op, &f)?),
+            Kernel::Bdr(op) => Spec::Bdr(bias_dropout_residual::Spec::parse(op, &f)?),
+            Kernel::Importance(op) => Spec::Importance(importance::Spec::parse(op, &f)?),
+            Kernel::Head(op) => Spec::Head(head::Spec::parse(op, &f)?),
+            Kernel::Graph(op) => Spec::Graph(graph::Spec::parse(op, &f)?),
             k if k.is_drop_block() => Spec::Block(BlockSpec::parse(&f)?),
             _ => Spec::Dropout,
         };
@@ -899,12 +997,12 @@ fn draw_block_spec(rng: &mut StdRng, max_n: usize) -> (BlockSpec, f64) {
     }
 }
 
-/// A random case: a dtype, a family (dropout 4 in 12, the others 2 in 12 each), one of its
-/// kernels and the rest as the family draws it.
+/// A random case: a dtype, a family (dropout 4 in 24, each of the ten others 2 in 24), one of
+/// its kernels and the rest as the family draws it.
 fn draw_case(rng: &mut StdRng, max_n: usize) -> Case {
     let dtype = [DType::F16, DType::BF16, DType::F32][rng.random_range(0..3)];
     let pick = |rng: &mut StdRng, ops: &[Kernel]| ops[rng.random_range(0..ops.len())];
-    let family = rng.random_range(0..12u32);
+    let family = rng.random_range(0..24u32);
     match family {
         0..=3 => {}
         4 | 5 => {
@@ -923,7 +1021,13 @@ fn draw_case(rng: &mut StdRng, max_n: usize) -> Case {
         }
         6 | 7 => return routing::draw(rng, dtype, max_n),
         8 | 9 => return skip::draw(rng, dtype, max_n),
-        _ => return multi_sample::draw(rng, dtype, max_n),
+        10 | 11 => return multi_sample::draw(rng, dtype, max_n),
+        12 | 13 => return structured::draw(rng, dtype, max_n),
+        14 | 15 => return mc_dropout::draw(rng, dtype, max_n),
+        16 | 17 => return bias_dropout_residual::draw(rng, dtype, max_n),
+        18 | 19 => return importance::draw(rng, dtype, max_n),
+        20 | 21 => return head::draw(rng, dtype, max_n),
+        _ => return graph::draw(rng, dtype, max_n),
     }
     let kernel = pick(rng, &Kernel::DROPOUT);
     let n = draw_n(rng, max_n);
@@ -1890,6 +1994,12 @@ fn run_on<T: FuzzElement>(dev: Option<&Device>, c: &Case) -> dropfuse::Result<Ve
         (dev, Spec::Routing(s), Kernel::Routing(op)) => routing::run::<T>(dev, c, op, s),
         (dev, Spec::Skip(s), Kernel::Skip(op)) => skip::run::<T>(dev, c, op, s),
         (dev, Spec::MultiSample(s), Kernel::MultiSample(op)) => multi_sample::run::<T>(dev, c, op, s),
+        (dev, Spec::Structured(s), Kernel::Structured(op)) => structured::run::<T>(dev, c, op, s),
+        (dev, Spec::McDropout(s), Kernel::McDropout(op)) => mc_dropout::run::<T>(dev, c, op, s),
+        (dev, Spec::Bdr(s), Kernel::Bdr(op)) => bias_dropout_residual::run::<T>(dev, c, op, s),
+        (dev, Spec::Importance(s), Kernel::Importance(op)) => importance::run::<T>(dev, c, op, s),
+        (dev, Spec::Head(s), Kernel::Head(op)) => head::run::<T>(dev, c, op, s),
+        (dev, Spec::Graph(s), Kernel::Graph(op)) => graph::run::<T>(dev, c, op, s),
         _ => unreachable!("the spec of case {c} is not its kernel's family"),
     }
 }
@@ -1913,8 +2023,18 @@ fn run(cfg: &Config) -> Result<Summary, BoxError> {
             Backend::Cpu
         }
     };
+    // The multi-sample head needs cuBLAS: on a GPU without it, its cases are skipped (and counted).
+    let head_skip = match &backend {
+        Backend::Gpu(_) => dropfuse::multi_sample::check_cublas()
+            .err()
+            .map(|e| e.to_string()),
+        Backend::Cpu => None,
+    };
+    if let Some(why) = &head_skip {
+        println!("fuzz: SKIPPED: multi_sample_head cases ({why})");
+    }
     let mut rng = StdRng::seed_from_u64(cfg.seed);
-    let (mut cases, mut mismatches) = (0u64, 0u64);
+    let (mut cases, mut mismatches, mut skipped, mut drawn) = (0u64, 0u64, 0u64, 0u64);
     let mut next_progress = Duration::from_secs(10);
     match &cfg.case {
         Some(c) => println!("fuzz: rerunning one case: {c}"),
@@ -1926,11 +2046,16 @@ fn run(cfg: &Config) -> Result<Summary, BoxError> {
     let limit = Duration::from_secs_f64(cfg.seconds);
     loop {
         let case = match &cfg.case {
-            Some(c) if cases == 0 => *c,
+            Some(c) if drawn == 0 => *c,
             Some(_) => break,
             None if start.elapsed() >= limit => break,
             None => draw_case(&mut rng, cfg.max_n),
         };
+        drawn += 1;
+        if head_skip.is_some() && matches!(case.kernel, Kernel::Head(_)) {
+            skipped += 1;
+            continue;
+        }
         cases += 1;
         let (failures, fatal) = match run_case(&backend, &case) {
             Ok(f) => (f, false),
@@ -1964,7 +2089,11 @@ fn run(cfg: &Config) -> Result<Summary, BoxError> {
         seconds: start.elapsed().as_secs_f64(),
         seed: cfg.seed,
         gpu: matches!(backend, Backend::Gpu(_)),
+        skipped,
     };
+    if skipped > 0 {
+        println!("fuzz: SKIPPED: {skipped} multi_sample_head cases (no cuBLAS)");
+    }
     println!("{summary}");
     Ok(summary)
 }
@@ -2051,8 +2180,9 @@ mod tests {
     #[test]
     fn case_strings_round_trip() {
         let mut rng = StdRng::seed_from_u64(1);
-        // Cases per family: dropout, DropBlock, routing, skip, multi-sample.
-        let mut families = [0usize; 5];
+        // Cases per family: dropout, DropBlock, routing, skip, multi-sample, structured, MC dropout,
+        // bias + dropout + residual, importance, head, graph-safe randomness.
+        let mut families = [0usize; 11];
         let mut kernels = std::collections::HashSet::new();
         for _ in 0..5000 {
             let c = draw_case(&mut rng, 1 << 20);
@@ -2069,6 +2199,12 @@ mod tests {
                 (Spec::Routing(_), Kernel::Routing(_)) => 2,
                 (Spec::Skip(_), Kernel::Skip(_)) => 3,
                 (Spec::MultiSample(_), Kernel::MultiSample(_)) => 4,
+                (Spec::Structured(_), Kernel::Structured(_)) => 5,
+                (Spec::McDropout(_), Kernel::McDropout(_)) => 6,
+                (Spec::Bdr(_), Kernel::Bdr(_)) => 7,
+                (Spec::Importance(_), Kernel::Importance(_)) => 8,
+                (Spec::Head(_), Kernel::Head(_)) => 9,
+                (Spec::Graph(_), Kernel::Graph(_)) => 10,
                 _ => panic!("spec and kernel of different families: {c}"),
             }] += 1;
             if let Some(b) = c.block() {
@@ -2084,9 +2220,9 @@ mod tests {
             assert_eq!(back, c);
             assert_eq!(back.p.to_bits(), c.p.to_bits());
         }
-        // 4, 2, 2, 2, 2 in 12: about 1667 and 833 each.
+        // 4 in 24 for dropout, 2 in 24 for each other family: about 833 and 417.
         assert!(
-            families[0] > 1400 && families[1..].iter().all(|&f| f > 650),
+            families[0] > 700 && families[1..].iter().all(|&f| f > 330),
             "{families:?}"
         );
         assert_eq!(kernels.len(), Kernel::all().count(), "every kernel drawn");
@@ -2535,5 +2671,237 @@ mod tests {
             compare("t", &g, 2, &want, fill, true, &mut out);
             assert_eq!(out.len(), 1, "slot {i}");
         }
+    }
+
+    /// One case string of every kernel of the families added last reruns (on the GPU, or the CPU
+    /// self-checks) without a mismatch and prints back the same string; head cases may be skipped
+    /// on a GPU without cuBLAS (never here).
+    #[test]
+    fn more_family_cases_rerun() {
+        let m = u64::MAX;
+        for case in [
+            "dtype=f16,kernel=structured_forward,shape=2x3x33x5,layout=channel,p=0.5,seed=1,offset=2,do=0,xo=1,yo=2,mo=3,\
+             data=4"
+                .to_string(),
+            format!(
+                "dtype=bf16,kernel=structured_backward_maskless_inplace,shape=4x7x9,layout=locked:1,p=0.25,seed={m},\
+                 offset={m},do={},xo=7,yo=0,mo=0,data=5",
+                m - 36
+            ),
+            "dtype=f32,kernel=structured_mask,shape=37x24,layout=rows,p=0.9,seed=3,offset=4,do=4294967290,xo=0,yo=5,mo=2,\
+             data=6"
+                .to_string(),
+            "dtype=f16,kernel=structured_backward,shape=5x33,layout=axes:-,p=0.5,seed=5,offset=6,do=7,xo=2,yo=3,mo=1,data=7"
+                .to_string(),
+            "dtype=f32,kernel=structured_forward_inplace,shape=2x2x2x2x2x2x2x2x2,layout=axes:1.3.5.7,p=0.5,seed=1,\
+             offset=1,do=0,xo=0,yo=0,mo=0,data=8"
+                .to_string(),
+            "dtype=bf16,kernel=structured_forward_maskless,shape=3x1x4x1x2,layout=axes:0.2,p=0.3,seed=8,offset=9,do=0,xo=3,\
+             yo=4,mo=0,data=9"
+                .to_string(),
+            format!("dtype=f16,kernel=mc_replicas,n=37,r=3,p=0.5,seed={m},offset={m},eo=5,xo=1,yo=2,mo=3,data=10"),
+            "dtype=bf16,kernel=mc_replicas_maskless,n=4099,r=2,p=0.1,seed=1,offset=2,eo=4294967295,xo=0,yo=7,data=11"
+                .to_string(),
+            "dtype=f32,kernel=mc_summaries,shape=3x4x5,probs=bad,xo=2,data=12".to_string(),
+            "dtype=f32,kernel=mc_summaries_stack,shape=1x2x1000,probs=onehot,xo=0,data=13".to_string(),
+            "dtype=f32,kernel=mc_summaries_stack,shape=2x3x4,probs=bad,xo=1,data=14".to_string(),
+            "dtype=f32,kernel=mc_summaries_unchecked,shape=4x3x7,probs=identical,xo=1,data=15".to_string(),
+            "dtype=bf16,kernel=bdr_backward,shape=300x7,bias=true,p=0.1,seed=1,offset=2,eo=3,xo=1,yo=2,mo=3,bo=4,data=16"
+                .to_string(),
+            format!(
+                "dtype=f16,kernel=bdr_forward_inplace,shape=3x33,bias=false,p=0.75,seed=2,offset={m},eo={},xo=0,yo=1,\
+                 mo=2,bo=0,data=17",
+                m - 99
+            ),
+            "dtype=f32,kernel=bdr_backward_maskless_inplace,shape=513x3,bias=true,p=1.0,seed=3,offset=4,eo=0,xo=5,yo=0,\
+             mo=0,bo=3,data=18"
+                .to_string(),
+            "dtype=f16,kernel=importance_similarities,shape=65x40,mask=some,layer=2,adds=2,xo=1,yo=2,mo=3,data=19"
+                .to_string(),
+            "dtype=f32,kernel=importance,shape=3x1,mask=padding,layer=0,adds=1,xo=0,yo=0,mo=0,data=20".to_string(),
+            "dtype=bf16,kernel=importance,shape=130x9,mask=real,layer=1,adds=3,xo=7,yo=6,mo=5,data=21".to_string(),
+            format!(
+                "dtype=f16,kernel=multi_sample_head,shape=3x5x7x4,p=0.5,seed=1,offset={m},eps=0.1,labels=some,ii=-100,\
+                 bias=true,train=true,grad=f16,data=22"
+            ),
+            "dtype=bf16,kernel=multi_sample_head,shape=1x4x3x1,p=0.0,seed=2,offset=3,eps=1.0,labels=bad,ii=0,\
+             bias=false,train=false,grad=f32,data=23"
+                .to_string(),
+            "dtype=f32,kernel=multi_sample_head,shape=2x6x9x5,p=1.0,seed=4,offset=5,eps=0.0,labels=ignored,ii=-1,\
+             bias=true,train=true,grad=f32,data=24"
+                .to_string(),
+            format!("dtype=f32,kernel=dropout_device_philox,n=100,p=0.3,seed=5,offset={m},add=3,eo=0,xo=1,yo=2,mo=1,data=25"),
+            format!(
+                "dtype=f16,kernel=dropout_device_philox_advance,n=33,p=0.5,seed=6,offset=7,add={m},eo={},xo=0,yo=0,\
+                 mo=0,data=26",
+                m - 33
+            ),
+        ] {
+            let cfg = parse_args(args(&format!("--case {case}"))).unwrap_or_else(|e| panic!("{case}: {e}")).unwrap();
+            assert_eq!(cfg.case.unwrap().to_string(), case);
+            let s = run(&cfg).expect("fuzz run");
+            assert_eq!((s.cases + s.skipped, s.mismatches), (1, 0), "{case}: {s}");
+            if s.skipped > 0 {
+                assert!(s.gpu && case.contains("kernel=multi_sample_head"), "{case}: {s}");
+            }
+        }
+    }
+
+    /// The new families' case strings: each kernel's keys exactly, valid values.
+    #[test]
+    fn more_bad_family_cases_are_rejected() {
+        let structured =
+            "dtype=f32,kernel=structured_forward,shape=2x3x4,layout=channel,p=0.5,seed=0,offset=0,do=0,xo=0,yo=0,mo=0,data=0";
+        let mc = "dtype=f16,kernel=mc_replicas,n=4,r=2,p=0.5,seed=0,offset=0,eo=0,xo=0,yo=0,mo=0,data=0";
+        let summaries = "dtype=f32,kernel=mc_summaries,shape=2x3x4,probs=softmax,xo=0,data=0";
+        let bdr = "dtype=f32,kernel=bdr_forward,shape=2x3,bias=true,p=0.5,seed=0,offset=0,eo=0,xo=0,yo=0,mo=0,bo=0,data=0";
+        let importance =
+            "dtype=f32,kernel=importance,shape=2x3,mask=none,layer=0,adds=1,xo=0,yo=0,mo=0,data=0";
+        let head =
+            "dtype=f16,kernel=multi_sample_head,shape=2x3x4x5,p=0.5,seed=0,offset=0,eps=0.0,labels=all,\
+                    ii=-100,bias=true,train=true,grad=f32,data=0";
+        let graph = "dtype=f32,kernel=dropout_device_philox,n=4,p=0.5,seed=0,offset=0,add=1,eo=0,xo=0,yo=0,mo=0,data=0";
+        for ok in [structured, mc, summaries, bdr, importance, head, graph] {
+            let c: Case = ok.parse().unwrap_or_else(|e| panic!("{ok}: {e}"));
+            assert_eq!(c.to_string(), ok);
+        }
+        let m = u64::MAX;
+        for (ok, from, to) in [
+            (structured, "layout=channel", "layout=rows"),
+            (structured, "layout=channel", "layout=locked:3"),
+            (structured, "layout=channel", "layout=axes:1.1"),
+            (structured, "layout=channel", "layout=axes:"),
+            (structured, "layout=channel", "layout=lock:0"),
+            (structured, "shape=2x3x4", "shape=2x3x4x1x1x1x1x1x1x1x1"),
+            (structured, "do=0", &format!("do={}", m - 5)),
+            (structured, "data=0", "data=0,n=24"),
+            (mc, "r=2", "r=0"),
+            (mc, "mo=0,", ""),
+            (mc, "kernel=mc_replicas", "kernel=mc_replicas_maskless"),
+            (summaries, "dtype=f32", "dtype=f16"),
+            (summaries, "probs=softmax", "probs=uniform"),
+            (summaries, "shape=2x3x4", "shape=2x3"),
+            (
+                summaries,
+                "kernel=mc_summaries,shape=2x3x4,probs=softmax",
+                "kernel=mc_summaries_unchecked,shape=2x3x4,probs=bad",
+            ),
+            (bdr, "bias=true", "bias=yes"),
+            (bdr, "bo=0", "bo=2000"),
+            (bdr, "shape=2x3", "shape=6"),
+            (importance, "mask=none", "mask=all"),
+            (importance, "layer=0", "layer=3"),
+            (importance, "adds=1", "adds=0"),
+            (importance, "adds=1", "adds=4"),
+            (head, "grad=f32", "grad=bf16"),
+            (head, "shape=2x3x4x5", "shape=129x3x4x5"),
+            (head, "shape=2x3x4x5", "shape=2x3x4"),
+            (head, "eps=0.0", "eps=-0.1"),
+            (head, "labels=all", "labels=most"),
+            (head, "train=true", "train=1"),
+            (graph, "add=1,", ""),
+            (graph, "add=1", "add=-1"),
+        ] {
+            let bad = ok.replacen(from, to, 1);
+            assert_ne!(bad, ok);
+            assert!(bad.parse::<Case>().is_err(), "{bad}");
+        }
+    }
+
+    /// The helpers that judge the GPU's outputs and the contract formulas of the new families
+    /// catch errors: structured decision indices and the safe API's groups, a wrong mask handed
+    /// to the bias + dropout + residual backward, summaries just outside their tolerance, the
+    /// head's bounds, the importance kernel model.
+    #[test]
+    fn new_checks_catch_errors() {
+        use checks::head::{head_bounds, HeadGot};
+        use checks::mc_dropout::{outside_tolerance, softmax_stack};
+        use checks::structured::{check_api_layout, decision_indices, group_decision_indices, Kind};
+        use dropfuse::mc_dropout::McStats32;
+        use dropfuse::reference::mc_dropout::{f32_tolerance, summarize};
+        use dropfuse::reference::multi_sample::HeadForward;
+
+        // Decision indices: channel [2, 3, 4] is e / 4, locked on axis 0 of [3, 2, 2] is e % 4,
+        // channels-last [2, 2, 2, 3] sharing axes 1 and 2 is (e / 12) * 3 + e % 3.
+        let ch = decision_indices(&[2, 3, 4], &Kind::Channel.shared(3));
+        assert_eq!(ch, (0..24).map(|e| e / 4).collect::<Vec<_>>());
+        let locked = decision_indices(&[3, 2, 2], &Kind::Locked(0).shared(3));
+        assert_eq!(locked, (0..12).map(|e| e % 4).collect::<Vec<_>>());
+        let cl = decision_indices(&[2, 2, 2, 3], &Kind::Axes(vec![1, 2]).shared(4));
+        assert_eq!(cl, (0..24).map(|e| (e / 12) * 3 + e % 3).collect::<Vec<_>>());
+        assert_eq!(group_decision_indices(&[(2, false), (4, true), (3, false)]), cl);
+        let mut c = checks::Checks::new();
+        assert!(check_api_layout(&mut c, &Kind::Axes(vec![1, 2]), &[2, 2, 2, 3], 0.5, &cl).is_some());
+        assert!(c.ok(), "{:?}", c.failures());
+        let mut wrong = cl.clone();
+        wrong.swap(0, 1);
+        let mut c = checks::Checks::new();
+        check_api_layout(&mut c, &Kind::Axes(vec![1, 2]), &[2, 2, 2, 3], 0.5, &wrong);
+        assert!(!c.ok(), "a wrong decision index not caught");
+
+        // A mask that is not the forward's: the mask-free backward disagrees.
+        let dy: Vec<f32> = (1..=12).map(|i| i as f32).collect();
+        let state = PhiloxState::new(1, 2);
+        let good = reference::mask(0.5, state, 0, 12).unwrap();
+        let mut c = checks::Checks::new();
+        checks::bias_dropout_residual::check_backward(&mut c, &dy, 4, &good, 0.5, state, 0, true).unwrap();
+        assert!(c.ok(), "{:?}", c.failures());
+        let mut c = checks::Checks::new();
+        checks::bias_dropout_residual::check_backward(&mut c, &dy, 4, &[good[0] ^ 1], 0.5, state, 0, true)
+            .unwrap();
+        assert!(!c.ok(), "a wrong mask not caught");
+
+        // Summaries: exact values pass, one value 2 tolerances off is one failure.
+        let probs = softmax_stack(3, 2, 5, 4.0, 1);
+        let want = summarize(&probs, 3, 2, 5).unwrap();
+        let f32s = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<f32>>();
+        let mut got = McStats32 {
+            mean: f32s(&want.mean),
+            variance: f32s(&want.variance),
+            predictive_entropy: f32s(&want.predictive_entropy),
+            expected_entropy: f32s(&want.expected_entropy),
+            mutual_information: f32s(&want.mutual_information),
+        };
+        assert_eq!(outside_tolerance(&got, &want).0, 0);
+        got.variance[3] += 2.0 * f32_tolerance(3, 5).variance as f32;
+        got.mutual_information[1] = f32::NAN;
+        assert_eq!(outside_tolerance(&got, &want).0, 2);
+
+        // Head bounds: the loss, a gradient, the zero-gradient rule.
+        let want = HeadForward {
+            loss: 2.0,
+            mean_logits: vec![1.0, -1.0],
+            dh: vec![0.5, 0.25],
+            dw: vec![0.125, 1.0],
+            db: Some(vec![0.5]),
+        };
+        let got = HeadGot {
+            loss: want.loss,
+            mean_logits: want.mean_logits.clone(),
+            dh: want.dh.clone(),
+            dw: want.dw.clone(),
+            db: want.db.clone(),
+        };
+        assert_eq!(head_bounds(&got, &want, DType::F32, false), (vec![], vec![]));
+        let off_loss = HeadGot {
+            loss: 2.0 * (1.0 + 3e-5),
+            ..got.clone()
+        };
+        assert_eq!(head_bounds(&off_loss, &want, DType::F32, false).0.len(), 1);
+        let off_dh = HeadGot {
+            dh: vec![0.5 * (1.0 + 2e-5), 0.25],
+            ..got.clone()
+        };
+        assert_eq!(head_bounds(&off_dh, &want, DType::F32, false).1.len(), 1);
+        assert!(head_bounds(&off_dh, &want, DType::BF16, false).1.is_empty());
+        assert!(!head_bounds(&got, &want, DType::F32, true).1.is_empty());
+
+        // The importance kernel model: a row against itself is 1, orthogonal rows 0, a zero row 0.
+        use checks::importance::kernel_model;
+        let a: Vec<f32> = (0..300).map(|i| ((i * 7919) % 13) as f32 - 6.0).collect();
+        assert!((kernel_model(&a, &a) - 1.0).abs() <= 2.0 * f32::EPSILON);
+        let (e0, e1) = ([1.0f32, 0.0, 0.0], [0.0f32, 2.0, 0.0]);
+        assert_eq!(kernel_model(&e0, &e1), 0.0);
+        assert_eq!(kernel_model(&a, &vec![0.0; 300]), 0.0);
     }
 }

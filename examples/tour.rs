@@ -1,6 +1,7 @@
-//! A tour of dropfuse: every kernel on the GPU, checked against the CPU reference (bit for bit,
-//! the weighted cross-entropy within its documented bounds), with event-timed bandwidth next to a
-//! device-to-device copy of the same bytes.
+//! A tour of dropfuse: every kernel on the GPU, checked against the CPU reference (bit for bit;
+//! the weighted cross-entropy, the MC-dropout summaries, attention importance and the multi-sample
+//! head within their documented bounds), with event-timed bandwidth next to a device-to-device
+//! copy of the same bytes.
 //!
 //! ```text
 //! cargo run --release --example tour
@@ -36,7 +37,40 @@
 //!   `multi_sample_mean` (bit for bit), `weighted_ce_fwd_bwd` and `weighted_ce_loss` (label
 //!   smoothing 0.1, every ninth row ignored) within the bounds documented in
 //!   `dropfuse::multi_sample` (a row counts one mismatch per bound exceeded, or a wrong valid-row
-//!   count, or a loss-only call not equal to the full call's loss).
+//!   count, or a loss-only call not equal to the full call's loss);
+//! * structured dropout (`structured.rs`, bit for bit, decision masks included): channel dropout
+//!   `16 x 256 x 56 x 56` (the issue's `64 x 256 x 56 x 56` scaled down) with every kernel,
+//!   `channel_2d_mask`, `_forward`, `_forward_maskless`, `_forward_inplace`, `_backward`,
+//!   `_backward_maskless`; then `_forward` and `_backward` of `locked` (`128 x 64 x 1024` locked
+//!   on axis 0, decision offset 12345), `embedding_rows` (`50257 x 256`) and `channels_last`
+//!   (`16 x 56 x 56 x 256`, axes 1 and 2 shared);
+//! * Monte-Carlo dropout (`mc_dropout.rs`): `mc_replicas_forward` (replicas and masks) and
+//!   `mc_replicas_forward_maskless`, R = 16 replicas of `256 x 4096`, bit for bit; then on a
+//!   `16 x 1024 x 1000` stack of softmax probabilities (f32) `mc_summaries` (checked stack push +
+//!   finish), `mc_summaries_unchecked` and `mc_summaries_single_pushes` (T pushes + finish), every
+//!   summary within `reference::mc_dropout::f32_tolerance` (a row counts the values out of bounds,
+//!   and a wrong accepted / rejected count);
+//! * fused bias + dropout + residual (`bias_dropout_residual.rs`), `rows x H = 4096 x 4096` (the
+//!   issue's `16 x 4096 x 4096` scaled down), a bias: `bdr_forward`, `bdr_forward_maskless`,
+//!   `bdr_forward_inplace`, `bdr_backward` and `bdr_backward_maskless` (`dx` and `dbias`), bit for
+//!   bit;
+//! * attention importance (`importance.rs`), `4096 x 4096` hidden states into layer 1 of 3:
+//!   `importance`, `importance_masked` (every fourth token padding) and `importance_similarities`
+//!   (every token's similarity), the layer's count exact, its sum within
+//!   `reference::importance::f32_sum_tolerance`, each similarity within `f32_token_tolerance`,
+//!   padding NaN, the other layers untouched;
+//! * the multi-sample head (`head.rs`, cuBLAS), K = 8, `B x D = 256 x 512`, C = 200 (the issue's
+//!   1024 x 2048 x 1000 scaled down: the `f64` reference is `O(K B D C)`), p = 0.1, smoothing 0.1,
+//!   every ninth row ignored, a bias: `multi_sample_head_forward` (copies and masks bit for bit,
+//!   loss and averaged logits within the documented bounds, the valid-row count) and
+//!   `multi_sample_head_backward` (`dh`, `dW`, `db` in f32 within the bounds). Both are GEMM-bound:
+//!   their GB/s count the minimal bytes only. Without libcublas (`multi_sample::check_cublas`) the
+//!   tour prints `SKIPPED: multi_sample_head_forward / _backward ...` instead of their rows;
+//! * graph-safe randomness (`graph.rs`), n as for dropout: `dropout_forward_device_philox`
+//!   (dropout forward reading a `DevicePhilox` at offset 2^64 - 2 through `at(5)`, so the stream
+//!   wraps to 3, against the host-state call and the reference, bit for bit, and the device state
+//!   unchanged) and `dropout_maskless_after_advance` (after `advance(3)`, the mask-free forward
+//!   with the device offset itself against the reference, and the advanced state read back).
 //!
 //! Bytes moved are the minimal traffic, as in the benches. The exit code is 1 if anything
 //! mismatches. A NaN matches any NaN (payloads are not part of the contracts).
@@ -50,7 +84,12 @@
 //! (counts, rank order with ties to the lower index, the threshold), row operations, the
 //! stochastic-depth arithmetic and the chunked bias gradient, slots, compaction round trips,
 //! masked copies, the reduction's and mean's formulas, the cross-entropy's formulas, finite
-//! differences and zero row sums.
+//! differences and zero row sums, structured decision indices (also from the safe API's collapsed
+//! groups, and its rejection of layouts of more than 8 groups), decision masks, arithmetic and
+//! shards, replicas on the streams `offset + t`, the summaries against two-pass formulas and
+//! rejected pushes, the bias + dropout + residual steps and the chunked bias gradient, the cosine
+//! similarity and an `f32` model of the kernel within its bound, the head's logits, gradients
+//! and finite differences. The graph-safe row has no CPU part (the device state lives on the GPU).
 //!
 //! `cargo test --example tour` runs the same entry point: on a GPU at 2^16 + 37 elements and the
 //! small DropBlock and family shapes (to keep the debug-build reference fast), without one the CPU
@@ -79,12 +118,24 @@ use rand::{Rng, SeedableRng};
 mod checks;
 // The families after dropout and DropBlock, one module each (`examples/tour/*.rs`), listed in
 // [`FAMILIES`].
+#[path = "tour/bias_dropout_residual.rs"]
+mod bias_dropout_residual;
+#[path = "tour/graph.rs"]
+mod graph;
+#[path = "tour/head.rs"]
+mod head;
+#[path = "tour/importance.rs"]
+mod importance;
+#[path = "tour/mc_dropout.rs"]
+mod mc_dropout;
 #[path = "tour/multi_sample.rs"]
 mod multi_sample;
 #[path = "tour/routing.rs"]
 mod routing;
 #[path = "tour/skip.rs"]
 mod skip;
+#[path = "tour/structured.rs"]
+mod structured;
 
 use checks::Checks;
 
@@ -165,7 +216,17 @@ struct Family {
 }
 
 /// The families after dropout and DropBlock, in the order of the table.
-const FAMILIES: [Family; 3] = [routing::FAMILY, skip::FAMILY, multi_sample::FAMILY];
+const FAMILIES: [Family; 9] = [
+    routing::FAMILY,
+    skip::FAMILY,
+    multi_sample::FAMILY,
+    structured::FAMILY,
+    mc_dropout::FAMILY,
+    bias_dropout_residual::FAMILY,
+    importance::FAMILY,
+    head::FAMILY,
+    graph::FAMILY,
+];
 
 type BoxResult<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
@@ -555,8 +616,8 @@ fn gpu_tour(dev: &Device, n: usize, blocks: &[BlockShape], scale: Scale) -> BoxR
     println!();
     if bad == 0 {
         println!(
-            "all kernels match the CPU reference bit for bit (the weighted cross-entropy within its \
-             documented bounds)"
+            "all kernels match the CPU reference bit for bit (the weighted cross-entropy, MC summaries, \
+             importance and the head within their documented bounds)"
         );
         Ok(true)
     } else {

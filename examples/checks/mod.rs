@@ -5,9 +5,14 @@
 //! random cases and reports the failures. A family is one module: add its file and a `pub mod`
 //! line below.
 
+pub mod bias_dropout_residual;
+pub mod head;
+pub mod importance;
+pub mod mc_dropout;
 pub mod multi_sample;
 pub mod routing;
 pub mod skip;
+pub mod structured;
 
 use std::fmt::Debug;
 
@@ -84,6 +89,11 @@ impl Checks {
             .filter_map(|(what, f)| f.as_ref().map(|f| format!("{what}: {f}")))
             .collect()
     }
+}
+
+/// `err <= bound`, false when either is NaN (so that a NaN error fails a check).
+pub fn within(err: f64, bound: f64) -> bool {
+    err <= bound
 }
 
 /// Whether two elements are the same: equal bits, or both NaN.

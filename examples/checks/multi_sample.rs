@@ -33,6 +33,11 @@ pub fn rel_err_norm(got: &[f64], want: &[f64]) -> f64 {
     }
 }
 
+/// The Euclidean norm.
+fn norm(v: &[f64]) -> f64 {
+    v.iter().map(|x| x * x).sum::<f64>().sqrt()
+}
+
 /// Values widened exactly to `f64`.
 pub fn widen<T: Element>(v: &[T]) -> Vec<f64> {
     v.iter().map(|x| f64::from(x.to_f32())).collect()
@@ -274,6 +279,9 @@ pub fn check_cross_entropy(
     // The formulas: CE_i = (1 - eps) (lse - z_y) + eps (lse - mean z), dz = w (softmax - t) / n.
     let mut want_loss = 0.0;
     let mut want_dz = vec![0.0; z.len()];
+    // The scale of the gradient's rounding: the norm of its two terms taken apart (softmax and
+    // target cancel when the logits are equal and the smoothing is 1, leaving rounding noise).
+    let mut scale_sq = 0.0f64;
     if n_valid > 0 {
         for (s, &w) in p.weights.iter().enumerate() {
             let mut total = 0.0;
@@ -286,7 +294,9 @@ pub fn check_cross_entropy(
                 total += (1.0 - eps) * (lse - row[y]) + eps * (lse - mean);
                 for (cls, &v) in row.iter().enumerate() {
                     let target = eps / c as f64 + if cls == y { 1.0 - eps } else { 0.0 };
-                    want_dz[(s * b + i) * c + cls] = w * ((v - lse).exp() - target) / n_valid as f64;
+                    let soft = (v - lse).exp();
+                    want_dz[(s * b + i) * c + cls] = w * (soft - target) / n_valid as f64;
+                    scale_sq += (w / n_valid as f64).powi(2) * (soft * soft + target * target);
                 }
             }
             want_loss += w * total / n_valid as f64;
@@ -297,10 +307,18 @@ pub fn check_cross_entropy(
         (loss - want_loss).abs() <= 1e-12 * want_loss.abs().max(1.0),
         || format!("{loss} vs {want_loss}"),
     );
-    let err = rel_err_norm(dz, &want_dz);
-    checks.expect("dz = w_k (softmax - t) / n_valid", err <= 1e-12, || {
-        format!("relative error norm {err:e}")
-    });
+    let gap: Vec<f64> = dz.iter().zip(&want_dz).map(|(a, b)| a - b).collect();
+    let diff = if dz.len() == want_dz.len() {
+        norm(&gap)
+    } else {
+        f64::INFINITY
+    };
+    let err = diff / scale_sq.sqrt().max(f64::MIN_POSITIVE);
+    checks.expect(
+        "dz = w_k (softmax - t) / n_valid",
+        err <= 1e-12 || diff == 0.0,
+        || format!("error norm {err:e} relative to the terms' norm"),
+    );
 
     // d loss / d z at up to three logits of non-ignored rows, by central differences.
     let mut fd_bad = None;
