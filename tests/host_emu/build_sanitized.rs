@@ -85,10 +85,7 @@ pub fn build_and_run_sanitized(test: &str, source: &str) -> Option<String> {
     let mut note = String::new();
     let mut built = build(true);
     if !built.status.success() {
-        note = format!(
-            "note: built without UBSan ({} failed with it)\n",
-            cxx.display()
-        );
+        note = format!("note: built without UBSan ({} failed with it)\n", cxx.display());
         built = build(false);
     }
     assert!(
