@@ -392,7 +392,11 @@ fn head_case() -> impl Strategy<Value = HeadCase> {
                 // p = 1 in training without a bias makes every logit 0, and smoothing 1 then makes
                 // every exact gradient 0: both sides hold rounding noise only, which relative
                 // error norms cannot compare. Keep that one combination out of the random draws.
-                eps: if p == 1.0 && eps == 1.0 && !bias && train { 0.5 } else { eps },
+                eps: if p == 1.0 && eps == 1.0 && !bias && train {
+                    0.5
+                } else {
+                    eps
+                },
                 k,
                 b,
                 d,
