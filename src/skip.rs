@@ -310,32 +310,10 @@ pub fn stochastic_depth_in_place<T: Element, R: DevicePtrMut<T>, F: DevicePtr<T>
     )?;
     let (rp, _gr) = residual.device_ptr_mut(stream);
     let (fp, _gf) = branch.device_ptr(stream);
-    let bias_guard = bias.map(|b| b.device_ptr(stream));
-    let (bp, bias_len) = match (&bias_guard, bias) {
-        (Some((p, _)), Some(b)) => (*p, b.len()),
-        _ => (0, 0),
-    };
-    let (k, _gk) = keep_arg(&keep, stream);
     // SAFETY: validated lengths and contexts; residual is input and output (each element is read
     // and then written by the same thread); branch and bias are other buffers (a shared and a
     // mutable borrow cannot alias); the guards keep every buffer alive and ordered on `stream`.
-    let status = unsafe {
-        ffi::dropfuse_stochastic_depth_forward(
-            dtype::<T>(),
-            rp as *const c_void,
-            fp as *const c_void,
-            bp as *const c_void,
-            rp as *mut c_void,
-            batch as u64,
-            row_len as u64,
-            bias_len as u64,
-            &k,
-            scale,
-            cu(stream),
-        )
-    };
-    ffi::check(status, "dropfuse_stochastic_depth_forward")?;
-    after(stream)
+    unsafe { launch_forward::<T>(stream, rp, fp, bias, rp, batch, row_len, &keep, scale) }
 }
 
 /// [`stochastic_depth_in_place`] out of place: `out = residual + ...` for kept samples and a copy
@@ -366,29 +344,48 @@ pub fn stochastic_depth<T: Element, R: DevicePtr<T>, F: DevicePtr<T>, O: DeviceP
     let (rp, _gr) = residual.device_ptr(stream);
     let (fp, _gf) = branch.device_ptr(stream);
     let (op, _go) = out.device_ptr_mut(stream);
+    // SAFETY: as in `stochastic_depth_in_place`; `out` is a mutable borrow, so it overlaps none
+    // of the inputs.
+    unsafe { launch_forward::<T>(stream, rp, fp, bias, op, batch, row_len, &keep, scale) }
+}
+
+/// The forward launch shared by [`stochastic_depth_in_place`] (`out == residual`) and
+/// [`stochastic_depth`], on validated pointers.
+///
+/// # Safety
+/// The arguments passed validation; `residual`, `branch` and `out` are device pointers of the
+/// stream's context kept alive by the caller's guards, `out` is `residual` or overlaps nothing.
+#[allow(clippy::too_many_arguments)]
+unsafe fn launch_forward<T: Element>(
+    stream: &CudaStream,
+    residual: CUdeviceptr,
+    branch: CUdeviceptr,
+    bias: Option<&dyn DevicePtr<T>>,
+    out: CUdeviceptr,
+    batch: usize,
+    row_len: usize,
+    keep: &Keep<'_>,
+    scale: f32,
+) -> Result<()> {
     let bias_guard = bias.map(|b| b.device_ptr(stream));
     let (bp, bias_len) = match (&bias_guard, bias) {
         (Some((p, _)), Some(b)) => (*p, b.len()),
         _ => (0, 0),
     };
-    let (k, _gk) = keep_arg(&keep, stream);
-    // SAFETY: as in `stochastic_depth_in_place`; `out` is a mutable borrow, so it overlaps none
-    // of the inputs.
-    let status = unsafe {
-        ffi::dropfuse_stochastic_depth_forward(
-            dtype::<T>(),
-            rp as *const c_void,
-            fp as *const c_void,
-            bp as *const c_void,
-            op as *mut c_void,
-            batch as u64,
-            row_len as u64,
-            bias_len as u64,
-            &k,
-            scale,
-            cu(stream),
-        )
-    };
+    let (k, _gk) = keep_arg(keep, stream);
+    let status = ffi::dropfuse_stochastic_depth_forward(
+        dtype::<T>(),
+        residual as *const c_void,
+        branch as *const c_void,
+        bp as *const c_void,
+        out as *mut c_void,
+        batch as u64,
+        row_len as u64,
+        bias_len as u64,
+        &k,
+        scale,
+        cu(stream),
+    );
     ffi::check(status, "dropfuse_stochastic_depth_forward")?;
     after(stream)
 }
