@@ -3,6 +3,9 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
+#ifndef __CUDA_ARCH__
+#include <string.h>
+#endif
 
 namespace dropfuse {
 
@@ -68,11 +71,23 @@ struct VecWidth {
 #define DROPFUSE_STREAMING 0
 #endif
 
+#ifndef __CUDA_ARCH__
+// Host C++ (the CPU emulation of tests/host_emu compiles the kernels as host code): the 16-byte
+// accesses below read and write the elements with memcpy instead of through a uint4 lvalue, which
+// would be type punning (undefined behaviour in C++: the elements are T objects). A misaligned
+// vector address stops the program, as the GPU's misaligned-address fault would. The device
+// code (the __CUDA_ARCH__ branches) is untouched.
+__host__ __device__ inline void host_vec_check(const void *p) {
+  if (reinterpret_cast<uintptr_t>(p) % 16 != 0) __builtin_trap();
+}
+#endif
+
 // V elements: one 16-byte access when VEC (pointer 16-byte aligned), V scalar accesses otherwise.
 template <typename T, int V, bool VEC>
 __device__ __forceinline__ void load_elems(const T *p, T (&out)[V]) {
   if constexpr (VEC) {
     static_assert(V * sizeof(T) == 16, "vector access is 16 bytes");
+#ifdef __CUDA_ARCH__
 #if DROPFUSE_STREAMING
     const uint4 raw = __ldcs(reinterpret_cast<const uint4 *>(p));
 #else
@@ -81,6 +96,10 @@ __device__ __forceinline__ void load_elems(const T *p, T (&out)[V]) {
     const T *e = reinterpret_cast<const T *>(&raw);
 #pragma unroll
     for (int j = 0; j < V; ++j) out[j] = e[j];
+#else  // host C++
+    host_vec_check(p);
+    memcpy(out, p, 16);
+#endif  // __CUDA_ARCH__
   } else {
 #pragma unroll
     for (int j = 0; j < V; ++j) out[j] = p[j];
@@ -91,6 +110,7 @@ template <typename T, int V, bool VEC>
 __device__ __forceinline__ void store_elems(T *p, const T (&in)[V]) {
   if constexpr (VEC) {
     static_assert(V * sizeof(T) == 16, "vector access is 16 bytes");
+#ifdef __CUDA_ARCH__
     uint4 raw;
     T *e = reinterpret_cast<T *>(&raw);
 #pragma unroll
@@ -100,6 +120,10 @@ __device__ __forceinline__ void store_elems(T *p, const T (&in)[V]) {
 #else
     *reinterpret_cast<uint4 *>(p) = raw;
 #endif
+#else  // host C++
+    host_vec_check(p);
+    memcpy(p, in, 16);
+#endif  // __CUDA_ARCH__
   } else {
 #pragma unroll
     for (int j = 0; j < V; ++j) p[j] = in[j];
