@@ -36,7 +36,7 @@ template <typename T> static void stub_apply(const void *src, void *dst, uint64_
                                              const std::vector<uint32_t> &mask) {
   const T *s = static_cast<const T *>(src);
   T *d = static_cast<T *>(dst);
-  for (uint64_t i = 0; i < n; ++i) d[i] = bit(mask, i) ? Conv<T>::from(Conv<T>::to(s[i]) * scale) : Conv<T>::from(0.0f);
+  for (uint64_t i = 0; i < n; ++i) d[i] = bit(mask, i) ? Ty<T>::from(Ty<T>::to(s[i]) * scale) : Ty<T>::from(0.0f);
 }
 static int stub_dispatch(dropfuse_dtype dtype, const void *src, void *dst, uint64_t n, float scale,
                          const std::vector<uint32_t> &mask) {
@@ -119,10 +119,10 @@ template <typename T> static void forward_case(uint64_t rows, uint64_t H) {
   Buf<uint32_t> mask(with_mask ? (n + 31) / 32 : 0, 0);
   const bool specials = coin(3);
   for (uint64_t i = 0; i < n; ++i) {
-    x[i] = Conv<T>::from(value(4.0f, specials));
-    res[i] = Conv<T>::from(coin(10) ? -0.0f : value(4.0f, specials));
+    x[i] = Ty<T>::from(value(4.0f, specials));
+    res[i] = Ty<T>::from(coin(10) ? -0.0f : value(4.0f, specials));
   }
-  for (uint64_t j = 0; j < bias.n; ++j) bias[j] = Conv<T>::from(coin(8) ? -0.0f : value(2.0f, specials));
+  for (uint64_t j = 0; j < bias.n; ++j) bias[j] = Ty<T>::from(coin(8) ? -0.0f : value(2.0f, specials));
   const std::vector<T> x0(x.p, x.p + n), r0(res.p, res.p + n);
   const std::vector<unsigned char> bias0 = bias.bytes();
   T *y = inplace == 1 ? res.p : inplace == 2 ? x.p : yb.p;
@@ -131,8 +131,8 @@ template <typename T> static void forward_case(uint64_t rows, uint64_t H) {
   p.threshold = d.threshold;
   p.scale = d.scale;
   r.fill(p);
-  random_device();
-  const int st = dropfuse_bias_dropout_residual_forward(Conv<T>::code, x.p, res.p, with_bias ? bias.p : nullptr, y,
+  random_one_sm_device();
+  const int st = dropfuse_bias_dropout_residual_forward(Ty<T>::code, x.p, res.p, with_bias ? bias.p : nullptr, y,
                                                         with_mask ? mask.p : nullptr, rows, H, &p, nullptr);
   CHECK(st == 0, "forward: status %d", st);
   const std::vector<uint32_t> m = mask_of(r.seed, r.offset, eo, n, d.threshold);
@@ -140,34 +140,34 @@ template <typename T> static void forward_case(uint64_t rows, uint64_t H) {
   for (uint64_t i = 0; i < n; ++i) {
     float u = 0.0f;
     if (bit(m, i)) {
-      float t = Conv<T>::to(x0[i]);
-      if (with_bias) t = t + Conv<T>::to(bias[i % H]);
+      float t = Ty<T>::to(x0[i]);
+      if (with_bias) t = t + Ty<T>::to(bias[i % H]);
       u = d.scale * t;
     }
-    const T want = Conv<T>::from(Conv<T>::to(r0[i]) + u);
+    const T want = Ty<T>::from(Ty<T>::to(r0[i]) + u);
     if (!same(y[i], want)) {
       if (ok)
-        printf("  forward %s rows=%lu H=%lu eo=%lu: element %lu got %#x want %#x (x %#x r %#x kept %d)\n", Conv<T>::name,
-               rows, H, eo, i, tbits(y[i]), tbits(want), tbits(x0[i]), tbits(r0[i]), (int)bit(m, i));
+        printf("  forward %s rows=%lu H=%lu eo=%lu: element %lu got %#x want %#x (x %#x r %#x kept %d)\n", Ty<T>::name,
+               rows, H, eo, i, bits(y[i]), bits(want), bits(x0[i]), bits(r0[i]), (int)bit(m, i));
       ok = false;
     }
   }
-  CHECK(ok, "forward %s rows=%lu H=%lu eo=%lu thr=%lu bias=%d mask=%d inplace=%d dev=%d mis=%d/%d/%d/%d: y differs", Conv<T>::name, rows, H,
+  CHECK(ok, "forward %s rows=%lu H=%lu eo=%lu thr=%lu bias=%d mask=%d inplace=%d dev=%d mis=%d/%d/%d/%d: y differs", Ty<T>::name, rows, H,
         eo, d.threshold, with_bias, with_mask, inplace, r.dev, (int)((uintptr_t)x.p & 15), (int)((uintptr_t)res.p & 15),
         (int)((uintptr_t)y & 15), (int)((uintptr_t)bias.p & 15));
   if (with_mask) {
     bool mok = true;
     for (size_t w = 0; w < m.size(); ++w) mok = mok && mask[w] == m[w];
-    CHECK(mok, "forward %s rows=%lu H=%lu eo=%lu dev=%d: mask differs", Conv<T>::name, rows, H, eo, r.dev);
+    CHECK(mok, "forward %s rows=%lu H=%lu eo=%lu dev=%d: mask differs", Ty<T>::name, rows, H, eo, r.dev);
   }
-  if (inplace != 2) CHECK(std::equal(x0.begin(), x0.end(), x.p, [](T a, T b) { return tbits(a) == tbits(b); }), "forward: x modified");
-  if (inplace != 1) CHECK(std::equal(r0.begin(), r0.end(), res.p, [](T a, T b) { return tbits(a) == tbits(b); }), "forward: residual modified");
+  if (inplace != 2) CHECK(std::equal(x0.begin(), x0.end(), x.p, [](T a, T b) { return bits(a) == bits(b); }), "forward: x modified");
+  if (inplace != 1) CHECK(std::equal(r0.begin(), r0.end(), res.p, [](T a, T b) { return bits(a) == bits(b); }), "forward: residual modified");
   CHECK(bias.bytes() == bias0, "forward: bias modified");
-  CHECK(x.intact() && res.intact() && bias.intact() && yb.intact() && mask.intact(),
+  CHECK(x.guards() && res.guards() && bias.guards() && yb.guards() && mask.guards(),
         "forward %s rows=%lu H=%lu eo=%lu bias=%d mask=%d inplace=%d dev=%d: a guard was written (x %d, residual %d, "
         "bias %d, y %d, mask %d)",
-        Conv<T>::name, rows, H, eo, with_bias, with_mask, inplace, r.dev, x.intact(), res.intact(), bias.intact(),
-        yb.intact(), mask.intact());
+        Ty<T>::name, rows, H, eo, with_bias, with_mask, inplace, r.dev, x.guards(), res.guards(), bias.guards(),
+        yb.guards(), mask.guards());
 }
 
 // ================================ backward ================================
@@ -186,7 +186,7 @@ template <typename T> static void backward_case(uint64_t rows, uint64_t H, int s
   Buf<float> ws(with_dbias ? chunks * H + rnd(40) : 0, 0);
   for (size_t i = 0; i < ws.n; ++i) ws[i] = NAN;
   const bool specials = coin(3);
-  for (uint64_t i = 0; i < n; ++i) dy[i] = Conv<T>::from(value(3.0f, specials));
+  for (uint64_t i = 0; i < n; ++i) dy[i] = Ty<T>::from(value(3.0f, specials));
   const std::vector<T> dy0(dy.p, dy.p + n);
   const std::vector<uint32_t> m = mask_of(r.seed, r.offset, eo, n, d.threshold);
   Buf<uint32_t> mask(source == 0 ? m.size() : 0, 0);
@@ -204,23 +204,23 @@ template <typename T> static void backward_case(uint64_t rows, uint64_t H, int s
   } else {
     r.fill(p);
   }
-  random_device();
+  random_one_sm_device();
   const int calls = stub_calls;
-  const int st = dropfuse_bias_dropout_residual_backward(Conv<T>::code, dy.p, dx, source == 0 ? mask.p : nullptr,
+  const int st = dropfuse_bias_dropout_residual_backward(Ty<T>::code, dy.p, dx, source == 0 ? mask.p : nullptr,
                                                          with_dbias ? dbias.p : nullptr, with_dbias ? ws.p : nullptr,
                                                          rows, H, &p, nullptr);
   CHECK(st == 0, "backward: status %d", st);
   CHECK(stub_calls == calls + (with_dbias ? 0 : 1), "backward: %d dropout launcher calls", stub_calls - calls);
   bool ok = true;
   for (uint64_t i = 0; i < n && ok; ++i) {
-    const T want = bit(m, i) ? Conv<T>::from(d.scale * Conv<T>::to(dy0[i])) : Conv<T>::from(0.0f);
+    const T want = bit(m, i) ? Ty<T>::from(d.scale * Ty<T>::to(dy0[i])) : Ty<T>::from(0.0f);
     if (!same(dx[i], want)) {
-      printf("  backward %s rows=%lu H=%lu: dx[%lu] got %#x want %#x\n", Conv<T>::name, rows, H, i, tbits(dx[i]),
-             tbits(want));
+      printf("  backward %s rows=%lu H=%lu: dx[%lu] got %#x want %#x\n", Ty<T>::name, rows, H, i, bits(dx[i]),
+             bits(want));
       ok = false;
     }
   }
-  CHECK(ok, "backward %s rows=%lu H=%lu eo=%lu source=%d dbias=%d inplace=%d: dx differs", Conv<T>::name, rows, H, eo,
+  CHECK(ok, "backward %s rows=%lu H=%lu eo=%lu source=%d dbias=%d inplace=%d: dx differs", Ty<T>::name, rows, H, eo,
         source, with_dbias, inplace);
   if (with_dbias) {
     bool bok = true;
@@ -231,23 +231,23 @@ template <typename T> static void backward_case(uint64_t rows, uint64_t H, int s
         for (uint64_t rr = c * DROPFUSE_BDR_DBIAS_CHUNK; rr < std::min<uint64_t>(rows, (c + 1) * DROPFUSE_BDR_DBIAS_CHUNK);
              ++rr) {
           const uint64_t i = rr * H + j;
-          part = part + (bit(m, i) ? d.scale * Conv<T>::to(dy0[i]) : 0.0f);
+          part = part + (bit(m, i) ? d.scale * Ty<T>::to(dy0[i]) : 0.0f);
         }
         s = s + part;
       }
-      const T want = Conv<T>::from(s);
+      const T want = Ty<T>::from(s);
       if (!same(dbias[j], want)) {
-        printf("  backward %s rows=%lu H=%lu: dbias[%lu] got %#x want %#x\n", Conv<T>::name, rows, H, j,
-               tbits(dbias[j]), tbits(want));
+        printf("  backward %s rows=%lu H=%lu: dbias[%lu] got %#x want %#x\n", Ty<T>::name, rows, H, j,
+               bits(dbias[j]), bits(want));
         bok = false;
       }
     }
     CHECK(bok, "backward %s rows=%lu H=%lu eo=%lu source=%d inplace=%d: dbias differs from the contract's order",
-          Conv<T>::name, rows, H, eo, source, inplace);
+          Ty<T>::name, rows, H, eo, source, inplace);
   }
-  if (!inplace) CHECK(std::equal(dy0.begin(), dy0.end(), dy.p, [](T a, T b) { return tbits(a) == tbits(b); }), "backward: dy modified");
-  CHECK(dy.intact() && dxb.intact() && dbias.intact() && ws.intact() && mask.intact(),
-        "backward %s rows=%lu H=%lu: a guard was written", Conv<T>::name, rows, H);
+  if (!inplace) CHECK(std::equal(dy0.begin(), dy0.end(), dy.p, [](T a, T b) { return bits(a) == bits(b); }), "backward: dy modified");
+  CHECK(dy.guards() && dxb.guards() && dbias.guards() && ws.guards() && mask.guards(),
+        "backward %s rows=%lu H=%lu: a guard was written", Ty<T>::name, rows, H);
   if (with_dbias) {
     bool beyond = true;
     for (size_t i = chunks * H; i < ws.n; ++i) beyond = beyond && std::isnan(ws[i]);
@@ -336,12 +336,12 @@ template <typename T> static void random_backward() {
 
 int main(int argc, char **argv) {
   const int scale = argc > 1 ? std::max(1, atoi(argv[1])) : 1;
-  seed_from_env();
-  if (!philox_self_test()) {
+  seed_rng(20250101);
+  if (!philox_kat_ok()) {
     printf("the Philox model fails its known-answer test\nfailures: 1\n");
     return 1;
   }
-  random_device();
+  random_one_sm_device();
   argument_checks();
   for (int i = 0; i < 25 * scale; ++i) {
     random_forward<float>();
@@ -361,6 +361,5 @@ int main(int argc, char **argv) {
   backward_case<__half>(700, 300, 1, true);
   backward_case<float>(530, 7, 0, true);
   backward_case<__nv_bfloat16>(300, 1, 2, true);
-  printf("launches: %lu, checks: %d, failures: %d\n", (unsigned long)emu::g.launches, model::checks, model::failures);
-  return model::failures == 0 ? 0 : 1;
+  return report();
 }

@@ -19,106 +19,11 @@
 #include "philox_state.cu"
 // clang-format on
 
+#include "contract_model.h"
+
+using namespace model;
+
 namespace t {
-
-std::mt19937_64 rng(77);
-uint64_t rnd(uint64_t n) { return n ? rng() % n : 0; }
-double unit() { return (rng() >> 11) * (1.0 / 9007199254740992.0); }
-
-int failures = 0;
-long checks = 0;
-#define CHECK(c, ...)                               \
-  do {                                              \
-    ++t::checks;                                    \
-    if (!(c)) {                                     \
-      if (t::failures++ < 30) {                     \
-        printf("FAIL %s:%d: ", __FILE__, __LINE__); \
-        printf(__VA_ARGS__);                        \
-        printf("\n");                               \
-      }                                             \
-    }                                               \
-  } while (0)
-
-template <typename T> struct Ty;
-template <> struct Ty<float> {
-  static float to(float v) { return v; }
-  static float from(float v) { return v; }
-  static constexpr dropfuse_dtype code = DROPFUSE_F32;
-  static constexpr const char *name = "f32";
-};
-template <> struct Ty<__half> {
-  static float to(__half v) { return __half2float(v); }
-  static __half from(float v) { return __float2half_rn(v); }
-  static constexpr dropfuse_dtype code = DROPFUSE_F16;
-  static constexpr const char *name = "f16";
-};
-template <> struct Ty<__nv_bfloat16> {
-  static float to(__nv_bfloat16 v) { return __bfloat162float(v); }
-  static __nv_bfloat16 from(float v) { return __float2bfloat16_rn(v); }
-  static constexpr dropfuse_dtype code = DROPFUSE_BF16;
-  static constexpr const char *name = "bf16";
-};
-template <typename T> uint64_t bits(T v) {
-  uint64_t b = 0;
-  memcpy(&b, &v, sizeof(T));
-  return b;
-}
-template <typename T> bool same(T a, T b) {
-  return bits(a) == bits(b) || (std::isnan(Ty<T>::to(a)) && std::isnan(Ty<T>::to(b)));
-}
-
-// n elements at element offset `off` after 32 guard bytes of a 64-byte aligned allocation.
-template <typename T> struct Buf {
-  static constexpr size_t kG = 32 / sizeof(T);
-  std::vector<unsigned char> raw;
-  size_t n;
-  T *p;
-  T fill;
-  Buf(size_t n_, size_t off, T fill_) : raw((n_ + off + 2 * kG) * sizeof(T) + 64), n(n_), fill(fill_) {
-    const uintptr_t a = (reinterpret_cast<uintptr_t>(raw.data()) + 63) & ~uintptr_t(63);
-    p = reinterpret_cast<T *>(a) + kG + off;
-    for (size_t i = 0; i < n + 2 * kG; ++i) p[(ptrdiff_t)i - (ptrdiff_t)kG] = fill;
-  }
-  bool guards() const {
-    for (size_t i = 0; i < kG; ++i)
-      if (bits(p[-1 - (ptrdiff_t)i]) != bits(fill) || bits(p[n + i]) != bits(fill)) return false;
-    return true;
-  }
-  bool operator==(const Buf &o) const {
-    if (n != o.n) return false;
-    for (size_t i = 0; i < n; ++i)
-      if (bits(p[i]) != bits(o.p[i])) return false;
-    return true;
-  }
-};
-
-template <typename T> T val() {
-  switch (rnd(60)) {
-    case 0: return Ty<T>::from(INFINITY);
-    case 1: return Ty<T>::from(NAN);
-    case 2: return Ty<T>::from(-0.0f);
-    default: return Ty<T>::from((float)(unit() * 16 - 8));
-  }
-}
-
-// ---- the contract: Philox4x32-10 (cuRAND constants), one word per element ----------------------
-
-uint32_t word(uint64_t seed, uint64_t offset, uint64_t e) {
-  const uint64_t blk = e >> 2;
-  uint32_t c[4] = {(uint32_t)blk, (uint32_t)(blk >> 32), (uint32_t)offset, (uint32_t)(offset >> 32)};
-  uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
-  for (int r = 0; r < 10; ++r) {
-    const uint64_t p0 = (uint64_t)0xD2511F53u * c[0], p1 = (uint64_t)0xCD9E8D57u * c[2];
-    const uint32_t n0 = (uint32_t)(p1 >> 32) ^ c[1] ^ k0, n2 = (uint32_t)(p0 >> 32) ^ c[3] ^ k1;
-    c[0] = n0;
-    c[1] = (uint32_t)p1;
-    c[2] = n2;
-    c[3] = (uint32_t)p0;
-    k0 += 0x9E3779B9u;
-    k1 += 0xBB67AE85u;
-  }
-  return c[e & 3];
-}
 
 // A device state {seed, offset} at an 8-byte aligned address (with guards).
 struct State {
@@ -190,7 +95,7 @@ template <typename T> void test_dropout() {
   const uint64_t words = (n + 31) / 32;
   const T sentinel = Ty<T>::from(-4321.0f);
   Buf<T> x(n, xo, sentinel);
-  for (uint64_t i = 0; i < n; ++i) x.p[i] = val<T>();
+  for (uint64_t i = 0; i < n; ++i) x.p[i] = plain_value<T>();
   const std::vector<T> x0(x.p, x.p + n);
 
   auto run = [&](bool dev, Buf<T> &y, Buf<uint32_t> &mask, State &st) {
@@ -233,7 +138,7 @@ template <typename T> void test_dropout() {
   uint64_t bad = ~0ull;
   for (uint64_t i = 0; i < n; ++i) {
     const uint64_t e = p.element_offset + i;
-    const bool keep = p.threshold <= 0xFFFFFFFFull && word(seed, host_off, e) >= p.threshold;
+    const bool keep = kept(seed, host_off, e, p.threshold);
     if (writes_mask && (((mh.p[i / 32] >> (i % 32)) & 1u) != 0) != keep) ok_mask = false;
     if (writes_y) {
       const T want = keep ? Ty<T>::from(Ty<T>::to(x0[i]) * p.scale) : Ty<T>::from(0.0f);
@@ -260,12 +165,11 @@ std::vector<uint8_t> ref_keep(const dropfuse_drop_block_params &p, uint64_t seed
   const uint64_t D = p.d, H = p.h, W = p.w, bd = p.block_d, bh = p.block_h, bw = p.block_w;
   const uint64_t vD = D - bd + 1, vH = H - bh + 1, vW = W - bw + 1, valid = vD * vH * vW, spatial = D * H * W;
   const uint64_t planes = p.shared_channels ? p.n : p.n * p.c;
-  const bool all = p.threshold > 0xFFFFFFFFull;
   std::vector<uint8_t> dropped(planes * spatial, 0);
   for (uint64_t q = 0; q < planes; ++q)
     for (uint64_t l = 0; l < valid; ++l) {
       const uint64_t i = q * valid + l;
-      if (!(all || word(seed, off, i) < p.threshold)) continue;
+      if (kept(seed, off, i, p.threshold)) continue;  // a block seed: an element the mask drops
       const uint64_t ud = l / (vH * vW), uh = (l / vW) % vH, uw = l % vW;
       for (uint64_t a = ud; a < ud + bd; ++a)
         for (uint64_t b = uh; b < uh + bh; ++b)
@@ -309,7 +213,7 @@ template <typename T> void test_drop_block() {
   const size_t xo = rnd(3) == 0 ? 1 : 0, yo = in_place ? xo : (rnd(3) == 0 ? 1 : 0);
   const T sentinel = Ty<T>::from(-4321.0f);
   Buf<T> x(numel, xo, sentinel);
-  for (uint64_t i = 0; i < numel; ++i) x.p[i] = val<T>();
+  for (uint64_t i = 0; i < numel; ++i) x.p[i] = plain_value<T>();
   const std::vector<T> x0(x.p, x.p + numel);
 
   auto run = [&](bool dev, Buf<T> &y, Buf<uint32_t> &mask, Buf<uint64_t> &stats, State &st) {
@@ -442,7 +346,9 @@ void test_philox_advance() {
 
 int main(int argc, char **argv) {
   using namespace t;
+  seed_rng(77);
   const int scale = argc > 1 ? atoi(argv[1]) : 1;
+  CHECK(philox_kat_ok(), "the model's Philox differs from Random123's known answers");
   emu::g.sms = 1;  // cached by the launchers at the first launch
   test_philox_advance();
   for (int i = 0; i < 80 * scale; ++i) {
@@ -455,6 +361,5 @@ int main(int argc, char **argv) {
     test_drop_block<__half>();
     test_drop_block<__nv_bfloat16>();
   }
-  printf("launches: %lu, checks: %ld, failures: %d\n", (unsigned long)emu::g.launches, checks, failures);
-  return failures == 0 ? 0 : 1;
+  return report();
 }

@@ -15,50 +15,9 @@
 #include "importance.cu"
 // clang-format on
 
-static std::mt19937_64 rng(77);
-static uint64_t rnd(uint64_t n) { return n ? rng() % n : 0; }
-static double unit() { return (rng() >> 11) * (1.0 / 9007199254740992.0); }
+#include "emu_common.h"
 
-static int failures = 0, checks = 0;
-#define CHECK(c, ...)                               \
-  do {                                              \
-    ++checks;                                       \
-    if (!(c)) {                                     \
-      if (failures++ < 30) {                        \
-        printf("FAIL %s:%d: ", __FILE__, __LINE__); \
-        printf(__VA_ARGS__);                        \
-        printf("\n");                               \
-      }                                             \
-    }                                               \
-  } while (0)
-
-template <typename T> struct Conv;
-template <> struct Conv<float> {
-  static float to(float v) { return v; }
-  static float from(float v) { return v; }
-  static constexpr dropfuse_dtype code = DROPFUSE_F32;
-};
-template <> struct Conv<__half> {
-  static float to(__half v) { return __half2float(v); }
-  static __half from(float v) { return __float2half_rn(v); }
-  static constexpr dropfuse_dtype code = DROPFUSE_F16;
-};
-template <> struct Conv<__nv_bfloat16> {
-  static float to(__nv_bfloat16 v) { return __bfloat162float(v); }
-  static __nv_bfloat16 from(float v) { return __float2bfloat16_rn(v); }
-  static constexpr dropfuse_dtype code = DROPFUSE_BF16;
-};
-
-static uint32_t fbits(float f) {
-  uint32_t b;
-  memcpy(&b, &f, 4);
-  return b;
-}
-static uint64_t dbits(double f) {
-  uint64_t b;
-  memcpy(&b, &f, 8);
-  return b;
-}
+using namespace model;
 
 // The documented f32 algorithm, sequentially.
 template <typename T> static float simulate(const T *a, const T *b, uint64_t H) {
@@ -69,7 +28,7 @@ template <typename T> static float simulate(const T *a, const T *b, uint64_t H) 
     dot[l] = aa[l] = bb[l] = 0.0f;
     for (uint64_t c = l; c < chunks; c += 32)
       for (uint64_t j = c * V; j < std::min(H, c * V + V); ++j) {
-        const float x = Conv<T>::to(a[j]), y = Conv<T>::to(b[j]);
+        const float x = Ty<T>::to(a[j]), y = Ty<T>::to(b[j]);
         dot[l] = dot[l] + x * y;
         aa[l] = aa[l] + x * x;
         bb[l] = bb[l] + y * y;
@@ -91,7 +50,7 @@ template <typename T> static float simulate(const T *a, const T *b, uint64_t H) 
 template <typename T> static double cosine64(const T *a, const T *b, uint64_t H) {
   double d = 0, x2 = 0, y2 = 0;
   for (uint64_t j = 0; j < H; ++j) {
-    const double x = Conv<T>::to(a[j]), y = Conv<T>::to(b[j]);
+    const double x = Ty<T>::to(a[j]), y = Ty<T>::to(b[j]);
     d += x * y;
     x2 += x * x;
     y2 += y * y;
@@ -99,30 +58,21 @@ template <typename T> static double cosine64(const T *a, const T *b, uint64_t H)
   return d / (std::max(std::sqrt(x2), 1e-8) * std::max(std::sqrt(y2), 1e-8));
 }
 
-template <typename T> struct Buf {
-  std::vector<unsigned char> raw;
-  T *p;
-  Buf(size_t n, size_t off) : raw((n + off + 8) * sizeof(T) + 64) {
-    uintptr_t x = (reinterpret_cast<uintptr_t>(raw.data()) + 63) & ~uintptr_t(63);
-    p = reinterpret_cast<T *>(x) + off;
-  }
-};
-
 template <typename T> static void test_case(uint64_t tokens, uint64_t H) {
   const char *ty = sizeof(T) == 4 ? "f32" : (std::is_same<T, __half>::value ? "f16" : "bf16");
   Buf<T> a(tokens * H, rnd(3) ? 0 : rnd(8)), b(tokens * H, rnd(3) ? 0 : rnd(8));
   const int kind = (int)rnd(3);
   for (uint64_t i = 0; i < tokens * H; ++i) {
     const float x = rnd(16) == 0 ? 0.0f : (float)(unit() * 8 - 4);
-    a.p[i] = Conv<T>::from(x);
-    b.p[i] = Conv<T>::from(kind == 1 ? x + 0.3f * (float)(unit() - 0.5) : (float)(unit() * 8 - 4));
+    a.p[i] = Ty<T>::from(x);
+    b.p[i] = Ty<T>::from(kind == 1 ? x + 0.3f * (float)(unit() - 0.5) : (float)(unit() * 8 - 4));
   }
   if (kind == 2)
     for (uint64_t t = 0; t < tokens; ++t) {
       if (t % 3 == 0)
-        for (uint64_t j = 0; j < H; ++j) a.p[t * H + j] = Conv<T>::from(0.0f);
+        for (uint64_t j = 0; j < H; ++j) a.p[t * H + j] = Ty<T>::from(0.0f);
       if (t % 5 == 0)
-        for (uint64_t j = 0; j < H; ++j) b.p[t * H + j] = Conv<T>::from(-0.0f);
+        for (uint64_t j = 0; j < H; ++j) b.p[t * H + j] = Ty<T>::from(-0.0f);
     }
   std::vector<uint8_t> mask;
   const bool masked = rnd(2);
@@ -141,7 +91,7 @@ template <typename T> static void test_case(uint64_t tokens, uint64_t H) {
     std::vector<uint64_t> tile_counts(tiles + 2, 99);
     double layer_sum[3] = {5.0, 0.25, 5.0};
     uint64_t layer_count[3] = {7, 3, 7};
-    const int st = dropfuse_importance_accumulate(Conv<T>::code, a.p, b.p, masked ? mask.data() : nullptr,
+    const int st = dropfuse_importance_accumulate(Ty<T>::code, a.p, b.p, masked ? mask.data() : nullptr,
                                                   sims.data() + 4, tokens, H, tile_sums.data(), tile_counts.data(),
                                                   layer_sum + 1, layer_count + 1, nullptr);
     CHECK(st == 0, "status %d", st);
@@ -165,8 +115,8 @@ template <typename T> static void test_case(uint64_t tokens, uint64_t H) {
       if (!(std::fabs((double)got - ref) <= tol)) bound_ok = false;
       bool za = true, zb = true;
       for (uint64_t j = 0; j < H; ++j) {
-        za = za && Conv<T>::to(a.p[t * H + j]) == 0.0f;
-        zb = zb && Conv<T>::to(b.p[t * H + j]) == 0.0f;
+        za = za && Ty<T>::to(a.p[t * H + j]) == 0.0f;
+        zb = zb && Ty<T>::to(b.p[t * H + j]) == 0.0f;
       }
       if ((za || zb) && got != 0.0f) zero_ok = false;
       want_sum += ref;
@@ -200,6 +150,7 @@ template <typename T> static void random_case() {
 }
 
 int main(int argc, char **argv) {
+  seed_rng(77);
   const int scale = argc > 1 ? atoi(argv[1]) : 1;
   for (int i = 0; i < 25 * scale; ++i) {
     random_case<float>();
@@ -209,6 +160,5 @@ int main(int argc, char **argv) {
   // More tiles than blocks, and more than the 256 finalize threads: both loops wrap.
   test_case<__nv_bfloat16>(16500 + rnd(64), 2);
   test_case<float>(17000, 4);
-  printf("launches: %lu, checks: %d, failures: %d\n", (unsigned long)emu::g.launches, checks, failures);
-  return failures == 0 ? 0 : 1;
+  return report();
 }

@@ -13,26 +13,12 @@
 #include "routing.cu"
 // clang-format on
 
-static std::mt19937_64 rng(2024);
-static uint64_t rnd(uint64_t n) { return n ? rng() % n : 0; }
-static double unit() { return (rng() >> 11) * (1.0 / 9007199254740992.0); }
+#include "emu_common.h"
 
-static int failures = 0;
-static int checks = 0;
-#define CHECK(c, ...)                  \
-  do {                                 \
-    ++checks;                          \
-    if (!(c)) {                        \
-      if (failures++ < 30) {           \
-        printf("FAIL %s:%d: ", __FILE__, __LINE__); \
-        printf(__VA_ARGS__);           \
-        printf("\n");                  \
-      }                                \
-    }                                  \
-  } while (0)
+using namespace model;
 
 constexpr uint32_t kPoison = 0xDEADBEEFu;
-constexpr size_t kGuard = 4;
+constexpr size_t kGuard = 4;  // guard elements / words around every output
 
 // ---- the contract ----
 
@@ -235,58 +221,6 @@ static void test_selection(uint64_t B, uint64_t S) {
 
 // ---- rows ----
 
-template <typename T> struct Conv;
-template <> struct Conv<float> {
-  static float to(float v) { return v; }
-  static float from(float v) { return v; }
-  static constexpr dropfuse_dtype code = DROPFUSE_F32;
-};
-template <> struct Conv<__half> {
-  static float to(__half v) { return __half2float(v); }
-  static __half from(float v) { return __float2half_rn(v); }
-  static constexpr dropfuse_dtype code = DROPFUSE_F16;
-};
-template <> struct Conv<__nv_bfloat16> {
-  static float to(__nv_bfloat16 v) { return __bfloat162float(v); }
-  static __nv_bfloat16 from(float v) { return __float2bfloat16_rn(v); }
-  static constexpr dropfuse_dtype code = DROPFUSE_BF16;
-};
-
-template <typename T> static uint32_t bits(T v) {
-  uint32_t b = 0;
-  memcpy(&b, &v, sizeof(T));
-  return b;
-}
-template <typename T> static bool same(T a, T b) {
-  return bits(a) == bits(b) || (std::isnan(Conv<T>::to(a)) && std::isnan(Conv<T>::to(b)));
-}
-
-// A buffer of n elements at element offset `off` of a 64-byte aligned allocation, with guards.
-template <typename T> struct Buf {
-  std::vector<unsigned char> raw;
-  size_t off, n;
-  T *p;
-  Buf(size_t n_, size_t off_, T fill) : raw((n_ + off_ + 2 * kGuard) * sizeof(T) + 64), off(off_), n(n_) {
-    uintptr_t a = (reinterpret_cast<uintptr_t>(raw.data()) + 63) & ~uintptr_t(63);
-    p = reinterpret_cast<T *>(a) + kGuard + off;
-    for (size_t i = 0; i < n + 2 * kGuard; ++i) p[(ptrdiff_t)i - (ptrdiff_t)kGuard] = fill;
-  }
-  bool guards(T fill) const {
-    for (size_t i = 0; i < kGuard; ++i)
-      if (bits(p[-1 - (ptrdiff_t)i]) != bits(fill) || bits(p[n + i]) != bits(fill)) return false;
-    return true;
-  }
-};
-
-template <typename T> static T val() {
-  switch (rnd(60)) {
-    case 0: return Conv<T>::from(INFINITY);
-    case 1: return Conv<T>::from(NAN);
-    case 2: return Conv<T>::from(-0.0f);
-    default: return Conv<T>::from((float)(unit() * 16 - 8));
-  }
-}
-
 template <typename T> static void test_rows() {
   const uint64_t B = 1 + rnd(rnd(4) == 0 ? 1100 : 5), S = 1 + rnd(B > 100 ? 3 : 40);
   constexpr uint64_t V = VecWidth<T>::value;
@@ -308,16 +242,16 @@ template <typename T> static void test_rows() {
   for (uint64_t b = 0; b < B; ++b)
     for (uint64_t i = sel.offsets[b]; i < sel.offsets[b + 1]; ++i) pairs.push_back({i, b * S + sel.indices[i]});
   const uint64_t N = B * S * H;
-  const T sentinel = Conv<T>::from(-12345.0f);
+  const T sentinel = Ty<T>::from(-12345.0f);
   auto offs = [] { return rnd(3) == 0 ? 0 : rnd(5); };
   const char *ty = sizeof(T) == 4 ? "f32" : (std::is_same<T, __half>::value ? "f16" : "bf16");
 
-  Buf<T> xin(N, offs(), sentinel);
-  for (uint64_t i = 0; i < N; ++i) xin.p[i] = val<T>();
+  Buf<T> xin(N, offs(), sentinel, kGuard);
+  for (uint64_t i = 0; i < N; ++i) xin.p[i] = plain_value<T>();
   // gather
   {
-    Buf<T> out(rows * H, offs(), sentinel);
-    int st = dropfuse_gather_tokens(Conv<T>::code, &r, H, xin.p, out.p, rows, nullptr);
+    Buf<T> out(rows * H, offs(), sentinel, kGuard);
+    int st = dropfuse_gather_tokens(Ty<T>::code, &r, H, xin.p, out.p, rows, nullptr);
     CHECK(st == 0, "gather %s: status %d", ty, st);
     bool okk = out.guards(sentinel);
     for (auto [row, tok] : pairs)
@@ -333,19 +267,19 @@ template <typename T> static void test_rows() {
   // gated scatter-add, in place
   std::vector<float> gate(B * S);
   for (auto &g : gate) g = rnd(7) == 0 ? (rnd(2) ? 0.0f : -0.0f) : (float)(unit() * 2 - 1);
-  Buf<T> branch(rows * H, offs(), sentinel);
-  for (uint64_t i = 0; i < rows * H; ++i) branch.p[i] = val<T>();
+  Buf<T> branch(rows * H, offs(), sentinel, kGuard);
+  for (uint64_t i = 0; i < rows * H; ++i) branch.p[i] = plain_value<T>();
   {
-    Buf<T> res(N, offs(), sentinel);
+    Buf<T> res(N, offs(), sentinel, kGuard);
     for (uint64_t i = 0; i < N; ++i) res.p[i] = xin.p[i];
-    int st = dropfuse_scatter_add_tokens(Conv<T>::code, &r, H, res.p, branch.p, rows, gate.data(), nullptr);
+    int st = dropfuse_scatter_add_tokens(Ty<T>::code, &r, H, res.p, branch.p, rows, gate.data(), nullptr);
     CHECK(st == 0, "scatter-add %s: status %d", ty, st);
     std::vector<T> want(xin.p, xin.p + N);
     for (auto [row, tok] : pairs)
       if (row < limit)
         for (uint64_t j = 0; j < H; ++j) {
-          const float u = gate[tok] * Conv<T>::to(branch.p[row * H + j]);
-          want[tok * H + j] = Conv<T>::from(Conv<T>::to(want[tok * H + j]) + u);
+          const float u = gate[tok] * Ty<T>::to(branch.p[row * H + j]);
+          want[tok * H + j] = Ty<T>::from(Ty<T>::to(want[tok * H + j]) + u);
         }
     bool okk = res.guards(sentinel);
     for (uint64_t i = 0; i < N; ++i) okk = okk && same(res.p[i], want[i]);
@@ -353,11 +287,11 @@ template <typename T> static void test_rows() {
   }
   // backward of the scatter-add
   {
-    Buf<T> dy(N, offs(), sentinel);
-    for (uint64_t i = 0; i < N; ++i) dy.p[i] = val<T>();
-    Buf<T> db(rows * H, offs(), sentinel);
-    Buf<float> dg(B * S, 0, -777.0f);
-    int st = dropfuse_scatter_add_tokens_backward(Conv<T>::code, &r, H, dy.p, branch.p, gate.data(), db.p, rows, dg.p,
+    Buf<T> dy(N, offs(), sentinel, kGuard);
+    for (uint64_t i = 0; i < N; ++i) dy.p[i] = plain_value<T>();
+    Buf<T> db(rows * H, offs(), sentinel, kGuard);
+    Buf<float> dg(B * S, 0, -777.0f, kGuard);
+    int st = dropfuse_scatter_add_tokens_backward(Ty<T>::code, &r, H, dy.p, branch.p, gate.data(), db.p, rows, dg.p,
                                                   nullptr);
     CHECK(st == 0, "backward %s: status %d", ty, st);
     std::vector<T> want_db(rows * H, sentinel);
@@ -368,9 +302,9 @@ template <typename T> static void test_rows() {
         for (uint64_t c = 0; c * 32 < H; ++c) {
           float part = 0.0f;
           for (uint64_t j = c * 32; j < std::min<uint64_t>(H, c * 32 + 32); ++j) {
-            const float y = Conv<T>::to(dy.p[tok * H + j]);
-            want_db[row * H + j] = Conv<T>::from(gate[tok] * y);
-            part = part + y * Conv<T>::to(branch.p[row * H + j]);
+            const float y = Ty<T>::to(dy.p[tok * H + j]);
+            want_db[row * H + j] = Ty<T>::from(gate[tok] * y);
+            part = part + y * Ty<T>::to(branch.p[row * H + j]);
           }
           sum = sum + part;
         }
@@ -385,15 +319,15 @@ template <typename T> static void test_rows() {
   }
   // backward of the gather, accumulated
   {
-    Buf<T> dx(N, offs(), sentinel);
-    for (uint64_t i = 0; i < N; ++i) dx.p[i] = val<T>();
+    Buf<T> dx(N, offs(), sentinel, kGuard);
+    for (uint64_t i = 0; i < N; ++i) dx.p[i] = plain_value<T>();
     std::vector<T> want(dx.p, dx.p + N);
-    int st = dropfuse_gather_tokens_backward(Conv<T>::code, &r, H, branch.p, rows, dx.p, nullptr);
+    int st = dropfuse_gather_tokens_backward(Ty<T>::code, &r, H, branch.p, rows, dx.p, nullptr);
     CHECK(st == 0, "gather backward %s: status %d", ty, st);
     for (auto [row, tok] : pairs)
       if (row < limit)
         for (uint64_t j = 0; j < H; ++j)
-          want[tok * H + j] = Conv<T>::from(Conv<T>::to(want[tok * H + j]) + Conv<T>::to(branch.p[row * H + j]));
+          want[tok * H + j] = Ty<T>::from(Ty<T>::to(want[tok * H + j]) + Ty<T>::to(branch.p[row * H + j]));
     bool okk = dx.guards(sentinel);
     for (uint64_t i = 0; i < N; ++i) okk = okk && same(dx.p[i], want[i]);
     CHECK(okk, "d_x %s B=%lu S=%lu H=%lu cap=%lu rows=%lu total=%lu", ty, B, S, H, cap, rows, total);
@@ -401,6 +335,7 @@ template <typename T> static void test_rows() {
 }
 
 int main(int argc, char **argv) {
+  seed_rng(2024);
   const int scale = argc > 1 ? atoi(argv[1]) : 1;
   for (int i = 0; i < 150 * scale; ++i) {
     const uint64_t B = 1 + rnd(rnd(3) == 0 ? 9 : 4);
@@ -431,6 +366,5 @@ int main(int argc, char **argv) {
     test_rows<__half>();
     test_rows<__nv_bfloat16>();
   }
-  printf("launches: %lu, checks: %d, failures: %d\n", (unsigned long)emu::g.launches, checks, failures);
-  return failures == 0 ? 0 : 1;
+  return report();
 }

@@ -21,80 +21,16 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include "emu_common.h"
+
+using namespace model;
+
 namespace t {
-
-std::mt19937_64 rng(6);
-uint64_t rnd(uint64_t n) { return n ? rng() % n : 0; }
-double unit() { return (rng() >> 11) * (1.0 / 9007199254740992.0); }
-
-int failures = 0;
-long checks = 0;
-#define CHECK(c, ...)                               \
-  do {                                              \
-    ++t::checks;                                    \
-    if (!(c)) {                                     \
-      if (t::failures++ < 30) {                     \
-        printf("FAIL %s:%d: ", __FILE__, __LINE__); \
-        printf(__VA_ARGS__);                        \
-        printf("\n");                               \
-      }                                             \
-    }                                               \
-  } while (0)
 
 constexpr uint32_t kNone = 0xffffffffu;
 
-template <typename T> struct Ty;
-template <> struct Ty<float> {
-  static float to(float v) { return v; }
-  static float from(float v) { return v; }
-  static constexpr dropfuse_dtype code = DROPFUSE_F32;
-  static constexpr const char *name = "f32";
-};
-template <> struct Ty<__half> {
-  static float to(__half v) { return __half2float(v); }
-  static __half from(float v) { return __float2half_rn(v); }
-  static constexpr dropfuse_dtype code = DROPFUSE_F16;
-  static constexpr const char *name = "f16";
-};
-template <> struct Ty<__nv_bfloat16> {
-  static float to(__nv_bfloat16 v) { return __bfloat162float(v); }
-  static __nv_bfloat16 from(float v) { return __float2bfloat16_rn(v); }
-  static constexpr dropfuse_dtype code = DROPFUSE_BF16;
-  static constexpr const char *name = "bf16";
-};
-
-template <typename T> uint32_t bits(T v) {
-  uint32_t b = 0;
-  memcpy(&b, &v, sizeof(T));
-  return b;
-}
-// Computed values: equal bits, or both NaN (the payload is not part of the contract).
-template <typename T> bool same(T a, T b) {
-  return bits(a) == bits(b) || (std::isnan(Ty<T>::to(a)) && std::isnan(Ty<T>::to(b)));
-}
 // Moved values: bit copies.
 template <typename T> bool copy_of(T a, T b) { return bits(a) == bits(b); }
-
-// n elements at element offset `off` after 32 guard bytes of a 64-byte aligned allocation (off = 0:
-// 16-byte aligned), guards of 32 bytes on both sides.
-template <typename T> struct Buf {
-  static constexpr size_t kG = 32 / sizeof(T);
-  std::vector<unsigned char> raw;
-  size_t n;
-  T *p;
-  T fill;
-  Buf(size_t n_, size_t off, T fill_) : raw((n_ + off + 2 * kG) * sizeof(T) + 64), n(n_), fill(fill_) {
-    const uintptr_t a = (reinterpret_cast<uintptr_t>(raw.data()) + 63) & ~uintptr_t(63);
-    p = reinterpret_cast<T *>(a) + kG + off;
-    for (size_t i = 0; i < n + 2 * kG; ++i) p[(ptrdiff_t)i - (ptrdiff_t)kG] = fill;
-  }
-  bool guards() const {
-    for (size_t i = 0; i < kG; ++i)
-      if (bits(p[-1 - (ptrdiff_t)i]) != bits(fill) || bits(p[n + i]) != bits(fill)) return false;
-    return true;
-  }
-  std::vector<T> copy() const { return std::vector<T>(p, p + n); }
-};
 
 // Special values in about one element of 10 (infinities, NaN, -0, values that overflow when
 // scaled); none when `finite` (sums of many terms, whose order matters only while finite).
@@ -667,6 +603,7 @@ void test_invalid() {
 
 int main(int argc, char **argv) {
   using namespace t;
+  seed_rng(6);
   const int scale = argc > 1 ? atoi(argv[1]) : 1;
   signal(SIGSEGV, on_segv);
   emu::g.sms = 1 + (int)rnd(3);  // cached by the launchers at the first launch
@@ -695,6 +632,5 @@ int main(int argc, char **argv) {
       test_untouched_compact<__half>(op, scalar);
     }
   }
-  printf("launches: %lu, checks: %ld, failures: %d\n", (unsigned long)emu::g.launches, checks, failures);
-  return failures == 0 ? 0 : 1;
+  return report();
 }

@@ -27,7 +27,9 @@ static int emu_waves = 32;  // waves of the occupancy-capped grids (common/launc
 #include <set>
 #include <string>
 
-#include "dropout_model.h"
+#include "contract_model.h"
+
+using namespace model;
 
 struct Shape {
   std::vector<uint64_t> ext;
@@ -506,6 +508,7 @@ template <typename T> static void random_case(uint64_t max_numel) {
 }
 
 int main(int argc, char **argv) {
+  seed_rng(20251128);
   const int scale = argc > 1 ? atoi(argv[1]) : 1;
   if (argc > 2) rng.seed(strtoull(argv[2], nullptr, 0)), emu::g.rng.seed(strtoull(argv[2], nullptr, 0));  // explore
   CHECK(philox_kat_ok(), "the model's Philox differs from Random123's known answers");
@@ -573,7 +576,7 @@ int main(int argc, char **argv) {
   uint64_t ours = 0;
   for (auto &kv : emu::g.launched)
     if (mine.count(kv.first)) ours += kv.second;
-  printf("launches: %lu (structured kernels %lu, dropout stand-in calls %d), checks: %d, failures: %d\n",
+  printf("launches: %lu (structured kernels %lu, dropout stand-in calls %d), checks: %ld, failures: %d\n",
          (unsigned long)emu::g.launches, (unsigned long)ours, dropout_stub_calls, checks, failures);
   return failures == 0 ? 0 : 1;
 }
