@@ -9,72 +9,18 @@
 
 mod common;
 
-use common::{cases, gpu};
+use common::data::{splitmix, unit_of};
+use common::guard::{dl, expect_region_nan, padded, sentinel, Bits, MASK_SENTINEL};
+use common::{gpu, ok, run_cases};
 use dropfuse::bias_dropout_residual::{BiasDropoutResidual, BiasGrad, DBIAS_CHUNK};
-use dropfuse::cudarc::driver::{CudaContext, CudaSlice};
+use dropfuse::cudarc::driver::CudaContext;
 use dropfuse::dropout::mask_words;
 use dropfuse::reference::bias_dropout_residual as reference;
 use dropfuse::reference::philox4x32_10;
-use dropfuse::{Device, Element, PhiloxState};
+use dropfuse::{Device, PhiloxState};
 use half::{bf16, f16};
 use proptest::prelude::*;
-use proptest::test_runner::{Config, TestCaseError, TestRunner};
-
-/// Element types built from raw bits.
-trait Bits: Element + Word {
-    fn from_bits_u32(bits: u32) -> Self;
-}
-impl Bits for f32 {
-    fn from_bits_u32(bits: u32) -> Self {
-        f32::from_bits(bits)
-    }
-}
-impl Bits for f16 {
-    fn from_bits_u32(bits: u32) -> Self {
-        f16::from_bits(bits as u16)
-    }
-}
-impl Bits for bf16 {
-    fn from_bits_u32(bits: u32) -> Self {
-        bf16::from_bits(bits as u16)
-    }
-}
-
-/// Anything compared in device buffers: elements (NaN equals NaN, payloads are not part of the
-/// contract) and mask words (bit for bit).
-trait Word: dropfuse::cudarc::driver::DeviceRepr + Copy + std::fmt::Debug {
-    fn bits(self) -> u32;
-    fn is_nan(self) -> bool;
-}
-macro_rules! element_word {
-    ($($t:ty),*) => {$(
-        impl Word for $t {
-            fn bits(self) -> u32 {
-                self.to_bits_u32()
-            }
-            fn is_nan(self) -> bool {
-                self.to_f32().is_nan()
-            }
-        }
-    )*};
-}
-element_word!(f32, f16, bf16);
-impl Word for u32 {
-    fn bits(self) -> u32 {
-        self
-    }
-    fn is_nan(self) -> bool {
-        false
-    }
-}
-
-fn splitmix(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
+use proptest::test_runner::TestCaseError;
 
 /// Finite values: mostly uniform in [-8, 8), some arbitrary finite bit patterns (huge ones make
 /// infinities and NaNs in sums, which must match too), some -0.
@@ -86,7 +32,7 @@ fn values<T: Bits>(n: usize, seed: u64) -> Vec<T> {
             let v = match r % 8 {
                 0 => T::from_bits_u32((r >> 16) as u32),
                 1 => T::from_f32(-0.0),
-                _ => T::from_f32(((r >> 40) as f32 / (1u64 << 24) as f32) * 16.0 - 8.0),
+                _ => T::from_f32(unit_of(r) * 16.0 - 8.0),
             };
             if v.to_f32().is_finite() {
                 break v;
@@ -186,64 +132,6 @@ fn case() -> impl Strategy<Value = Case> {
         )
 }
 
-const GUARD: usize = 5;
-const MASK_SENTINEL: u32 = 0xDEAD_BEEF;
-
-fn sentinel<T: Element>() -> T {
-    T::from_f32(-12345.0)
-}
-
-fn dl<T: Word>(dev: &Device, s: &CudaSlice<T>) -> Result<Vec<T>, TestCaseError> {
-    dev.download(s)
-        .map_err(|e| TestCaseError::fail(format!("download: {e}")))
-}
-
-fn ok<V>(r: dropfuse::Result<V>, what: &str) -> Result<V, TestCaseError> {
-    r.map_err(|e| TestCaseError::fail(format!("{what}: {e}")))
-}
-
-/// A device buffer of `off + n + GUARD` elements: `fill` everywhere, `data` at `off..off+n`.
-fn padded<T: Word>(
-    dev: &Device,
-    off: usize,
-    data: Option<&[T]>,
-    n: usize,
-    fill: T,
-) -> dropfuse::Result<CudaSlice<T>> {
-    let mut host = vec![fill; off + n + GUARD];
-    if let Some(d) = data {
-        host[off..off + n].copy_from_slice(d);
-    }
-    dev.upload(&host)
-}
-
-/// `got` equals `fill` outside `off..off+n` and `want` inside it (NaN equals NaN).
-fn expect_region<T: Word>(
-    got: &[T],
-    off: usize,
-    want: &[T],
-    fill: T,
-    what: &str,
-) -> Result<(), TestCaseError> {
-    for (i, g) in got.iter().enumerate() {
-        let inside = i >= off && i < off + want.len();
-        let w = if inside { want[i - off] } else { fill };
-        if g.bits() != w.bits() && !(g.is_nan() && w.is_nan()) {
-            let place = if inside {
-                format!("element {}", i - off)
-            } else {
-                format!("guard slot {i} (outside the view)")
-            };
-            return Err(TestCaseError::fail(format!(
-                "{what}: {place}: got bits {:#x}, want {:#x}",
-                g.bits(),
-                w.bits()
-            )));
-        }
-    }
-    Ok(())
-}
-
 fn check_case<T: Bits>(dev: &Device, c: &Case) -> Result<(), TestCaseError> {
     let s = dev.stream();
     let (rows, h) = (c.rows, c.h);
@@ -289,8 +177,8 @@ fn check_case<T: Bits>(dev: &Device, c: &Case) -> Result<(), TestCaseError> {
         ),
         "forward",
     )?;
-    expect_region(&dl(dev, &m)?, c.m_off, &want_mask, MASK_SENTINEL, "forward mask")?;
-    expect_region(&dl(dev, &y)?, c.y_off, &want_y, sentinel::<T>(), "forward y")?;
+    expect_region_nan(&dl(dev, &m)?, c.m_off, &want_mask, MASK_SENTINEL, "forward mask")?;
+    expect_region_nan(&dl(dev, &y)?, c.y_off, &want_y, sentinel::<T>(), "forward y")?;
 
     // forward without mask
     let mut y2 = ok(padded(dev, c.y_off, None, n, sentinel::<T>()), "alloc")?;
@@ -305,7 +193,7 @@ fn check_case<T: Bits>(dev: &Device, c: &Case) -> Result<(), TestCaseError> {
         ),
         "forward_maskless",
     )?;
-    expect_region(
+    expect_region_nan(
         &dl(dev, &y2)?,
         c.y_off,
         &want_y,
@@ -327,14 +215,14 @@ fn check_case<T: Bits>(dev: &Device, c: &Case) -> Result<(), TestCaseError> {
         ),
         "forward_inplace",
     )?;
-    expect_region(
+    expect_region_nan(
         &dl(dev, &z)?,
         c.r_off,
         &want_y,
         sentinel::<T>(),
         "forward_inplace residual",
     )?;
-    expect_region(
+    expect_region_nan(
         &dl(dev, &m2)?,
         c.m_off,
         &want_mask,
@@ -346,7 +234,7 @@ fn check_case<T: Bits>(dev: &Device, c: &Case) -> Result<(), TestCaseError> {
         op.forward_maskless_inplace(s, c.state, &xv, bias, &mut z2.slice_mut(c.r_off..c.r_off + n)),
         "forward_maskless_inplace",
     )?;
-    expect_region(
+    expect_region_nan(
         &dl(dev, &z2)?,
         c.r_off,
         &want_y,
@@ -395,7 +283,7 @@ fn check_case<T: Bits>(dev: &Device, c: &Case) -> Result<(), TestCaseError> {
             }
             (dl(dev, &g)?, c.x_off)
         };
-        expect_region(
+        expect_region_nan(
             &dx_host.0,
             dx_host.1,
             &want_grads.dx,
@@ -404,8 +292,8 @@ fn check_case<T: Bits>(dev: &Device, c: &Case) -> Result<(), TestCaseError> {
         )?;
         let db_host = dl(dev, &db)?;
         match &want_grads.dbias {
-            Some(want) => expect_region(&db_host, c.b_off, want, db_sentinel, &format!("{what} dbias"))?,
-            None => expect_region(
+            Some(want) => expect_region_nan(&db_host, c.b_off, want, db_sentinel, &format!("{what} dbias"))?,
+            None => expect_region_nan(
                 &db_host,
                 c.b_off,
                 &vec![db_sentinel; h],
@@ -418,15 +306,7 @@ fn check_case<T: Bits>(dev: &Device, c: &Case) -> Result<(), TestCaseError> {
 }
 
 fn run_property<T: Bits>(test: &str) {
-    let Some(dev) = gpu(test) else { return };
-    let mut runner = TestRunner::new(Config {
-        cases: cases(24),
-        failure_persistence: None,
-        ..Config::default()
-    });
-    if let Err(e) = runner.run(&case(), |c| check_case::<T>(&dev, &c)) {
-        panic!("{test}: {e}");
-    }
+    run_cases(test, 24, case(), |dev, c| check_case::<T>(dev, &c));
 }
 
 #[test]

@@ -7,46 +7,23 @@
 
 mod common;
 
-use common::{cases, gpu};
-use dropfuse::cudarc::driver::CudaSlice;
+use common::data::sprinkled;
+use common::guard::{dl, same_bits, upload_at, MASK_SENTINEL};
+use common::{gpu, ok, run_cases};
 use dropfuse::drop_block::{stats_len, DropBlock, Normalize};
 use dropfuse::dropout::mask_words;
 use dropfuse::reference::drop_block as reference;
 use dropfuse::{Device, Element, PhiloxState};
 use half::{bf16, f16};
 use proptest::prelude::*;
-use proptest::test_runner::{Config, TestCaseError, TestRunner};
+use proptest::test_runner::TestCaseError;
 
 const GUARD: usize = 3;
-const MASK_SENTINEL: u32 = 0xDEAD_BEEF;
 const STATS_SENTINEL: u64 = 0xFEED_FACE_CAFE_BEEF;
-
-trait Bits: Element + dropfuse::cudarc::driver::DeviceRepr + std::fmt::Debug {}
-impl Bits for f32 {}
-impl Bits for f16 {}
-impl Bits for bf16 {}
-
-fn splitmix(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
 
 /// Values in [-8, 8) with a sprinkle of infinities and NaN (dropped ones must become +0).
 fn values<T: Element>(n: usize, seed: u64) -> Vec<T> {
-    let mut s = seed;
-    (0..n)
-        .map(|_| {
-            let r = splitmix(&mut s);
-            match r % 97 {
-                0 => T::from_f32(f32::INFINITY),
-                1 => T::from_f32(f32::NAN),
-                _ => T::from_f32(((r >> 40) as f32 / (1u64 << 24) as f32) * 16.0 - 8.0),
-            }
-        })
-        .collect()
+    sprinkled(n, seed, 8.0, 97, &[f32::INFINITY, f32::NAN])
 }
 
 #[derive(Debug, Clone)]
@@ -121,42 +98,7 @@ fn case() -> impl Strategy<Value = Case> {
         )
 }
 
-fn ok<V>(r: dropfuse::Result<V>, what: &str) -> Result<V, TestCaseError> {
-    r.map_err(|e| TestCaseError::fail(format!("{what}: {e}")))
-}
-
-fn dl<T: dropfuse::cudarc::driver::DeviceRepr>(
-    dev: &Device,
-    s: &CudaSlice<T>,
-) -> Result<Vec<T>, TestCaseError> {
-    dev.download(s)
-        .map_err(|e| TestCaseError::fail(format!("download: {e}")))
-}
-
-fn upload_at<T: Bits>(dev: &Device, off: usize, data: &[T], fill: T) -> Result<CudaSlice<T>, TestCaseError> {
-    let mut host = vec![fill; off + data.len() + GUARD];
-    host[off..off + data.len()].copy_from_slice(data);
-    ok(dev.upload(&host), "upload")
-}
-
-/// Bit for bit, except that any NaN matches any NaN: the contract fixes the arithmetic, not NaN
-/// payloads (the GPU returns its canonical NaN for a kept NaN input, the CPU propagates the input's).
-fn same_bits<T: Element>(got: &[T], want: &[T], what: &str) -> Result<(), TestCaseError> {
-    prop_assert_eq!(got.len(), want.len());
-    for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        let both_nan = g.to_f32().is_nan() && w.to_f32().is_nan();
-        if g.to_bits_u32() != w.to_bits_u32() && !both_nan {
-            return Err(TestCaseError::fail(format!(
-                "{what}: element {i}: got bits {:#x}, want {:#x}",
-                g.to_bits_u32(),
-                w.to_bits_u32()
-            )));
-        }
-    }
-    Ok(())
-}
-
-fn check_case<T: Bits>(dev: &Device, c: &Case) -> Result<(), TestCaseError> {
+fn check_case<T: Element>(dev: &Device, c: &Case) -> Result<(), TestCaseError> {
     let s = dev.stream();
     let cfg = c.cfg();
     let numel: usize = c.shape.iter().product();
@@ -173,8 +115,8 @@ fn check_case<T: Bits>(dev: &Device, c: &Case) -> Result<(), TestCaseError> {
     )?;
 
     let sentinel = T::from_f32(-12345.0);
-    let xd = upload_at(dev, c.x_off, &x, sentinel)?;
-    let mut yd = upload_at(dev, c.y_off, &vec![sentinel; numel], sentinel)?;
+    let xd = upload_at(dev, c.x_off, &x, sentinel, GUARD)?;
+    let mut yd = upload_at(dev, c.y_off, &vec![sentinel; numel], sentinel, GUARD)?;
     let mut md = ok(
         dev.upload(&vec![MASK_SENTINEL; mask_words(numel) + GUARD]),
         "upload",
@@ -217,8 +159,8 @@ fn check_case<T: Bits>(dev: &Device, c: &Case) -> Result<(), TestCaseError> {
     );
 
     // Backward from the GPU's own mask and stats.
-    let dyd = upload_at(dev, c.y_off, &dy, sentinel)?;
-    let mut dxd = upload_at(dev, c.x_off, &vec![sentinel; numel], sentinel)?;
+    let dyd = upload_at(dev, c.y_off, &dy, sentinel, GUARD)?;
+    let mut dxd = upload_at(dev, c.x_off, &vec![sentinel; numel], sentinel, GUARD)?;
     ok(
         cfg.backward(
             s,
@@ -234,7 +176,7 @@ fn check_case<T: Bits>(dev: &Device, c: &Case) -> Result<(), TestCaseError> {
     same_bits(&dx[c.x_off..c.x_off + numel], &want_dx, "dx")?;
 
     // In place: the same output and mask.
-    let mut xi = upload_at(dev, c.x_off, &x, sentinel)?;
+    let mut xi = upload_at(dev, c.x_off, &x, sentinel, GUARD)?;
     let mut mi = ok(dev.zeros::<u32>(words), "zeros")?;
     let mut si = ok(dev.zeros::<u64>(n + 1), "zeros")?;
     ok(
@@ -253,16 +195,8 @@ fn check_case<T: Bits>(dev: &Device, c: &Case) -> Result<(), TestCaseError> {
     Ok(())
 }
 
-fn run_property<T: Bits>(test: &str) {
-    let Some(dev) = gpu(test) else { return };
-    let mut runner = TestRunner::new(Config {
-        cases: cases(24),
-        failure_persistence: None,
-        ..Config::default()
-    });
-    if let Err(e) = runner.run(&case(), |c| check_case::<T>(&dev, &c)) {
-        panic!("{test}: {e}");
-    }
+fn run_property<T: Element>(test: &str) {
+    run_cases(test, 24, case(), |dev, c| check_case::<T>(dev, &c));
 }
 
 #[test]

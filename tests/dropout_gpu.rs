@@ -6,90 +6,16 @@
 
 mod common;
 
-use common::{cases, gpu};
-use dropfuse::cudarc::driver::{CudaContext, CudaSlice};
+use common::data::finite_values;
+use common::guard::{dl, expect_region, padded, sentinel, Bits, MASK_SENTINEL};
+use common::{gpu, ok, run_cases};
+use dropfuse::cudarc::driver::CudaContext;
 use dropfuse::dropout::mask_words;
 use dropfuse::reference::dropout as reference;
-use dropfuse::{Device, Dropout, Element, Error, PhiloxState};
+use dropfuse::{Device, Dropout, Error, PhiloxState};
 use half::{bf16, f16};
 use proptest::prelude::*;
-use proptest::test_runner::{Config, TestCaseError, TestRunner};
-
-/// Element types built from raw bits (test data covers the whole finite range, subnormals too).
-trait Bits: Element + Word {
-    fn from_bits_u32(bits: u32) -> Self;
-    fn finite(self) -> bool;
-}
-impl Bits for f32 {
-    fn from_bits_u32(bits: u32) -> Self {
-        f32::from_bits(bits)
-    }
-    fn finite(self) -> bool {
-        self.is_finite()
-    }
-}
-impl Bits for f16 {
-    fn from_bits_u32(bits: u32) -> Self {
-        f16::from_bits(bits as u16)
-    }
-    fn finite(self) -> bool {
-        self.is_finite()
-    }
-}
-impl Bits for bf16 {
-    fn from_bits_u32(bits: u32) -> Self {
-        bf16::from_bits(bits as u16)
-    }
-    fn finite(self) -> bool {
-        self.is_finite()
-    }
-}
-
-/// Anything compared bit for bit in device buffers: elements and mask words.
-trait Word: dropfuse::cudarc::driver::DeviceRepr + Copy + std::fmt::Debug {
-    fn bits(self) -> u32;
-}
-macro_rules! element_word {
-    ($($t:ty),*) => {$(
-        impl Word for $t {
-            fn bits(self) -> u32 {
-                self.to_bits_u32()
-            }
-        }
-    )*};
-}
-element_word!(f32, f16, bf16);
-impl Word for u32 {
-    fn bits(self) -> u32 {
-        self
-    }
-}
-
-fn splitmix(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-/// Finite values: half of them uniform in [-8, 8), half arbitrary finite bit patterns.
-fn values<T: Bits>(n: usize, seed: u64) -> Vec<T> {
-    let mut s = seed;
-    (0..n)
-        .map(|_| loop {
-            let r = splitmix(&mut s);
-            let v = if r & 1 == 0 {
-                T::from_f32(((r >> 40) as f32 / (1u64 << 24) as f32) * 16.0 - 8.0)
-            } else {
-                T::from_bits_u32((r >> 16) as u32)
-            };
-            if v.finite() {
-                break v;
-            }
-        })
-        .collect()
-}
+use proptest::test_runner::TestCaseError;
 
 #[derive(Debug, Clone)]
 struct Case {
@@ -156,70 +82,12 @@ fn case() -> impl Strategy<Value = Case> {
         })
 }
 
-const GUARD: usize = 5;
-const MASK_SENTINEL: u32 = 0xDEAD_BEEF;
-
-fn sentinel<T: Element>() -> T {
-    T::from_f32(-12345.0)
-}
-
-fn dl<T: Word>(dev: &Device, s: &CudaSlice<T>) -> Result<Vec<T>, TestCaseError> {
-    dev.download(s)
-        .map_err(|e| TestCaseError::fail(format!("download: {e}")))
-}
-
-fn ok<V>(r: dropfuse::Result<V>, what: &str) -> Result<V, TestCaseError> {
-    r.map_err(|e| TestCaseError::fail(format!("{what}: {e}")))
-}
-
-/// A device buffer of `off + n + GUARD` elements: `fill` everywhere, `data` at `off..off+n`.
-fn padded<T: Word>(
-    dev: &Device,
-    off: usize,
-    data: Option<&[T]>,
-    n: usize,
-    fill: T,
-) -> dropfuse::Result<CudaSlice<T>> {
-    let mut host = vec![fill; off + n + GUARD];
-    if let Some(d) = data {
-        host[off..off + n].copy_from_slice(d);
-    }
-    dev.upload(&host)
-}
-
-/// `got` equals `fill` outside `off..off+n` and `want` inside it, bit for bit.
-fn expect_region<T: Word>(
-    got: &[T],
-    off: usize,
-    want: &[T],
-    fill: T,
-    what: &str,
-) -> Result<(), TestCaseError> {
-    for (i, g) in got.iter().enumerate() {
-        let inside = i >= off && i < off + want.len();
-        let w = if inside { want[i - off] } else { fill };
-        if g.bits() != w.bits() {
-            let place = if inside {
-                format!("element {}", i - off)
-            } else {
-                format!("guard slot {i} (outside the view)")
-            };
-            return Err(TestCaseError::fail(format!(
-                "{what}: {place}: got bits {:#x}, want {:#x}",
-                g.bits(),
-                w.bits()
-            )));
-        }
-    }
-    Ok(())
-}
-
 fn check_case<T: Bits>(dev: &Device, c: &Case) -> Result<(), TestCaseError> {
     let s = dev.stream();
     let n = c.n;
     let words = mask_words(n);
     let drop = ok(Dropout::new(c.p), "Dropout::new")?.with_element_offset(c.element_offset);
-    let x = values::<T>(n, c.data_seed);
+    let x = finite_values::<T>(n, c.data_seed);
     let (want_y, want_mask) = ok(
         reference::forward(&x, c.p, c.state, c.element_offset),
         "reference",
@@ -362,16 +230,7 @@ fn check_case<T: Bits>(dev: &Device, c: &Case) -> Result<(), TestCaseError> {
 }
 
 fn run_property<T: Bits>(test: &str) {
-    let Some(dev) = gpu(test) else { return };
-    let mut runner = TestRunner::new(Config {
-        cases: cases(24),
-        failure_persistence: None,
-        ..Config::default()
-    });
-    let result = runner.run(&case(), |c| check_case::<T>(&dev, &c));
-    if let Err(e) = result {
-        panic!("{test}: {e}");
-    }
+    run_cases(test, 24, case(), |dev, c| check_case::<T>(dev, &c));
 }
 
 #[test]

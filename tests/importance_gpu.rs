@@ -8,47 +8,28 @@
 
 mod common;
 
-use common::{cases, gpu};
-use dropfuse::cudarc::driver::{CudaContext, CudaSlice, DevicePtr};
+use common::data::{splitmix, sprinkled, unit};
+use common::guard::upload_at;
+use common::{gpu, ok, run_cases};
+use dropfuse::cudarc::driver::{CudaContext, DevicePtr};
 use dropfuse::importance::ImportanceAccumulator;
 use dropfuse::layer_plan::{AttentionDropPlan, SimilarityAccumulator};
 use dropfuse::reference::importance as reference;
 use dropfuse::{Device, Element};
 use half::{bf16, f16};
 use proptest::prelude::*;
-use proptest::test_runner::{Config, TestCaseError, TestRunner};
-
-fn splitmix(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
+use proptest::test_runner::TestCaseError;
 
 /// Hidden-state-like values: uniform in [-4, 4), some exact zeros.
 fn values<T: Element>(n: usize, seed: u64) -> Vec<T> {
-    let mut s = seed;
-    (0..n)
-        .map(|_| {
-            let r = splitmix(&mut s);
-            if r % 16 == 0 {
-                T::from_f32(0.0)
-            } else {
-                T::from_f32(((r >> 40) as f32 / (1u64 << 24) as f32) * 8.0 - 4.0)
-            }
-        })
-        .collect()
+    sprinkled(n, seed, 4.0, 16, &[0.0])
 }
 
 /// An output correlated with the input (similarity near 1, the interesting regime): `a + noise`.
 fn correlated<T: Element>(a: &[T], seed: u64, noise: f32) -> Vec<T> {
     let mut s = seed;
     a.iter()
-        .map(|x| {
-            let r = splitmix(&mut s);
-            T::from_f32(x.to_f32() + noise * (((r >> 40) as f32 / (1u64 << 24) as f32) - 0.5))
-        })
+        .map(|x| T::from_f32(x.to_f32() + noise * (unit(&mut s) - 0.5)))
         .collect()
 }
 
@@ -92,16 +73,6 @@ fn case() -> impl Strategy<Value = Case> {
         })
 }
 
-fn ok<V>(r: dropfuse::Result<V>, what: &str) -> Result<V, TestCaseError> {
-    r.map_err(|e| TestCaseError::fail(format!("{what}: {e}")))
-}
-
-fn padded<T: Element>(dev: &Device, off: usize, data: &[T]) -> dropfuse::Result<CudaSlice<T>> {
-    let mut host = vec![T::from_f32(f32::NAN); off + data.len() + 3];
-    host[off..off + data.len()].copy_from_slice(data);
-    dev.upload(&host)
-}
-
 fn inputs<T: Element>(c: &Case) -> (Vec<T>, Vec<T>, Option<Vec<bool>>) {
     let n = c.tokens * c.hidden;
     let a = values::<T>(n, c.seed);
@@ -137,8 +108,8 @@ fn check_case<T: Element>(dev: &Device, c: &Case) -> Result<(), TestCaseError> {
         "reference",
     )?;
 
-    let ad = ok(padded(dev, c.a_off, &a), "upload")?;
-    let bd = ok(padded(dev, c.b_off, &b), "upload")?;
+    let ad = upload_at(dev, c.a_off, &a, T::from_f32(f32::NAN), 3)?;
+    let bd = upload_at(dev, c.b_off, &b, T::from_f32(f32::NAN), 3)?;
     let av = ad.slice(c.a_off..c.a_off + a.len());
     let bv = bd.slice(c.b_off..c.b_off + b.len());
     let md = match &mask {
@@ -211,15 +182,7 @@ fn check_case<T: Element>(dev: &Device, c: &Case) -> Result<(), TestCaseError> {
 }
 
 fn run_property<T: Element>(test: &str) {
-    let Some(dev) = gpu(test) else { return };
-    let mut runner = TestRunner::new(Config {
-        cases: cases(24),
-        failure_persistence: None,
-        ..Config::default()
-    });
-    if let Err(e) = runner.run(&case(), |c| check_case::<T>(&dev, &c)) {
-        panic!("{test}: {e}");
-    }
+    run_cases(test, 24, case(), |dev, c| check_case::<T>(dev, &c));
 }
 
 #[test]

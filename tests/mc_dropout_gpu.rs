@@ -9,7 +9,9 @@
 
 mod common;
 
-use common::{cases, gpu, invalid_name};
+use common::data::{splitmix, unit};
+use common::guard::GUARD;
+use common::{bits, gpu, invalid_name, ok, run_cases};
 use dropfuse::cudarc::driver::CudaSlice;
 use dropfuse::mc_dropout::{summarize, McDropout, McOutputs, McStats32, McSummaryState};
 use dropfuse::reference::dropout::mask_words;
@@ -17,29 +19,7 @@ use dropfuse::reference::mc_dropout::{self as reference, f32_tolerance, McStats,
 use dropfuse::{Device, Element, PhiloxState};
 use half::{bf16, f16};
 use proptest::prelude::*;
-use proptest::test_runner::{Config, TestCaseError, TestRunner};
-
-const GUARD: usize = 5;
-
-fn splitmix(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-fn uniform(s: &mut u64) -> f32 {
-    (splitmix(s) >> 40) as f32 / (1u64 << 24) as f32
-}
-
-fn bits<T: Element>(v: &[T]) -> Vec<u32> {
-    v.iter().map(|e| e.to_bits_u32()).collect()
-}
-
-fn ok<V>(r: dropfuse::Result<V>, what: &str) -> Result<V, TestCaseError> {
-    r.map_err(|e| TestCaseError::fail(format!("{what}: {e}")))
-}
+use proptest::test_runner::TestCaseError;
 
 // ---- replicas ----
 
@@ -98,9 +78,7 @@ fn replica_case() -> impl Strategy<Value = ReplicaCase> {
 
 fn check_replicas<T: Element>(dev: &Device, c: &ReplicaCase) -> Result<(), TestCaseError> {
     let mut s = c.seed;
-    let x: Vec<T> = (0..c.n)
-        .map(|_| T::from_f32(uniform(&mut s) * 16.0 - 8.0))
-        .collect();
+    let x: Vec<T> = (0..c.n).map(|_| T::from_f32(unit(&mut s) * 16.0 - 8.0)).collect();
     let (want_y, want_m) = ok(
         reference::replicated_forward(&x, c.replicas, c.p, c.state, c.element_offset),
         "reference",
@@ -152,15 +130,7 @@ fn check_replicas<T: Element>(dev: &Device, c: &ReplicaCase) -> Result<(), TestC
 }
 
 fn run_replicas<T: Element>(test: &str) {
-    let Some(dev) = gpu(test) else { return };
-    let mut runner = TestRunner::new(Config {
-        cases: cases(24),
-        failure_persistence: None,
-        ..Config::default()
-    });
-    runner
-        .run(&replica_case(), |c| check_replicas::<T>(&dev, &c))
-        .unwrap_or_else(|e| panic!("{test}: {e}"));
+    run_cases(test, 24, replica_case(), |dev, c| check_replicas::<T>(dev, &c));
 }
 
 #[test]
@@ -255,7 +225,7 @@ fn prob_stack(samples: usize, batch: usize, classes: usize, seed: u64) -> Vec<f3
     for _ in 0..samples * batch {
         let kind = splitmix(&mut s) % 4;
         let temp = if kind == 0 { 0.1 } else { 2.0 };
-        let logits: Vec<f32> = (0..classes).map(|_| uniform(&mut s) * 8.0 / temp).collect();
+        let logits: Vec<f32> = (0..classes).map(|_| unit(&mut s) * 8.0 / temp).collect();
         let max = logits.iter().cloned().fold(f32::MIN, f32::max);
         let e: Vec<f32> = logits.iter().map(|&l| (l - max).exp()).collect();
         let sum: f32 = e.iter().sum();

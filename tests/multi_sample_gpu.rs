@@ -11,8 +11,9 @@
 
 mod common;
 
-use common::{cases, gpu, invalid_name};
-use dropfuse::cudarc::driver::{CudaSlice, DeviceRepr};
+use common::data::{splitmix, uniform_values as values};
+use common::guard::{upload_at, MASK_SENTINEL};
+use common::{bits, cases, gpu, invalid_name, rel_err_norm, tcerr, widen};
 use dropfuse::dropout::mask_words;
 use dropfuse::multi_sample::{
     check_labels, masks_len, mean_logits, MultiSample, WeightedCrossEntropy, MAX_K,
@@ -27,42 +28,6 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 
 const SENTINEL_F32: f32 = 12345.5;
-const MASK_SENTINEL: u32 = 0xDEAD_BEEF;
-
-fn splitmix(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-/// Values uniform in [-amp, amp).
-fn values<T: Element>(n: usize, amp: f32, seed: u64) -> Vec<T> {
-    let mut s = seed;
-    (0..n)
-        .map(|_| T::from_f32(((splitmix(&mut s) >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * amp))
-        .collect()
-}
-
-fn bits<T: Element>(v: &[T]) -> Vec<u32> {
-    v.iter().map(|e| e.to_bits_u32()).collect()
-}
-
-fn widen<T: Element>(v: &[T]) -> Vec<f64> {
-    v.iter().map(|x| f64::from(x.to_f32())).collect()
-}
-
-/// Uploads `data` at element `off` of a buffer `off + data.len() + 3` long filled with `fill`.
-fn upload_at<T: DeviceRepr + Copy>(dev: &Device, data: &[T], off: usize, fill: T) -> CudaSlice<T> {
-    let mut host = vec![fill; off + data.len() + 3];
-    host[off..off + data.len()].copy_from_slice(data);
-    dev.upload(&host).unwrap()
-}
-
-fn tcerr(e: dropfuse::Error) -> TestCaseError {
-    TestCaseError::fail(e.to_string())
-}
 
 // ---------------------------------------------------------------------------------------------
 // Masked copies and masks: bit for bit
@@ -98,12 +63,18 @@ fn run_copies<T: Element>(dev: &Device, c: &CopiesCase) -> Result<(), TestCaseEr
     let want = masked_copies(&h, c.k, c.p, c.state).unwrap();
     let ms = MultiSample::new(c.k, c.p).unwrap();
     let s = dev.stream();
-    let hd = upload_at(dev, &h, c.h_off, T::from_f32(7.0));
+    let hd = upload_at(dev, c.h_off, &h, T::from_f32(7.0), 3)?;
     let hv = hd.slice(c.h_off..c.h_off + c.n);
     let total = c.k * c.n;
-    let mut copies = upload_at(dev, &vec![T::from_f32(-3.0); total], 0, T::from_f32(-3.0));
+    let mut copies = upload_at(dev, 0, &vec![T::from_f32(-3.0); total], T::from_f32(-3.0), 3)?;
     let words = mask_words(c.n);
-    let mut masks = upload_at(dev, &vec![MASK_SENTINEL; masks_len(c.k, c.n)], 0, MASK_SENTINEL);
+    let mut masks = upload_at(
+        dev,
+        0,
+        &vec![MASK_SENTINEL; masks_len(c.k, c.n)],
+        MASK_SENTINEL,
+        3,
+    )?;
     {
         let mut cv = copies.slice_mut(0..total);
         let mut mv = masks.slice_mut(0..c.k * words);
@@ -186,9 +157,9 @@ fn run_reduce<G: Element, O: Element>(dev: &Device, c: &CopiesCase) -> Result<()
     ms.copies_with_masks(s, c.state, &hd, &mut copies, &mut masks)
         .map_err(tcerr)?;
 
-    let gd = upload_at(dev, &grads, c.h_off, G::from_f32(9.0));
+    let gd = upload_at(dev, c.h_off, &grads, G::from_f32(9.0), 3)?;
     let gv = gd.slice(c.h_off..c.h_off + c.k * c.n);
-    let mut dh = upload_at(dev, &vec![O::from_f32(5.0); c.n], 0, O::from_f32(5.0));
+    let mut dh = upload_at(dev, 0, &vec![O::from_f32(5.0); c.n], O::from_f32(5.0), 3)?;
     {
         let mut dv = dh.slice_mut(0..c.n);
         ms.reduce(s, &masks, &gv, &mut dv).map_err(tcerr)?;
@@ -348,21 +319,6 @@ fn ce_inputs(c: &CeCase) -> (Vec<f64>, Vec<i64>) {
     (weights, labels)
 }
 
-fn rel_err_norm(got: &[f64], want: &[f64]) -> f64 {
-    let num: f64 = got
-        .iter()
-        .zip(want)
-        .map(|(a, b)| (a - b) * (a - b))
-        .sum::<f64>()
-        .sqrt();
-    let den: f64 = want.iter().map(|b| b * b).sum::<f64>().sqrt();
-    if den == 0.0 {
-        num
-    } else {
-        num / den
-    }
-}
-
 fn run_ce<T: Element, G: Element>(dev: &Device, c: &CeCase) -> Result<(), TestCaseError> {
     let (weights, labels) = ce_inputs(c);
     let n = c.k * c.b * c.c;
@@ -384,11 +340,11 @@ fn run_ce<T: Element, G: Element>(dev: &Device, c: &CeCase) -> Result<(), TestCa
         .unwrap()
         .with_ignore_index(c.ignore_index);
     let s = dev.stream();
-    let zd = upload_at(dev, &z, c.z_off, T::from_f32(1e4));
+    let zd = upload_at(dev, c.z_off, &z, T::from_f32(1e4), 3)?;
     let zv = zd.slice(c.z_off..c.z_off + n);
     let ld = dev.upload(&labels).unwrap();
     let mut loss = dev.upload(&[SENTINEL_F32]).unwrap();
-    let mut dz = upload_at(dev, &vec![G::from_f32(-7.0); n], c.z_off, G::from_f32(-7.0));
+    let mut dz = upload_at(dev, c.z_off, &vec![G::from_f32(-7.0); n], G::from_f32(-7.0), 3)?;
     let mut scratch = dev
         .zeros::<u64>(WeightedCrossEntropy::scratch_len(c.k, c.b))
         .unwrap();

@@ -13,7 +13,8 @@
 
 mod common;
 
-use common::{cases, gpu, invalid_name, skip};
+use common::data::{splitmix, uniform_values as values};
+use common::{bits, cases, gpu, invalid_name, rel_err_norm, skip, tcerr, widen};
 use dropfuse::cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr};
 use dropfuse::dropout::mask_words;
 use dropfuse::multi_sample::{
@@ -50,55 +51,12 @@ fn head_gpu(test: &str) -> Option<Device> {
     }
 }
 
-fn splitmix(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-/// Values uniform in [-amp, amp).
-fn values<T: Element>(n: usize, amp: f32, seed: u64) -> Vec<T> {
-    let mut s = seed;
-    (0..n)
-        .map(|_| T::from_f32(((splitmix(&mut s) >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * amp))
-        .collect()
-}
-
-fn bits<T: Element>(v: &[T]) -> Vec<u32> {
-    v.iter().map(|e| e.to_bits_u32()).collect()
-}
-
-fn widen<T: Element>(v: &[T]) -> Vec<f64> {
-    v.iter().map(|x| f64::from(x.to_f32())).collect()
-}
-
-fn rel_err_norm(got: &[f64], want: &[f64]) -> f64 {
-    let num: f64 = got
-        .iter()
-        .zip(want)
-        .map(|(a, b)| (a - b) * (a - b))
-        .sum::<f64>()
-        .sqrt();
-    let den: f64 = want.iter().map(|b| b * b).sum::<f64>().sqrt();
-    if den == 0.0 {
-        num
-    } else {
-        num / den
-    }
-}
-
 fn max_abs(v: &[f64]) -> f64 {
     v.iter().fold(0.0, |m, x| m.max(x.abs()))
 }
 
 fn filled<T: DeviceRepr + Copy>(dev: &Device, n: usize, v: T) -> CudaSlice<T> {
     dev.upload(&vec![v; n]).unwrap()
-}
-
-fn tcerr(e: Error) -> TestCaseError {
-    TestCaseError::fail(e.to_string())
 }
 
 // ---------------------------------------------------------------------------------------------

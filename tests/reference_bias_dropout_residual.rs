@@ -6,7 +6,8 @@
 
 mod common;
 
-use common::{cases, invalid_name};
+use common::data::Lcg;
+use common::{bits, cases, invalid_name};
 use dropfuse::half::{bf16, f16};
 use dropfuse::reference::bias_dropout_residual::{
     apply_mask, backward, backward_from_mask, dbias_partials, forward, forward_in_place, D_BIAS_CHUNK,
@@ -16,24 +17,8 @@ use dropfuse::reference::skip::chunked_sum;
 use dropfuse::{Element, PhiloxState};
 use proptest::prelude::*;
 
-fn bits<T: Element>(v: &[T]) -> Vec<u32> {
-    v.iter().map(|e| e.to_bits_u32()).collect()
-}
-
-/// A small deterministic generator (64-bit LCG, high bits).
-struct Lcg(u64);
-
+/// This file's draws of the shared LCG.
 impl Lcg {
-    fn next(&mut self) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6_364_136_223_846_793_005)
-            .wrapping_add(1_442_695_040_888_963_407);
-        self.0 >> 33
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
     /// Values with random mantissas over a few binades, both signs.
     fn value<T: Element>(&mut self) -> T {
         let m = 1.0 + self.below(1 << 23) as f32 / (1u32 << 23) as f32;

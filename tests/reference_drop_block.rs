@@ -6,7 +6,8 @@
 
 mod common;
 
-use common::{cases, invalid_name};
+use common::data::splitmix;
+use common::{bits, cases, invalid_name};
 use dropfuse::drop_block::{linear_schedule, DropBlock, Normalize};
 use dropfuse::half::{bf16, f16};
 use dropfuse::reference::drop_block::{
@@ -18,11 +19,6 @@ use dropfuse::{Element, Error, PhiloxState};
 use proptest::prelude::*;
 
 const TWO_POW_32: u64 = 1 << 32;
-
-/// Raw bits of a slice of elements, for bit-exact comparisons.
-fn bits<T: Element>(v: &[T]) -> Vec<u32> {
-    v.iter().map(|e| e.to_bits_u32()).collect()
-}
 
 // ---------------------------------------------------------------------------------------------
 // An independent model of the geometry, written with three fixed nested loops: a 2D map [H, W]
@@ -223,15 +219,6 @@ fn case_strategy() -> impl Strategy<Value = Case> {
                 offset,
             },
         )
-}
-
-/// splitmix64: a tiny deterministic generator for test data.
-fn splitmix(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
 }
 
 /// `n` input values: specials (signed zeros, NaN, infinities, subnormals, extremes), arbitrary

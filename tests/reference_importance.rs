@@ -6,6 +6,7 @@
 
 mod common;
 
+use common::data::Lcg;
 use common::{cases, invalid_name};
 use dropfuse::half::{bf16, f16};
 use dropfuse::layer_plan::{AttentionDropPlan, SimilarityAccumulator};
@@ -16,16 +17,8 @@ use dropfuse::reference::importance::{
 use dropfuse::Element;
 use proptest::prelude::*;
 
-struct Lcg(u64);
-
+/// This file's draws of the shared LCG.
 impl Lcg {
-    fn next(&mut self) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6_364_136_223_846_793_005)
-            .wrapping_add(1_442_695_040_888_963_407);
-        self.0 >> 33
-    }
     /// Roughly normal values (sum of uniforms), scaled.
     fn normal(&mut self, scale: f32) -> f32 {
         let s: f32 = (0..4).map(|_| (self.next() % 1_000_001) as f32 / 1e6).sum();

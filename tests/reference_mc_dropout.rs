@@ -5,7 +5,8 @@
 
 mod common;
 
-use common::{cases, invalid_name};
+use common::data::splitmix;
+use common::{assert_all_close, assert_close, bits, cases, invalid_name};
 use dropfuse::half::{bf16, f16};
 use dropfuse::reference::dropout::{self, mask_bit, mask_words};
 use dropfuse::reference::mc_dropout::{
@@ -14,36 +15,12 @@ use dropfuse::reference::mc_dropout::{
 use dropfuse::{Element, Error, Generator, PhiloxState};
 use proptest::prelude::*;
 
-fn bits<T: Element>(v: &[T]) -> Vec<u32> {
-    v.iter().map(|e| e.to_bits_u32()).collect()
-}
-
-/// `|a - b| <= tol * max(1, |a|, |b|)`.
-fn assert_close(a: f64, b: f64, tol: f64, what: &str) {
-    let scale = a.abs().max(b.abs()).max(1.0);
-    assert!(
-        (a - b).abs() <= tol * scale,
-        "{what}: {a} vs {b} (tolerance {tol})"
-    );
-}
-
-fn assert_all_close(a: &[f64], b: &[f64], tol: f64, what: &str) {
-    assert_eq!(a.len(), b.len(), "{what}: lengths");
-    for (i, (&x, &y)) in a.iter().zip(b).enumerate() {
-        assert_close(x, y, tol, &format!("{what}[{i}]"));
-    }
-}
-
 /// SplitMix64: a tiny deterministic generator for test data.
 struct SplitMix(u64);
 
 impl SplitMix {
     fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        splitmix(&mut self.0)
     }
     /// Uniform in `[0, 1)`.
     fn unit(&mut self) -> f64 {

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{cases, invalid_name};
+use common::{assert_all_close, assert_close, bits, cases, invalid_name};
 use dropfuse::half::{bf16, f16};
 use dropfuse::reference::dropout::{forward, mask_bit};
 use dropfuse::reference::multi_sample::{
@@ -15,27 +15,6 @@ use dropfuse::{Element, Generator, PhiloxState};
 use proptest::prelude::*;
 
 const IGNORE: i64 = DEFAULT_IGNORE_INDEX;
-
-/// `|a - b| <= tol * max(1, |a|, |b|)`.
-fn assert_close(a: f64, b: f64, tol: f64, what: &str) {
-    let scale = a.abs().max(b.abs()).max(1.0);
-    assert!(
-        (a - b).abs() <= tol * scale,
-        "{what}: {a} vs {b} (tolerance {tol})"
-    );
-}
-
-/// Slices equal within `assert_close`.
-fn assert_all_close(a: &[f64], b: &[f64], tol: f64, what: &str) {
-    assert_eq!(a.len(), b.len(), "{what}: lengths");
-    for (i, (&x, &y)) in a.iter().zip(b).enumerate() {
-        assert_close(x, y, tol, &format!("{what}[{i}]"));
-    }
-}
-
-fn bits<T: Element>(v: &[T]) -> Vec<u32> {
-    v.iter().map(|e| e.to_bits_u32()).collect()
-}
 
 /// Labels from small integers: -1 stands for the ignore index.
 fn to_labels(raw: &[i64]) -> Vec<i64> {

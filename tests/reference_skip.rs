@@ -7,7 +7,8 @@
 
 mod common;
 
-use common::{cases, invalid_name};
+use common::data::Lcg;
+use common::{bits, cases, invalid_name, widen};
 use dropfuse::half::{bf16, f16};
 use dropfuse::layer_plan::{LayerDrop, RateRule};
 use dropfuse::reference::dropout::keep_scale;
@@ -22,32 +23,12 @@ use dropfuse::reference::skip::{
 use dropfuse::Element;
 use proptest::prelude::*;
 
-fn bits<T: Element>(v: &[T]) -> Vec<u32> {
-    v.iter().map(|e| e.to_bits_u32()).collect()
-}
-
-fn widen<T: Element>(v: &[T]) -> Vec<f64> {
-    v.iter().map(|e| f64::from(e.to_f32())).collect()
-}
-
 fn conv<T: Element>(v: &[f32]) -> Vec<T> {
     v.iter().map(|&x| T::from_f32(x)).collect()
 }
 
-/// A small deterministic generator (64-bit LCG, high bits).
-struct Lcg(u64);
-
+/// This file's draws of the shared LCG.
 impl Lcg {
-    fn next(&mut self) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6_364_136_223_846_793_005)
-            .wrapping_add(1_442_695_040_888_963_407);
-        self.0 >> 33
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
     /// `k / 64` for `k` in `[-255, 255]`: exact in f32, f16 and bf16.
     fn grid(&mut self) -> f32 {
         (self.below(511) as i32 - 255) as f32 / 64.0

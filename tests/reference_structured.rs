@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{assert_binomial, cases, invalid_name};
+use common::{assert_binomial, bits, cases, invalid_name};
 use dropfuse::half::{bf16, f16};
 use dropfuse::reference::dropout::{self, drop_threshold, keep, keep_scale, mask_bit, mask_words};
 use dropfuse::reference::structured::{
@@ -15,10 +15,6 @@ use dropfuse::{Element, Error, PhiloxState};
 use proptest::prelude::*;
 
 const TWO_POW_32: u64 = 1 << 32;
-
-fn bits<T: Element>(v: &[T]) -> Vec<u32> {
-    v.iter().map(|e| e.to_bits_u32()).collect()
-}
 
 /// The multi-index of row-major element `e` of `shape`.
 fn unravel(shape: &[usize], mut e: usize) -> Vec<usize> {

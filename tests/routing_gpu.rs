@@ -14,7 +14,9 @@
 
 mod common;
 
-use common::{cases, gpu, invalid_name};
+use common::data::{splitmix, sprinkled, unit};
+use common::guard::{dl, same_bits, upload_at};
+use common::{config, gpu, invalid_name, ok, run_cases};
 use dropfuse::cudarc::driver::CudaSlice;
 use dropfuse::reference::skip::{self as reference, score_key, Routing, ValidTokens};
 use dropfuse::routing::{
@@ -23,21 +25,9 @@ use dropfuse::routing::{
 use dropfuse::{Device, Element};
 use half::{bf16, f16};
 use proptest::prelude::*;
-use proptest::test_runner::{Config, TestCaseError, TestRunner};
+use proptest::test_runner::{TestCaseError, TestRunner};
 
 const GUARD: usize = 3;
-
-fn splitmix(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-fn unit(s: &mut u64) -> f32 {
-    (splitmix(s) >> 40) as f32 / (1u64 << 24) as f32
-}
 
 /// Gate scores: 0 distinct-ish random, 1 few distinct values (heavy ties), 2 special values
 /// (NaN, -0, +0, infinities, subnormals), 3 all equal, 4 random with 10% NaN.
@@ -78,18 +68,7 @@ fn scores(n: usize, mode: u8, seed: u64) -> Vec<f32> {
 
 /// Data values in [-8, 8) with a sprinkle of infinities, NaN and -0.
 fn values<T: Element>(n: usize, seed: u64) -> Vec<T> {
-    let mut s = seed;
-    (0..n)
-        .map(|_| {
-            let r = splitmix(&mut s);
-            match r % 101 {
-                0 => T::from_f32(f32::INFINITY),
-                1 => T::from_f32(f32::NAN),
-                2 => T::from_f32(-0.0),
-                _ => T::from_f32(((r >> 40) as f32 / (1u64 << 24) as f32) * 16.0 - 8.0),
-            }
-        })
-        .collect()
+    sprinkled(n, seed, 8.0, 101, &[f32::INFINITY, f32::NAN, -0.0])
 }
 
 /// Which tokens are real, in both forms: host (reference) and device.
@@ -158,36 +137,6 @@ fn pad(kind: u8, batch: usize, seq_len: usize, density: f64, seed: u64) -> Pad {
     }
 }
 
-fn ok<V>(r: dropfuse::Result<V>, what: &str) -> Result<V, TestCaseError> {
-    r.map_err(|e| TestCaseError::fail(format!("{what}: {e}")))
-}
-
-fn dl<T: dropfuse::cudarc::driver::DeviceRepr>(dev: &Device, s: &CudaSlice<T>) -> Vec<T> {
-    dev.download(s).unwrap()
-}
-
-fn upload_at<T: Element>(dev: &Device, off: usize, data: &[T], fill: T) -> CudaSlice<T> {
-    let mut host = vec![fill; off + data.len() + GUARD];
-    host[off..off + data.len()].copy_from_slice(data);
-    dev.upload(&host).unwrap()
-}
-
-/// Bit for bit, NaN matching any NaN (payloads are not part of the contract).
-fn same_bits<T: Element>(got: &[T], want: &[T], what: &str) -> Result<(), TestCaseError> {
-    prop_assert_eq!(got.len(), want.len(), "{}: length", what);
-    for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        let both_nan = g.to_f32().is_nan() && w.to_f32().is_nan();
-        if g.to_bits_u32() != w.to_bits_u32() && !both_nan {
-            return Err(TestCaseError::fail(format!(
-                "{what}: element {i}: got bits {:#x}, want {:#x}",
-                g.to_bits_u32(),
-                w.to_bits_u32()
-            )));
-        }
-    }
-    Ok(())
-}
-
 /// The GPU routing against the reference's: offsets (the true counts) and the first
 /// `min(total, capacity)` indices.
 fn same_routing(dev: &Device, got: &TokenRouting, want: &Routing, what: &str) -> Result<(), TestCaseError> {
@@ -209,11 +158,7 @@ fn same_routing(dev: &Device, got: &TokenRouting, want: &Routing, what: &str) ->
 
 #[test]
 fn max_selected_bounds_every_reference_selection() {
-    let mut runner = TestRunner::new(Config {
-        cases: cases(256),
-        failure_persistence: None,
-        ..Config::default()
-    });
+    let mut runner = TestRunner::new(config(256));
     let strategy = (
         1usize..6,
         1usize..40,
@@ -430,16 +375,12 @@ fn check_selection(dev: &Device, c: &SelCase) -> Result<(), TestCaseError> {
 
 #[test]
 fn gpu_routing_selection_matches_reference() {
-    let test = "gpu_routing_selection_matches_reference";
-    let Some(dev) = gpu(test) else { return };
-    let mut runner = TestRunner::new(Config {
-        cases: cases(48),
-        failure_persistence: None,
-        ..Config::default()
-    });
-    if let Err(e) = runner.run(&sel_case(), |c| check_selection(&dev, &c)) {
-        panic!("{test}: {e}");
-    }
+    run_cases(
+        "gpu_routing_selection_matches_reference",
+        48,
+        sel_case(),
+        |dev, c| check_selection(dev, &c),
+    );
 }
 
 fn fixed_sel(
@@ -712,8 +653,8 @@ fn check_rows<T: Element>(dev: &Device, c: &RowCase) -> Result<(), TestCaseError
 
     // Gather into a sentinel-filled compact buffer of `rows` rows.
     let x = values::<T>(tokens * h, c.seed);
-    let xd = upload_at(dev, o1, &x, sentinel);
-    let mut outd = upload_at(dev, o2, &vec![sentinel; rows * h], sentinel);
+    let xd = upload_at(dev, o1, &x, sentinel, GUARD)?;
+    let mut outd = upload_at(dev, o2, &vec![sentinel; rows * h], sentinel, GUARD)?;
     ok(
         routing::gather_tokens(
             s,
@@ -727,7 +668,7 @@ fn check_rows<T: Element>(dev: &Device, c: &RowCase) -> Result<(), TestCaseError
     let full = ok(reference::gather_tokens(&x, h, &want), "reference gather")?;
     let mut expect = vec![sentinel; o2 + rows * h + GUARD];
     expect[o2..o2 + limit * h].copy_from_slice(&full[..limit * h]);
-    same_bits(&dl(dev, &outd), &expect, "gather")?;
+    same_bits(&dl(dev, &outd)?, &expect, "gather")?;
 
     // Gated scatter-add: branch of max(total, rows) rows on the host, `rows` of them on the GPU.
     let brows = total.max(rows);
@@ -752,8 +693,8 @@ fn check_rows<T: Element>(dev: &Device, c: &RowCase) -> Result<(), TestCaseError
             res_want[flat * h..(flat + 1) * h].copy_from_slice(&x[flat * h..(flat + 1) * h]);
         }
     }
-    let mut resd = upload_at(dev, o1, &x, sentinel);
-    let bd = upload_at(dev, o3, &branch[..rows * h], sentinel);
+    let mut resd = upload_at(dev, o1, &x, sentinel, GUARD)?;
+    let bd = upload_at(dev, o3, &branch[..rows * h], sentinel, GUARD)?;
     let gd = dev.upload(&gate).unwrap();
     ok(
         routing::scatter_add_tokens(
@@ -766,7 +707,7 @@ fn check_rows<T: Element>(dev: &Device, c: &RowCase) -> Result<(), TestCaseError
         ),
         "scatter_add",
     )?;
-    let got = dl(dev, &resd);
+    let got = dl(dev, &resd)?;
     same_bits(&got[o1..o1 + tokens * h], &res_want, "scatter-add")?;
     prop_assert!(got[..o1]
         .iter()
@@ -779,8 +720,8 @@ fn check_rows<T: Element>(dev: &Device, c: &RowCase) -> Result<(), TestCaseError
         reference::scatter_add_tokens_backward(&dy, h, &want, &branch, &gate),
         "reference backward",
     )?;
-    let dyd = upload_at(dev, o4, &dy, sentinel);
-    let mut dbd = upload_at(dev, o2, &vec![sentinel; rows * h], sentinel);
+    let dyd = upload_at(dev, o4, &dy, sentinel, GUARD)?;
+    let mut dbd = upload_at(dev, o2, &vec![sentinel; rows * h], sentinel, GUARD)?;
     let dg_fill = f32::from_bits(0xDEAD_BEEF);
     let mut dgd = dev.upload(&vec![dg_fill; tokens + GUARD]).unwrap();
     ok(
@@ -798,7 +739,7 @@ fn check_rows<T: Element>(dev: &Device, c: &RowCase) -> Result<(), TestCaseError
     )?;
     let mut expect = vec![sentinel; o2 + rows * h + GUARD];
     expect[o2..o2 + limit * h].copy_from_slice(&grads.d_branch[..limit * h]);
-    same_bits(&dl(dev, &dbd), &expect, "d_branch")?;
+    same_bits(&dl(dev, &dbd)?, &expect, "d_branch")?;
     let mut d_gate = grads.d_gate.clone();
     for &(r, flat) in &pairs {
         if r >= limit {
@@ -806,7 +747,7 @@ fn check_rows<T: Element>(dev: &Device, c: &RowCase) -> Result<(), TestCaseError
         }
     }
     d_gate.extend([dg_fill; GUARD]);
-    same_bits(&dl(dev, &dgd), &d_gate, "d_gate (and the guard after it)")?;
+    same_bits(&dl(dev, &dgd)?, &d_gate, "d_gate (and the guard after it)")?;
 
     // Backward of the gather, accumulated into d_x.
     let d_c = values::<T>(brows * h, c.seed ^ 5);
@@ -821,8 +762,8 @@ fn check_rows<T: Element>(dev: &Device, c: &RowCase) -> Result<(), TestCaseError
             dx_want[flat * h..(flat + 1) * h].copy_from_slice(&d_x[flat * h..(flat + 1) * h]);
         }
     }
-    let dcd = upload_at(dev, o3, &d_c[..rows * h], sentinel);
-    let mut dxd = upload_at(dev, o4, &d_x, sentinel);
+    let dcd = upload_at(dev, o3, &d_c[..rows * h], sentinel, GUARD)?;
+    let mut dxd = upload_at(dev, o4, &d_x, sentinel, GUARD)?;
     ok(
         routing::gather_tokens_backward(
             s,
@@ -833,7 +774,7 @@ fn check_rows<T: Element>(dev: &Device, c: &RowCase) -> Result<(), TestCaseError
         ),
         "gather_backward",
     )?;
-    let got = dl(dev, &dxd);
+    let got = dl(dev, &dxd)?;
     same_bits(&got[o4..o4 + tokens * h], &dx_want, "d_x")?;
     prop_assert!(
         got[..o4]
@@ -854,15 +795,7 @@ fn check_rows<T: Element>(dev: &Device, c: &RowCase) -> Result<(), TestCaseError
 }
 
 fn run_rows<T: Element>(test: &str) {
-    let Some(dev) = gpu(test) else { return };
-    let mut runner = TestRunner::new(Config {
-        cases: cases(24),
-        failure_persistence: None,
-        ..Config::default()
-    });
-    if let Err(e) = runner.run(&row_case(), |c| check_rows::<T>(&dev, &c)) {
-        panic!("{test}: {e}");
-    }
+    run_cases(test, 24, row_case(), |dev, c| check_rows::<T>(dev, &c));
 }
 
 #[test]

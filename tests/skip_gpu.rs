@@ -14,78 +14,21 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{cases, gpu, invalid_name};
-use dropfuse::cudarc::driver::{CudaSlice, CudaStream, DeviceRepr};
+use common::data::{splitmix, sprinkled};
+use common::guard::{dl, same_bits, upload_at, GUARD};
+use common::{gpu, invalid_name, ok, run_cases};
+use dropfuse::cudarc::driver::CudaStream;
 use dropfuse::reference::skip as reference;
 use dropfuse::reference::skip::{Compaction, SampleKeep};
 use dropfuse::skip::{self, Keep, SampleSlots, SLOT_NONE};
 use dropfuse::{Device, Element};
 use half::{bf16, f16};
 use proptest::prelude::*;
-use proptest::test_runner::{Config, TestCaseError, TestRunner};
-
-const GUARD: usize = 5;
-
-fn splitmix(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
+use proptest::test_runner::TestCaseError;
 
 /// Values in [-8, 8) with a sprinkle of infinities, NaN, -0 and subnormal-range values.
 fn values<T: Element>(n: usize, seed: u64) -> Vec<T> {
-    let mut s = seed;
-    (0..n)
-        .map(|_| {
-            let r = splitmix(&mut s);
-            match r % 211 {
-                0 => T::from_f32(f32::INFINITY),
-                1 => T::from_f32(f32::NAN),
-                2 => T::from_f32(-0.0),
-                3 => T::from_f32(1e-40),
-                _ => T::from_f32(((r >> 40) as f32 / (1u64 << 24) as f32) * 16.0 - 8.0),
-            }
-        })
-        .collect()
-}
-
-fn ok<V>(r: dropfuse::Result<V>, what: &str) -> Result<V, TestCaseError> {
-    r.map_err(|e| TestCaseError::fail(format!("{what}: {e}")))
-}
-
-fn dl<T: DeviceRepr>(dev: &Device, s: &CudaSlice<T>) -> Result<Vec<T>, TestCaseError> {
-    dev.download(s)
-        .map_err(|e| TestCaseError::fail(format!("download: {e}")))
-}
-
-/// `data` at element `off` of a buffer of `off + len + GUARD` elements filled with `fill`.
-fn upload_at<T: Element>(
-    dev: &Device,
-    off: usize,
-    data: &[T],
-    fill: T,
-) -> Result<CudaSlice<T>, TestCaseError> {
-    let mut host = vec![fill; off + data.len() + GUARD];
-    host[off..off + data.len()].copy_from_slice(data);
-    ok(dev.upload(&host), "upload")
-}
-
-/// Bit for bit, except that any NaN matches any NaN (the contract leaves NaN payloads open).
-fn same_bits<T: Element>(got: &[T], want: &[T], what: &str) -> Result<(), TestCaseError> {
-    prop_assert_eq!(got.len(), want.len(), "{}: length", what);
-    for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        let both_nan = g.to_f32().is_nan() && w.to_f32().is_nan();
-        if g.to_bits_u32() != w.to_bits_u32() && !both_nan {
-            return Err(TestCaseError::fail(format!(
-                "{what}: element {i}: got bits {:#x}, want {:#x}",
-                g.to_bits_u32(),
-                w.to_bits_u32()
-            )));
-        }
-    }
-    Ok(())
+    sprinkled(n, seed, 8.0, 211, &[f32::INFINITY, f32::NAN, -0.0, 1e-40])
 }
 
 /// The view `[off, off + len)` of `buf` equals `want`, and every other element is `fill`.
@@ -215,9 +158,9 @@ fn check_depth<T: Element>(dev: &Device, c: &DepthCase) -> Result<(), TestCaseEr
         _ => Keep::Batch(flags[0]),
     };
     let [ox, of, ob, oy] = c.offs;
-    let fd = upload_at(dev, of, &f, fill)?;
+    let fd = upload_at(dev, of, &f, fill, GUARD)?;
     let bd = match &bias {
-        Some(b) => Some(upload_at(dev, ob, b, fill)?),
+        Some(b) => Some(upload_at(dev, ob, b, fill, GUARD)?),
         None => None,
     };
     let bview = bd.as_ref().map(|b| b.slice(ob..ob + b.len() - ob - GUARD));
@@ -226,7 +169,7 @@ fn check_depth<T: Element>(dev: &Device, c: &DepthCase) -> Result<(), TestCaseEr
         .map(|v| v as &dyn dropfuse::cudarc::driver::DevicePtr<T>);
 
     // In place.
-    let mut xd = upload_at(dev, ox, &x, fill)?;
+    let mut xd = upload_at(dev, ox, &x, fill, GUARD)?;
     ok(
         skip::stochastic_depth_in_place(
             s,
@@ -242,8 +185,8 @@ fn check_depth<T: Element>(dev: &Device, c: &DepthCase) -> Result<(), TestCaseEr
     check_view(&dl(dev, &xd)?, ox, &want, fill, "in-place forward")?;
 
     // Out of place: the residual is untouched.
-    let xd = upload_at(dev, ox, &x, fill)?;
-    let mut yd = upload_at(dev, oy, &vec![fill; n], fill)?;
+    let xd = upload_at(dev, ox, &x, fill, GUARD)?;
+    let mut yd = upload_at(dev, oy, &vec![fill; n], fill, GUARD)?;
     ok(
         skip::stochastic_depth(
             s,
@@ -267,8 +210,8 @@ fn check_depth<T: Element>(dev: &Device, c: &DepthCase) -> Result<(), TestCaseEr
     )?;
 
     // Backward.
-    let dyd = upload_at(dev, oy, &dy, fill)?;
-    let mut dbd = upload_at(dev, of, &vec![fill; n], fill)?;
+    let dyd = upload_at(dev, oy, &dy, fill, GUARD)?;
+    let mut dbd = upload_at(dev, of, &vec![fill; n], fill, GUARD)?;
     match c.bias {
         None => ok(
             skip::stochastic_depth_backward(
@@ -287,7 +230,7 @@ fn check_depth<T: Element>(dev: &Device, c: &DepthCase) -> Result<(), TestCaseEr
                 "workspace_len",
             )?;
             let mut ws = ok(dev.upload(&vec![f32::NAN; ws_len]), "upload")?;
-            let mut dbias = upload_at(dev, ob, &vec![fill; p], fill)?;
+            let mut dbias = upload_at(dev, ob, &vec![fill; p], fill, GUARD)?;
             ok(
                 skip::stochastic_depth_backward_bias(
                     s,
@@ -310,15 +253,7 @@ fn check_depth<T: Element>(dev: &Device, c: &DepthCase) -> Result<(), TestCaseEr
 }
 
 fn run_depth<T: Element>(test: &str) {
-    let Some(dev) = gpu(test) else { return };
-    let mut runner = TestRunner::new(Config {
-        cases: cases(24),
-        failure_persistence: None,
-        ..Config::default()
-    });
-    if let Err(e) = runner.run(&depth_case(), |c| check_depth::<T>(&dev, &c)) {
-        panic!("{test}: {e}");
-    }
+    run_cases(test, 24, depth_case(), |dev, c| check_depth::<T>(dev, &c));
 }
 
 #[test]
@@ -504,8 +439,8 @@ fn check_compact<T: Element>(dev: &Device, c: &CompactCase) -> Result<(), TestCa
 
     // gather: rows < count are the reference's, rows >= count untouched.
     let want_gather = ok(reference::gather_samples(&x, r, &flags), "reference gather")?;
-    let xd = upload_at(dev, ox, &x, fill)?;
-    let mut cd = upload_at(dev, oc, &vec![fill; cn], fill)?;
+    let xd = upload_at(dev, ox, &x, fill, GUARD)?;
+    let mut cd = upload_at(dev, oc, &vec![fill; cn], fill, GUARD)?;
     ok(
         skip::gather_samples(
             s,
@@ -519,7 +454,7 @@ fn check_compact<T: Element>(dev: &Device, c: &CompactCase) -> Result<(), TestCa
     let mut want_c = vec![fill; cn];
     want_c[..count * r].copy_from_slice(&want_gather);
     check_view(&dl(dev, &cd)?, oc, &want_c, fill, "gather")?;
-    let mut cd2 = upload_at(dev, oc, &vec![fill; cn], fill)?;
+    let mut cd2 = upload_at(dev, oc, &vec![fill; cn], fill, GUARD)?;
     let got = ok(
         skip::gather_samples_checked(
             s,
@@ -538,8 +473,8 @@ fn check_compact<T: Element>(dev: &Device, c: &CompactCase) -> Result<(), TestCa
         reference::scatter_samples(&x, &cdata, r, &flags),
         "reference scatter",
     )?;
-    let cdd = upload_at(dev, oc, &cdata, fill)?;
-    let mut yd = upload_at(dev, oy, &vec![fill; n], fill)?;
+    let cdd = upload_at(dev, oc, &cdata, fill, GUARD)?;
+    let mut yd = upload_at(dev, oy, &vec![fill; n], fill, GUARD)?;
     ok(
         skip::scatter_samples(
             s,
@@ -552,7 +487,7 @@ fn check_compact<T: Element>(dev: &Device, c: &CompactCase) -> Result<(), TestCa
         "scatter_samples",
     )?;
     check_view(&dl(dev, &yd)?, oy, &want_scatter, fill, "scatter")?;
-    let mut xi = upload_at(dev, ox, &x, fill)?;
+    let mut xi = upload_at(dev, ox, &x, fill, GUARD)?;
     ok(
         skip::scatter_samples_in_place(
             s,
@@ -570,9 +505,9 @@ fn check_compact<T: Element>(dev: &Device, c: &CompactCase) -> Result<(), TestCa
         reference::scatter_samples_backward(&dy, r, &flags),
         "reference scatter bwd",
     )?;
-    let dyd = upload_at(dev, oy, &dy, fill)?;
-    let mut dxd = upload_at(dev, ox, &vec![fill; n], fill)?;
-    let mut dcd = upload_at(dev, oc, &vec![fill; cn], fill)?;
+    let dyd = upload_at(dev, oy, &dy, fill, GUARD)?;
+    let mut dxd = upload_at(dev, ox, &vec![fill; n], fill, GUARD)?;
+    let mut dcd = upload_at(dev, oc, &vec![fill; cn], fill, GUARD)?;
     ok(
         skip::scatter_samples_backward(
             s,
@@ -595,7 +530,7 @@ fn check_compact<T: Element>(dev: &Device, c: &CompactCase) -> Result<(), TestCa
         reference::scatter_add_samples(&mut want_sa, &cdata, r, &flags, c.scale),
         "reference scatter_add",
     )?;
-    let mut xa = upload_at(dev, ox, &x, fill)?;
+    let mut xa = upload_at(dev, ox, &x, fill, GUARD)?;
     ok(
         skip::scatter_add_samples(
             s,
@@ -612,7 +547,7 @@ fn check_compact<T: Element>(dev: &Device, c: &CompactCase) -> Result<(), TestCa
         reference::scatter_add_samples_backward(&dy, r, &flags, c.scale),
         "reference scatter_add bwd",
     )?;
-    let mut dcd = upload_at(dev, oc, &vec![fill; cn], fill)?;
+    let mut dcd = upload_at(dev, oc, &vec![fill; cn], fill, GUARD)?;
     ok(
         skip::scatter_add_samples_backward(
             s,
@@ -634,7 +569,7 @@ fn check_compact<T: Element>(dev: &Device, c: &CompactCase) -> Result<(), TestCa
         reference::gather_samples_backward(&cdata, r, &flags, &mut want_gb),
         "reference gather bwd",
     )?;
-    let mut dx2 = upload_at(dev, ox, &dy, fill)?;
+    let mut dx2 = upload_at(dev, ox, &dy, fill, GUARD)?;
     ok(
         skip::gather_samples_backward(
             s,
@@ -650,15 +585,7 @@ fn check_compact<T: Element>(dev: &Device, c: &CompactCase) -> Result<(), TestCa
 }
 
 fn run_compact<T: Element>(test: &str) {
-    let Some(dev) = gpu(test) else { return };
-    let mut runner = TestRunner::new(Config {
-        cases: cases(24),
-        failure_persistence: None,
-        ..Config::default()
-    });
-    if let Err(e) = runner.run(&compact_case(), |c| check_compact::<T>(&dev, &c)) {
-        panic!("{test}: {e}");
-    }
+    run_cases(test, 24, compact_case(), |dev, c| check_compact::<T>(dev, &c));
 }
 
 #[test]

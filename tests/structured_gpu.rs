@@ -9,7 +9,9 @@
 
 mod common;
 
-use common::{cases, gpu, invalid_name};
+use common::data::finite_values;
+use common::guard::{expect_region, padded, same_or_both_nan, Bits, MASK_SENTINEL};
+use common::{bits, gpu, invalid_name, ok, run_cases};
 use dropfuse::cudarc::driver::CudaSlice;
 use dropfuse::reference::dropout::mask_bit;
 use dropfuse::reference::structured as reference;
@@ -17,65 +19,7 @@ use dropfuse::structured::{groups, Layout, StructuredDropout, MAX_GROUPS};
 use dropfuse::{Device, Element, PhiloxState};
 use half::{bf16, f16};
 use proptest::prelude::*;
-use proptest::test_runner::{Config, TestCaseError, TestRunner};
-
-const GUARD: usize = 5;
-const MASK_SENTINEL: u32 = 0xDEAD_BEEF;
-
-trait Bits: Element {
-    fn from_bits_u32(bits: u32) -> Self;
-    fn finite(self) -> bool;
-}
-impl Bits for f32 {
-    fn from_bits_u32(bits: u32) -> Self {
-        f32::from_bits(bits)
-    }
-    fn finite(self) -> bool {
-        self.is_finite()
-    }
-}
-impl Bits for f16 {
-    fn from_bits_u32(bits: u32) -> Self {
-        f16::from_bits(bits as u16)
-    }
-    fn finite(self) -> bool {
-        self.is_finite()
-    }
-}
-impl Bits for bf16 {
-    fn from_bits_u32(bits: u32) -> Self {
-        bf16::from_bits(bits as u16)
-    }
-    fn finite(self) -> bool {
-        self.is_finite()
-    }
-}
-
-fn splitmix(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-/// Finite values: half uniform in [-8, 8), half arbitrary finite bit patterns.
-fn values<T: Bits>(n: usize, seed: u64) -> Vec<T> {
-    let mut s = seed;
-    (0..n)
-        .map(|_| loop {
-            let r = splitmix(&mut s);
-            let v = if r & 1 == 0 {
-                T::from_f32(((r >> 40) as f32 / (1u64 << 24) as f32) * 16.0 - 8.0)
-            } else {
-                T::from_bits_u32((r >> 16) as u32)
-            };
-            if v.finite() {
-                break v;
-            }
-        })
-        .collect()
-}
+use proptest::test_runner::TestCaseError;
 
 #[derive(Debug, Clone)]
 struct Case {
@@ -194,43 +138,6 @@ fn case() -> impl Strategy<Value = Case> {
         )
 }
 
-fn ok<V>(r: dropfuse::Result<V>, what: &str) -> Result<V, TestCaseError> {
-    r.map_err(|e| TestCaseError::fail(format!("{what}: {e}")))
-}
-
-fn padded<T: dropfuse::cudarc::driver::DeviceRepr + Copy>(
-    dev: &Device,
-    off: usize,
-    data: Option<&[T]>,
-    n: usize,
-    fill: T,
-) -> dropfuse::Result<CudaSlice<T>> {
-    let mut host = vec![fill; off + n + GUARD];
-    if let Some(d) = data {
-        host[off..off + n].copy_from_slice(d);
-    }
-    dev.upload(&host)
-}
-
-/// `got` equals `fill` outside `off..off+want.len()` and `want` inside, bit for bit.
-fn expect_region(got: &[u32], off: usize, want: &[u32], fill: u32, what: &str) -> Result<(), TestCaseError> {
-    for (i, &g) in got.iter().enumerate() {
-        let inside = i >= off && i < off + want.len();
-        let w = if inside { want[i - off] } else { fill };
-        if g != w {
-            return Err(TestCaseError::fail(format!(
-                "{what}: word {i} ({}) is {g:#x}, expected {w:#x}",
-                if inside { "inside" } else { "guard" }
-            )));
-        }
-    }
-    Ok(())
-}
-
-fn bits<T: Element>(v: &[T]) -> Vec<u32> {
-    v.iter().map(|e| e.to_bits_u32()).collect()
-}
-
 fn check_case<T: Bits>(dev: &Device, c: &Case) -> Result<(), TestCaseError> {
     let layout = ok(Layout::shared_axes(&c.shape, &c.shared), "layout")?;
     let drop = ok(StructuredDropout::new(layout.clone(), c.p), "new")?;
@@ -238,7 +145,7 @@ fn check_case<T: Bits>(dev: &Device, c: &Case) -> Result<(), TestCaseError> {
     let n = layout.numel();
     let words = layout.mask_words();
     let s = dev.stream();
-    let x: Vec<T> = values(n, c.data_seed);
+    let x: Vec<T> = finite_values(n, c.data_seed);
     let (want_y, want_m) = ok(
         reference::forward(&x, &layout, c.p, c.state, c.decision_offset),
         "reference forward",
@@ -389,15 +296,7 @@ fn check_case<T: Bits>(dev: &Device, c: &Case) -> Result<(), TestCaseError> {
 }
 
 fn run_property<T: Bits>(test: &str) {
-    let Some(dev) = gpu(test) else { return };
-    let mut runner = TestRunner::new(Config {
-        cases: cases(24),
-        failure_persistence: None,
-        ..Config::default()
-    });
-    runner
-        .run(&case(), |c| check_case::<T>(&dev, &c))
-        .unwrap_or_else(|e| panic!("{test}: {e}"));
+    run_cases(test, 24, case(), |dev, c| check_case::<T>(dev, &c));
 }
 
 #[test]
@@ -469,13 +368,6 @@ fn gpu_named_layouts() {
             }
         }
     }
-}
-
-/// Bitwise equality, except that any NaN matches any NaN: the contract says a kept NaN stays NaN,
-/// and CUDA's f32 -> f16 / bf16 conversions give the canonical NaN 0x7FFF where the `half` crate
-/// (the reference) keeps the payload (0x7E00 for an f16 quiet NaN).
-fn same_or_both_nan<T: Element>(got: T, want: T) -> bool {
-    got.to_bits_u32() == want.to_bits_u32() || (got.to_f32().is_nan() && want.to_f32().is_nan())
 }
 
 /// Every element of a kept plane is scaled and every element of a dropped plane is +0, even for
