@@ -322,7 +322,10 @@ __global__ void __launch_bounds__(kApplyThreads)
 
   for (uint64_t base = warp * (32 * kApplyUnroll); base < chunks; base += warps * (32 * kApplyUnroll)) {
     T v[kApplyUnroll][V];
-    uint32_t stored[kApplyUnroll];
+    // Zeroed, so that inactive slots do not carry the last iteration's words: left undefined,
+    // they stayed alive across the loop and the 16-bit per-sample kernels spilled them, with a
+    // local store and load every iteration (ptxas -v: 8 bytes; sm_90 misaligned, sm_80 aligned).
+    uint32_t stored[kApplyUnroll] = {};
 #pragma unroll
     for (int u = 0; u < kApplyUnroll; ++u) {
       const uint64_t c = base + u * 32 + lane;

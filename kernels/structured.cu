@@ -256,7 +256,10 @@ __global__ void __launch_bounds__(kThreads, 2)
           if (r + u < r1) {
             T out[V];
             scale_kept(v[u], bits, p.scale, out);
-            store_elems<T, V, VEC>(y + (r + u) * h + d0, out);
+            // Addressed as 16-byte vectors (here h % V == 0 and d0 % V == 0: the index is exact):
+            // through `y + (r + u) * h + d0` the compiler lost the alignment and split each
+            // 16-byte store into four 4-byte ones (STG.E), while the loads stayed LDG.E.128.
+            store_elems<T, V, VEC>(reinterpret_cast<T *>(reinterpret_cast<uint4 *>(y) + ((r + u) * h + d0) / V), out);
           }
         }
       }

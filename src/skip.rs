@@ -694,6 +694,22 @@ struct CompactCall {
     scale: f32,
 }
 
+impl CompactCall {
+    /// A call on rows of `row_len` elements and `capacity` compact rows, scale 1, no pointers
+    /// (the operation sets the ones it uses).
+    fn rows(row_len: usize, capacity: usize) -> Self {
+        Self {
+            full_in: 0,
+            full_out: 0,
+            compact_in: 0,
+            compact_out: 0,
+            row_len,
+            capacity,
+            scale: 1.0,
+        }
+    }
+}
+
 fn launch_compact<T: Element>(
     stream: &CudaStream,
     slots: &SampleSlots,
@@ -793,6 +809,7 @@ fn launch_compact<T: Element>(
 
 /// Validates `row_len` and a full `B x row_len` tensor named `name` against `slots`.
 fn check_full(name: &'static str, len: usize, row_len: usize, slots: &SampleSlots) -> Result<()> {
+    check_row_len(row_len)?;
     let expected = slots
         .batch
         .checked_mul(row_len)
@@ -802,6 +819,20 @@ fn check_full(name: &'static str, len: usize, row_len: usize, slots: &SampleSlot
 
 fn check_slots_stream(stream: &CudaStream, slots: &SampleSlots) -> Result<()> {
     check_stream(stream, slots.buf.stream(), "slots")
+}
+
+/// The context checks of a compaction call: its buffers in order, then `slots`; then binds the
+/// stream's context.
+fn check_streams(
+    stream: &CudaStream,
+    slots: &SampleSlots,
+    bufs: &[(&Arc<CudaStream>, &'static str)],
+) -> Result<()> {
+    for &(buf, name) in bufs {
+        check_stream(stream, buf, name)?;
+    }
+    check_slots_stream(stream, slots)?;
+    bind(stream)
 }
 
 /// Gathers the kept samples of `x` (`B x row_len`) into `out`, a compact buffer of any whole
@@ -818,7 +849,6 @@ pub fn gather_samples<T: Element, X: DevicePtr<T>, O: DevicePtrMut<T>>(
     row_len: usize,
     out: &mut O,
 ) -> Result<()> {
-    check_row_len(row_len)?;
     check_full("x", x.len(), row_len, slots)?;
     let capacity = compact_rows("out", out.len(), row_len)?;
     gather_validated(stream, slots, x, row_len, out, capacity)
@@ -832,20 +862,14 @@ fn gather_validated<T: Element, X: DevicePtr<T>, O: DevicePtrMut<T>>(
     out: &mut O,
     capacity: usize,
 ) -> Result<()> {
-    check_stream(stream, x.stream(), "x")?;
-    check_stream(stream, out.stream(), "out")?;
-    check_slots_stream(stream, slots)?;
-    bind(stream)?;
+    let bufs = [(x.stream(), "x"), (out.stream(), "out")];
+    check_streams(stream, slots, &bufs)?;
     let (xp, _gx) = x.device_ptr(stream);
     let (op, _go) = out.device_ptr_mut(stream);
     let call = CompactCall {
         full_in: xp,
-        full_out: 0,
-        compact_in: 0,
         compact_out: op,
-        row_len,
-        capacity,
-        scale: 1.0,
+        ..CompactCall::rows(row_len, capacity)
     };
     launch_compact::<T>(stream, slots, CompactOp::Gather, &call)
 }
@@ -862,7 +886,6 @@ pub fn gather_samples_checked<T: Element, X: DevicePtr<T>, O: DevicePtrMut<T>>(
     row_len: usize,
     out: &mut O,
 ) -> Result<usize> {
-    check_row_len(row_len)?;
     check_full("x", x.len(), row_len, slots)?;
     let capacity = compact_rows("out", out.len(), row_len)?;
     check_slots_stream(stream, slots)?;
@@ -884,15 +907,15 @@ pub fn scatter_samples<T: Element, X: DevicePtr<T>, C: DevicePtr<T>, O: DevicePt
     row_len: usize,
     out: &mut O,
 ) -> Result<()> {
-    check_row_len(row_len)?;
     check_full("x", x.len(), row_len, slots)?;
     let capacity = compact_rows("compact", compact.len(), row_len)?;
     check_len("out", out.len(), x.len(), "x's shape")?;
-    check_stream(stream, x.stream(), "x")?;
-    check_stream(stream, compact.stream(), "compact")?;
-    check_stream(stream, out.stream(), "out")?;
-    check_slots_stream(stream, slots)?;
-    bind(stream)?;
+    let bufs = [
+        (x.stream(), "x"),
+        (compact.stream(), "compact"),
+        (out.stream(), "out"),
+    ];
+    check_streams(stream, slots, &bufs)?;
     let (xp, _gx) = x.device_ptr(stream);
     let (cp, _gc) = compact.device_ptr(stream);
     let (op, _go) = out.device_ptr_mut(stream);
@@ -900,10 +923,7 @@ pub fn scatter_samples<T: Element, X: DevicePtr<T>, C: DevicePtr<T>, O: DevicePt
         full_in: xp,
         full_out: op,
         compact_in: cp,
-        compact_out: 0,
-        row_len,
-        capacity,
-        scale: 1.0,
+        ..CompactCall::rows(row_len, capacity)
     };
     launch_compact::<T>(stream, slots, CompactOp::Scatter, &call)
 }
@@ -919,23 +939,17 @@ pub fn scatter_samples_in_place<T: Element, X: DevicePtrMut<T>, C: DevicePtr<T>>
     compact: &C,
     row_len: usize,
 ) -> Result<()> {
-    check_row_len(row_len)?;
     check_full("x", x.len(), row_len, slots)?;
     let capacity = compact_rows("compact", compact.len(), row_len)?;
-    check_stream(stream, x.stream(), "x")?;
-    check_stream(stream, compact.stream(), "compact")?;
-    check_slots_stream(stream, slots)?;
-    bind(stream)?;
+    let bufs = [(x.stream(), "x"), (compact.stream(), "compact")];
+    check_streams(stream, slots, &bufs)?;
     let (xp, _gx) = x.device_ptr_mut(stream);
     let (cp, _gc) = compact.device_ptr(stream);
     let call = CompactCall {
         full_in: xp,
         full_out: xp,
         compact_in: cp,
-        compact_out: 0,
-        row_len,
-        capacity,
-        scale: 1.0,
+        ..CompactCall::rows(row_len, capacity)
     };
     launch_compact::<T>(stream, slots, CompactOp::Scatter, &call)
 }
@@ -954,26 +968,23 @@ pub fn scatter_samples_backward<T: Element, D: DevicePtr<T>, DX: DevicePtrMut<T>
     d_x: &mut DX,
     d_compact: &mut DC,
 ) -> Result<()> {
-    check_row_len(row_len)?;
     check_full("d_out", d_out.len(), row_len, slots)?;
     check_len("d_x", d_x.len(), d_out.len(), "d_out's shape")?;
     let capacity = compact_rows("d_compact", d_compact.len(), row_len)?;
-    check_stream(stream, d_out.stream(), "d_out")?;
-    check_stream(stream, d_x.stream(), "d_x")?;
-    check_stream(stream, d_compact.stream(), "d_compact")?;
-    check_slots_stream(stream, slots)?;
-    bind(stream)?;
+    let bufs = [
+        (d_out.stream(), "d_out"),
+        (d_x.stream(), "d_x"),
+        (d_compact.stream(), "d_compact"),
+    ];
+    check_streams(stream, slots, &bufs)?;
     let (dp, _gd) = d_out.device_ptr(stream);
     let (xp, _gx) = d_x.device_ptr_mut(stream);
     let (cp, _gc) = d_compact.device_ptr_mut(stream);
     let call = CompactCall {
         full_in: dp,
         full_out: xp,
-        compact_in: 0,
         compact_out: cp,
-        row_len,
-        capacity,
-        scale: 1.0,
+        ..CompactCall::rows(row_len, capacity)
     };
     launch_compact::<T>(stream, slots, CompactOp::ScatterBackward, &call)
 }
@@ -992,24 +1003,19 @@ pub fn scatter_add_samples<T: Element, X: DevicePtrMut<T>, C: DevicePtr<T>>(
     row_len: usize,
     scale: f32,
 ) -> Result<()> {
-    check_row_len(row_len)?;
     check_full("x", x.len(), row_len, slots)?;
     let capacity = compact_rows("compact", compact.len(), row_len)?;
     check_scale(scale)?;
-    check_stream(stream, x.stream(), "x")?;
-    check_stream(stream, compact.stream(), "compact")?;
-    check_slots_stream(stream, slots)?;
-    bind(stream)?;
+    let bufs = [(x.stream(), "x"), (compact.stream(), "compact")];
+    check_streams(stream, slots, &bufs)?;
     let (xp, _gx) = x.device_ptr_mut(stream);
     let (cp, _gc) = compact.device_ptr(stream);
     let call = CompactCall {
         full_in: xp,
         full_out: xp,
         compact_in: cp,
-        compact_out: 0,
-        row_len,
-        capacity,
         scale,
+        ..CompactCall::rows(row_len, capacity)
     };
     launch_compact::<T>(stream, slots, CompactOp::ScatterAdd, &call)
 }
@@ -1027,24 +1033,18 @@ pub fn scatter_add_samples_backward<T: Element, D: DevicePtr<T>, DC: DevicePtrMu
     scale: f32,
     d_compact: &mut DC,
 ) -> Result<()> {
-    check_row_len(row_len)?;
     check_full("d_out", d_out.len(), row_len, slots)?;
     check_scale(scale)?;
     let capacity = compact_rows("d_compact", d_compact.len(), row_len)?;
-    check_stream(stream, d_out.stream(), "d_out")?;
-    check_stream(stream, d_compact.stream(), "d_compact")?;
-    check_slots_stream(stream, slots)?;
-    bind(stream)?;
+    let bufs = [(d_out.stream(), "d_out"), (d_compact.stream(), "d_compact")];
+    check_streams(stream, slots, &bufs)?;
     let (dp, _gd) = d_out.device_ptr(stream);
     let (cp, _gc) = d_compact.device_ptr_mut(stream);
     let call = CompactCall {
         full_in: dp,
-        full_out: 0,
-        compact_in: 0,
         compact_out: cp,
-        row_len,
-        capacity,
         scale,
+        ..CompactCall::rows(row_len, capacity)
     };
     launch_compact::<T>(stream, slots, CompactOp::ScatterAddBackward, &call)
 }
@@ -1062,23 +1062,17 @@ pub fn gather_samples_backward<T: Element, DC: DevicePtr<T>, DX: DevicePtrMut<T>
     row_len: usize,
     d_x: &mut DX,
 ) -> Result<()> {
-    check_row_len(row_len)?;
     check_full("d_x", d_x.len(), row_len, slots)?;
     let capacity = compact_rows("d_compact", d_compact.len(), row_len)?;
-    check_stream(stream, d_x.stream(), "d_x")?;
-    check_stream(stream, d_compact.stream(), "d_compact")?;
-    check_slots_stream(stream, slots)?;
-    bind(stream)?;
+    let bufs = [(d_x.stream(), "d_x"), (d_compact.stream(), "d_compact")];
+    check_streams(stream, slots, &bufs)?;
     let (cp, _gc) = d_compact.device_ptr(stream);
     let (xp, _gx) = d_x.device_ptr_mut(stream);
     let call = CompactCall {
         full_in: xp,
         full_out: xp,
         compact_in: cp,
-        compact_out: 0,
-        row_len,
-        capacity,
-        scale: 1.0,
+        ..CompactCall::rows(row_len, capacity)
     };
     launch_compact::<T>(stream, slots, CompactOp::GatherBackward, &call)
 }
