@@ -519,8 +519,8 @@ fn run_head<T: Element, GH: Element, GW: Element>(dev: &Device, c: &HeadCase) ->
     let n = c.b * c.d;
     if c.train {
         let samples = reference::masked_copies(&inp.h, c.k, c.p, c.state).unwrap();
-        let copies = dev.download(ws.copies().unwrap()).unwrap();
-        let masks = dev.download(ws.masks().unwrap()).unwrap();
+        let copies = dev.download(&ws.copies().unwrap()).unwrap();
+        let masks = dev.download(&ws.masks().unwrap()).unwrap();
         let words = mask_words(n);
         for k in 0..c.k {
             prop_assert_eq!(
@@ -754,7 +754,7 @@ fn head_bad_labels() {
             "no loss written"
         );
         assert!(
-            dev.download(ws.scaled_logits_grad())
+            dev.download(&ws.scaled_logits_grad())
                 .unwrap()
                 .iter()
                 .all(|&v| v == 0.0),
@@ -856,14 +856,14 @@ fn head_invalid_arguments_write_nothing() {
         "workspace"
     );
     assert!(
-        dev.download(ws.copies().unwrap())
+        dev.download(&ws.copies().unwrap())
             .unwrap()
             .iter()
             .all(|v| v.to_f32() == 0.0),
         "no copies written"
     );
     assert!(
-        dev.download(ws.logits()).unwrap().iter().all(|&v| v == 0.0),
+        dev.download(&ws.logits()).unwrap().iter().all(|&v| v == 0.0),
         "no logits written"
     );
     assert_eq!(dev.download(ws.loss()).unwrap(), vec![0.0]);
@@ -950,6 +950,6 @@ fn head_eval_mode_is_one_pass() {
     ws.mean_logits(&mut mean).unwrap();
     assert_eq!(
         bits(&dev.download(&mean).unwrap()),
-        bits(&dev.download(ws.logits()).unwrap())
+        bits(&dev.download(&ws.logits()).unwrap())
     );
 }
