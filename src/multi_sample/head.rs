@@ -692,8 +692,8 @@ impl MultiSampleHead {
 /// [`MultiSampleHead::forward`] runs first (here without a device, for tests).
 #[doc(hidden)]
 pub fn head_batch(d: usize, capacity: usize, h_len: usize, labels_len: usize) -> Result<usize> {
-    let b = if d == 0 { 0 } else { h_len / d };
-    if d == 0 || h_len % d != 0 || b == 0 || b > capacity {
+    let b = h_len.checked_div(d).unwrap_or(0);
+    if b == 0 || b > capacity || h_len % d != 0 {
         return Err(Error::invalid(
             "h",
             format!("B * D elements with D = {d} and B in 1 ..= {capacity} (the workspace's capacity)"),
@@ -721,8 +721,9 @@ pub fn head_batch(d: usize, capacity: usize, h_len: usize, labels_len: usize) ->
 /// [`check_labels`](Self::check_labels), [`mean_logits`](Self::mean_logits) and the buffer views
 /// below then refer to that last forward's `B` ([`batch`](Self::batch)). The buffers of a batch
 /// are the leading part of the capacity's buffers, laid out exactly as in a workspace allocated for
-/// `B`, and the launches and GEMMs are the same, so the results are bit for bit those of a fresh
-/// workspace of capacity `B`. A batch above the capacity is an `h` error (nothing written).
+/// `B`, and the launches and GEMMs are the same (same sizes, same handle setup), so the results are
+/// bit for bit those of a fresh workspace of capacity `B` (on the same GPU model and cuBLAS
+/// version; the GPU tests check it). A batch above the capacity is an `h` error (nothing written).
 ///
 /// Holds: the `K` masked copies (`K * B * D` of `T`) and their masks (training mode), the logits
 /// `z` (`K * B * C` `f32`), the scaled logits' gradient `S dz` (`K * B * C` of `T`), `dh_all`
