@@ -203,3 +203,31 @@ fn raw_api_rejects_a_misaligned_device_philox_state_before_any_cuda_call() {
     let host: raw::RawRng = PhiloxState::new(3, 4).into();
     assert_eq!(host, raw::RawRng::Host(PhiloxState::new(3, 4)));
 }
+
+#[test]
+fn head_batch_comes_from_h_and_is_at_most_the_capacity() {
+    use dropfuse::multi_sample::head_batch;
+    let (d, cap) = (16usize, 64usize);
+    // Any B in 1 ..= capacity, taken from h (B * D values) and matched by the labels.
+    for b in [1usize, 5, 63, 64] {
+        assert_eq!(head_batch(d, cap, b * d, b).unwrap(), b, "B = {b}");
+    }
+    assert_eq!(head_batch(1, 1, 1, 1).unwrap(), 1);
+    // h: empty, not a multiple of D, above the capacity (also by one row).
+    for h_len in [0usize, d - 1, 5 * d + 1, 65 * d, 1000 * d] {
+        let e = head_batch(d, cap, h_len, h_len / d).unwrap_err();
+        assert_eq!(arg(e.clone()), "h", "h of {h_len} values");
+        let msg = e.to_string();
+        assert!(msg.contains("1 ..= 64") && msg.contains("capacity"), "{msg}");
+    }
+    // labels: B from h, and the labels disagree.
+    for (b, labels) in [(5usize, 4usize), (5, 6), (64, 0), (1, 64)] {
+        let e = head_batch(d, cap, b * d, labels).unwrap_err();
+        assert_eq!(arg(e.clone()), "labels", "B {b}, {labels} labels");
+        assert!(e.to_string().contains(&format!("{b} labels")), "{e}");
+    }
+    // h is checked first: a batch above the capacity with matching labels is an h error.
+    assert_eq!(arg(head_batch(d, cap, 65 * d, 65).unwrap_err()), "h");
+    // D = 0 never reaches a workspace; it is still an error, not a division by zero.
+    assert_eq!(arg(head_batch(0, cap, 0, 0).unwrap_err()), "h");
+}

@@ -3,8 +3,9 @@
 //! CUDA graph that advances the device offset replays with fresh numbers: replay `k` equals the
 //! eager call at offset `o + k * streams`, bit for bit, for every family of random kernels
 //! (dropout, DropBlock, structured dropout, MC-dropout replicas, multi-sample dropout, bias +
-//! dropout + residual). Without a GPU every GPU test prints a SKIPPED line; the launchers'
-//! rejection of a misaligned device state runs without one.
+//! dropout + residual) and the multi-sample dropout head's whole training step (its cuBLAS GEMMs
+//! included). Without a GPU (or without libcublas, for the head) every GPU test prints a SKIPPED
+//! line; the launchers' rejection of a misaligned device state runs without one.
 
 mod common;
 
@@ -18,8 +19,8 @@ use dropfuse::cudarc::driver::CudaSlice;
 use dropfuse::drop_block::{stats_len, DropBlock};
 use dropfuse::dropout::mask_words;
 use dropfuse::mc_dropout::McDropout;
-use dropfuse::multi_sample::{masks_len, MultiSample};
-use dropfuse::rng::DevicePhilox;
+use dropfuse::multi_sample::{check_cublas, masks_len, HeadWorkspace, MultiSample, MultiSampleHead};
+use dropfuse::rng::{DevicePhilox, Randomness};
 use dropfuse::structured::StructuredDropout;
 use dropfuse::{ffi, Device, Dropout, PhiloxState};
 use half::f16;
@@ -748,6 +749,182 @@ fn gpu_graph_replay_bias_dropout_residual() {
         assert_eq!(gdb, &dl(&dev, &wdb), "replay {k}: dbias");
     }
     assert_ne!(got[0].0, got[1].0, "replays draw fresh masks");
+}
+
+// ---- the multi-sample dropout head (masked copies, cuBLAS GEMMs, cross-entropy, backward) ----
+
+/// GPU 0 with cuBLAS, or `None` after a SKIPPED line saying which is missing.
+fn head_gpu(test: &str) -> Option<Device> {
+    let dev = gpu(test)?;
+    match check_cublas() {
+        Ok(()) => Some(dev),
+        Err(e) => {
+            common::skip(test, &e.to_string());
+            None
+        }
+    }
+}
+
+/// One head with its workspace, inputs and gradients: a forward + backward step and what it wrote.
+struct HeadRun {
+    head: MultiSampleHead,
+    ws: HeadWorkspace<f16>,
+    h: CudaSlice<f16>,
+    w: CudaSlice<f16>,
+    bias: CudaSlice<f16>,
+    labels: CudaSlice<i64>,
+    dh: CudaSlice<f32>,
+    dw: CudaSlice<f32>,
+    db: CudaSlice<f32>,
+}
+
+impl HeadRun {
+    fn new(dev: &Device, head: MultiSampleHead, (b, d, c): (usize, usize, usize)) -> Self {
+        // Weights small enough for logits of a few units (h is in [-8, 8)).
+        let w: Vec<f16> = values(c * d, 31)
+            .iter()
+            .map(|x| f16::from_f32(x.to_f32() / 64.0))
+            .collect();
+        let labels: Vec<i64> = (0..b as i64)
+            .map(|i| if i % 5 == 2 { -100 } else { (i * 7) % c as i64 })
+            .collect();
+        HeadRun {
+            head,
+            ws: head.workspace::<f16>(dev, b, d, c).unwrap(),
+            h: dev.upload(&values(b * d, 30)).unwrap(),
+            w: dev.upload(&w).unwrap(),
+            bias: dev.upload(&values(c, 32)).unwrap(),
+            labels: dev.upload(&labels).unwrap(),
+            dh: dev.zeros::<f32>(b * d).unwrap(),
+            dw: dev.zeros::<f32>(c * d).unwrap(),
+            db: dev.zeros::<f32>(c).unwrap(),
+        }
+    }
+
+    /// Forward with `state`, then the backward (which reads the stored masks, not the state).
+    fn step<R: Randomness>(&mut self, state: R) {
+        self.head
+            .forward(
+                &mut self.ws,
+                state,
+                &self.h,
+                &self.w,
+                Some(&self.bias),
+                &self.labels,
+            )
+            .unwrap();
+        self.head
+            .backward(
+                &mut self.ws,
+                &self.h,
+                &self.w,
+                &mut self.dh,
+                &mut self.dw,
+                Some(&mut self.db),
+                1.0,
+            )
+            .unwrap();
+    }
+
+    /// Every output as bits: loss, masks, copies, logits, scaled dz, dh, dW, db.
+    fn read(&self, dev: &Device) -> Vec<(&'static str, Vec<u32>)> {
+        let f32s = |v: Vec<f32>| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+        let f16s = |v: Vec<f16>| v.iter().map(|x| u32::from(x.to_bits())).collect::<Vec<u32>>();
+        let mut out = vec![("loss", vec![self.ws.read_loss().unwrap().to_bits()])];
+        if let (Some(m), Some(cp)) = (self.ws.masks(), self.ws.copies()) {
+            out.push(("masks", dev.download(&m).unwrap()));
+            out.push(("copies", f16s(dev.download(&cp).unwrap())));
+        }
+        out.push(("logits", f32s(dev.download(&self.ws.logits()).unwrap())));
+        out.push(("dz", f16s(dev.download(&self.ws.scaled_logits_grad()).unwrap())));
+        out.push(("dh", f32s(dev.download(&self.dh).unwrap())));
+        out.push(("dw", f32s(dev.download(&self.dw).unwrap())));
+        out.push(("db", f32s(dev.download(&self.db).unwrap())));
+        out
+    }
+}
+
+fn assert_same(got: &[(&str, Vec<u32>)], want: &[(&str, Vec<u32>)], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: outputs");
+    for ((name, g), (_, w)) in got.iter().zip(want) {
+        assert!(g == w, "{what}: {name} differs");
+    }
+}
+
+#[test]
+fn gpu_multi_sample_head_device_state_equals_host_state() {
+    let _serial = serial();
+    let Some(dev) = head_gpu("gpu_multi_sample_head_device_state_equals_host_state") else {
+        return;
+    };
+    // n = B * D = 240 (a multiple of 8: vector copies) and 6 * 13 = 78 (scalar copies, tails).
+    for (b, d, c) in [(6usize, 40usize, 11usize), (6, 13, 5)] {
+        for train in [true, false] {
+            let head = MultiSampleHead::new(3, 0.4)
+                .unwrap()
+                .with_label_smoothing(0.1)
+                .unwrap()
+                .with_train(train);
+            // One workspace (one cuBLAS handle) for both runs of a case.
+            let mut run = HeadRun::new(&dev, head, (b, d, c));
+            for (seed, offset, add) in STATES {
+                let what = format!("B {b}, D {d}, C {c}, train {train}, offset {offset}, add {add}");
+                run.step(PhiloxState::new(seed, offset.wrapping_add(add)));
+                let want = run.read(&dev);
+                let state = DevicePhilox::new(dev.stream(), PhiloxState::new(seed, offset)).unwrap();
+                run.step(state.at(add));
+                assert_same(&run.read(&dev), &want, &format!("state.at(add), {what}"));
+                if add == 0 {
+                    run.step(&state);
+                    assert_same(&run.read(&dev), &want, &format!("&state, {what}"));
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn gpu_graph_replay_multi_sample_head() {
+    let _serial = serial();
+    let Some(dev) = head_gpu("gpu_graph_replay_multi_sample_head") else {
+        return;
+    };
+    let k = 4usize;
+    // The replays' streams o + r * K wrap around 2^64.
+    let (seed, o) = (17u64, u64::MAX - 5);
+    let head = MultiSampleHead::new(k, 0.3)
+        .unwrap()
+        .with_label_smoothing(0.1)
+        .unwrap();
+    let run = RefCell::new(HeadRun::new(&dev, head, (16, 64, 10)));
+    // Warm-up outside the capture: cuBLAS loads its kernels and picks its algorithms on a first
+    // call. During the capture it allocates nothing (the handle has its own workspace, set with
+    // cublasSetWorkspace), so the GEMMs are captured along with the dropfuse kernels.
+    run.borrow_mut().step(PhiloxState::new(seed, 0));
+    dev.synchronize().unwrap();
+    let mut state = DevicePhilox::new(dev.stream(), PhiloxState::new(seed, o)).unwrap();
+    // The whole training step (copies, bias, logits GEMM, cross-entropy, dh GEMM + masked
+    // reduction, dW GEMM, db) in one graph, which then advances the state by K.
+    let got = replay(
+        &dev,
+        &mut state,
+        k as u64,
+        3,
+        |s| run.borrow_mut().step(s),
+        || run.borrow().read(&dev),
+    );
+    for (r, g) in got.iter().enumerate() {
+        run.borrow_mut()
+            .step(PhiloxState::new(seed, o.wrapping_add((r * k) as u64)));
+        assert_same(g, &run.borrow().read(&dev), &format!("replay {r}"));
+    }
+    let masks = |r: usize| &got[r].iter().find(|(n, _)| *n == "masks").unwrap().1;
+    assert_ne!(masks(0), masks(1), "replays draw fresh masks");
+    assert_ne!(got[0][0], got[1][0], "and give another loss");
+    assert_eq!(
+        state.get(dev.stream()).unwrap(),
+        PhiloxState::new(seed, o.wrapping_add(3 * k as u64))
+    );
 }
 
 /// Every launcher that takes a device Philox state rejects a misaligned one with

@@ -477,8 +477,8 @@ fn run_head<T: Element, GH: Element, GW: Element>(dev: &Device, c: &HeadCase) ->
     let n = c.b * c.d;
     if c.train {
         let samples = reference::masked_copies(&inp.h, c.k, c.p, c.state).unwrap();
-        let copies = dev.download(ws.copies().unwrap()).unwrap();
-        let masks = dev.download(ws.masks().unwrap()).unwrap();
+        let copies = dev.download(&ws.copies().unwrap()).unwrap();
+        let masks = dev.download(&ws.masks().unwrap()).unwrap();
         let words = mask_words(n);
         for k in 0..c.k {
             prop_assert_eq!(
@@ -712,7 +712,7 @@ fn head_bad_labels() {
             "no loss written"
         );
         assert!(
-            dev.download(ws.scaled_logits_grad())
+            dev.download(&ws.scaled_logits_grad())
                 .unwrap()
                 .iter()
                 .all(|&v| v == 0.0),
@@ -814,14 +814,14 @@ fn head_invalid_arguments_write_nothing() {
         "workspace"
     );
     assert!(
-        dev.download(ws.copies().unwrap())
+        dev.download(&ws.copies().unwrap())
             .unwrap()
             .iter()
             .all(|v| v.to_f32() == 0.0),
         "no copies written"
     );
     assert!(
-        dev.download(ws.logits()).unwrap().iter().all(|&v| v == 0.0),
+        dev.download(&ws.logits()).unwrap().iter().all(|&v| v == 0.0),
         "no logits written"
     );
     assert_eq!(dev.download(ws.loss()).unwrap(), vec![0.0]);
@@ -908,6 +908,207 @@ fn head_eval_mode_is_one_pass() {
     ws.mean_logits(&mut mean).unwrap();
     assert_eq!(
         bits(&dev.download(&mean).unwrap()),
-        bits(&dev.download(ws.logits()).unwrap())
+        bits(&dev.download(&ws.logits()).unwrap())
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// One workspace, any batch up to its capacity
+
+/// Every output of one forward + backward + averaged logits, as bits, named.
+type Named = Vec<(&'static str, Vec<u32>)>;
+
+/// Forward (state `state`, batch `b` of data `seed`), averaged logits and backward on `ws`.
+#[allow(clippy::too_many_arguments)]
+fn batch_step<T: Element, G: Element>(
+    dev: &Device,
+    head: &MultiSampleHead,
+    ws: &mut HeadWorkspace<T>,
+    w: &CudaSlice<T>,
+    bias: &CudaSlice<T>,
+    b: usize,
+    seed: u64,
+    state: PhiloxState,
+) -> Named {
+    let (_, _, d, c) = ws.dims();
+    let h = dev.upload(&values::<T>(b * d, 1.5, seed)).unwrap();
+    let labels: Vec<i64> = (0..b as i64)
+        .map(|i| {
+            if i % 4 == 3 {
+                DEFAULT_IGNORE_INDEX
+            } else {
+                (i * 7 + seed as i64) % c as i64
+            }
+        })
+        .collect();
+    let labels = dev.upload(&labels).unwrap();
+    head.forward(ws, state, &h, w, Some(bias), &labels).unwrap();
+    assert_eq!(ws.batch(), b);
+    assert_eq!(ws.dims(), (head.samples(), b, d, c));
+    let n_valid = ws.check_labels().unwrap();
+    let mut mean = filled(dev, b * c, SENTINEL);
+    ws.mean_logits(&mut mean).unwrap();
+    let mut dh = filled(dev, b * d, G::from_f32(SENTINEL));
+    let mut dw = filled(dev, c * d, G::from_f32(SENTINEL));
+    let mut db = filled(dev, c, G::from_f32(SENTINEL));
+    head.backward(ws, &h, w, &mut dh, &mut dw, Some(&mut db), 256.0)
+        .unwrap();
+    let k = head.samples();
+    assert_eq!(ws.logits().len(), k * b * c);
+    assert_eq!(ws.scaled_logits_grad().len(), k * b * c);
+    let mut out: Named = vec![
+        ("n_valid", vec![n_valid as u32]),
+        ("loss", vec![ws.read_loss().unwrap().to_bits()]),
+        ("mean logits", bits(&dev.download(&mean).unwrap())),
+        ("logits", bits(&dev.download(&ws.logits()).unwrap())),
+        ("dz", bits(&dev.download(&ws.scaled_logits_grad()).unwrap())),
+        ("dh", bits(&dev.download(&dh).unwrap())),
+        ("dw", bits(&dev.download(&dw).unwrap())),
+        ("db", bits(&dev.download(&db).unwrap())),
+    ];
+    if let (Some(cp), Some(m)) = (ws.copies(), ws.masks()) {
+        assert_eq!(cp.len(), k * b * d);
+        assert_eq!(m.len(), k * mask_words(b * d));
+        out.push(("copies", bits(&dev.download(&cp).unwrap())));
+        out.push(("masks", dev.download(&m).unwrap()));
+    }
+    out
+}
+
+fn run_batches<T: Element, G: Element>(dev: &Device, head: &MultiSampleHead) {
+    let (cap, d, c) = (64usize, 72usize, 37usize);
+    let w = dev.upload(&values::<T>(c * d, 0.2, 2)).unwrap();
+    let bias = dev.upload(&values::<T>(c, 1.0, 3)).unwrap();
+    let mut shared = head.workspace::<T>(dev, cap, d, c).unwrap();
+    assert_eq!((shared.capacity(), shared.batch()), (cap, cap));
+    // B = 64, then 5 (the tail of every buffer holds the previous batch's values), then 64
+    // again with other data and another state, then 1.
+    for (i, b) in [64usize, 5, 64, 1].into_iter().enumerate() {
+        let (seed, state) = (10 + i as u64, PhiloxState::new(7, 100 * i as u64));
+        let got = batch_step::<T, G>(dev, head, &mut shared, &w, &bias, b, seed, state);
+        assert_eq!(shared.capacity(), cap);
+        let mut fresh = head.workspace::<T>(dev, b, d, c).unwrap();
+        let want = batch_step::<T, G>(dev, head, &mut fresh, &w, &bias, b, seed, state);
+        assert_eq!(got.len(), want.len());
+        for ((name, g), (_, wv)) in got.iter().zip(&want) {
+            assert!(
+                g == wv,
+                "{name} differs from a fresh workspace: B {b} (step {i}) on capacity {cap}, {} train {}",
+                T::DTYPE,
+                head.is_train()
+            );
+        }
+    }
+}
+
+/// A workspace of capacity 64 used for B = 64, 5, 64, 1 gives bit for bit what fresh workspaces
+/// of each B give (the same launches and GEMMs on the leading part of the buffers).
+#[test]
+fn head_workspace_serves_any_batch_up_to_its_capacity() {
+    let Some(dev) = head_gpu("head_workspace_serves_any_batch_up_to_its_capacity") else {
+        return;
+    };
+    let head = MultiSampleHead::new(4, 0.25)
+        .unwrap()
+        .with_label_smoothing(0.1)
+        .unwrap();
+    run_batches::<f16, f32>(&dev, &head);
+    run_batches::<bf16, bf16>(&dev, &head);
+    run_batches::<f32, f32>(&dev, &head);
+    run_batches::<f16, f16>(&dev, &head.with_train(false));
+}
+
+/// A batch above the capacity, an `h` that is not `B * D`, labels that are not `B`, and backward
+/// or averaged-logits buffers of another `B` than the last forward's: typed errors, nothing
+/// written, and the last good forward stays usable.
+#[test]
+fn head_batch_errors_write_nothing() {
+    let Some(dev) = head_gpu("head_batch_errors_write_nothing") else {
+        return;
+    };
+    let (k, cap, d, c) = (2usize, 4usize, 5usize, 3usize);
+    let head = MultiSampleHead::new(k, 0.5).unwrap();
+    let st = PhiloxState::new(3, 4);
+    let mut ws = head.workspace::<f32>(&dev, cap, d, c).unwrap();
+    assert_eq!((ws.capacity(), ws.batch(), ws.dims()), (cap, cap, (k, cap, d, c)));
+    let w = dev.upload(&values::<f32>(c * d, 0.5, 2)).unwrap();
+    let bias = dev.upload(&values::<f32>(c, 0.5, 3)).unwrap();
+    let h5 = dev.upload(&values::<f32>(5 * d, 1.0, 1)).unwrap();
+    let l5 = dev.upload(&[0i64, 1, 2, 0, 1]).unwrap();
+    let h3 = dev.upload(&values::<f32>(3 * d, 1.0, 1)).unwrap();
+    let l3 = dev.upload(&[0i64, 1, 2]).unwrap();
+    let l2 = dev.upload(&[0i64, 1]).unwrap();
+    let h_odd = dev.upload(&values::<f32>(3 * d + 2, 1.0, 1)).unwrap();
+
+    // Before any forward: B > capacity, h not B * D, labels not B.
+    assert_eq!(
+        invalid_name(head.forward(&mut ws, st, &h5, &w, Some(&bias), &l5)),
+        "h"
+    );
+    assert_eq!(
+        invalid_name(head.forward(&mut ws, st, &h_odd, &w, Some(&bias), &l3)),
+        "h"
+    );
+    assert_eq!(
+        invalid_name(head.forward(&mut ws, st, &h3, &w, Some(&bias), &l2)),
+        "labels"
+    );
+    assert_eq!(
+        invalid_name(head.forward(&mut ws, st, &h3, &w, Some(&bias), &l5)),
+        "labels"
+    );
+    assert_eq!(ws.batch(), cap, "a failed forward records no batch");
+    assert_eq!(invalid_name(ws.check_labels()), "workspace");
+    assert!(dev.download(&ws.logits()).unwrap().iter().all(|&v| v == 0.0));
+    assert!(dev
+        .download(&ws.copies().unwrap())
+        .unwrap()
+        .iter()
+        .all(|&v| v == 0.0));
+    assert_eq!(dev.download(ws.loss()).unwrap(), vec![0.0]);
+
+    // A good forward at B = 3, then a failed one at B = 5: the B = 3 results stay, and their
+    // backward still runs.
+    head.forward(&mut ws, st, &h3, &w, Some(&bias), &l3).unwrap();
+    assert_eq!((ws.batch(), ws.dims()), (3, (k, 3, d, c)));
+    let loss = ws.read_loss().unwrap();
+    let logits = dev.download(&ws.logits()).unwrap();
+    assert_eq!(logits.len(), k * 3 * c);
+    assert_eq!(
+        invalid_name(head.forward(&mut ws, st, &h5, &w, Some(&bias), &l5)),
+        "h"
+    );
+    assert_eq!(ws.batch(), 3);
+    assert_eq!(ws.read_loss().unwrap().to_bits(), loss.to_bits());
+    assert_eq!(bits(&dev.download(&ws.logits()).unwrap()), bits(&logits));
+    assert_eq!(ws.check_labels().unwrap(), 3);
+
+    // Backward and averaged-logits buffers sized for the capacity, not the forward's B = 3.
+    let h4 = dev.upload(&values::<f32>(cap * d, 1.0, 1)).unwrap();
+    let mut dh3 = filled(&dev, 3 * d, SENTINEL);
+    let mut dh4 = filled(&dev, cap * d, SENTINEL);
+    let mut dw = filled(&dev, c * d, SENTINEL);
+    let mut db = filled(&dev, c, SENTINEL);
+    let mut mean4 = filled(&dev, cap * c, SENTINEL);
+    assert_eq!(
+        invalid_name(head.backward(&mut ws, &h4, &w, &mut dh3, &mut dw, Some(&mut db), 1.0)),
+        "h"
+    );
+    assert_eq!(
+        invalid_name(head.backward(&mut ws, &h3, &w, &mut dh4, &mut dw, Some(&mut db), 1.0)),
+        "dh"
+    );
+    assert_eq!(invalid_name(ws.mean_logits(&mut mean4)), "mean");
+    for v in [
+        dev.download(&dh3).unwrap(),
+        dev.download(&dh4).unwrap(),
+        dev.download(&dw).unwrap(),
+        dev.download(&db).unwrap(),
+        dev.download(&mean4).unwrap(),
+    ] {
+        assert!(v.iter().all(|&x| x == SENTINEL), "nothing written");
+    }
+    head.backward(&mut ws, &h3, &w, &mut dh3, &mut dw, Some(&mut db), 1.0)
+        .unwrap();
+    assert!(dev.download(&dh3).unwrap().iter().all(|&x| x != SENTINEL));
 }

@@ -341,8 +341,8 @@ fn gpu_head<T: FuzzElement, G: FuzzElement>(
     if s.train {
         let n = b * d;
         let want = masked_copies(&inp.h, s.k, c.p, c.state())?;
-        let copies: Vec<T> = dev.download(ws.copies().expect("training mode"))?;
-        let masks = dev.download(ws.masks().expect("training mode"))?;
+        let copies: Vec<T> = dev.download(&ws.copies().expect("training mode"))?;
+        let masks = dev.download(&ws.masks().expect("training mode"))?;
         let words = n.div_ceil(32);
         for k in 0..s.k {
             if let Some(diff) = crate::checks::bit_diff(&copies[k * n..(k + 1) * n], &want.copies[k]) {

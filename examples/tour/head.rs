@@ -124,10 +124,10 @@ fn gpu_dtype<T: Element>(
     let n_valid = ws.check_labels()?;
     let samples = masked_copies(&inp.h, k, P, state)?;
     let copies_bad = element_mismatches(
-        &download(dev, ws.copies().expect("training mode"))?,
+        &download(dev, &ws.copies().expect("training mode"))?,
         &samples.copies.concat(),
     ) + counter_mismatches(
-        &dev.download(ws.masks().expect("training mode"))?,
+        &dev.download(&ws.masks().expect("training mode"))?,
         &sample_masks(k, P, state, b * d)?,
     );
     let loss = f64::from(ws.read_loss()?);

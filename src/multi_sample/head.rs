@@ -1,9 +1,24 @@
 //! The multi-sample dropout head: [`MultiSampleHead`] (configuration, forward, backward) and
 //! [`HeadWorkspace`] (its buffers and cuBLAS handle).
+//!
+//! * **Randomness and CUDA graphs.** The forward takes any [`Randomness`]: a host
+//!   [`PhiloxState`](crate::PhiloxState), or a [`DevicePhilox`](crate::DevicePhilox) read by the
+//!   copies kernel when it runs (sample `k` on `device offset + add + k`), so a training step
+//!   captured into a CUDA graph (forward, backward, then [`DevicePhilox::advance`]`(K)`) draws fresh
+//!   masks on every replay: replay `r` of a graph captured at device offset `o` equals the eager
+//!   step with the host state `{seed, o + r * K}`, bit for bit. The backward reads the masks the
+//!   forward stored, never the state. The GEMMs are capturable: each handle has its own cuBLAS
+//!   workspace, so cuBLAS allocates nothing while a stream is captured (run the step once eagerly
+//!   before capturing it, as for any cuBLAS work).
+//! * **Batch size.** A workspace is allocated for a capacity `B_max` and serves any batch
+//!   `1 ..= B_max` ([`HeadWorkspace`]'s docs); the backward and the readers use the last forward's
+//!   `B` ([`HeadWorkspace::batch`]).
+//!
+//! [`DevicePhilox::advance`]: crate::DevicePhilox::advance
 
 use std::ffi::c_void;
 
-use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
+use cudarc::driver::{CudaSlice, CudaView, DevicePtr, DevicePtrMut};
 
 use super::blas::{Blas, GemmDesc};
 use super::{check_k, check_len, check_out_dtype, masks_len, MAX_K};
@@ -13,7 +28,7 @@ use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
 use crate::ffi;
 use crate::reference::multi_sample::{HeadConfig, DEFAULT_IGNORE_INDEX};
-use crate::rng::PhiloxState;
+use crate::rng::Randomness;
 
 /// cuBLAS's dimensions are `i32`.
 const MAX_DIM: usize = i32::MAX as usize;
@@ -64,6 +79,13 @@ pub fn head_gemms(rows: usize, d: usize, c: usize) -> HeadGemms {
 /// its module docs): features `h` (`B x D`, row-major, element type `T`), weight `W` (`C x D`),
 /// optional bias `b` (`C`), labels `y` (`B` `i64`, with the ignore index), sample `k` on the Philox
 /// stream `offset + k`. Evaluation mode: `K = 1`, no dropout, `h` itself.
+///
+/// The state is any [`Randomness`]: a host [`PhiloxState`](crate::PhiloxState) or a
+/// [`DevicePhilox`](crate::DevicePhilox) (`&state`: stream `device offset + k` for sample `k`;
+/// `state.at(add)`: `device offset + add + k`) that the copies kernel reads when it runs, for
+/// CUDA graphs (module docs of [`crate::rng`]): a graph holding the forward (and the backward)
+/// and then `DevicePhilox::advance(K)` replays with fresh masks. A workspace of capacity `B_max`
+/// runs any batch `B <= B_max` ([`HeadWorkspace`]).
 ///
 /// **Forward** ([`MultiSampleHead::forward`]), with the `K` copies stacked as one `(K*B) x D`
 /// matrix `h_all` (copy `k` at rows `k*B ..`):
@@ -118,7 +140,7 @@ pub fn head_gemms(rows: usize, d: usize, c: usize) -> HeadGemms {
 ///
 /// ```no_run
 /// use dropfuse::multi_sample::MultiSampleHead;
-/// use dropfuse::{Device, Generator};
+/// use dropfuse::{Device, DevicePhilox, Generator, PhiloxState};
 /// use half::f16;
 /// # fn main() -> dropfuse::Result<()> {
 /// let dev = Device::new(0)?;
@@ -134,6 +156,16 @@ pub fn head_gemms(rows: usize, d: usize, c: usize) -> HeadGemms {
 /// let (mut dh, mut dw, mut db) = (dev.zeros::<f32>(b * d)?, dev.zeros::<f32>(c * d)?, dev.zeros::<f32>(c)?);
 /// head.backward(&mut ws, &h, &w, &mut dh, &mut dw, Some(&mut db), 1.0)?;
 /// let loss = ws.read_loss()?; // synchronises
+///
+/// // Graph-safe randomness: (seed, offset) read from device memory when the kernel runs, and a
+/// // smaller batch (8 rows) on the same workspace (capacity b = 32).
+/// let mut state = DevicePhilox::new(dev.stream(), PhiloxState::new(7, 100))?;
+/// let (h8, labels8) = (dev.upload(&vec![f16::from_f32(0.5); 8 * d])?, dev.upload(&[3i64; 8])?);
+/// head.forward(&mut ws, &state, &h8, &w, Some(&bias), &labels8)?;
+/// state.advance(dev.stream(), k as u64)?; // the next step's masks; the backward uses stored ones
+/// let mut dh8 = dev.zeros::<f32>(8 * d)?;
+/// head.backward(&mut ws, &h8, &w, &mut dh8, &mut dw, Some(&mut db), 1.0)?;
+/// assert_eq!((ws.batch(), ws.capacity()), (8, b));
 /// # let _ = loss; Ok(()) }
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -249,9 +281,10 @@ impl MultiSampleHead {
         (1u64 << m.ilog2()) as f32
     }
 
-    /// Allocates the buffers and the cuBLAS handle of a head of `B` rows, `D` features and `C`
+    /// Allocates the buffers and the cuBLAS handle of a head of up to `b` rows (the workspace's
+    /// capacity: every forward on it may take any batch `B` in `1 ..= b`), `D` features and `C`
     /// classes for element type `T` on `dev`'s stream: [`Error::NoCublas`] without cuBLAS,
-    /// `b`/`d`/`c` errors for zero sizes or sizes cuBLAS cannot take (`K * B`, `D`, `C` up to
+    /// `b`/`d`/`c` errors for zero sizes or sizes cuBLAS cannot take (`K * b`, `D`, `C` up to
     /// `i32::MAX`).
     pub fn workspace<T: Element>(
         &self,
@@ -290,6 +323,7 @@ impl MultiSampleHead {
             dev: dev.clone(),
             blas,
             k,
+            capacity: b,
             b,
             d,
             c,
@@ -322,47 +356,61 @@ impl MultiSampleHead {
         }
     }
 
-    fn sample_params(&self, state: PhiloxState, scale: f32) -> ffi::dropfuse_multi_sample_params {
+    /// The copies' / reduction's launch params for `(seed, offset, philox_dev)` as
+    /// [`Source::bind`](crate::rng::Source) gives them (`(0, 0, null)` for the backward's
+    /// reduction, which reads the stored masks and no randomness).
+    fn sample_params(
+        &self,
+        (seed, offset, philox_dev): (u64, u64, *const u64),
+        scale: f32,
+    ) -> ffi::dropfuse_multi_sample_params {
         ffi::dropfuse_multi_sample_params {
-            seed: state.seed,
-            offset: state.offset,
+            seed,
+            offset,
             k: self.k as u64,
             threshold: self.drop.threshold(),
             scale,
-            // The head takes a host state: it is not graph-safe yet (MultiSample::copies alone
-            // accepts a DevicePhilox).
-            philox_dev: std::ptr::null(),
+            philox_dev,
         }
     }
 
     /// The forward (see the module docs): masked copies (training mode, sample `k` on the stream
-    /// `state.offset + k`), logits, loss and the scaled `dz` into `ws`. `h`: `B * D`, `weight`:
-    /// `C * D`, `bias`: `C` values exactly when the head has a bias, `labels`: `B`.
-    pub fn forward<T: Element, H: DevicePtr<T>, W: DevicePtr<T>, L: DevicePtr<i64>>(
+    /// `offset + k` of `state`), logits, loss and the scaled `dz` into `ws`. `h`: `B * D`,
+    /// `weight`: `C * D`, `bias`: `C` values exactly when the head has a bias, `labels`: `B`, for
+    /// any batch `B` in `1 ..= ws.capacity()` (taken from `h`; see [`HeadWorkspace`]).
+    ///
+    /// `state` is any [`Randomness`]: a [`PhiloxState`](crate::PhiloxState) fixed at launch, or a
+    /// [`DevicePhilox`](crate::DevicePhilox) (`&state` or `state.at(add)`, on the workspace's
+    /// context: `rng` otherwise) read by the copies kernel when it runs, so that a captured CUDA
+    /// graph draws fresh masks on every replay (module docs). Evaluation mode reads no randomness
+    /// (the state is validated only).
+    pub fn forward<T: Element, H: DevicePtr<T>, W: DevicePtr<T>, L: DevicePtr<i64>, R: Randomness>(
         &self,
         ws: &mut HeadWorkspace<T>,
-        state: PhiloxState,
+        state: R,
         h: &H,
         weight: &W,
         bias: Option<&dyn DevicePtr<T>>,
         labels: &L,
     ) -> Result<()> {
         ws.check_head(self)?;
-        let (k, b, d, c) = (ws.k, ws.b, ws.d, ws.c);
+        let (k, d, c) = (ws.k, ws.d, ws.c);
+        let b = head_batch(d, ws.capacity, h.len(), labels.len())?;
         let rows = k * b;
         let stream = ws.dev.stream().clone();
-        check_len("h", h.len(), b * d, "B * D")?;
         check_len("weight", weight.len(), c * d, "C * D")?;
         self.check_bias(bias.map(|x| x.len()))?;
-        check_len("labels", labels.len(), b, "B labels")?;
         check_stream(&stream, h.stream(), "h")?;
         check_stream(&stream, weight.stream(), "weight")?;
         if let Some(x) = bias {
             check_stream(&stream, x.stream(), "bias")?;
         }
         check_stream(&stream, labels.stream(), "labels")?;
+        let source = state.source();
+        source.check(&stream)?;
         bind(&stream)?;
         ws.filled_by = None;
+        ws.b = b;
 
         let cu = stream.cu_stream() as ffi::dropfuse_stream_t;
         let (hp, _gh) = h.device_ptr(&stream);
@@ -382,7 +430,8 @@ impl MultiSampleHead {
         unsafe {
             let src = match &copies {
                 Some(((cp, _), (mp, _))) => {
-                    let params = self.sample_params(state, self.drop.scale());
+                    let (seed, offset, dev, _gr) = source.bind(&stream);
+                    let params = self.sample_params((seed, offset, dev), self.drop.scale());
                     let st = ffi::dropfuse_multi_sample_copies(
                         ffi_dtype(T::DTYPE),
                         hp as *const c_void,
@@ -435,10 +484,18 @@ impl MultiSampleHead {
         Ok(())
     }
 
-    /// The backward of the last [`forward`](Self::forward) on `ws` (by this head): `dh` (`B * D`,
-    /// `GH` = `T` or `f32`), `dw` (`C * D`) and, exactly when the head has a bias, `db` (`C`; both
-    /// `GW` = `T` or `f32`), each multiplied by `grad_scale` (finite, `> 0`). `h` and `weight` are
-    /// the forward's (`h` is read in evaluation mode only; training mode uses the stored copies).
+    /// The backward of the last [`forward`](Self::forward) on `ws` (by this head), for that
+    /// forward's batch `B` ([`HeadWorkspace::batch`]): `dh` (`B * D`, `GH` = `T` or `f32`), `dw`
+    /// (`C * D`) and, exactly when the head has a bias, `db` (`C`; both `GW` = `T` or `f32`), each
+    /// multiplied by `grad_scale` (finite, `> 0`). `h` and `weight` are the forward's (`h` is read
+    /// in evaluation mode only; training mode uses the stored copies).
+    ///
+    /// The backward takes no randomness: it applies the `K` masks the forward stored in `ws`, so
+    /// it is right whatever happened to the forward's state since (a [`DevicePhilox`] advanced
+    /// between the forward and the backward, as a captured training step does, is never read
+    /// again).
+    ///
+    /// [`DevicePhilox`]: crate::DevicePhilox
     #[allow(clippy::too_many_arguments)]
     pub fn backward<T, GH, GW, H, W, DH, DW>(
         &self,
@@ -470,12 +527,13 @@ impl MultiSampleHead {
         if !(grad_scale > 0.0 && grad_scale.is_finite()) {
             return Err(Error::invalid("grad_scale", "a finite scale > 0", grad_scale));
         }
+        // B is the last forward's batch (at most the workspace's capacity).
         let (k, b, d, c) = (ws.k, ws.b, ws.d, ws.c);
         let rows = k * b;
         let stream = ws.dev.stream().clone();
-        check_len("h", h.len(), b * d, "B * D")?;
+        check_len("h", h.len(), b * d, "B * D, B = the forward's batch")?;
         check_len("weight", weight.len(), c * d, "C * D")?;
-        check_len("dh", dh.len(), b * d, "B * D")?;
+        check_len("dh", dh.len(), b * d, "B * D, B = the forward's batch")?;
         check_len("dw", dw.len(), c * d, "C * D")?;
         match (&db, self.bias) {
             (None, true) => {
@@ -532,7 +590,7 @@ impl MultiSampleHead {
                     // dh_all = (S dz) W in f32; the reduction applies keep * scale * a.
                     ws.blas
                         .gemm(g.dh, 1.0, T::DTYPE, wp, dzp, 0.0, DType::F32, *dap)?;
-                    let params = self.sample_params(PhiloxState::new(0, 0), self.drop.scale() * alpha);
+                    let params = self.sample_params((0, 0, std::ptr::null()), self.drop.scale() * alpha);
                     let st = ffi::dropfuse_multi_sample_reduce(
                         ffi_dtype(DType::F32),
                         *dap as *const c_void,
@@ -628,18 +686,57 @@ impl MultiSampleHead {
     }
 }
 
-/// The buffers and the cuBLAS handle of a [`MultiSampleHead`] for `B` rows, `D` features, `C`
-/// classes and element type `T`, on one device stream ([`MultiSampleHead::workspace`]).
+/// The batch `B` of a forward on a workspace of capacity `capacity` with `D = d` features, from
+/// the lengths of `h` (`B * D`) and `labels` (`B`): `h` errors unless `h_len` is `B * D` for some
+/// `B` in `1 ..= capacity`, then `labels` errors unless `labels_len == B`. The validation
+/// [`MultiSampleHead::forward`] runs first (here without a device, for tests).
+#[doc(hidden)]
+pub fn head_batch(d: usize, capacity: usize, h_len: usize, labels_len: usize) -> Result<usize> {
+    let b = h_len.checked_div(d).unwrap_or(0);
+    if b == 0 || b > capacity || h_len % d != 0 {
+        return Err(Error::invalid(
+            "h",
+            format!("B * D elements with D = {d} and B in 1 ..= {capacity} (the workspace's capacity)"),
+            format!("{h_len} elements"),
+        ));
+    }
+    if labels_len != b {
+        return Err(Error::invalid(
+            "labels",
+            format!("{b} labels (B, h's rows)"),
+            format!("{labels_len} labels"),
+        ));
+    }
+    Ok(b)
+}
+
+/// The buffers and the cuBLAS handle of a [`MultiSampleHead`] for up to `capacity` rows, `D`
+/// features, `C` classes and element type `T`, on one device stream
+/// ([`MultiSampleHead::workspace`]).
+///
+/// **Batch size.** A workspace allocated for a capacity `B_max` serves every batch
+/// `B in 1 ..= B_max` (same head, `D`, `C` and `T`): each [`MultiSampleHead::forward`] takes `B`
+/// from `h` (`B * D` values; `labels` must hold `B`) and records it; the
+/// [`backward`](MultiSampleHead::backward), [`read_loss`](Self::read_loss),
+/// [`check_labels`](Self::check_labels), [`mean_logits`](Self::mean_logits) and the buffer views
+/// below then refer to that last forward's `B` ([`batch`](Self::batch)). The buffers of a batch
+/// are the leading part of the capacity's buffers, laid out exactly as in a workspace allocated for
+/// `B`, and the launches and GEMMs are the same (same sizes, same handle setup), so the results are
+/// bit for bit those of a fresh workspace of capacity `B` (on the same GPU model and cuBLAS
+/// version; the GPU tests check it). A batch above the capacity is an `h` error (nothing written).
 ///
 /// Holds: the `K` masked copies (`K * B * D` of `T`) and their masks (training mode), the logits
 /// `z` (`K * B * C` `f32`), the scaled logits' gradient `S dz` (`K * B * C` of `T`), `dh_all`
 /// (`K * B * D` `f32`, training mode), the loss, the cross-entropy scratch and the bias-gradient
-/// partials, and a cuBLAS handle with its 32 MiB workspace.
+/// partials (all sized for `B = capacity`), and a cuBLAS handle with its 32 MiB workspace.
 #[derive(Debug)]
 pub struct HeadWorkspace<T: Element> {
     dev: Device,
     blas: Blas,
     k: usize,
+    /// The most rows a forward may take (what the buffers are sized for).
+    capacity: usize,
+    /// The rows of the last forward (`capacity` before any forward).
     b: usize,
     d: usize,
     c: usize,
@@ -671,9 +768,19 @@ impl<T: Element> HeadWorkspace<T> {
         Ok(())
     }
 
-    /// `(samples, B, D, C)`.
+    /// `(samples, B, D, C)` with `B` the last forward's batch ([`batch`](Self::batch)): the
+    /// shapes the backward and the buffer views refer to. The capacity is
+    /// [`capacity`](Self::capacity).
     pub fn dims(&self) -> (usize, usize, usize, usize) {
         (self.k, self.b, self.d, self.c)
+    }
+    /// The batch `B` of the last forward (the capacity before any forward).
+    pub fn batch(&self) -> usize {
+        self.b
+    }
+    /// The most rows a forward may take: the `b` the workspace was allocated for.
+    pub fn capacity(&self) -> usize {
+        self.capacity
     }
     /// The device the workspace lives on.
     pub fn device(&self) -> &Device {
@@ -684,21 +791,24 @@ impl<T: Element> HeadWorkspace<T> {
         &self.loss
     }
     /// The logits of the last forward, `K x B x C` `f32` (bias included).
-    pub fn logits(&self) -> &CudaSlice<f32> {
-        &self.z
+    pub fn logits(&self) -> CudaView<'_, f32> {
+        self.z.slice(..self.k * self.b * self.c)
     }
     /// The logits' gradient of the last forward times [`MultiSampleHead::logits_grad_scale`],
     /// `K x B x C` of `T`.
-    pub fn scaled_logits_grad(&self) -> &CudaSlice<T> {
-        &self.dz
+    pub fn scaled_logits_grad(&self) -> CudaView<'_, T> {
+        self.dz.slice(..self.k * self.b * self.c)
     }
-    /// The `K` masked copies (`K x B x D`), training mode only.
-    pub fn copies(&self) -> Option<&CudaSlice<T>> {
-        self.copies.as_ref()
+    /// The `K` masked copies of the last forward (`K x B x D`), training mode only.
+    pub fn copies(&self) -> Option<CudaView<'_, T>> {
+        let n = self.k * self.b * self.d;
+        self.copies.as_ref().map(|x| x.slice(..n))
     }
-    /// The `K` bit masks ([`masks_len`]`(K, B * D)` words), training mode only.
-    pub fn masks(&self) -> Option<&CudaSlice<u32>> {
-        self.masks.as_ref()
+    /// The `K` bit masks of the last forward ([`masks_len`]`(K, B * D)` words), training mode
+    /// only.
+    pub fn masks(&self) -> Option<CudaView<'_, u32>> {
+        let n = masks_len(self.k, self.b * self.d);
+        self.masks.as_ref().map(|x| x.slice(..n))
     }
     /// The cuBLAS handle.
     pub fn blas(&self) -> &Blas {
@@ -725,11 +835,17 @@ impl<T: Element> HeadWorkspace<T> {
                 "an empty one",
             ));
         };
-        super::check_labels(self.dev.stream(), &self.scratch, self.c, head.ignore_index())
+        // The verdict is the scratch's first two words (n_valid, first bad row), whatever B.
+        super::check_labels(
+            self.dev.stream(),
+            &self.scratch.slice(..2),
+            self.c,
+            head.ignore_index(),
+        )
     }
 
-    /// The averaged logits `sum_k z_k / K` of the last forward into `mean` (`B * C` `f32`), one
-    /// launch ([`super::mean_logits`]).
+    /// The averaged logits `sum_k z_k / K` of the last forward into `mean` (`B * C` `f32`, `B` that
+    /// forward's batch), one launch ([`super::mean_logits`]).
     pub fn mean_logits<M: DevicePtrMut<f32>>(&self, mean: &mut M) -> Result<()> {
         if self.filled_by.is_none() {
             return Err(Error::invalid(
@@ -738,7 +854,12 @@ impl<T: Element> HeadWorkspace<T> {
                 "an empty one",
             ));
         }
-        check_len("mean", mean.len(), self.b * self.c, "B * C")?;
-        super::mean_logits(self.dev.stream(), self.k, &self.z, mean)
+        check_len(
+            "mean",
+            mean.len(),
+            self.b * self.c,
+            "B * C, B = the forward's batch",
+        )?;
+        super::mean_logits(self.dev.stream(), self.k, &self.logits(), mean)
     }
 }
