@@ -19,7 +19,7 @@ use dropfuse::cudarc::driver::CudaSlice;
 use dropfuse::drop_block::{stats_len, DropBlock};
 use dropfuse::dropout::mask_words;
 use dropfuse::mc_dropout::McDropout;
-use dropfuse::multi_sample::{check_cublas, masks_len, HeadWorkspace, MultiSample, MultiSampleHead};
+use dropfuse::multi_sample::{masks_len, HeadWorkspace, MultiSample, MultiSampleHead};
 use dropfuse::rng::{DevicePhilox, Randomness};
 use dropfuse::structured::StructuredDropout;
 use dropfuse::{ffi, Device, Dropout, PhiloxState};
@@ -754,17 +754,6 @@ fn gpu_graph_replay_bias_dropout_residual() {
 // ---- the multi-sample dropout head (masked copies, cuBLAS GEMMs, cross-entropy, backward) ----
 
 /// GPU 0 with cuBLAS, or `None` after a SKIPPED line saying which is missing.
-fn head_gpu(test: &str) -> Option<Device> {
-    let dev = gpu(test)?;
-    match check_cublas() {
-        Ok(()) => Some(dev),
-        Err(e) => {
-            common::skip(test, &e.to_string());
-            None
-        }
-    }
-}
-
 /// One head with its workspace, inputs and gradients: a forward + backward step and what it wrote.
 struct HeadRun {
     head: MultiSampleHead,
@@ -854,7 +843,7 @@ fn assert_same(got: &[(&str, Vec<u32>)], want: &[(&str, Vec<u32>)], what: &str) 
 #[test]
 fn gpu_multi_sample_head_device_state_equals_host_state() {
     let _serial = serial();
-    let Some(dev) = head_gpu("gpu_multi_sample_head_device_state_equals_host_state") else {
+    let Some(dev) = common::gpu_with_cublas("gpu_multi_sample_head_device_state_equals_host_state") else {
         return;
     };
     // n = B * D = 240 (a multiple of 8: vector copies) and 6 * 13 = 78 (scalar copies, tails).
@@ -886,7 +875,7 @@ fn gpu_multi_sample_head_device_state_equals_host_state() {
 #[test]
 fn gpu_graph_replay_multi_sample_head() {
     let _serial = serial();
-    let Some(dev) = head_gpu("gpu_graph_replay_multi_sample_head") else {
+    let Some(dev) = common::gpu_with_cublas("gpu_graph_replay_multi_sample_head") else {
         return;
     };
     let k = 4usize;

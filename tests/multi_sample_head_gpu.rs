@@ -14,7 +14,7 @@
 mod common;
 
 use common::data::{splitmix, uniform_values as values};
-use common::{bits, cases, gpu, invalid_name, rel_err_norm, skip, tcerr, widen};
+use common::{bits, cases, gpu_with_cublas, invalid_name, rel_err_norm, tcerr, widen};
 use dropfuse::cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr};
 use dropfuse::dropout::mask_words;
 use dropfuse::multi_sample::{
@@ -40,17 +40,6 @@ const GRAD_TOL_16: f64 = 1e-2;
 const SENTINEL: f32 = 12345.5;
 
 /// GPU 0 with cuBLAS, or `None` after a SKIPPED line saying which is missing.
-fn head_gpu(test: &str) -> Option<Device> {
-    let dev = gpu(test)?;
-    match check_cublas() {
-        Ok(()) => Some(dev),
-        Err(e) => {
-            skip(test, &e.to_string());
-            None
-        }
-    }
-}
-
 fn max_abs(v: &[f64]) -> f64 {
     v.iter().fold(0.0, |m, x| m.max(x.abs()))
 }
@@ -578,7 +567,7 @@ fn run_head<T: Element, GH: Element, GW: Element>(dev: &Device, c: &HeadCase) ->
 
 #[test]
 fn head_matches_reference() {
-    let Some(dev) = head_gpu("head_matches_reference") else {
+    let Some(dev) = gpu_with_cublas("head_matches_reference") else {
         return;
     };
     let mut runner = TestRunner::new(Config::with_cases(cases(24)));
@@ -598,7 +587,7 @@ fn head_matches_reference() {
 /// Larger shapes with aligned, vectorized paths (D % 8 == 0, C = 200) and the benchmark's K.
 #[test]
 fn head_matches_reference_medium() {
-    let Some(dev) = head_gpu("head_matches_reference_medium") else {
+    let Some(dev) = gpu_with_cublas("head_matches_reference_medium") else {
         return;
     };
     for (train, bias, eps, ignore) in [
@@ -659,7 +648,7 @@ fn run_once<T: Element>(dev: &Device, head: &MultiSampleHead, b: usize, d: usize
 
 #[test]
 fn head_is_deterministic() {
-    let Some(dev) = head_gpu("head_is_deterministic") else {
+    let Some(dev) = gpu_with_cublas("head_is_deterministic") else {
         return;
     };
     let head = MultiSampleHead::new(8, 0.1)
@@ -683,7 +672,7 @@ fn head_is_deterministic() {
 
 #[test]
 fn head_bad_labels() {
-    let Some(dev) = head_gpu("head_bad_labels") else {
+    let Some(dev) = gpu_with_cublas("head_bad_labels") else {
         return;
     };
     let (k, b, d, c) = (3, 5, 12, 7);
@@ -741,7 +730,7 @@ fn head_bad_labels() {
 
 #[test]
 fn head_invalid_arguments_write_nothing() {
-    let Some(dev) = head_gpu("head_invalid_arguments_write_nothing") else {
+    let Some(dev) = gpu_with_cublas("head_invalid_arguments_write_nothing") else {
         return;
     };
     let (k, b, d, c) = (2, 3, 5, 4);
@@ -889,7 +878,7 @@ fn head_invalid_arguments_write_nothing() {
 /// Evaluation mode is one pass: the averaged logits are the logits, no copies.
 #[test]
 fn head_eval_mode_is_one_pass() {
-    let Some(dev) = head_gpu("head_eval_mode_is_one_pass") else {
+    let Some(dev) = gpu_with_cublas("head_eval_mode_is_one_pass") else {
         return;
     };
     let (b, d, c) = (4, 9, 6);
@@ -1005,7 +994,7 @@ fn run_batches<T: Element, G: Element>(dev: &Device, head: &MultiSampleHead) {
 /// of each B give (the same launches and GEMMs on the leading part of the buffers).
 #[test]
 fn head_workspace_serves_any_batch_up_to_its_capacity() {
-    let Some(dev) = head_gpu("head_workspace_serves_any_batch_up_to_its_capacity") else {
+    let Some(dev) = gpu_with_cublas("head_workspace_serves_any_batch_up_to_its_capacity") else {
         return;
     };
     let head = MultiSampleHead::new(4, 0.25)
@@ -1023,7 +1012,7 @@ fn head_workspace_serves_any_batch_up_to_its_capacity() {
 /// written, and the last good forward stays usable.
 #[test]
 fn head_batch_errors_write_nothing() {
-    let Some(dev) = head_gpu("head_batch_errors_write_nothing") else {
+    let Some(dev) = gpu_with_cublas("head_batch_errors_write_nothing") else {
         return;
     };
     let (k, cap, d, c) = (2usize, 4usize, 5usize, 3usize);

@@ -30,6 +30,18 @@ pub fn gpu(test: &str) -> Option<Device> {
     }
 }
 
+/// GPU 0 and a loadable cuBLAS (the multi-sample head's GEMMs), or `None` after a SKIPPED line.
+pub fn gpu_with_cublas(test: &str) -> Option<Device> {
+    let dev = gpu(test)?;
+    match dropfuse::multi_sample::check_cublas() {
+        Ok(()) => Some(dev),
+        Err(e) => {
+            skip(test, &e.to_string());
+            None
+        }
+    }
+}
+
 /// Proptest cases per property: `DROPFUSE_PROPTEST_CASES` (default `default`); raise it for
 /// fuzzing runs on a GPU host.
 pub fn cases(default: u32) -> u32 {
