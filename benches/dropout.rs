@@ -57,11 +57,10 @@
 use std::time::Duration;
 
 mod common;
-use common::{env_log2, gbps, json_escape, json_num, Meta, Output};
+use common::{burst_rows, env_log2, filled, register, rows_against_copy, Burst, Output, Row, Timer};
 
-use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use dropfuse::cudarc::driver::sys::CUevent_flags;
-use dropfuse::cudarc::driver::{CudaEvent, CudaSlice};
+use criterion::{criterion_group, criterion_main, Criterion};
+use dropfuse::cudarc::driver::CudaSlice;
 use dropfuse::dropout::mask_words;
 use dropfuse::half::{bf16, f16};
 use dropfuse::{Device, Dropout, Element, Error, Generator};
@@ -70,11 +69,6 @@ use dropfuse::{Device, Dropout, Element, Error, Generator};
 const DEFAULT_LOG2_N: u32 = 28;
 /// Drop probability used throughout (the kernels' speed does not depend on it).
 const P: f64 = 0.1;
-/// Burst timing: launches per event-timed repeat, repeats (the median is reported).
-const BURST_LAUNCHES: u64 = 10;
-const BURST_REPEATS: usize = 20;
-/// Launches before any timing of a kernel and size (clocks, caches, first-launch costs).
-const WARMUP_LAUNCHES: u64 = 5;
 /// Sweep sizes: `2^SWEEP_MIN_LOG2 ..= 2^SWEEP_MAX_LOG2` elements (the top from the environment).
 const SWEEP_MIN_LOG2: u32 = 12;
 const SWEEP_MAX_LOG2: u32 = 30;
@@ -85,8 +79,6 @@ const SWEEP_WINDOW_MS: f64 = 2.0;
 const SWEEP_MIN_LAUNCHES: u64 = 10;
 const SWEEP_MAX_LAUNCHES: u64 = 20_000;
 const SWEEP_REPEATS: usize = 7;
-/// Elements of the value pattern uploaded once and copied over the inputs.
-const PATTERN_LEN: usize = 1 << 20;
 
 /// The kernels benchmarked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -128,14 +120,6 @@ impl Kernel {
         }
     }
 
-    /// The JSON `impl` field: who provides the kernel.
-    fn implementation(self) -> &'static str {
-        match self {
-            Kernel::Copy => "copy",
-            _ => "dropfuse",
-        }
-    }
-
     /// Bytes one launch reads plus writes, for `n` elements of `size` bytes each.
     fn bytes(self, n: usize, size: usize) -> u64 {
         let data = 2 * n as u64 * size as u64; // read n elements + write n elements
@@ -144,22 +128,6 @@ impl Kernel {
             Kernel::Mask => mask,
             Kernel::ForwardMask | Kernel::BackwardMask => data + mask,
             Kernel::ForwardMaskless | Kernel::BackwardMaskless | Kernel::Copy => data,
-        }
-    }
-}
-
-/// How a row was measured.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Method {
-    Burst,
-    Sweep,
-}
-
-impl Method {
-    fn name(self) -> &'static str {
-        match self {
-            Method::Burst => "burst",
-            Method::Sweep => "sweep",
         }
     }
 }
@@ -177,31 +145,13 @@ struct Bench<T: Element> {
     dx: CudaSlice<T>,
     /// The bit mask (written by `mask` / `forward_mask`, read by `backward_mask`).
     mask: CudaSlice<u32>,
-    /// Timing events, created once (with timing enabled) and re-recorded.
-    start: CudaEvent,
-    end: CudaEvent,
+    timer: Timer,
 }
 
 impl<T: Element> Bench<T> {
     fn new(dev: &Device, n: usize) -> Result<Self, Error> {
-        let stream = dev.stream();
-        let driver = |call| move |e| Error::driver(call, e);
         // Values do not change the kernels' speed; a cheap varied pattern avoids all-zero data.
-        // It is uploaded once and copied over x, so no host buffer of n elements is needed.
-        let pattern: Vec<T> = (0..PATTERN_LEN.min(n))
-            .map(|i| T::from_f32((i % 251) as f32 * 0.01 - 1.25))
-            .collect();
-        let pattern = dev.upload(&pattern)?;
-        let mut x = dev.zeros::<T>(n)?;
-        for start in (0..n).step_by(pattern.len()) {
-            let len = pattern.len().min(n - start);
-            stream
-                .memcpy_dtod(&pattern.slice(..len), &mut x.slice_mut(start..start + len))
-                .map_err(driver("cuMemcpyDtoDAsync"))?;
-        }
-        // `None` would create events with timing disabled.
-        let flags = Some(CUevent_flags::CU_EVENT_DEFAULT);
-        let ctx = dev.context();
+        let x = filled(dev, n, |i| (i % 251) as f32 * 0.01 - 1.25)?;
         let mut bench = Bench {
             dev: dev.clone(),
             drop: Dropout::new(P)?,
@@ -210,13 +160,11 @@ impl<T: Element> Bench<T> {
             y: dev.zeros(n)?,
             dx: dev.zeros(n)?,
             mask: dev.zeros(mask_words(n))?,
-            start: ctx.new_event(flags).map_err(driver("cuEventCreate"))?,
-            end: ctx.new_event(flags).map_err(driver("cuEventCreate"))?,
+            timer: Timer::new(dev)?,
         };
         // A valid mask for `backward_mask`, and everything touched once.
-        bench.launch(Kernel::ForwardMask, n)?;
+        bench.launch((Kernel::ForwardMask, n))?;
         bench.dev.synchronize()?;
-        drop(pattern);
         Ok(bench)
     }
 
@@ -224,10 +172,19 @@ impl<T: Element> Bench<T> {
     fn capacity(&self) -> usize {
         self.x.len()
     }
+}
+
+impl<T: Element> Burst for Bench<T> {
+    /// A kernel on the first `n` elements.
+    type Kernel = (Kernel, usize);
+
+    fn timer(&self) -> &Timer {
+        &self.timer
+    }
 
     /// Enqueues one launch of `kernel` on the first `n` elements (no synchronization). Kept lean:
     /// the prefix views are a few words on the stack, the rest is the safe API's own checks.
-    fn launch(&mut self, kernel: Kernel, n: usize) -> Result<(), Error> {
+    fn launch(&mut self, (kernel, n): (Kernel, usize)) -> Result<(), Error> {
         let stream = self.dev.stream();
         let x = self.x.slice(..n);
         let words = mask_words(n);
@@ -261,214 +218,51 @@ impl<T: Element> Bench<T> {
         }
     }
 
-    /// GPU time of `launches` back-to-back launches of `kernel` on `n` elements (CUDA events).
-    fn time(&mut self, kernel: Kernel, n: usize, launches: u64) -> Result<Duration, Error> {
-        let stream = self.dev.stream().clone();
-        self.start
-            .record(&stream)
-            .map_err(|e| Error::driver("cuEventRecord", e))?;
-        for _ in 0..launches {
-            self.launch(kernel, n)?;
-        }
-        self.end
-            .record(&stream)
-            .map_err(|e| Error::driver("cuEventRecord", e))?;
-        // elapsed_ms waits for both events.
-        let ms = self
-            .start
-            .elapsed_ms(&self.end)
-            .map_err(|e| Error::driver("cuEventElapsedTime", e))?;
-        Ok(Duration::from_secs_f64(f64::from(ms) / 1e3))
-    }
-
-    /// Milliseconds per launch of `launches` launches.
-    fn ms_per_launch(&mut self, kernel: Kernel, n: usize, launches: u64) -> Result<f64, Error> {
-        Ok(self.time(kernel, n, launches)?.as_secs_f64() * 1e3 / launches as f64)
-    }
-
-    /// Median milliseconds per launch over `repeats` timings of `launches` launches (no warm-up).
-    fn median_ms(&mut self, kernel: Kernel, n: usize, launches: u64, repeats: usize) -> Result<f64, Error> {
-        let mut ms: Vec<f64> = (0..repeats)
-            .map(|_| self.ms_per_launch(kernel, n, launches))
-            .collect::<Result<_, Error>>()?;
-        ms.sort_by(f64::total_cmp);
-        Ok(ms[ms.len() / 2])
-    }
-
-    fn warm_up(&mut self, kernel: Kernel, n: usize) -> Result<(), Error> {
-        self.time(kernel, n, WARMUP_LAUNCHES).map(drop)
-    }
-
-    /// One row: warm-up, then `repeats` timings of `launches` launches (for `None`, of a count that
-    /// makes one timed window about `SWEEP_WINDOW_MS` of GPU work, estimated first).
-    fn measure(
-        &mut self,
-        kernel: Kernel,
-        n: usize,
-        method: Method,
-        launches: Option<u64>,
-        repeats: usize,
-        copy: Option<(f64, u64)>,
-    ) -> Result<Row, Error> {
-        self.warm_up(kernel, n)?;
-        let launches = match launches {
-            Some(l) => l,
-            None => {
-                // A quick estimate, then one window at the count it suggests to refine it: a few
-                // launches overstate the per-call time by the latency of the first one.
-                let mut launches = SWEEP_PROBE_LAUNCHES;
-                for _ in 0..2 {
-                    let estimate = self.ms_per_launch(kernel, n, launches)?;
-                    launches = ((SWEEP_WINDOW_MS / estimate).ceil() as u64)
-                        .clamp(SWEEP_MIN_LAUNCHES, SWEEP_MAX_LAUNCHES);
-                }
-                launches
-            }
-        };
-        let ms = self.median_ms(kernel, n, launches, repeats)?;
-        let bytes = kernel.bytes(n, T::DTYPE.size());
-        // The copy row is its own baseline.
-        let (copy_ms, copy_bytes) = copy.unwrap_or((ms, bytes));
-        Ok(Row {
-            kernel,
-            dtype: T::DTYPE.name(),
+    fn row(&self, (kernel, n): (Kernel, usize)) -> Row {
+        Row::new(
+            kernel.name(),
+            T::DTYPE.name(),
             n,
-            method,
-            launches,
-            repeats,
-            ms,
-            bytes,
-            copy_ms,
-            copy_bytes,
-        })
-    }
-
-    /// Times the copy, then every other kernel of `kernels` against it, on `n` elements.
-    fn rows(
-        &mut self,
-        kernels: &[Kernel],
-        n: usize,
-        method: Method,
-        launches: Option<u64>,
-        repeats: usize,
-        out: &mut Output,
-    ) -> Result<(), Error> {
-        let copy = self.measure(Kernel::Copy, n, method, launches, repeats, None)?;
-        let baseline = Some((copy.ms, copy.bytes));
-        out.emit(&copy.text(), &copy.json(&out.meta));
-        for &kernel in kernels.iter().filter(|&&k| k != Kernel::Copy) {
-            let row = self.measure(kernel, n, method, launches, repeats, baseline)?;
-            out.emit(&row.text(), &row.json(&out.meta));
-        }
-        Ok(())
+            kernel.bytes(n, T::DTYPE.size()),
+        )
+        .param("p", P)
     }
 }
 
-/// One measured kernel at one dtype and size: rendered as a text line and as a JSON line.
-struct Row {
-    kernel: Kernel,
-    dtype: &'static str,
-    n: usize,
-    method: Method,
-    launches: u64,
-    repeats: usize,
-    /// Median milliseconds per launch.
-    ms: f64,
-    bytes: u64,
-    /// The copy's, at the same dtype and size.
-    copy_ms: f64,
-    copy_bytes: u64,
-}
-
-impl Row {
-    fn gbps(&self) -> f64 {
-        gbps(self.bytes, self.ms)
+/// A sweep row: warm-up, then `SWEEP_REPEATS` timings of a launch count that makes one timed window
+/// about `SWEEP_WINDOW_MS` of GPU work, estimated first.
+fn sweep_row<T: Element>(bench: &mut Bench<T>, k: (Kernel, usize)) -> Result<Row, Error> {
+    bench.warm_up(k)?;
+    // A quick estimate, then one window at the count it suggests to refine it: a few launches
+    // overstate the per-call time by the latency of the first one.
+    let mut launches = SWEEP_PROBE_LAUNCHES;
+    for _ in 0..2 {
+        let estimate = bench.ms_per_launch(k, launches)?;
+        launches = ((SWEEP_WINDOW_MS / estimate).ceil() as u64).clamp(SWEEP_MIN_LAUNCHES, SWEEP_MAX_LAUNCHES);
     }
-
-    fn copy_gbps(&self) -> f64 {
-        gbps(self.copy_bytes, self.copy_ms)
-    }
-
-    fn copy_fraction(&self) -> f64 {
-        self.gbps() / self.copy_gbps()
-    }
-
-    /// The greppable stdout line.
-    fn text(&self) -> String {
-        format!(
-            "DROPFUSE_BENCH method={} kernel={} dtype={} n={} ms={:.5} bytes={} gbps={:.1} copy_ms={:.5} \
-             copy_gbps={:.1} copy_fraction={:.3}",
-            self.method.name(),
-            self.kernel.name(),
-            self.dtype,
-            self.n,
-            self.ms,
-            self.bytes,
-            self.gbps(),
-            self.copy_ms,
-            self.copy_gbps(),
-            self.copy_fraction(),
-        )
-    }
-
-    /// The same as one JSON line, in the schema shared with the PyTorch peer.
-    fn json(&self, meta: &Meta) -> String {
-        format!(
-            "{{\"impl\":\"{}\",\"kernel\":\"{}\",\"dtype\":\"{}\",\"n\":{},\"p\":{},\"method\":\"{}\",\
-             \"launches\":{},\"repeats\":{},\"ms\":{},\"bytes\":{},\"gbps\":{},\"copy_ms\":{},\
-             \"copy_gbps\":{},\"copy_fraction\":{},\"gpu\":\"{}\",\"date\":\"{}\",\"commit\":\"{}\",\
-             \"side\":\"dropfuse\"}}",
-            self.kernel.implementation(),
-            self.kernel.name(),
-            self.dtype,
-            self.n,
-            P,
-            self.method.name(),
-            self.launches,
-            self.repeats,
-            json_num(self.ms, 7),
-            self.bytes,
-            json_num(self.gbps(), 3),
-            json_num(self.copy_ms, 7),
-            json_num(self.copy_gbps(), 3),
-            json_num(self.copy_fraction(), 5),
-            json_escape(&meta.gpu),
-            meta.date,
-            json_escape(&meta.commit),
-        )
-    }
+    let ms = bench.median_ms(k, launches, SWEEP_REPEATS)?;
+    Ok(bench.row(k).timed("sweep", launches, SWEEP_REPEATS, ms))
 }
 
 /// Burst rows, then one criterion group, for dtype `T` at `n` elements.
 fn bench_dtype<T: Element>(c: &mut Criterion, dev: &Device, out: &mut Output, n: usize) {
     let dtype = T::DTYPE.name();
     let mut bench = Bench::<T>::new(dev, n).unwrap_or_else(|e| panic!("{dtype}: setting up n = {n}: {e}"));
-    bench
-        .rows(
-            &Kernel::ALL,
-            n,
-            Method::Burst,
-            Some(BURST_LAUNCHES),
-            BURST_REPEATS,
-            out,
-        )
-        .unwrap_or_else(|e| panic!("{dtype}: burst timing: {e}"));
+    let kernels = Kernel::ALL.map(|k| (k, n));
+    burst_rows(
+        out,
+        &mut bench,
+        &format!("{dtype} burst"),
+        (Kernel::Copy, n),
+        &kernels,
+    );
 
     let mut group = c.benchmark_group(format!("dropout/{dtype}/n={n}"));
     group
         .sample_size(10)
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_millis(1500));
-    for kernel in Kernel::ALL {
-        group.throughput(Throughput::Bytes(kernel.bytes(n, T::DTYPE.size())));
-        group.bench_function(kernel.name(), |b| {
-            b.iter_custom(|iters| {
-                bench
-                    .time(kernel, n, iters)
-                    .unwrap_or_else(|e| panic!("{dtype} {}: {e}", kernel.name()))
-            })
-        });
-    }
+    register(&mut group, &mut bench, &kernels);
     group.finish();
     // `bench` (several GiB at f32) is freed here, before the next dtype allocates.
 }
@@ -482,34 +276,21 @@ fn sweep_dtype<T: Element>(dev: &Device, out: &mut Output, max_log2: u32) {
     debug_assert_eq!(bench.capacity(), max_n);
     for log2 in SWEEP_MIN_LOG2..=max_log2 {
         let n = 1usize << log2;
-        bench
-            .rows(&Kernel::SWEEP, n, Method::Sweep, None, SWEEP_REPEATS, out)
-            .unwrap_or_else(|e| panic!("{dtype}: sweep timing at n = {n}: {e}"));
+        let what = format!("{dtype} sweep at n = {n}");
+        let kernels = Kernel::SWEEP.map(|k| (k, n));
+        rows_against_copy(out, &mut bench, &what, (Kernel::Copy, n), &kernels, sweep_row);
     }
 }
 
 fn dropout_benches(c: &mut Criterion) {
-    let dev = match Device::new(0) {
-        Ok(dev) => dev,
-        Err(e) => {
-            println!("SKIPPED: dropout benches: no CUDA device ({e})");
-            return;
-        }
-    };
-    // cudarc tracks every buffer's reads and writes with CUDA events once a context has a
-    // non-default stream (as `Device::new` creates): each safe call then adds a
-    // cuStreamWaitEvent per buffer before the launch and a cuEventRecord per buffer after it
-    // (forward with a mask: 5 waits, 3 records, each with a context check), host time that
-    // dominates small kernels' launch rate. Everything here runs on the one stream, in order, so
-    // that tracking protects nothing. It only applies to buffers allocated after this call.
     // SAFETY: all buffers are allocated, used and freed on `dev.stream()` alone.
-    unsafe { dev.context().disable_event_tracking() };
-    let gpu = dev.name().unwrap_or_else(|_| "unknown GPU".to_string());
+    let Some((dev, mut out)) = (unsafe { common::device("dropout") }) else {
+        return;
+    };
     let n = 1usize << env_log2("DROPFUSE_BENCH_N", DEFAULT_LOG2_N, 5..=33);
     let sweep = std::env::var("DROPFUSE_BENCH_SWEEP").map_or(true, |v| v.trim() != "0");
     let sweep_max = env_log2("DROPFUSE_BENCH_SWEEP_MAX", SWEEP_MAX_LOG2, SWEEP_MIN_LOG2..=33);
-    println!("dropout benches on {gpu}: n = {n} elements, p = {P}");
-    let mut out = Output::new(gpu);
+    println!("dropout benches on {}: n = {n} elements, p = {P}", out.meta.gpu);
     bench_dtype::<f16>(c, &dev, &mut out, n);
     bench_dtype::<bf16>(c, &dev, &mut out, n);
     bench_dtype::<f32>(c, &dev, &mut out, n);

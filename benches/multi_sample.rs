@@ -27,17 +27,14 @@
 //! Environment: `DROPFUSE_BENCH_JSON` (append rows as JSON lines), `DROPFUSE_COMMIT`.
 //! Without a CUDA device this prints a SKIPPED line and registers nothing.
 
-use std::time::Duration;
-
-use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use dropfuse::cudarc::driver::sys::CUevent_flags;
-use dropfuse::cudarc::driver::{CudaEvent, CudaSlice};
+use criterion::{criterion_group, criterion_main, Criterion};
+use dropfuse::cudarc::driver::CudaSlice;
 use dropfuse::half::{bf16, f16};
 use dropfuse::multi_sample::{masks_len, HeadWorkspace, MultiSample, MultiSampleHead, WeightedCrossEntropy};
 use dropfuse::{Device, Element, Error, Generator};
 
 mod common;
-use common::{gbps, json_escape, json_num, Output};
+use common::{burst_rows, json_num, Burst, Output, Row, Timer};
 
 const P: f64 = 0.1;
 const EPS: f64 = 0.1;
@@ -45,9 +42,6 @@ const K: usize = 8;
 const B: usize = 1024;
 const D: usize = 2048;
 const C: usize = 1000;
-const LAUNCHES: u64 = 10;
-const REPEATS: usize = 20;
-const WARMUP: u64 = 5;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kernel {
@@ -100,8 +94,7 @@ struct Bench<T: Element> {
     masks: CudaSlice<u32>,
     dh: CudaSlice<T>,
     head: Option<HeadBench<T>>,
-    start: CudaEvent,
-    end: CudaEvent,
+    timer: Timer,
 }
 
 /// The head's configuration, workspace, weight, bias and gradients (`None` without cuBLAS).
@@ -145,8 +138,6 @@ impl<T: Element> Bench<T> {
             .map(|i| T::from_f32((i % 251) as f32 * 0.01 - 1.25))
             .collect();
         let labels: Vec<i64> = (0..B as i64).map(|i| (i * 37) % C as i64).collect();
-        let flags = Some(CUevent_flags::CU_EVENT_DEFAULT);
-        let ev = |e| Error::driver("cuEventCreate", e);
         Ok(Bench {
             dev: dev.clone(),
             rng: Generator::new(0x5a3),
@@ -169,8 +160,7 @@ impl<T: Element> Bench<T> {
                     None
                 }
             },
-            start: dev.context().new_event(flags).map_err(ev)?,
-            end: dev.context().new_event(flags).map_err(ev)?,
+            timer: Timer::new(dev)?,
         })
     }
 
@@ -188,6 +178,32 @@ impl<T: Element> Bench<T> {
             // As the peer counts them: read h, W, b and write dh, dW, db.
             Kernel::HeadFwdBwd | Kernel::HeadGemms => 2 * (B * D + C * D + C) as u64 * t,
         }
+    }
+
+    /// The head rows: no copy baseline; GFLOP and TFLOP/s of the three GEMMs.
+    fn head_row(&self, out: &mut Output, k: Kernel, ms: f64, gemm_ms: f64) {
+        let tflops = HEAD_GFLOP / ms;
+        let gemm_tflops = HEAD_GFLOP / gemm_ms;
+        let row = self
+            .row(k)
+            .burst(ms)
+            .note("gflop", format!("{HEAD_GFLOP:.3}"))
+            .note("tflops", format!("{tflops:.1}"))
+            .note("gemm_ms", format!("{gemm_ms:.5}"))
+            .note("gemm_tflops", format!("{gemm_tflops:.1}"))
+            .extra("gflop", json_num(HEAD_GFLOP, 3))
+            .extra("tflops", json_num(tflops, 3))
+            .extra("gemm_ms", json_num(gemm_ms, 7))
+            .extra("gemm_tflops", json_num(gemm_tflops, 3));
+        out.row(&row);
+    }
+}
+
+impl<T: Element> Burst for Bench<T> {
+    type Kernel = Kernel;
+
+    fn timer(&self) -> &Timer {
+        &self.timer
     }
 
     fn launch(&mut self, k: Kernel) -> Result<(), Error> {
@@ -235,99 +251,16 @@ impl<T: Element> Bench<T> {
         }
     }
 
-    fn time(&mut self, k: Kernel, launches: u64) -> Result<Duration, Error> {
-        let stream = self.dev.stream().clone();
-        let rec = |e| Error::driver("cuEventRecord", e);
-        self.start.record(&stream).map_err(rec)?;
-        for _ in 0..launches {
-            self.launch(k)?;
-        }
-        self.end.record(&stream).map_err(rec)?;
-        let ms = self
-            .start
-            .elapsed_ms(&self.end)
-            .map_err(|e| Error::driver("cuEventElapsedTime", e))?;
-        Ok(Duration::from_secs_f64(f64::from(ms) / 1e3))
-    }
-
-    fn median_ms(&mut self, k: Kernel) -> Result<f64, Error> {
-        self.time(k, WARMUP)?;
-        let mut ms = (0..REPEATS)
-            .map(|_| Ok(self.time(k, LAUNCHES)?.as_secs_f64() * 1e3 / LAUNCHES as f64))
-            .collect::<Result<Vec<f64>, Error>>()?;
-        ms.sort_by(f64::total_cmp);
-        Ok(ms[REPEATS / 2])
-    }
-
-    fn row(&self, out: &mut Output, k: Kernel, ms: f64, copy: Kernel, copy_ms: f64) {
-        let dtype = T::DTYPE.name();
-        let bytes = self.bytes(k);
-        let copy_bytes = self.bytes(copy);
-        let frac = gbps(bytes, ms) / gbps(copy_bytes, copy_ms);
-        let kernel = k.name();
-        let shape = k.shape();
+    fn row(&self, k: Kernel) -> Row {
         let n = match k {
             Kernel::CopyLogits | Kernel::WeightedCe => K * B * C,
             _ => K * B * D,
         };
-        let text = format!(
-            "DROPFUSE_BENCH method=burst kernel={kernel} dtype={dtype} n={n} shape={shape} ms={ms:.5} \
-             bytes={bytes} gbps={:.1} copy_ms={copy_ms:.5} copy_gbps={:.1} copy_fraction={frac:.3}",
-            gbps(bytes, ms),
-            gbps(copy_bytes, copy_ms),
-        );
-        let m = &out.meta;
-        let json = format!(
-            "{{\"impl\":\"{}\",\"kernel\":\"{kernel}\",\"dtype\":\"{dtype}\",\"n\":{n},\"shape\":\"{shape}\",\
-             \"k\":{K},\"p\":{P},\"label_smoothing\":{EPS},\"method\":\"burst\",\"launches\":{LAUNCHES},\
-             \"repeats\":{REPEATS},\"ms\":{},\"bytes\":{bytes},\"gbps\":{},\"copy_ms\":{},\"copy_gbps\":{},\
-             \"copy_fraction\":{},\"gpu\":\"{}\",\"date\":\"{}\",\"commit\":\"{}\",\"side\":\"dropfuse\"}}",
-            if kernel == "copy" { "copy" } else { "dropfuse" },
-            json_num(ms, 7),
-            json_num(gbps(bytes, ms), 3),
-            json_num(copy_ms, 7),
-            json_num(gbps(copy_bytes, copy_ms), 3),
-            json_num(frac, 5),
-            json_escape(&m.gpu),
-            m.date,
-            json_escape(&m.commit),
-        );
-        out.emit(&text, &json);
-    }
-
-    /// The head rows: no copy baseline; GFLOP and TFLOP/s of the three GEMMs.
-    fn head_row(&self, out: &mut Output, k: Kernel, ms: f64, gemm_ms: f64) {
-        let dtype = T::DTYPE.name();
-        let bytes = self.bytes(k);
-        let kernel = k.name();
-        let shape = k.shape();
-        let n = K * B * D;
-        let tflops = HEAD_GFLOP / ms;
-        let gemm_tflops = HEAD_GFLOP / gemm_ms;
-        let text = format!(
-            "DROPFUSE_BENCH method=burst kernel={kernel} dtype={dtype} n={n} shape={shape} ms={ms:.5} \
-             bytes={bytes} gbps={:.1} gflop={HEAD_GFLOP:.3} tflops={tflops:.1} gemm_ms={gemm_ms:.5} \
-             gemm_tflops={gemm_tflops:.1}",
-            gbps(bytes, ms),
-        );
-        let m = &out.meta;
-        let json = format!(
-            "{{\"impl\":\"dropfuse\",\"kernel\":\"{kernel}\",\"dtype\":\"{dtype}\",\"n\":{n},\"shape\":\"{shape}\",\
-             \"k\":{K},\"p\":{P},\"label_smoothing\":{EPS},\"method\":\"burst\",\"launches\":{LAUNCHES},\
-             \"repeats\":{REPEATS},\"ms\":{},\"bytes\":{bytes},\"gbps\":{},\"copy_ms\":null,\"copy_gbps\":null,\
-             \"copy_fraction\":null,\"gflop\":{},\"tflops\":{},\"gemm_ms\":{},\"gemm_tflops\":{},\
-             \"gpu\":\"{}\",\"date\":\"{}\",\"commit\":\"{}\",\"side\":\"dropfuse\"}}",
-            json_num(ms, 7),
-            json_num(gbps(bytes, ms), 3),
-            json_num(HEAD_GFLOP, 3),
-            json_num(tflops, 3),
-            json_num(gemm_ms, 7),
-            json_num(gemm_tflops, 3),
-            json_escape(&m.gpu),
-            m.date,
-            json_escape(&m.commit),
-        );
-        out.emit(&text, &json);
+        Row::new(k.name(), T::DTYPE.name(), n, self.bytes(k))
+            .shape(k.shape())
+            .param("k", K)
+            .param("p", P)
+            .param("label_smoothing", EPS)
     }
 }
 
@@ -340,57 +273,37 @@ fn bench_dtype<T: Element>(c: &mut Criterion, dev: &Device, out: &mut Output) {
         (Kernel::CopyCopies, &[Kernel::Copies, Kernel::Reduce][..]),
     ];
     for (copy, kernels) in pairs {
-        let copy_ms = b.median_ms(copy).unwrap_or_else(|e| panic!("{dtype} copy: {e}"));
-        b.row(out, copy, copy_ms, copy, copy_ms);
-        for &k in kernels {
-            let ms = b.median_ms(k).unwrap_or_else(|e| panic!("{dtype} {k:?}: {e}"));
-            b.row(out, k, ms, copy, copy_ms);
-        }
+        burst_rows(out, &mut b, dtype, copy, kernels);
     }
     if b.head.is_some() {
         // The GEMMs alone first (they read the copies and dz the full call then rewrites).
         b.launch(Kernel::HeadFwdBwd)
             .unwrap_or_else(|e| panic!("{dtype} head: {e}"));
         let gemm_ms = b
-            .median_ms(Kernel::HeadGemms)
+            .burst_ms(Kernel::HeadGemms)
             .unwrap_or_else(|e| panic!("{dtype} head GEMMs: {e}"));
         let ms = b
-            .median_ms(Kernel::HeadFwdBwd)
+            .burst_ms(Kernel::HeadFwdBwd)
             .unwrap_or_else(|e| panic!("{dtype} head: {e}"));
         b.head_row(out, Kernel::HeadGemms, gemm_ms, gemm_ms);
         b.head_row(out, Kernel::HeadFwdBwd, ms, gemm_ms);
     }
-    let mut group = c.benchmark_group(format!("multi_sample/{dtype}"));
-    group
-        .sample_size(10)
-        .warm_up_time(Duration::from_millis(300))
-        .measurement_time(Duration::from_millis(1000));
     let mut kernels = vec![Kernel::WeightedCe, Kernel::Copies, Kernel::Reduce];
     if b.head.is_some() {
         kernels.push(Kernel::HeadFwdBwd);
     }
-    for k in kernels {
-        group.throughput(Throughput::Bytes(b.bytes(k)));
-        group.bench_function(k.name(), |bencher| {
-            bencher.iter_custom(|iters| b.time(k, iters).unwrap_or_else(|e| panic!("{dtype} {k:?}: {e}")))
-        });
-    }
-    group.finish();
+    common::group(c, format!("multi_sample/{dtype}"), &mut b, &kernels);
 }
 
 fn multi_sample_benches(c: &mut Criterion) {
-    let dev = match Device::new(0) {
-        Ok(dev) => dev,
-        Err(e) => {
-            println!("SKIPPED: multi_sample benches: no CUDA device ({e})");
-            return;
-        }
+    // SAFETY: every buffer is allocated, used and freed on `dev.stream()` alone.
+    let Some((dev, mut out)) = (unsafe { common::device("multi_sample") }) else {
+        return;
     };
-    // SAFETY: every buffer is allocated, used and freed on `dev.stream()` alone (see dropout.rs).
-    unsafe { dev.context().disable_event_tracking() };
-    let gpu = dev.name().unwrap_or_else(|_| "unknown GPU".to_string());
-    println!("multi_sample benches on {gpu}: K = {K}, B = {B}, D = {D}, C = {C}, p = {P}, eps = {EPS}");
-    let mut out = Output::new(gpu);
+    println!(
+        "multi_sample benches on {}: K = {K}, B = {B}, D = {D}, C = {C}, p = {P}, eps = {EPS}",
+        out.meta.gpu
+    );
     bench_dtype::<f16>(c, &dev, &mut out);
     bench_dtype::<bf16>(c, &dev, &mut out);
 }

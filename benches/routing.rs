@@ -21,25 +21,19 @@
 //! Environment: `DROPFUSE_BENCH_JSON` (append rows as JSON lines), `DROPFUSE_COMMIT`.
 //! Without a CUDA device this prints a SKIPPED line and registers nothing.
 
-use std::time::Duration;
-
-use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use dropfuse::cudarc::driver::sys::CUevent_flags;
-use dropfuse::cudarc::driver::{CudaEvent, CudaSlice};
+use criterion::{criterion_group, criterion_main, Criterion};
+use dropfuse::cudarc::driver::CudaSlice;
 use dropfuse::half::bf16;
 use dropfuse::routing::{self, Capacity, TokenRouting, Valid};
 use dropfuse::{Device, Error};
 
 mod common;
-use common::{gbps, json_escape, json_num, Output};
+use common::{burst_rows, Burst, Row, Timer};
 
 const B: usize = 16;
 const S: usize = 4096;
 const H: usize = 4096;
 const KEEP: f64 = 0.5;
-const LAUNCHES: u64 = 10;
-const REPEATS: usize = 20;
-const WARMUP: u64 = 5;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kernel {
@@ -70,8 +64,7 @@ struct Bench {
     top_k: TokenRouting,
     global: TokenRouting,
     total: usize,
-    start: CudaEvent,
-    end: CudaEvent,
+    timer: Timer,
 }
 
 impl Bench {
@@ -100,8 +93,6 @@ impl Bench {
         let scores = dev.upload(&scores)?;
         top_k.top_k(s, &scores, Valid::All, k)?;
         let total = top_k.total(s)?;
-        let flags = Some(CUevent_flags::CU_EVENT_DEFAULT);
-        let ev = |e| Error::driver("cuEventCreate", e);
         Ok(Bench {
             dev: dev.clone(),
             y: dev.zeros(numel)?,
@@ -112,8 +103,7 @@ impl Bench {
             top_k,
             global,
             total,
-            start: dev.context().new_event(flags).map_err(ev)?,
-            end: dev.context().new_event(flags).map_err(ev)?,
+            timer: Timer::new(dev)?,
         })
     }
 
@@ -142,6 +132,14 @@ impl Bench {
             Kernel::Forward => select + gather + scatter,
         }
     }
+}
+
+impl Burst for Bench {
+    type Kernel = Kernel;
+
+    fn timer(&self) -> &Timer {
+        &self.timer
+    }
 
     fn launch(&mut self, k: Kernel) -> Result<(), Error> {
         let s = self.dev.stream();
@@ -164,106 +162,29 @@ impl Bench {
         }
     }
 
-    fn time(&mut self, k: Kernel, launches: u64) -> Result<Duration, Error> {
-        let stream = self.dev.stream().clone();
-        let rec = |e| Error::driver("cuEventRecord", e);
-        self.start.record(&stream).map_err(rec)?;
-        for _ in 0..launches {
-            self.launch(k)?;
-        }
-        self.end.record(&stream).map_err(rec)?;
-        let ms = self
-            .start
-            .elapsed_ms(&self.end)
-            .map_err(|e| Error::driver("cuEventElapsedTime", e))?;
-        Ok(Duration::from_secs_f64(f64::from(ms) / 1e3))
-    }
-
-    fn median_ms(&mut self, k: Kernel) -> Result<f64, Error> {
-        self.time(k, WARMUP)?;
-        let mut ms = (0..REPEATS)
-            .map(|_| Ok(self.time(k, LAUNCHES)?.as_secs_f64() * 1e3 / LAUNCHES as f64))
-            .collect::<Result<Vec<f64>, Error>>()?;
-        ms.sort_by(f64::total_cmp);
-        Ok(ms[REPEATS / 2])
-    }
-
-    fn row(&self, out: &mut Output, k: Kernel, ms: f64, copy_ms: f64) {
-        let bytes = self.bytes(k);
-        let copy_bytes = self.bytes(Kernel::Copy);
-        let frac = gbps(bytes, ms) / gbps(copy_bytes, copy_ms);
-        let kernel = Self::name(k);
-        let n = B * S * H;
-        let shape = format!("{B}x{S}x{H}");
-        let text = format!(
-            "DROPFUSE_BENCH method=burst kernel={kernel} dtype=bf16 n={n} shape={shape} ms={ms:.5} bytes={bytes} \
-             gbps={:.1} copy_ms={copy_ms:.5} copy_gbps={:.1} copy_fraction={frac:.3} selected={}",
-            gbps(bytes, ms),
-            gbps(copy_bytes, copy_ms),
-            self.total,
-        );
-        let m = &out.meta;
-        let json = format!(
-            "{{\"impl\":\"{}\",\"kernel\":\"{kernel}\",\"dtype\":\"bf16\",\"n\":{n},\"shape\":\"{shape}\",\
-             \"k\":{},\"keep_fraction\":{KEEP},\"selected\":{},\"method\":\"burst\",\"launches\":{LAUNCHES},\
-             \"repeats\":{REPEATS},\"ms\":{},\"bytes\":{bytes},\"gbps\":{},\"copy_ms\":{},\"copy_gbps\":{},\
-             \"copy_fraction\":{},\"gpu\":\"{}\",\"date\":\"{}\",\"commit\":\"{}\",\"side\":\"dropfuse\"}}",
-            if k == Kernel::Copy { "copy" } else { "dropfuse" },
-            S / 2,
-            self.total,
-            json_num(ms, 7),
-            json_num(gbps(bytes, ms), 3),
-            json_num(copy_ms, 7),
-            json_num(gbps(copy_bytes, copy_ms), 3),
-            json_num(frac, 5),
-            json_escape(&m.gpu),
-            m.date,
-            json_escape(&m.commit),
-        );
-        out.emit(&text, &json);
+    fn row(&self, k: Kernel) -> Row {
+        Row::new(Self::name(k), "bf16", B * S * H, self.bytes(k))
+            .shape(format!("{B}x{S}x{H}"))
+            .param("k", S / 2)
+            .param("keep_fraction", KEEP)
+            .param("selected", self.total)
+            .note("selected", self.total)
     }
 }
 
 fn routing_benches(c: &mut Criterion) {
-    let dev = match Device::new(0) {
-        Ok(dev) => dev,
-        Err(e) => {
-            println!("SKIPPED: routing benches: no CUDA device ({e})");
-            return;
-        }
+    // SAFETY: every buffer is allocated, used and freed on `dev.stream()` alone.
+    let Some((dev, mut out)) = (unsafe { common::device("routing") }) else {
+        return;
     };
-    // SAFETY: every buffer is allocated, used and freed on `dev.stream()` alone (see dropout.rs).
-    unsafe { dev.context().disable_event_tracking() };
-    let gpu = dev.name().unwrap_or_else(|_| "unknown GPU".to_string());
     println!(
-        "routing benches on {gpu}: bf16 {B} x {S} x {H}, k = {}, keep fraction {KEEP}",
+        "routing benches on {}: bf16 {B} x {S} x {H}, k = {}, keep fraction {KEEP}",
+        out.meta.gpu,
         S / 2
     );
-    let mut out = Output::new(gpu);
     let mut b = Bench::new(&dev).unwrap_or_else(|e| panic!("routing: setup: {e}"));
-    let copy_ms = b
-        .median_ms(Kernel::Copy)
-        .unwrap_or_else(|e| panic!("routing copy: {e}"));
-    for k in KERNELS {
-        let ms = if k == Kernel::Copy {
-            copy_ms
-        } else {
-            b.median_ms(k).unwrap_or_else(|e| panic!("routing {k:?}: {e}"))
-        };
-        b.row(&mut out, k, ms, copy_ms);
-    }
-    let mut group = c.benchmark_group("routing/bf16");
-    group
-        .sample_size(10)
-        .warm_up_time(Duration::from_millis(300))
-        .measurement_time(Duration::from_millis(1000));
-    for k in KERNELS {
-        group.throughput(Throughput::Bytes(b.bytes(k)));
-        group.bench_function(Bench::name(k), |bencher| {
-            bencher.iter_custom(|iters| b.time(k, iters).unwrap_or_else(|e| panic!("routing {k:?}: {e}")))
-        });
-    }
-    group.finish();
+    burst_rows(&mut out, &mut b, "routing", Kernel::Copy, &KERNELS);
+    common::group(c, "routing/bf16".to_string(), &mut b, &KERNELS);
 }
 
 criterion_group!(benches, routing_benches);

@@ -17,26 +17,20 @@
 //! Environment: `DROPFUSE_BENCH_JSON` (append rows as JSON lines), `DROPFUSE_COMMIT`.
 //! Without a CUDA device this prints a SKIPPED line and registers nothing.
 
-use std::time::Duration;
-
-use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use dropfuse::cudarc::driver::sys::CUevent_flags;
-use dropfuse::cudarc::driver::{CudaEvent, CudaSlice};
+use criterion::{criterion_group, criterion_main, Criterion};
+use dropfuse::cudarc::driver::CudaSlice;
 use dropfuse::half::bf16;
 use dropfuse::skip::{self, Keep, SampleSlots};
 use dropfuse::{Device, Error};
 
 mod common;
-use common::{gbps, json_escape, json_num, Output};
+use common::{burst_rows, Burst, Row, Timer};
 
 const BATCH: usize = 16;
 const ROW: usize = 4096 * 4096;
 const P: f64 = 0.25;
 /// Samples 3, 7, 11 and 15 are dropped in the `_p25`, backward and compaction rows.
 const DROPPED: [usize; 4] = [3, 7, 11, 15];
-const LAUNCHES: u64 = 10;
-const REPEATS: usize = 20;
-const WARMUP: u64 = 5;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kernel {
@@ -69,8 +63,7 @@ struct Bench {
     all: CudaSlice<u8>,
     some: CudaSlice<u8>,
     slots: SampleSlots,
-    start: CudaEvent,
-    end: CudaEvent,
+    timer: Timer,
 }
 
 fn kept() -> usize {
@@ -83,8 +76,6 @@ impl Bench {
         let host: Vec<bf16> = (0..n)
             .map(|i| bf16::from_f32((i % 251) as f32 * 0.01 - 1.25))
             .collect();
-        let flags = Some(CUevent_flags::CU_EVENT_DEFAULT);
-        let ev = |e| Error::driver("cuEventCreate", e);
         let keep: Vec<bool> = (0..BATCH).map(|b| !DROPPED.contains(&b)).collect();
         let some = dev.upload(&skip::keep_flags(&keep))?;
         let slots = SampleSlots::from_keep(dev.stream(), &some)?;
@@ -98,8 +89,7 @@ impl Bench {
             all: dev.upload(&[1u8; BATCH])?,
             some,
             slots,
-            start: dev.context().new_event(flags).map_err(ev)?,
-            end: dev.context().new_event(flags).map_err(ev)?,
+            timer: Timer::new(dev)?,
         })
     }
 
@@ -113,6 +103,14 @@ impl Bench {
             Kernel::Backward => kept * row + b * row,
             Kernel::Compaction => 2 * kept * row + 2 * b * row,
         }
+    }
+}
+
+impl Burst for Bench {
+    type Kernel = Kernel;
+
+    fn timer(&self) -> &Timer {
+        &self.timer
     }
 
     fn launch(&mut self, k: Kernel) -> Result<(), Error> {
@@ -156,77 +154,30 @@ impl Bench {
         }
     }
 
-    fn time(&mut self, k: Kernel, launches: u64) -> Result<Duration, Error> {
-        let stream = self.dev.stream().clone();
-        let rec = |e| Error::driver("cuEventRecord", e);
-        self.start.record(&stream).map_err(rec)?;
-        for _ in 0..launches {
-            self.launch(k)?;
-        }
-        self.end.record(&stream).map_err(rec)?;
-        let ms = self
-            .start
-            .elapsed_ms(&self.end)
-            .map_err(|e| Error::driver("cuEventElapsedTime", e))?;
-        Ok(Duration::from_secs_f64(f64::from(ms) / 1e3))
-    }
-
-    fn median_ms(&mut self, k: Kernel) -> Result<f64, Error> {
-        self.time(k, WARMUP)?;
-        let mut ms = (0..REPEATS)
-            .map(|_| Ok(self.time(k, LAUNCHES)?.as_secs_f64() * 1e3 / LAUNCHES as f64))
-            .collect::<Result<Vec<f64>, Error>>()?;
-        ms.sort_by(f64::total_cmp);
-        Ok(ms[REPEATS / 2])
-    }
-
-    fn row(&self, out: &mut Output, k: Kernel, ms: f64, copy_ms: f64) {
-        let bytes = self.bytes(k);
-        let copy_bytes = self.bytes(Kernel::Copy);
-        let frac = gbps(bytes, ms) / gbps(copy_bytes, copy_ms);
-        let kernel = k.name();
-        let n = BATCH * ROW;
-        let shape = format!("{BATCH}x4096x4096");
-        let text = format!(
-            "DROPFUSE_BENCH method=burst kernel={kernel} dtype=bf16 n={n} shape={shape} ms={ms:.5} bytes={bytes} \
-             gbps={:.1} copy_ms={copy_ms:.5} copy_gbps={:.1} copy_fraction={frac:.3}",
-            gbps(bytes, ms),
-            gbps(copy_bytes, copy_ms),
-        );
-        let m = &out.meta;
-        let json = format!(
-            "{{\"impl\":\"{}\",\"kernel\":\"{kernel}\",\"dtype\":\"bf16\",\"n\":{n},\"shape\":\"{shape}\",\
-             \"p\":{P},\"kept_samples\":{},\"method\":\"burst\",\"launches\":{LAUNCHES},\"repeats\":{REPEATS},\
-             \"ms\":{},\"bytes\":{bytes},\"gbps\":{},\"copy_ms\":{},\"copy_gbps\":{},\"copy_fraction\":{},\
-             \"gpu\":\"{}\",\"date\":\"{}\",\"commit\":\"{}\",\"side\":\"dropfuse\"}}",
-            if k == Kernel::Copy { "copy" } else { "dropfuse" },
-            if k == Kernel::Forward || k == Kernel::Copy { BATCH } else { kept() },
-            json_num(ms, 7),
-            json_num(gbps(bytes, ms), 3),
-            json_num(copy_ms, 7),
-            json_num(gbps(copy_bytes, copy_ms), 3),
-            json_num(frac, 5),
-            json_escape(&m.gpu),
-            m.date,
-            json_escape(&m.commit),
-        );
-        out.emit(&text, &json);
+    fn row(&self, k: Kernel) -> Row {
+        Row::new(k.name(), "bf16", BATCH * ROW, self.bytes(k))
+            .shape(format!("{BATCH}x4096x4096"))
+            .param("p", P)
+            .param(
+                "kept_samples",
+                if k == Kernel::Forward || k == Kernel::Copy {
+                    BATCH
+                } else {
+                    kept()
+                },
+            )
     }
 }
 
 fn skip_benches(c: &mut Criterion) {
-    let dev = match Device::new(0) {
-        Ok(dev) => dev,
-        Err(e) => {
-            println!("SKIPPED: skip benches: no CUDA device ({e})");
-            return;
-        }
+    // SAFETY: every buffer is allocated, used and freed on `dev.stream()` alone.
+    let Some((dev, mut out)) = (unsafe { common::device("skip") }) else {
+        return;
     };
-    // SAFETY: every buffer is allocated, used and freed on `dev.stream()` alone (see dropout.rs).
-    unsafe { dev.context().disable_event_tracking() };
-    let gpu = dev.name().unwrap_or_else(|_| "unknown GPU".to_string());
-    println!("skip benches on {gpu}: bf16, {BATCH} x 4096 x 4096, p = {P}");
-    let mut out = Output::new(gpu);
+    println!(
+        "skip benches on {}: bf16, {BATCH} x 4096 x 4096, p = {P}",
+        out.meta.gpu
+    );
     let mut b = Bench::new(&dev).unwrap_or_else(|e| panic!("skip benches: setup: {e}"));
     let kernels = [
         Kernel::Copy,
@@ -235,27 +186,8 @@ fn skip_benches(c: &mut Criterion) {
         Kernel::Backward,
         Kernel::Compaction,
     ];
-    let copy_ms = b.median_ms(Kernel::Copy).unwrap_or_else(|e| panic!("copy: {e}"));
-    for &k in &kernels {
-        let ms = if k == Kernel::Copy {
-            copy_ms
-        } else {
-            b.median_ms(k).unwrap_or_else(|e| panic!("{k:?}: {e}"))
-        };
-        b.row(&mut out, k, ms, copy_ms);
-    }
-    let mut group = c.benchmark_group("skip/bf16");
-    group
-        .sample_size(10)
-        .warm_up_time(Duration::from_millis(300))
-        .measurement_time(Duration::from_millis(1000));
-    for &k in &kernels {
-        group.throughput(Throughput::Bytes(b.bytes(k)));
-        group.bench_function(k.name(), |bencher| {
-            bencher.iter_custom(|iters| b.time(k, iters).unwrap_or_else(|e| panic!("{k:?}: {e}")))
-        });
-    }
-    group.finish();
+    burst_rows(&mut out, &mut b, "skip", Kernel::Copy, &kernels);
+    common::group(c, "skip/bf16".to_string(), &mut b, &kernels);
 }
 
 criterion_group!(benches, skip_benches);

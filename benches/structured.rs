@@ -26,114 +26,47 @@
 //! timed in the same run. Environment: `DROPFUSE_BENCH_JSON` (append rows as JSON lines),
 //! `DROPFUSE_COMMIT`. Without a CUDA device this prints a SKIPPED line and registers nothing.
 
-use std::time::Duration;
-
-use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use dropfuse::cudarc::driver::sys::CUevent_flags;
-use dropfuse::cudarc::driver::{CudaEvent, CudaSlice};
+use criterion::{criterion_group, criterion_main, Criterion};
+use dropfuse::cudarc::driver::CudaSlice;
 use dropfuse::dropout::mask_words;
 use dropfuse::half::f16;
 use dropfuse::mc_dropout::{McDropout, McOutputs, McSummaryState};
 use dropfuse::structured::StructuredDropout;
-use dropfuse::{Device, Error, Generator};
+use dropfuse::{Error, Generator};
 
 mod common;
-use common::{gbps, json_escape, json_num, Output};
+use common::{burst_rows, Burst, Output, Row, Timer};
 
 const P: f64 = 0.1;
-const LAUNCHES: u64 = 10;
-const REPEATS: usize = 20;
-const WARMUP: u64 = 5;
 
 type Launch<'a> = Box<dyn FnMut() -> Result<(), Error> + 'a>;
 
-struct Timer {
-    dev: Device,
-    start: CudaEvent,
-    end: CudaEvent,
+/// One case: its rows and their launches, the copy first.
+struct Case<'a> {
+    timer: &'a Timer,
+    rows: Vec<(Row, Launch<'a>)>,
 }
 
-impl Timer {
-    fn new(dev: &Device) -> Result<Self, Error> {
-        let flags = Some(CUevent_flags::CU_EVENT_DEFAULT);
-        let ev = |e| Error::driver("cuEventCreate", e);
-        Ok(Timer {
-            dev: dev.clone(),
-            start: dev.context().new_event(flags).map_err(ev)?,
-            end: dev.context().new_event(flags).map_err(ev)?,
-        })
+impl Burst for Case<'_> {
+    /// The index of a row.
+    type Kernel = usize;
+
+    fn timer(&self) -> &Timer {
+        self.timer
     }
 
-    fn time(&self, f: &mut Launch<'_>, launches: u64) -> Result<Duration, Error> {
-        let stream = self.dev.stream().clone();
-        let rec = |e| Error::driver("cuEventRecord", e);
-        self.start.record(&stream).map_err(rec)?;
-        for _ in 0..launches {
-            f()?;
-        }
-        self.end.record(&stream).map_err(rec)?;
-        let ms = self
-            .start
-            .elapsed_ms(&self.end)
-            .map_err(|e| Error::driver("cuEventElapsedTime", e))?;
-        Ok(Duration::from_secs_f64(f64::from(ms) / 1e3))
+    fn launch(&mut self, i: usize) -> Result<(), Error> {
+        (self.rows[i].1)()
     }
 
-    fn median_ms(&self, f: &mut Launch<'_>) -> Result<f64, Error> {
-        self.time(f, WARMUP)?;
-        let mut ms = (0..REPEATS)
-            .map(|_| Ok(self.time(f, LAUNCHES)?.as_secs_f64() * 1e3 / LAUNCHES as f64))
-            .collect::<Result<Vec<f64>, Error>>()?;
-        ms.sort_by(f64::total_cmp);
-        Ok(ms[REPEATS / 2])
+    fn row(&self, i: usize) -> Row {
+        self.rows[i].0.clone()
     }
 }
 
-/// One row's description.
-struct Row {
-    kernel: &'static str,
-    dtype: &'static str,
-    n: usize,
-    shape: String,
-    bytes: u64,
-}
-
-fn emit(out: &mut Output, r: &Row, ms: f64, copy: (f64, u64)) {
-    let (copy_ms, copy_bytes) = copy;
-    let frac = gbps(r.bytes, ms) / gbps(copy_bytes, copy_ms);
-    let text = format!(
-        "DROPFUSE_BENCH method=burst kernel={} dtype={} n={} shape={} ms={ms:.5} bytes={} gbps={:.1} \
-         copy_ms={copy_ms:.5} copy_gbps={:.1} copy_fraction={frac:.3}",
-        r.kernel,
-        r.dtype,
-        r.n,
-        r.shape,
-        r.bytes,
-        gbps(r.bytes, ms),
-        gbps(copy_bytes, copy_ms),
-    );
-    let m = &out.meta;
-    let json = format!(
-        "{{\"impl\":\"{}\",\"kernel\":\"{}\",\"dtype\":\"{}\",\"n\":{},\"shape\":\"{}\",\"p\":{P},\
-         \"method\":\"burst\",\"launches\":{LAUNCHES},\"repeats\":{REPEATS},\"ms\":{},\"bytes\":{},\"gbps\":{},\
-         \"copy_ms\":{},\"copy_gbps\":{},\"copy_fraction\":{},\"gpu\":\"{}\",\"date\":\"{}\",\"commit\":\"{}\",\
-         \"side\":\"dropfuse\"}}",
-        if r.kernel == "copy" { "copy" } else { "dropfuse" },
-        r.kernel,
-        r.dtype,
-        r.n,
-        r.shape,
-        json_num(ms, 7),
-        r.bytes,
-        json_num(gbps(r.bytes, ms), 3),
-        json_num(copy_ms, 7),
-        json_num(gbps(copy_bytes, copy_ms), 3),
-        json_num(frac, 5),
-        json_escape(&m.gpu),
-        m.date,
-        json_escape(&m.commit),
-    );
-    out.emit(&text, &json);
+/// A row of a case of shape `shape`.
+fn case_row(kernel: &'static str, dtype: &'static str, n: usize, shape: &str, bytes: u64) -> Row {
+    Row::new(kernel, dtype, n, bytes).shape(shape).param("p", P)
 }
 
 /// Times the copy of `data` elements, then every (row, launch) pair; emits the rows and registers
@@ -147,7 +80,7 @@ fn run_case<T: dropfuse::cudarc::driver::DeviceRepr + dropfuse::cudarc::driver::
     shape: &str,
     dtype: &'static str,
     data: usize,
-    mut rows: Vec<(Row, Launch<'_>)>,
+    rows: Vec<(Row, Launch<'_>)>,
 ) {
     let dev = &timer.dev;
     let src = dev
@@ -157,43 +90,19 @@ fn run_case<T: dropfuse::cudarc::driver::DeviceRepr + dropfuse::cudarc::driver::
         .zeros::<T>(data)
         .unwrap_or_else(|e| panic!("{group}: copy buffers: {e}"));
     let copy_bytes = 2 * (data * std::mem::size_of::<T>()) as u64;
-    let mut copy: Launch<'_> = Box::new(|| {
+    let copy: Launch<'_> = Box::new(|| {
         dev.stream()
             .memcpy_dtod(&src, &mut dst)
             .map_err(|e| Error::driver("cuMemcpyDtoDAsync", e))
     });
-    let copy_ms = timer
-        .median_ms(&mut copy)
-        .unwrap_or_else(|e| panic!("{group} copy: {e}"));
-    let copy_row = Row {
-        kernel: "copy",
-        dtype,
-        n: data,
-        shape: shape.to_string(),
-        bytes: copy_bytes,
+    let mut case = Case {
+        timer,
+        rows: vec![(case_row("copy", dtype, data, shape, copy_bytes), copy)],
     };
-    emit(out, &copy_row, copy_ms, (copy_ms, copy_bytes));
-    for (row, f) in rows.iter_mut() {
-        let ms = timer
-            .median_ms(f)
-            .unwrap_or_else(|e| panic!("{group} {}: {e}", row.kernel));
-        emit(out, row, ms, (copy_ms, copy_bytes));
-    }
-    let mut g = c.benchmark_group(group.to_string());
-    g.sample_size(10)
-        .warm_up_time(Duration::from_millis(300))
-        .measurement_time(Duration::from_millis(1000));
-    for (row, f) in rows.iter_mut() {
-        g.throughput(Throughput::Bytes(row.bytes));
-        g.bench_function(row.kernel, |b| {
-            b.iter_custom(|iters| {
-                timer
-                    .time(f, iters)
-                    .unwrap_or_else(|e| panic!("{}: {e}", row.kernel))
-            })
-        });
-    }
-    g.finish();
+    case.rows.extend(rows);
+    let kernels: Vec<usize> = (1..case.rows.len()).collect();
+    burst_rows(out, &mut case, group, 0, &kernels);
+    common::group(c, group.to_string(), &mut case, &kernels);
 }
 
 fn label(shape: &[usize]) -> String {
@@ -227,13 +136,7 @@ fn structured_case(
     let data = 2 * (n * 2) as u64;
     let mbytes = 4 * drop.mask_words() as u64;
     let s = dev.stream();
-    let row = |kernel: &'static str, bytes: u64| Row {
-        kernel,
-        dtype: "f16",
-        n,
-        shape: shape.clone(),
-        bytes,
-    };
+    let row = |kernel: &'static str, bytes: u64| case_row(kernel, "f16", n, &shape, bytes);
     let kernels: [&'static str; 4] = match name {
         "channel_2d" => [
             "channel_2d_mask",
@@ -304,13 +207,7 @@ fn mc_replicas_case(c: &mut Criterion, timer: &Timer, out: &mut Output) {
     let s = dev.stream();
     let bytes = (n * 2 + replicas * n * 2) as u64;
     let mbytes = 4 * (replicas * mask_words(n)) as u64;
-    let row = |kernel: &'static str, bytes: u64| Row {
-        kernel,
-        dtype: "f16",
-        n: replicas * n,
-        shape: shape.clone(),
-        bytes,
-    };
+    let row = |kernel: &'static str, bytes: u64| case_row(kernel, "f16", replicas * n, &shape, bytes);
     let rows: Vec<(Row, Launch<'_>)> = vec![
         (
             row("mc_replicas_forward_maskless", bytes),
@@ -362,13 +259,7 @@ fn mc_summaries_case(c: &mut Criterion, timer: &Timer, out: &mut Output) {
     let outputs = std::cell::RefCell::new(McOutputs::new(dev, batch, classes).unwrap());
     let s = dev.stream();
     let bytes = (4 * samples * per + 16 * per + 12 * per) as u64;
-    let row = |kernel: &'static str| Row {
-        kernel,
-        dtype: "f32",
-        n: samples * per,
-        shape: shape.clone(),
-        bytes,
-    };
+    let row = |kernel: &'static str| case_row(kernel, "f32", samples * per, &shape, bytes);
     let rows: Vec<(Row, Launch<'_>)> = vec![
         (
             row("mc_summaries"),
@@ -400,18 +291,11 @@ fn mc_summaries_case(c: &mut Criterion, timer: &Timer, out: &mut Output) {
 }
 
 fn structured_benches(c: &mut Criterion) {
-    let dev = match Device::new(0) {
-        Ok(dev) => dev,
-        Err(e) => {
-            println!("SKIPPED: structured benches: no CUDA device ({e})");
-            return;
-        }
+    // SAFETY: every buffer is allocated, used and freed on `dev.stream()` alone.
+    let Some((dev, mut out)) = (unsafe { common::device("structured") }) else {
+        return;
     };
-    // SAFETY: every buffer is allocated, used and freed on `dev.stream()` alone (see dropout.rs).
-    unsafe { dev.context().disable_event_tracking() };
-    let gpu = dev.name().unwrap_or_else(|_| "unknown GPU".to_string());
-    println!("structured benches on {gpu}: p = {P}");
-    let mut out = Output::new(gpu);
+    println!("structured benches on {}: p = {P}", out.meta.gpu);
     let timer = Timer::new(&dev).unwrap_or_else(|e| panic!("events: {e}"));
     structured_case(
         c,
