@@ -114,8 +114,15 @@ __device__ __forceinline__ uint32_t advance(uint32_t col, uint32_t step, uint32_
 template <typename T, int V, Bias B>
 __device__ __forceinline__ void add_bias(float (&t)[V], const T *bias, uint32_t col, uint32_t h) {
   if constexpr (B == Bias::Vector) {
+#ifdef __CUDA_ARCH__
     const uint4 raw = __ldg(reinterpret_cast<const uint4 *>(bias + col));
     const T *b = reinterpret_cast<const T *>(&raw);
+#else  // host C++: memcpy, no type punning (as kernels/common/vec.cuh)
+    static_assert(V * sizeof(T) == 16, "vector access is 16 bytes");
+    T b[V];
+    host_vec_check(bias + col);
+    memcpy(b, bias + col, 16);
+#endif
 #pragma unroll
     for (int j = 0; j < V; ++j) t[j] = __fadd_rn(t[j], Elem<T>::to_f32(b[j]));
   } else if constexpr (B == Bias::Scalar || B == Bias::Runtime) {

@@ -155,7 +155,11 @@ __global__ void DROPFUSE_MASK_BOUNDS
             const uint32_t ua = static_cast<uint32_t>(rest / g.vB);
             const uint32_t row = ua * g.B + ub;
             if constexpr (kNarrow) {
+#ifdef __CUDA_ARCH__
               atomicOr(reinterpret_cast<unsigned long long *>(&bufA[row]), 1ull << uw);
+#else  // host C++: the words are uint64_t, not unsigned long long (no type punning)
+              __atomic_fetch_or(&bufA[row], uint64_t{1} << uw, __ATOMIC_RELAXED);
+#endif
             } else {
               atomicOr(&bufA[row * Wk + (uw >> 5)], 1u << (uw & 31));
             }

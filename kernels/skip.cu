@@ -93,10 +93,15 @@ template <typename T, int V, bool VEC>
 DF_HD void load_v(const T *p, T (&out)[V]) {
   if constexpr (VEC) {
     static_assert(V * sizeof(T) == 16, "vector access is 16 bytes");
+#ifdef __CUDA_ARCH__
     const uint4 raw = *reinterpret_cast<const uint4 *>(p);
     const T *e = reinterpret_cast<const T *>(&raw);
 #pragma unroll
     for (int j = 0; j < V; ++j) out[j] = e[j];
+#else  // host C++: memcpy, no type punning (as kernels/common/vec.cuh)
+    host_vec_check(p);
+    memcpy(out, p, 16);
+#endif
   } else {
 #pragma unroll
     for (int j = 0; j < V; ++j) out[j] = p[j];
@@ -107,11 +112,16 @@ template <typename T, int V, bool VEC>
 DF_HD void store_v(T *p, const T (&in)[V]) {
   if constexpr (VEC) {
     static_assert(V * sizeof(T) == 16, "vector access is 16 bytes");
+#ifdef __CUDA_ARCH__
     uint4 raw;
     T *e = reinterpret_cast<T *>(&raw);
 #pragma unroll
     for (int j = 0; j < V; ++j) e[j] = in[j];
     *reinterpret_cast<uint4 *>(p) = raw;
+#else  // host C++: memcpy, no type punning (as kernels/common/vec.cuh)
+    host_vec_check(p);
+    memcpy(p, in, 16);
+#endif
   } else {
 #pragma unroll
     for (int j = 0; j < V; ++j) p[j] = in[j];

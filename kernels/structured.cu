@@ -107,17 +107,48 @@ __device__ __forceinline__ void scale_kept(const T (&x)[V], uint32_t bits, float
 template <typename T>
 __device__ __forceinline__ uint4 scale_vec(uint4 raw, float scale) {
   constexpr int V = VecWidth<T>::value;
+#ifdef __CUDA_ARCH__
   const T *e = reinterpret_cast<const T *>(&raw);
+#else  // host C++: memcpy, no type punning (as kernels/common/vec.cuh)
+  T e[V];
+  memcpy(static_cast<void *>(e), &raw, 16);
+#endif
   float f[V];
 #pragma unroll
   for (int j = 0; j < V; ++j) f[j] = __fmul_rn(Elem<T>::to_f32(e[j]), scale);
   T out[V];
   Elem<T>::from_f32(f, out);
   uint4 r;
+#ifdef __CUDA_ARCH__
   T *o = reinterpret_cast<T *>(&r);
 #pragma unroll
   for (int j = 0; j < V; ++j) o[j] = out[j];
+#else
+  memcpy(&r, out, 16);
+#endif
   return r;
+}
+
+// Vector i of the 16-byte aligned p (a uint4 view of T elements): the device code loads and
+// stores it as a uint4; host C++ copies the bytes (memcpy, no type punning, as vec.cuh).
+__device__ __forceinline__ uint4 vec_load(const uint4 *p, uint64_t i) {
+#ifdef __CUDA_ARCH__
+  return p[i];
+#else
+  uint4 r;
+  host_vec_check(p + i);
+  memcpy(&r, p + i, 16);
+  return r;
+#endif
+}
+
+__device__ __forceinline__ void vec_store(uint4 *p, uint64_t i, uint4 v) {
+#ifdef __CUDA_ARCH__
+  p[i] = v;
+#else
+  host_vec_check(p + i);
+  memcpy(p + i, &v, 16);
+#endif
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -175,14 +206,14 @@ __global__ void __launch_bounds__(kThreads)
           uint4 r[kUnroll];
 #pragma unroll
           for (int u = 0; u < kUnroll; ++u)
-            if (b + u * 32 < nvec) r[u] = xv[b + u * 32];
+            if (b + u * 32 < nvec) r[u] = vec_load(xv, b + u * 32);
 #pragma unroll
           for (int u = 0; u < kUnroll; ++u)
-            if (b + u * 32 < nvec) yv[b + u * 32] = scale_vec<T>(r[u], p.scale);
+            if (b + u * 32 < nvec) vec_store(yv, b + u * 32, scale_vec<T>(r[u], p.scale));
         }
       } else {
         const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
-        for (uint64_t b = lane; b < nvec; b += 32) yv[b] = zero;
+        for (uint64_t b = lane; b < nvec; b += 32) vec_store(yv, b, zero);
       }
     } else {
       for (uint64_t i = lane; i < len; i += 32) ys[i] = scaled(xs[i], p.scale);

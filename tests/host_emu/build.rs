@@ -59,17 +59,7 @@ pub fn build_and_run(test: &str, source: &str) -> Option<String> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(source.replace('.', "_"));
     let built = Command::new(&cxx)
-        .args([
-            "-std=c++17",
-            "-O2",
-            // kernels/skip.cu, structured.cu, bias_dropout_residual.cu and drop_block.cu still access
-            // elements through uint4 / other-typed lvalues on their host path (kernels/common/vec.cuh
-            // no longer does): type punning, undefined behaviour that GCC's type-based alias
-            // analysis exploits (without this flag it finds skip.cu's store_v `raw` uninitialised).
-            "-fno-strict-aliasing",
-            "-ffp-contract=off",
-            "-Wno-unknown-pragmas",
-        ])
+        .args(["-std=c++17", "-O2", "-ffp-contract=off", "-Wno-unknown-pragmas"])
         .arg("-I")
         .arg(&include)
         .arg("-I")

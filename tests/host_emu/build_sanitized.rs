@@ -60,17 +60,7 @@ pub fn build_and_run_sanitized(test: &str, source: &str) -> Option<String> {
     let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(source.replace('.', "_") + "_ubsan");
     let build = |sanitize: bool| {
         let mut cmd = Command::new(&cxx);
-        cmd.args([
-            "-std=c++17",
-            "-O2",
-            // kernels/skip.cu, structured.cu, bias_dropout_residual.cu and drop_block.cu still access
-            // elements through uint4 / other-typed lvalues on their host path (kernels/common/vec.cuh
-            // no longer does): type punning, undefined behaviour that GCC's type-based alias
-            // analysis exploits (without this flag it finds skip.cu's store_v `raw` uninitialised).
-            "-fno-strict-aliasing",
-            "-ffp-contract=off",
-            "-Wno-unknown-pragmas",
-        ]);
+        cmd.args(["-std=c++17", "-O2", "-ffp-contract=off", "-Wno-unknown-pragmas"]);
         if sanitize {
             cmd.args(["-fsanitize=undefined", "-fno-sanitize-recover=all"]);
         }
