@@ -151,7 +151,10 @@ pub fn env_log2(name: &str, default: u32, range: std::ops::RangeInclusive<u32>) 
 ///
 /// # Safety
 ///
-/// Every buffer the caller allocates on the device must be used and freed on `dev.stream()` alone.
+/// Every buffer allocated on the device's context after this call (by the caller, or by dropfuse
+/// objects on its behalf: workspaces, accumulators, routing tables) must be allocated, used and
+/// freed on `dev.stream()` alone: an untracked buffer allocated on another stream may be used
+/// before its (stream-ordered) allocation and zeroing finish, or freed while still in use.
 pub unsafe fn device(family: &str) -> Option<(Device, Output)> {
     let dev = match Device::new(0) {
         Ok(dev) => dev,
