@@ -399,7 +399,7 @@ impl MultiSampleHead {
         let rows = k * b;
         let stream = ws.dev.stream().clone();
         check_len("weight", weight.len(), c * d, "C * D")?;
-        self.check_bias(bias.map(|x| x.len()))?;
+        head_bias(self.bias, c, bias.map(|x| x.len()))?;
         check_stream(&stream, h.stream(), "h")?;
         check_stream(&stream, weight.stream(), "weight")?;
         if let Some(x) = bias {
@@ -672,18 +672,6 @@ impl MultiSampleHead {
         }
         after(&stream)
     }
-
-    fn check_bias(&self, len: Option<usize>) -> Result<()> {
-        match (len, self.bias) {
-            (None, true) => Err(Error::invalid("bias", "C values: the head has a bias", "none")),
-            (Some(n), false) => Err(Error::invalid(
-                "bias",
-                "none: the head has no bias",
-                format!("{n} values"),
-            )),
-            _ => Ok(()),
-        }
-    }
 }
 
 /// The batch `B` of a forward on a workspace of capacity `capacity` with `D = d` features, from
@@ -708,6 +696,31 @@ pub fn head_batch(d: usize, capacity: usize, h_len: usize, labels_len: usize) ->
         ));
     }
     Ok(b)
+}
+
+/// The bias check of [`MultiSampleHead::forward`] for `C = c` classes: `len` (the bias' length,
+/// `None` without one) must be `Some(c)` when the head has a bias and `None` otherwise (`bias`
+/// error; here without a device, for tests).
+#[doc(hidden)]
+pub fn head_bias(has_bias: bool, c: usize, len: Option<usize>) -> Result<()> {
+    match (len, has_bias) {
+        (None, true) => Err(Error::invalid(
+            "bias",
+            format!("{c} values (C): the head has a bias"),
+            "none",
+        )),
+        (Some(n), false) => Err(Error::invalid(
+            "bias",
+            "none: the head has no bias",
+            format!("{n} values"),
+        )),
+        (Some(n), true) if n != c => Err(Error::invalid(
+            "bias",
+            format!("{c} values (C)"),
+            format!("{n} values"),
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// The buffers and the cuBLAS handle of a [`MultiSampleHead`] for up to `capacity` rows, `D`
