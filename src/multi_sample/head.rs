@@ -9,7 +9,12 @@
 //!   step with the host state `{seed, o + r * K}`, bit for bit. The backward reads the masks the
 //!   forward stored, never the state. The GEMMs are capturable: each handle has its own cuBLAS
 //!   workspace, so cuBLAS allocates nothing while a stream is captured (run the step once eagerly
-//!   before capturing it, as for any cuBLAS work).
+//!   before capturing it, as for any cuBLAS work). Capture with cudarc's event tracking off
+//!   (`unsafe { dev.context().disable_event_tracking() }` before `begin_capture`, back on after the
+//!   capture; `tests/graph_gpu.rs` does so): with it on, every buffer use waits on an event recorded
+//!   before the capture, which CUDA rejects in a capturing stream (the capture is invalidated). A
+//!   graph keeps the batch it was captured with; the workspace's recorded batch is host state that
+//!   a replay does not change.
 //! * **Batch size.** A workspace is allocated for a capacity `B_max` and serves any batch
 //!   `1 ..= B_max` ([`HeadWorkspace`]'s docs); the backward and the readers use the last forward's
 //!   `B` ([`HeadWorkspace::batch`]).
