@@ -84,7 +84,7 @@ mod head;
 pub use blas::{
     check_cublas, cublas_available, cublas_library_names, Blas, GemmDesc, CUBLAS_WORKSPACE_BYTES,
 };
-pub use head::{head_batch, head_gemms, HeadGemms, HeadWorkspace, MultiSampleHead};
+pub use head::{head_batch, head_bias, head_gemms, HeadGemms, HeadWorkspace, MultiSampleHead};
 
 /// The most samples one call takes (`DROPFUSE_MULTI_SAMPLE_MAX_K`).
 pub const MAX_K: usize = ffi::DROPFUSE_MULTI_SAMPLE_MAX_K as usize;

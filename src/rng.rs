@@ -13,6 +13,14 @@
 //! offset between replays with [`DevicePhilox::advance`], which is itself a kernel launch and can be
 //! captured at the end of the graph: replay `k` of a graph captured at device offset `o` then draws
 //! exactly what an eager call with the host state `{seed, o + k * streams}` draws.
+//!
+//! Capture with cudarc's event tracking off (`unsafe { dev.context().disable_event_tracking() }`
+//! before `begin_capture`, back on after the capture, as `tests/graph_gpu.rs` does): a [`Device`]'s
+//! context is in cudarc's multi-stream mode, where every buffer use waits on the events its earlier
+//! uses recorded; an event recorded before the capture cannot be waited on in a capturing stream
+//! (CUDA invalidates the capture).
+//!
+//! [`Device`]: crate::Device
 
 use std::sync::Arc;
 

@@ -231,3 +231,25 @@ fn head_batch_comes_from_h_and_is_at_most_the_capacity() {
     // D = 0 never reaches a workspace; it is still an error, not a division by zero.
     assert_eq!(arg(head_batch(0, cap, 0, 0).unwrap_err()), "h");
 }
+
+#[test]
+fn head_bias_is_c_values_exactly_when_the_head_has_one() {
+    use dropfuse::multi_sample::head_bias;
+    let c = 10usize;
+    assert!(head_bias(true, c, Some(c)).is_ok());
+    assert!(head_bias(false, c, None).is_ok());
+    // Missing, unexpected, or of another length than C (shorter would be read out of bounds).
+    for (has, len) in [
+        (true, None),
+        (false, Some(c)),
+        (true, Some(c - 1)),
+        (true, Some(c + 1)),
+        (true, Some(0)),
+    ] {
+        let e = head_bias(has, c, len).unwrap_err();
+        assert_eq!(arg(e.clone()), "bias", "bias {has}, {len:?}");
+        if has && len.is_some() {
+            assert!(e.to_string().contains("10 values"), "{e}");
+        }
+    }
+}

@@ -753,7 +753,6 @@ fn gpu_graph_replay_bias_dropout_residual() {
 
 // ---- the multi-sample dropout head (masked copies, cuBLAS GEMMs, cross-entropy, backward) ----
 
-/// GPU 0 with cuBLAS, or `None` after a SKIPPED line saying which is missing.
 /// One head with its workspace, inputs and gradients: a forward + backward step and what it wrote.
 struct HeadRun {
     head: MultiSampleHead,

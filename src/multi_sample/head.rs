@@ -9,7 +9,12 @@
 //!   step with the host state `{seed, o + r * K}`, bit for bit. The backward reads the masks the
 //!   forward stored, never the state. The GEMMs are capturable: each handle has its own cuBLAS
 //!   workspace, so cuBLAS allocates nothing while a stream is captured (run the step once eagerly
-//!   before capturing it, as for any cuBLAS work).
+//!   before capturing it, as for any cuBLAS work). Capture with cudarc's event tracking off
+//!   (`unsafe { dev.context().disable_event_tracking() }` before `begin_capture`, back on after the
+//!   capture; `tests/graph_gpu.rs` does so): with it on, every buffer use waits on an event recorded
+//!   before the capture, which CUDA rejects in a capturing stream (the capture is invalidated). A
+//!   graph keeps the batch it was captured with; the workspace's recorded batch is host state that
+//!   a replay does not change.
 //! * **Batch size.** A workspace is allocated for a capacity `B_max` and serves any batch
 //!   `1 ..= B_max` ([`HeadWorkspace`]'s docs); the backward and the readers use the last forward's
 //!   `B` ([`HeadWorkspace::batch`]).
@@ -399,7 +404,7 @@ impl MultiSampleHead {
         let rows = k * b;
         let stream = ws.dev.stream().clone();
         check_len("weight", weight.len(), c * d, "C * D")?;
-        self.check_bias(bias.map(|x| x.len()))?;
+        head_bias(self.bias, c, bias.map(|x| x.len()))?;
         check_stream(&stream, h.stream(), "h")?;
         check_stream(&stream, weight.stream(), "weight")?;
         if let Some(x) = bias {
@@ -672,18 +677,6 @@ impl MultiSampleHead {
         }
         after(&stream)
     }
-
-    fn check_bias(&self, len: Option<usize>) -> Result<()> {
-        match (len, self.bias) {
-            (None, true) => Err(Error::invalid("bias", "C values: the head has a bias", "none")),
-            (Some(n), false) => Err(Error::invalid(
-                "bias",
-                "none: the head has no bias",
-                format!("{n} values"),
-            )),
-            _ => Ok(()),
-        }
-    }
 }
 
 /// The batch `B` of a forward on a workspace of capacity `capacity` with `D = d` features, from
@@ -708,6 +701,31 @@ pub fn head_batch(d: usize, capacity: usize, h_len: usize, labels_len: usize) ->
         ));
     }
     Ok(b)
+}
+
+/// The bias check of [`MultiSampleHead::forward`] for `C = c` classes: `len` (the bias' length,
+/// `None` without one) must be `Some(c)` when the head has a bias and `None` otherwise (`bias`
+/// error; here without a device, for tests).
+#[doc(hidden)]
+pub fn head_bias(has_bias: bool, c: usize, len: Option<usize>) -> Result<()> {
+    match (len, has_bias) {
+        (None, true) => Err(Error::invalid(
+            "bias",
+            format!("{c} values (C): the head has a bias"),
+            "none",
+        )),
+        (Some(n), false) => Err(Error::invalid(
+            "bias",
+            "none: the head has no bias",
+            format!("{n} values"),
+        )),
+        (Some(n), true) if n != c => Err(Error::invalid(
+            "bias",
+            format!("{c} values (C)"),
+            format!("{n} values"),
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// The buffers and the cuBLAS handle of a [`MultiSampleHead`] for up to `capacity` rows, `D`
