@@ -415,7 +415,6 @@ impl MultiSampleHead {
         source.check(&stream)?;
         bind(&stream)?;
         ws.filled_by = None;
-        ws.b = b;
 
         let cu = stream.cu_stream() as ffi::dropfuse_stream_t;
         let (hp, _gh) = h.device_ptr(&stream);
@@ -485,6 +484,8 @@ impl MultiSampleHead {
             ffi::check(st, "dropfuse_weighted_ce_scaled")?;
         }
         after(&stream)?;
+        // Recorded only once every launch succeeded, with `filled_by`.
+        ws.b = b;
         ws.filled_by = Some(*self);
         Ok(())
     }
