@@ -14,7 +14,7 @@
 
 mod common;
 
-#[path = "host_emu/build_sanitized.rs"]
+#[path = "host_emu/build.rs"]
 mod build;
 
 #[test]

@@ -1,6 +1,16 @@
 //! Builds a host emulation program (`tests/host_emu/*.cpp`: CUDA kernels on the fiber-per-thread
 //! emulator of `cuda_fiber_emu.h`) with the host C++ compiler against the CUDA headers, and runs it.
 //! Shared by the `*_host_emulation` tests (included with `#[path]`).
+//!
+//! [`build_and_run_sanitized`] builds with UndefinedBehaviorSanitizer
+//! (`-fsanitize=undefined -fno-sanitize-recover=all`) when the compiler has its runtime: a
+//! misaligned 16-byte vector access (`uint4` needs 16-byte alignment: a "misaligned address" fault
+//! on a GPU; those of kernels/common/vec.cuh trap in every build), an out-of-range shift or a
+//! signed overflow in a kernel then aborts the emulation. Without the runtime it builds and runs
+//! without it (a note in the output).
+
+// Each test uses one of the two entry points.
+#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -31,20 +41,25 @@ fn find_cxx() -> Option<PathBuf> {
         }
     }
     let path = std::env::var_os("PATH")?;
-    for name in ["c++", "g++", "clang++"] {
-        for d in std::env::split_paths(&path) {
-            let p = d.join(name);
-            if p.is_file() {
-                return Some(p);
-            }
-        }
-    }
-    None
+    ["c++", "g++", "clang++"].iter().find_map(|name| {
+        std::env::split_paths(&path)
+            .map(|d| d.join(name))
+            .find(|p| p.is_file())
+    })
 }
 
 /// Builds `tests/host_emu/<source>` with the host compiler and runs it; `None` (after a SKIPPED
 /// line) without a compiler or the CUDA headers.
 pub fn build_and_run(test: &str, source: &str) -> Option<String> {
+    build_and_run_with(test, source, false)
+}
+
+/// [`build_and_run`] under UBSan when the compiler can (the module docs).
+pub fn build_and_run_sanitized(test: &str, source: &str) -> Option<String> {
+    build_and_run_with(test, source, true)
+}
+
+fn build_and_run_with(test: &str, source: &str, ubsan: bool) -> Option<String> {
     let Some(cxx) = find_cxx() else {
         crate::common::skip(test, "no host C++ compiler found");
         return None;
@@ -57,20 +72,32 @@ pub fn build_and_run(test: &str, source: &str) -> Option<String> {
         return None;
     };
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(source.replace('.', "_"));
-    let built = Command::new(&cxx)
-        .args(["-std=c++17", "-O2", "-ffp-contract=off", "-Wno-unknown-pragmas"])
-        .arg("-I")
-        .arg(&include)
-        .arg("-I")
-        .arg(root.join("kernels"))
-        .arg("-I")
-        .arg(root.join("tests/host_emu"))
-        .arg("-o")
-        .arg(&out)
-        .arg(root.join("tests/host_emu").join(source))
-        .output()
-        .expect("running the C++ compiler");
+    let name = source.replace('.', "_") + if ubsan { "_ubsan" } else { "" };
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let build = |sanitize: bool| {
+        let mut cmd = Command::new(&cxx);
+        cmd.args(["-std=c++17", "-O2", "-ffp-contract=off", "-Wno-unknown-pragmas"]);
+        if sanitize {
+            cmd.args(["-fsanitize=undefined", "-fno-sanitize-recover=all"]);
+        }
+        cmd.arg("-I")
+            .arg(&include)
+            .arg("-I")
+            .arg(root.join("kernels"))
+            .arg("-I")
+            .arg(root.join("tests/host_emu"))
+            .arg("-o")
+            .arg(&out)
+            .arg(root.join("tests/host_emu").join(source))
+            .output()
+            .expect("running the C++ compiler")
+    };
+    let mut note = String::new();
+    let mut built = build(ubsan);
+    if ubsan && !built.status.success() {
+        note = format!("note: built without UBSan ({} failed with it)\n", cxx.display());
+        built = build(false);
+    }
     assert!(
         built.status.success(),
         "{} failed:\n{}",
@@ -82,7 +109,11 @@ pub fn build_and_run(test: &str, source: &str) -> Option<String> {
         .arg(scale)
         .output()
         .expect("running the emulation");
-    let stdout = String::from_utf8_lossy(&run.stdout).into_owned();
-    assert!(run.status.success(), "emulation failed:\n{stdout}");
+    let stdout = note + &String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success(),
+        "emulation failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
     Some(stdout)
 }
