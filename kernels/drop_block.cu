@@ -11,6 +11,8 @@
 //   4. the keep bits are gathered into the element-indexed mask words (plain stores inside the
 //      tile's element range, atomicAnd/atomicOr on the two words it shares with its neighbours) and
 //      counted: one atomic add per block into the sample's and the tensor's counters.
+// 2D maps of at most 64 x 64 units (the usual CNN stages) take a leaner mask kernel: one warp per
+// plane, its rows in 64-bit words, warp barriers only (`drop_block_rows_kernel`).
 // Apply kernel: like dropout's backward from a mask, with the scale of each element's sample
 // computed from the counters (f64 division rounded once to f32, 0 when nothing is kept).
 #include <stdint.h>
@@ -38,6 +40,18 @@ constexpr int kMaskThreads = 128;
 #else
 #define DROPFUSE_MASK_BOUNDS __launch_bounds__(kMaskThreads)
 #endif
+// The warp-per-plane kernel for 2D maps of at most kRowsMax x 64 units; 0 sends them to the tiled
+// kernel (for comparisons: scripts/variants.sh).
+#ifndef DROPFUSE_DROP_BLOCK_ROWS
+#define DROPFUSE_DROP_BLOCK_ROWS 1
+#endif
+// Blocks per SM the rows kernel is compiled for: 12 caps it at 40 registers (48 warps per SM) with
+// no spill on sm_80/sm_90; 16 (32 registers) spills in the device-state instantiation.
+#ifndef DROPFUSE_DROP_BLOCK_ROWS_BLOCKS
+#define DROPFUSE_DROP_BLOCK_ROWS_BLOCKS 12
+#endif
+constexpr int kRowsWarps = 4;      // warps (planes in flight) per block
+constexpr uint32_t kRowsMax = 64;  // rows of a plane
 constexpr int kApplyThreads = 256;
 constexpr int kApplyUnroll = 4;  // chunks in flight per lane, as dropout's backward
 
@@ -72,6 +86,7 @@ struct Geometry {
   uint32_t tile, tiles;   // output slabs per tile, tiles per plane
   uint32_t cap_rows;      // rows of each shared-memory bitmap
   uint32_t threshold;     // seed drawn iff all || word < threshold
+  uint32_t magic_w;       // ceil(2^32 / W) for W >= 2: p / W == __umulhi(p, magic_w) for p < 2^26
   bool all;
   bool shared;
   bool narrow;            // rows of at most 64 units: the kNarrow kernel
@@ -281,6 +296,138 @@ __global__ void DROPFUSE_MASK_BOUNDS
   }
 }
 
+// Whether a launch takes drop_block_rows_kernel: 2D (one row per slab) with planes of at most
+// kRowsMax rows of at most 64 units.
+__host__ __device__ inline bool rows_kernel_fits(const Geometry &g) {
+  return DROPFUSE_DROP_BLOCK_ROWS && g.B == 1 && g.W <= 64 && g.A <= kRowsMax;
+}
+
+// One warp per mask plane of a 2D map (A rows of W <= 64 units, one 64-bit word per row), so the
+// phases are separated by warp barriers, not block barriers: the tiled kernel above spends most of
+// its time waiting at its five __syncthreads with little work between them. Per plane:
+//   1. seed rows: the lanes take the plane's Philox blocks in turn; a block whose four words all
+//      miss the threshold (all but ~4 gamma of them) costs one comparison;
+//   2. each lane builds whole output rows: the OR of the seed rows [h - bA + 1, h], dilated
+//      horizontally (a unit is dropped iff a seed lies in [w - bW + 1, w]), complemented;
+//   3. the lanes take the plane's mask words in turn (as the tiled kernel's step 4), count the kept
+//      bits, and lane 0 adds the plane's count to its sample's counter; each warp adds its planes'
+//      total to the tensor's counter once, at the end.
+template <bool kDev>
+__global__ void __launch_bounds__(kRowsWarps * 32, DROPFUSE_DROP_BLOCK_ROWS_BLOCKS)
+    drop_block_rows_kernel(uint32_t *mask, unsigned long long *stats, const __grid_constant__ Geometry g) {
+  PhiloxStream dev_philox;
+  if constexpr (kDev) dev_philox = device_stream(g.dev, 0);
+  const PhiloxStream &philox = kDev ? dev_philox : g.philox;
+  __shared__ uint64_t seed_rows[kRowsWarps][kRowsMax];
+  __shared__ uint64_t keep_rows[kRowsWarps][kRowsMax];
+  const unsigned lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
+  uint64_t *const seeds = seed_rows[warp];
+  uint64_t *const keep = keep_rows[warp];
+  const uint32_t H = g.A, W = g.W, vH = g.vA, vW = g.vW, valid = static_cast<uint32_t>(g.valid);
+  const uint64_t row_bits = W == 64 ? ~uint64_t{0} : (uint64_t{1} << W) - 1u;
+  const bool draws = g.all || g.threshold != 0;
+  const uint64_t copies = g.shared ? g.c : 1;
+  unsigned long long warp_total = 0;  // kept units of this warp's planes (lane 0)
+
+  for (uint64_t q = static_cast<uint64_t>(blockIdx.x) * kRowsWarps + warp; q < g.planes;
+       q += static_cast<uint64_t>(gridDim.x) * kRowsWarps) {
+    // 1. Seeds: global seed indices [i0, i0 + valid), in Philox blocks [b0, b0 + blocks).
+    for (uint32_t r = lane; r < vH; r += 32) seeds[r] = 0;
+    __syncwarp();
+    bool hit = false;
+    if (draws) {
+      const uint64_t i0 = q * valid;
+      const uint64_t b0 = i0 >> 2;
+      const uint32_t blocks = static_cast<uint32_t>(((i0 + valid - 1) >> 2) - b0 + 1);
+      for (uint32_t t = lane; t < blocks; t += 32) {
+        const uint64_t blk = b0 + t;
+        // Blocks below 2^32 (seed indices below 2^34) take Philox's fast path (common/philox.cuh).
+        const uint4 r = hi32(blk) == philox.hi ? philox_fast(philox, static_cast<uint64_t>(kPhiloxM0) * lo32(blk))
+                                               : philox_block(philox, blk);
+        if (!g.all && min(min(r.x, r.y), min(r.z, r.w)) >= g.threshold) continue;
+        const uint32_t words[4] = {r.x, r.y, r.z, r.w};
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const uint64_t idx = blk * 4 + j;
+          if (idx >= i0 && idx < i0 + valid && (g.all || words[j] < g.threshold)) {
+            const uint32_t local = static_cast<uint32_t>(idx - i0);
+            const uint32_t row = local / vW, col = local % vW;  // rare: a fraction gamma of the positions
+#ifdef __CUDA_ARCH__
+            atomicOr(reinterpret_cast<unsigned long long *>(&seeds[row]), 1ull << col);
+#else  // host C++: the words are uint64_t, not unsigned long long (no type punning)
+            __atomic_fetch_or(&seeds[row], uint64_t{1} << col, __ATOMIC_RELAXED);
+#endif
+            hit = true;
+          }
+        }
+      }
+    }
+    __syncwarp();  // orders the seed bits before the reads (a vote alone does not order memory)
+    const bool any_seed = __any_sync(0xffffffffu, hit);
+    // 2. Keep rows.
+    for (uint32_t h = lane; h < H; h += 32) {
+      uint64_t d = 0;
+      if (any_seed) {
+        const uint32_t lo = h + 1 > g.bA ? h + 1 - g.bA : 0u, hi = min(h + 1, vH);
+        for (uint32_t u = lo; u < hi; ++u) d |= seeds[u];
+        // Shifts by 0 .. bW-1 OR-ed in log2(bW) steps: d covers [0, len), then [0, 2 len).
+        uint32_t len = 1;
+        for (; 2 * len <= g.bW; len *= 2) d |= d << len;
+        if (len < g.bW) d |= d << (g.bW - len);
+      }
+      keep[h] = ~d & row_bits;
+    }
+    __syncwarp();
+
+    // 3. Mask words of each channel that uses this plane, and the count.
+    unsigned long long kept = 0;
+    for (uint64_t copy = 0; copy < copies; ++copy) {
+      const uint64_t e0 = (g.shared ? q * g.c + copy : q) * g.spatial;
+      const uint64_t e1 = e0 + g.spatial;
+      // The warp holding the tensor's last element also writes the zero padding of its last word.
+      const uint64_t end = e1 == g.numel ? (g.numel + 31) & ~uint64_t{31} : e1;
+      const uint64_t w_first = e0 >> 5, w_last = (end - 1) >> 5;
+      for (uint64_t wd = w_first + lane; wd <= w_last; wd += 32) {
+        const uint64_t lo = max(wd * 32, e0), hi = min(wd * 32 + 32, end);
+        // Plane positions [p, p_end) of this word's data bits, row by row.
+        uint32_t p = static_cast<uint32_t>(lo - e0);
+        const uint32_t p_end = static_cast<uint32_t>(min(hi, e1) - e0);
+        uint32_t r = W >= 2 ? __umulhi(p, g.magic_w) : p;  // p < 2^12
+        uint32_t w = p - r * W;
+        uint32_t shift = static_cast<uint32_t>(lo - wd * 32);
+        uint32_t bits = 0;
+        while (p < p_end) {
+          const uint32_t len = min(W - w, p_end - p);
+          bits |= (static_cast<uint32_t>(keep[r] >> w) & low_bits(len)) << shift;
+          shift += len;
+          p += len;
+          ++r;
+          w = 0;
+        }
+        if (copy == 0) kept += __popc(bits);
+        const uint32_t range = low_bits(static_cast<uint32_t>(hi - lo)) << (lo - wd * 32);
+        if (range == ~0u) {
+          mask[wd] = bits;
+        } else {  // shared with a neighbouring plane: touch only our bits
+          atomicAnd(&mask[wd], bits | ~range);
+          atomicOr(&mask[wd], bits);
+        }
+      }
+    }
+#pragma unroll
+    for (int s = 16; s > 0; s >>= 1) kept += __shfl_xor_sync(0xffffffffu, kept, s);
+    if (lane == 0 && kept != 0) {
+      const uint64_t sample = g.shared ? q : (q >> 32) == 0 && (g.c >> 32) == 0
+                                                 ? static_cast<uint32_t>(q) / static_cast<uint32_t>(g.c)
+                                                 : q / g.c;
+      atomicAdd(&stats[sample], kept * copies);
+      warp_total += kept * copies;
+    }
+    __syncwarp();  // the rows are reused by the warp's next plane
+  }
+  if (lane == 0 && warp_total != 0) atomicAdd(&stats[g.samples], warp_total);
+}
+
 // scale = total / kept in f64, rounded once to f32; 0 when nothing is kept.
 __device__ __forceinline__ float scale_of(uint64_t total, unsigned long long kept) {
   return kept == 0 ? 0.0f : __double2float_rn(__ull2double_rn(total) / __ull2double_rn(kept));
@@ -428,6 +575,7 @@ bool make_geometry(const dropfuse_drop_block_params &p, int sms, Geometry *g, si
   g->all = p.threshold > 0xffffffffull;
   g->threshold = static_cast<uint32_t>(g->all ? 0xffffffffull : p.threshold);
   g->shared = p.shared_channels != 0;
+  g->magic_w = g->W >= 2 ? static_cast<uint32_t>(((uint64_t{1} << 32) + g->W - 1) / g->W) : 0u;
   *smem = 2 * static_cast<size_t>(g->cap_rows) * row_bytes;
   return true;
 }
@@ -503,6 +651,22 @@ extern "C" int dropfuse_drop_block_forward(dropfuse_dtype dtype, const void *x, 
   size_t smem = 0;
   if (!make_geometry(p, sms, &g, &smem)) return cudaErrorInvalidValue;
   const bool dev = p.philox_dev != nullptr;
+  if (rows_kernel_fits(g)) {
+    auto rows = dev ? drop_block_rows_kernel<true> : drop_block_rows_kernel<false>;
+    err = cudaMemsetAsync(stats, 0, (p.n + 1) * sizeof(uint64_t), stream);
+    if (err != cudaSuccess) return err;
+    int per_sm = 0;
+    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, rows, kRowsWarps * 32, 0);
+    if (err != cudaSuccess) return err;
+    // One wave: each warp takes planes until none is left, and adds its total to the counter once.
+    const uint64_t wanted = (g.planes + kRowsWarps - 1) / kRowsWarps;
+    const uint64_t cap = static_cast<uint64_t>(sms) * (per_sm > 0 ? per_sm : 1);
+    const unsigned grid = static_cast<unsigned>(wanted < cap ? wanted : cap);
+    err = launch_kernel(rows, grid, kRowsWarps * 32, 0, static_cast<cudaStream_t>(stream), mask,
+                        reinterpret_cast<unsigned long long *>(stats), g);
+    if (err != cudaSuccess || x == nullptr) return err;
+    return launch_apply_dtype(dtype, x, y, mask, stats, p, static_cast<cudaStream_t>(stream));
+  }
   auto kernel = g.narrow ? (dev ? drop_block_mask_kernel<true, true> : drop_block_mask_kernel<true, false>)
                          : (dev ? drop_block_mask_kernel<false, true> : drop_block_mask_kernel<false, false>);
   // Static plus dynamic shared memory above the default 48 KB needs the opt-in (the kernel's own

@@ -248,6 +248,10 @@ fn gpu_drop_block_edge_shapes() {
         (&[1, 1, 1, 1, 1], 3),
         (&[2, 2, 4, 4, 4], 4),
         (&[1, 2, 5, 9, 40], 3),
+        (&[2, 3, 64, 64], 7),      // 2D: the largest map of the warp-per-plane mask kernel
+        (&[2, 3, 64, 1], 3),       // 2D: one unit per row
+        (&[1, 2, 65, 64], 5),      // 2D: one row too many for it (the tiled kernel)
+        (&[1, 1, 2500, 64], 7),    // 2D: narrow rows, more rows than one tile holds
         (&[1, 1, 2500, 70], 7),    // 2D: more rows than one tile holds
         (&[1, 1, 40, 300, 64], 5), // 3D: more slabs than one tile holds
         (&[2, 3, 2, 700, 33], 7),
@@ -363,17 +367,31 @@ fn gpu_drop_block_invalid_arguments_write_nothing() {
 }
 
 /// A tensor of more than 2^32 elements ([65537, 1, 256, 256] f16, 4 295 032 832 elements): 64-bit
-/// indexing in the mask and apply kernels. Planes are independent, so the first, middle and last
-/// samples (including those whose mask words and elements lie beyond 2^32) are checked against the
-/// reference's per-plane oracle, and the tensor's counter against the sum of the samples'.
+/// indexing in the tiled mask kernel and the apply kernel.
 #[test]
 fn gpu_drop_block_huge_tensor_over_2_pow_32() {
-    let test = "gpu_drop_block_huge_tensor_over_2_pow_32";
+    huge_case("gpu_drop_block_huge_tensor_over_2_pow_32", [65_537, 1, 256, 256]);
+}
+
+/// The same through the warp-per-plane mask kernel (2D maps of at most 64 x 64): 60 x 60 planes,
+/// so planes share mask words with their neighbours, beyond 2^32 elements too
+/// ([1193047, 1, 60, 60] f16, 4 294 969 200 elements).
+#[test]
+fn gpu_drop_block_huge_tensor_over_2_pow_32_small_maps() {
+    huge_case(
+        "gpu_drop_block_huge_tensor_over_2_pow_32_small_maps",
+        [1_193_047, 1, 60, 60],
+    );
+}
+
+/// Planes are independent, so the first, middle and last samples (including those whose mask
+/// words and elements lie beyond 2^32) are checked against the reference's per-plane oracle, and
+/// the tensor's counter against the sum of the samples'.
+fn huge_case(test: &str, shape: [usize; 4]) {
     let Some(dev) = gpu(test) else {
         return;
     };
-    let shape = [65_537usize, 1, 256, 256];
-    let plane = 256 * 256;
+    let plane = shape[2] * shape[3];
     let numel: usize = shape.iter().product();
     assert!(numel > 1 << 32);
     let (free, _) = dev.context().mem_get_info().unwrap();
@@ -385,7 +403,7 @@ fn gpu_drop_block_huge_tensor_over_2_pow_32() {
     let s = dev.stream();
     let cfg = DropBlock::new(0.2, 7).unwrap();
     let state = PhiloxState::new(0xfeed_beef, 3);
-    // x: the same 256 x 256 plane pattern in every sample, copied on the device.
+    // x: the same plane pattern in every sample, copied on the device by doubling the filled part.
     let pattern = values::<f16>(plane, 77)
         .into_iter()
         .map(|v| {
@@ -396,11 +414,15 @@ fn gpu_drop_block_huge_tensor_over_2_pow_32() {
             }
         })
         .collect::<Vec<_>>();
-    let pd = dev.upload(&pattern).unwrap();
     let mut x = dev.zeros::<f16>(numel).unwrap();
-    for n in 0..shape[0] {
-        s.memcpy_dtod(&pd, &mut x.slice_mut(n * plane..(n + 1) * plane))
+    s.memcpy_htod(&pattern, &mut x.slice_mut(..plane)).unwrap();
+    let mut filled = plane;
+    while filled < numel {
+        let len = filled.min(numel - filled);
+        let (head, mut tail) = x.split_at_mut(filled);
+        s.memcpy_dtod(&head.slice(..len), &mut tail.slice_mut(..len))
             .unwrap();
+        filled += len;
     }
     let mut y = dev.zeros::<f16>(numel).unwrap();
     let mut m = dev.zeros::<u32>(mask_words(numel)).unwrap();
@@ -420,13 +442,13 @@ fn gpu_drop_block_huge_tensor_over_2_pow_32() {
         let dropped = reference::plane_dropped(&cfg, &shape[2..], n as u64, state);
         let kept = dropped.iter().filter(|&&d| !d).count() as u64;
         assert_eq!(stats[n], kept, "count of sample {n}");
-        // Plane n's elements start at a multiple of 32 (plane = 2^16), so its mask words are whole.
-        let words = dev
-            .download(&m.slice(n * plane / 32..(n + 1) * plane / 32))
-            .unwrap();
-        let yh = dev.download(&y.slice(n * plane..(n + 1) * plane)).unwrap();
+        // The mask words holding plane n's bits (its first and last may be shared).
+        let (e0, e1) = (n * plane, (n + 1) * plane);
+        let words = dev.download(&m.slice(e0 / 32..e1.div_ceil(32))).unwrap();
+        let yh = dev.download(&y.slice(e0..e1)).unwrap();
         for (u, &d) in dropped.iter().enumerate() {
-            let bit = (words[u / 32] >> (u % 32)) & 1 == 1;
+            let bit = e0 % 32 + u;
+            let bit = (words[bit / 32] >> (bit % 32)) & 1 == 1;
             assert_eq!(bit, !d, "mask bit of unit {u} of sample {n}");
             let want = if d {
                 f16::ZERO

@@ -5,7 +5,8 @@
 //! it. Every dropout (mask, forward with and without a mask) and DropBlock (mask, counts, output)
 //! case runs with the seed and offset on the host and with them in a device state (`philox_dev`,
 //! the kernels' `kDev` instantiations), and the two must agree bit for bit; both are compared with
-//! the contract (Philox4x32-10 per element, the DropBlock reference) as well: f32 / f16 / bf16,
+//! the contract (Philox4x32-10 per element, the DropBlock reference; both DropBlock mask kernels,
+//! warp-per-plane and tiled) as well: f32 / f16 / bf16,
 //! tails, element offsets that are not multiples of 4 or cross 2^34, device offsets that wrap at
 //! 2^64, misaligned views, in place, grid-stride loops that wrap. Then `dropfuse_philox_advance`
 //! (wrapping, 0 streams, bad pointers) and a captured graph's advance-then-launch pattern. Without

@@ -322,6 +322,13 @@ inline unsigned __ballot_sync(unsigned mask, int pred) {
   if (mask != 0xFFFFFFFFu) emu::fatal("partial ballot masks are not emulated");
   return static_cast<unsigned>(emu::warp_op(emu::kBallot, pred ? 1 : 0, 0));
 }
+// A warp barrier: a rendezvous of the 32 lanes, like the other warp intrinsics.
+inline void __syncwarp(unsigned mask = 0xFFFFFFFFu) {
+  if (mask != 0xFFFFFFFFu) emu::fatal("partial __syncwarp masks are not emulated");
+  emu::warp_op(emu::kBallot, 0, 0);
+}
+inline int __any_sync(unsigned mask, int pred) { return __ballot_sync(mask, pred) != 0; }
+inline unsigned __umulhi(unsigned a, unsigned b) { return static_cast<unsigned>((uint64_t)a * b >> 32); }
 // Read-only loads: plain loads (the emulation has no texture path).
 template <typename T>
 inline T __ldg(const T *p) {

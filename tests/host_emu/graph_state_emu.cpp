@@ -11,6 +11,8 @@
 // n % V), element offsets that are not multiples of 4 and that cross 2^34 (the high counter word
 // changes inside a launch), device offsets that wrap at 2^64, misaligned views, in place; then
 // dropfuse_philox_advance (wrapping, streams 0, bad pointers) and a captured-graph replay pattern.
+// DropBlock's cases cover both of its mask kernels (the warp-per-plane kernel of 2D maps up to
+// 64 x 64 and the tiled kernel of the others; the run checks that each took at least 20 cases).
 #define DROPFUSE_WAVES 1
 #include "cuda_fiber_emu.h"
 // clang-format off
@@ -188,14 +190,19 @@ float ref_scale(uint64_t total, uint64_t kept) {
   return kept == 0 ? 0.0f : (float)((double)total / (double)kept);
 }
 
+// Cases per DropBlock mask kernel: the warp-per-plane rows kernel and the tiled one.
+int rows_cases = 0, tiled_cases = 0;
+
 template <typename T> void test_drop_block() {
   DB g{};
   dropfuse_drop_block_params &p = g.p;
   const bool three_d = rnd(3) == 0;
+  // Tall 2D maps: both sides of the rows kernel's 64-row limit (kRowsMax).
+  const bool tall = !three_d && rnd(4) == 0;
   p.n = 1 + rnd(3);
-  p.c = 1 + rnd(three_d ? 3 : 8);
+  p.c = 1 + rnd(three_d || tall ? 3 : 8);
   p.d = three_d ? 1 + rnd(6) : 1;
-  p.h = 1 + rnd(three_d ? 9 : 24);
+  p.h = tall ? 56 + rnd(16) : 1 + rnd(three_d ? 9 : 24);
   p.w = rnd(3) == 0 ? 65 + rnd(70) : 1 + rnd(64);
   const uint64_t bs = 1 + rnd(7);
   p.block_d = three_d ? std::min(bs, p.d) : 1;
@@ -237,6 +244,11 @@ template <typename T> void test_drop_block() {
   Buf<uint64_t> sth(p.n + 1, 0, 0xABABABABABABABABull), std_(p.n + 1, 0, 0xABABABABABABABABull);
   for (uint64_t i = 0; i <= p.n; ++i) sth.p[i] = std_.p[i] = 0xCDCDCDCDull;  // zeroed by the call
   State sh(1, 2), sd(seed, dev_off);
+  {  // which mask kernel the launcher takes
+    dropfuse::Geometry geo;
+    size_t smem = 0;
+    if (dropfuse::make_geometry(p, emu::g.sms, &geo, &smem)) ++(dropfuse::rows_kernel_fits(geo) ? rows_cases : tiled_cases);
+  }
   const int s1 = run(false, yh, mh, sth, sh), s2 = run(true, yd, md, std_, sd);
   char what[256];
   snprintf(what, sizeof what,
@@ -361,5 +373,7 @@ int main(int argc, char **argv) {
     test_drop_block<__half>();
     test_drop_block<__nv_bfloat16>();
   }
+  printf("DropBlock cases: %d rows kernel, %d tiled kernel\n", rows_cases, tiled_cases);
+  CHECK(rows_cases >= 20 * scale && tiled_cases >= 20 * scale, "DropBlock: both mask kernels ran");
   return report();
 }
