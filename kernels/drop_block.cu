@@ -50,6 +50,12 @@ constexpr int kMaskThreads = 128;
 #ifndef DROPFUSE_DROP_BLOCK_ROWS_BLOCKS
 #define DROPFUSE_DROP_BLOCK_ROWS_BLOCKS 12
 #endif
+// Tuning knob, not yet measured (default 0): the rows kernel first asks L2 to fetch the first N MB
+// of x (prefetch.global.L2::evict_last), so that HBM, idle while the kernel computes Philox words,
+// brings in part of what the apply kernel reads next.
+#ifndef DROPFUSE_DROP_BLOCK_PREFETCH_MB
+#define DROPFUSE_DROP_BLOCK_PREFETCH_MB 0
+#endif
 constexpr int kRowsWarps = 4;      // warps (planes in flight) per block
 constexpr uint32_t kRowsMax = 64;  // rows of a plane
 constexpr int kApplyThreads = 256;
@@ -87,6 +93,8 @@ struct Geometry {
   uint32_t cap_rows;      // rows of each shared-memory bitmap
   uint32_t threshold;     // seed drawn iff all || word < threshold
   uint32_t magic_w;       // ceil(2^32 / W) for W >= 2: p / W == __umulhi(p, magic_w) for p < 2^26
+  const char *prefetch;   // rows kernel: bytes [prefetch, prefetch + prefetch_bytes) into L2, or null
+  uint64_t prefetch_bytes;
   bool all;
   bool shared;
   bool narrow;            // rows of at most 64 units: the kNarrow kernel
@@ -328,6 +336,13 @@ __global__ void __launch_bounds__(kRowsWarps * 32, DROPFUSE_DROP_BLOCK_ROWS_BLOC
   const bool draws = g.all || g.threshold != 0;
   const uint64_t copies = g.shared ? g.c : 1;
   unsigned long long warp_total = 0;  // kept units of this warp's planes (lane 0)
+#if defined(__CUDA_ARCH__) && DROPFUSE_DROP_BLOCK_PREFETCH_MB > 0
+  if (g.prefetch != nullptr) {  // 128-byte lines, spread over the grid's lanes
+    const uint32_t lines = static_cast<uint32_t>(g.prefetch_bytes >> 7);  // the knob's MB: < 2^32
+    for (uint32_t l = blockIdx.x * blockDim.x + threadIdx.x; l < lines; l += gridDim.x * blockDim.x)
+      asm volatile("prefetch.global.L2::evict_last [%0];" ::"l"(g.prefetch + (static_cast<uint64_t>(l) << 7)));
+  }
+#endif
 
   for (uint64_t q = static_cast<uint64_t>(blockIdx.x) * kRowsWarps + warp; q < g.planes;
        q += static_cast<uint64_t>(gridDim.x) * kRowsWarps) {
@@ -575,6 +590,8 @@ bool make_geometry(const dropfuse_drop_block_params &p, int sms, Geometry *g, si
   g->all = p.threshold > 0xffffffffull;
   g->threshold = static_cast<uint32_t>(g->all ? 0xffffffffull : p.threshold);
   g->shared = p.shared_channels != 0;
+  g->prefetch = nullptr;
+  g->prefetch_bytes = 0;
   g->magic_w = g->W >= 2 ? static_cast<uint32_t>(((uint64_t{1} << 32) + g->W - 1) / g->W) : 0u;
   *smem = 2 * static_cast<size_t>(g->cap_rows) * row_bytes;
   return true;
@@ -658,6 +675,12 @@ extern "C" int dropfuse_drop_block_forward(dropfuse_dtype dtype, const void *x, 
     int per_sm = 0;
     err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, rows, kRowsWarps * 32, 0);
     if (err != cudaSuccess) return err;
+    if (x != nullptr && DROPFUSE_DROP_BLOCK_PREFETCH_MB > 0) {
+      const uint64_t bytes = g.numel * (dtype == DROPFUSE_F32 ? 4 : 2);
+      const uint64_t want = static_cast<uint64_t>(DROPFUSE_DROP_BLOCK_PREFETCH_MB) << 20;
+      g.prefetch = static_cast<const char *>(x);
+      g.prefetch_bytes = bytes < want ? bytes : want;
+    }
     // One wave: each warp takes planes until none is left, and adds its total to the counter once.
     const uint64_t wanted = (g.planes + kRowsWarps - 1) / kRowsWarps;
     const uint64_t cap = static_cast<uint64_t>(sms) * (per_sm > 0 ? per_sm : 1);
