@@ -163,6 +163,8 @@ mod graph;
 mod head;
 #[path = "fuzz/importance.rs"]
 mod importance;
+#[path = "fuzz/labels.rs"]
+mod labels;
 #[path = "fuzz/mc_dropout.rs"]
 mod mc_dropout;
 #[path = "fuzz/multi_sample.rs"]
