@@ -891,6 +891,16 @@ fn draw_u64(rng: &mut StdRng) -> u64 {
     }
 }
 
+/// The element limit of a shaped case: `max_n`, and at most `mostly` in 9 of 10 cases, else at
+/// most `rarely`.
+fn draw_size_limit(rng: &mut StdRng, max_n: usize, mostly: usize, rarely: usize) -> usize {
+    max_n.min(if rng.random_range(0..10u32) == 0 {
+        rarely
+    } else {
+        mostly
+    })
+}
+
 /// An element offset with `eo + n <= u64::MAX`: 0, small, the largest allowed and just below it,
 /// views straddling 2^k (the 32-bit halves of the element and block indices roll over), random.
 fn draw_element_offset(rng: &mut StdRng, n: usize) -> u64 {
