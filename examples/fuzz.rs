@@ -163,6 +163,8 @@ mod graph;
 mod head;
 #[path = "fuzz/importance.rs"]
 mod importance;
+#[path = "fuzz/labels.rs"]
+mod labels;
 #[path = "fuzz/mc_dropout.rs"]
 mod mc_dropout;
 #[path = "fuzz/multi_sample.rs"]
@@ -887,6 +889,16 @@ fn draw_u64(rng: &mut StdRng) -> u64 {
         4 => u64::MAX - rng.random_range(0..1000),
         _ => rng.random(),
     }
+}
+
+/// The element limit of a shaped case: `max_n`, and at most `mostly` in 9 of 10 cases, else at
+/// most `rarely`.
+fn draw_size_limit(rng: &mut StdRng, max_n: usize, mostly: usize, rarely: usize) -> usize {
+    max_n.min(if rng.random_range(0..10u32) == 0 {
+        rarely
+    } else {
+        mostly
+    })
 }
 
 /// An element offset with `eo + n <= u64::MAX`: 0, small, the largest allowed and just below it,

@@ -28,8 +28,8 @@ use rand::Rng;
 use crate::checks::bias_dropout_residual as check;
 use crate::checks::Checks;
 use crate::{
-    compare, dims_text, draw_element_offset, draw_p, draw_u64, padded, parse_dims, sentinel, values, Case,
-    Fields, FuzzElement, Kernel, Spec as CaseSpec, MASK_SENTINEL,
+    compare, dims_text, draw_element_offset, draw_p, draw_size_limit, draw_u64, padded, parse_dims, sentinel,
+    values, Case, Fields, FuzzElement, Kernel, Spec as CaseSpec, MASK_SENTINEL,
 };
 
 /// The kernels of the family.
@@ -129,11 +129,7 @@ impl Spec {
 /// several chunks; at most `max_n` elements and mostly at most 2^14.
 pub fn draw(rng: &mut StdRng, dtype: DType, max_n: usize) -> Case {
     let op = Op::ALL[rng.random_range(0..Op::ALL.len())];
-    let limit = max_n.min(if rng.random_range(0..10u32) == 0 {
-        1 << 17
-    } else {
-        1 << 14
-    });
+    let limit = draw_size_limit(rng, max_n, 1 << 14, 1 << 17);
     let mut h = match rng.random_range(0..10u32) {
         0 => 1,
         1..=3 => rng.random_range(2..=16),

@@ -33,6 +33,7 @@ use rand::{Rng, SeedableRng};
 use crate::checks::head::{self as check, head_bounds, pow2_grad_scale, HeadGot, HeadInputs};
 use crate::checks::multi_sample::widen;
 use crate::checks::Checks;
+use crate::labels::{draw_rows, Labels};
 use crate::{
     dims_text, draw_p, draw_u64, parse_dims, parse_dtype, Case, Fields, FuzzElement, Kernel, Spec as CaseSpec,
 };
@@ -56,22 +57,6 @@ impl Op {
         &KEYS
     }
 }
-
-/// Which labels are ignored or bad.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Labels {
-    All,
-    Some,
-    Ignored,
-    Bad,
-}
-
-const LABELS: [(Labels, &str); 4] = [
-    (Labels::All, "all"),
-    (Labels::Some, "some"),
-    (Labels::Ignored, "ignored"),
-    (Labels::Bad, "bad"),
-];
 
 /// The head part of a case.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -98,11 +83,7 @@ impl Spec {
             "shape" => dims_text(&[self.k, self.b, self.d, self.c]),
             // `{:?}` of an f64 is the shortest string that parses back to the same bits.
             "eps" => format!("{:?}", self.eps),
-            "labels" => LABELS
-                .iter()
-                .find(|(l, _)| *l == self.labels)
-                .map_or("?", |(_, n)| *n)
-                .to_string(),
+            "labels" => self.labels.name().to_string(),
             "ii" => self.ignore_index.to_string(),
             "bias" => self.bias.to_string(),
             "train" => self.train.to_string(),
@@ -125,18 +106,13 @@ impl Spec {
         if !(0.0..=1.0).contains(&eps) {
             return Err(format!("eps: must be in [0, 1], got {eps}"));
         }
-        let text = f.get("labels")?;
         Ok(Spec {
             k: dims[0],
             b: dims[1],
             d: dims[2],
             c: dims[3],
             eps,
-            labels: LABELS
-                .iter()
-                .find(|(_, n)| *n == text)
-                .map(|(l, _)| *l)
-                .ok_or_else(|| format!("labels: expected all, some, ignored or bad, got {text:?}"))?,
+            labels: Labels::parse(f.get("labels")?)?,
             ignore_index: f.num("ii")?,
             bias: f.num("bias")?,
             train: f.num("train")?,
@@ -205,13 +181,7 @@ pub fn draw(rng: &mut StdRng, dtype: DType, max_n: usize) -> Case {
             2 => 1.0,
             _ => rng.random::<f64>(),
         },
-        labels: [
-            Labels::All,
-            Labels::Some,
-            Labels::Some,
-            Labels::Ignored,
-            Labels::Bad,
-        ][rng.random_range(0..5)],
+        labels: Labels::draw(rng),
         ignore_index: [DEFAULT_IGNORE_INDEX, DEFAULT_IGNORE_INDEX, 0, -1][rng.random_range(0..4)],
         bias: rng.random_bool(0.6),
         train: rng.random_range(0..4u32) != 0,
@@ -241,37 +211,7 @@ pub fn draw(rng: &mut StdRng, dtype: DType, max_n: usize) -> Case {
 /// The labels of a case (from the data seed) and, for `labels=bad`, the first bad row.
 fn labels_of(c: &Case, s: &Spec) -> (Vec<i64>, Option<usize>) {
     let mut rng = StdRng::seed_from_u64(c.data ^ 0x1abe);
-    let ii = s.ignore_index;
-    let mut labels: Vec<i64> = (0..s.b)
-        .map(|_| {
-            let ignored = match s.labels {
-                Labels::All => false,
-                Labels::Some | Labels::Bad => rng.random_range(0..3u32) == 0,
-                Labels::Ignored => true,
-            };
-            let y = rng.random_range(0..s.c as i64);
-            match (ignored, y == ii) {
-                (true, _) => ii,
-                (false, true) if s.c > 1 => (y + 1) % s.c as i64,
-                // One class that is the ignore index: the row is ignored.
-                (false, _) => y,
-            }
-        })
-        .collect();
-    let mut first_bad = None;
-    if s.labels == Labels::Bad {
-        let bad_values = [s.c as i64, s.c as i64 + 5, -1, -2, i64::MAX, i64::MIN];
-        for _ in 0..rng.random_range(1..=3u32) {
-            let row = rng.random_range(0..s.b);
-            labels[row] = bad_values
-                .into_iter()
-                .filter(|&v| v != ii)
-                .nth(rng.random_range(0..5))
-                .unwrap_or(i64::MAX);
-            first_bad = Some(first_bad.map_or(row, |f: usize| f.min(row)));
-        }
-    }
-    (labels, first_bad)
+    draw_rows(&mut rng, s.labels, s.b, s.c, s.ignore_index)
 }
 
 /// Whether `e` is the `labels` error naming row `row`.

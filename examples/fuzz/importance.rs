@@ -28,7 +28,8 @@ use rand::{Rng, SeedableRng};
 use crate::checks::importance::{self as check, hidden_states};
 use crate::checks::{within, Checks};
 use crate::{
-    compare, dims_text, padded, parse_dims, sentinel, Case, Fields, FuzzElement, Kernel, Spec as CaseSpec,
+    compare, dims_text, draw_size_limit, padded, parse_dims, sentinel, Case, Fields, FuzzElement, Kernel,
+    Spec as CaseSpec,
 };
 
 /// The kernels of the family.
@@ -133,11 +134,7 @@ impl Spec {
 /// 64-token tiles; at most `max_n` elements and mostly at most 2^14.
 pub fn draw(rng: &mut StdRng, dtype: DType, max_n: usize) -> Case {
     let op = Op::ALL[rng.random_range(0..Op::ALL.len())];
-    let limit = max_n.min(if rng.random_range(0..10u32) == 0 {
-        1 << 17
-    } else {
-        1 << 14
-    });
+    let limit = draw_size_limit(rng, max_n, 1 << 14, 1 << 17);
     let mut hidden = match rng.random_range(0..10u32) {
         0 => 1,
         1..=3 => rng.random_range(2..=40),

@@ -36,6 +36,7 @@ use rand::{Rng, SeedableRng};
 
 use crate::checks::multi_sample::{self as check, widen, CeProblem};
 use crate::checks::Checks;
+use crate::labels::{draw_rows, Labels};
 use crate::{
     compare, dims_text, draw_p, draw_u64, padded, parse_dims, parse_dtype, sentinel, values, Case, Fields,
     FuzzElement, Kernel, Spec as CaseSpec, MASK_SENTINEL,
@@ -110,22 +111,6 @@ impl Op {
     }
 }
 
-/// Which labels are ignored or bad.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Labels {
-    All,
-    Some,
-    Ignored,
-    Bad,
-}
-
-const LABELS: [(Labels, &str); 4] = [
-    (Labels::All, "all"),
-    (Labels::Some, "some"),
-    (Labels::Ignored, "ignored"),
-    (Labels::Bad, "bad"),
-];
-
 /// The multi-sample part of a case.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Spec {
@@ -156,12 +141,7 @@ impl Spec {
             "out" => self.out.name().to_string(),
             // `{:?}` of an f64 is the shortest string that parses back to the same bits.
             "eps" => format!("{:?}", self.eps),
-            "labels" => LABELS
-                .iter()
-                .find(|(l, _)| *l == self.labels)
-                .map(|(_, n)| *n)
-                .unwrap_or("?")
-                .to_string(),
+            "labels" => self.labels.name().to_string(),
             "ii" => self.ignore_index.to_string(),
             "weights" => if self.random_weights { "random" } else { "uniform" }.to_string(),
             _ => unreachable!("multi-sample cases have no key {key}"),
@@ -206,18 +186,13 @@ impl Spec {
         if !(0.0..=1.0).contains(&eps) {
             return Err(format!("eps: must be in [0, 1], got {eps}"));
         }
-        let labels_text = f.get("labels")?;
         Ok(Spec {
             k: dims[0],
             b: dims[1],
             c: dims[2],
             out,
             eps,
-            labels: LABELS
-                .iter()
-                .find(|(_, n)| *n == labels_text)
-                .map(|(l, _)| *l)
-                .ok_or_else(|| format!("labels: expected all, some, ignored or bad, got {labels_text:?}"))?,
+            labels: Labels::parse(f.get("labels")?)?,
             ignore_index: f.num("ii")?,
             random_weights: match f.get("weights")? {
                 "uniform" => false,
@@ -278,13 +253,7 @@ pub fn draw(rng: &mut StdRng, dtype: DType, max_n: usize) -> Case {
                 2 => 1.0,
                 _ => rng.random::<f64>(),
             },
-            labels: [
-                Labels::All,
-                Labels::Some,
-                Labels::Some,
-                Labels::Ignored,
-                Labels::Bad,
-            ][rng.random_range(0..5)],
+            labels: Labels::draw(rng),
             ignore_index: [DEFAULT_IGNORE_INDEX, DEFAULT_IGNORE_INDEX, 0, -1][rng.random_range(0..4)],
             random_weights: rng.random_bool(0.5),
         };
@@ -354,36 +323,7 @@ fn problem(c: &Case, s: &Spec) -> (CeProblem, Option<usize>) {
         vec![1.0 / s.k as f64; s.k]
     };
     let ii = s.ignore_index;
-    let mut labels: Vec<i64> = (0..s.b)
-        .map(|_| {
-            let ignored = match s.labels {
-                Labels::All => false,
-                Labels::Some | Labels::Bad => rng.random_range(0..3u32) == 0,
-                Labels::Ignored => true,
-            };
-            // A class other than the ignore index (which may be a class), if there is one.
-            let y = rng.random_range(0..s.c as i64);
-            match (ignored, y == ii) {
-                (true, _) => ii,
-                (false, true) if s.c > 1 => (y + 1) % s.c as i64,
-                (false, _) => y,
-            }
-        })
-        .collect();
-    let mut first_bad = None;
-    if s.labels == Labels::Bad {
-        let bad_values = [s.c as i64, s.c as i64 + 5, -1, -2, i64::MAX, i64::MIN];
-        for _ in 0..rng.random_range(1..=3u32) {
-            let row = rng.random_range(0..s.b);
-            let v = bad_values
-                .into_iter()
-                .filter(|&v| v != ii)
-                .nth(rng.random_range(0..5))
-                .unwrap_or(i64::MAX);
-            labels[row] = v;
-            first_bad = Some(first_bad.map_or(row, |f: usize| f.min(row)));
-        }
-    }
+    let (labels, first_bad) = draw_rows(&mut rng, s.labels, s.b, s.c, ii);
     let p = CeProblem {
         k: s.k,
         b: s.b,

@@ -31,8 +31,8 @@ use rand::Rng;
 use crate::checks::structured::{self as check, Kind};
 use crate::checks::Checks;
 use crate::{
-    compare, compare_out_of_place, dims_text, draw_p, draw_u64, padded, parse_dims, sentinel, values, Case,
-    Fields, FuzzElement, Kernel, Spec as CaseSpec, MASK_SENTINEL,
+    compare, compare_out_of_place, dims_text, draw_p, draw_size_limit, draw_u64, padded, parse_dims,
+    sentinel, values, Case, Fields, FuzzElement, Kernel, Spec as CaseSpec, MASK_SENTINEL,
 };
 
 /// The kernels of the family.
@@ -239,11 +239,7 @@ fn draw_extent(rng: &mut StdRng) -> usize {
 /// more groups than the kernels take), at most `max_n` elements and mostly at most 2^13.
 pub fn draw(rng: &mut StdRng, dtype: dropfuse::DType, max_n: usize) -> Case {
     let op = Op::ALL[rng.random_range(0..Op::ALL.len())];
-    let limit = max_n.min(if rng.random_range(0..10u32) == 0 {
-        1 << 17
-    } else {
-        1 << 13
-    });
+    let limit = draw_size_limit(rng, max_n, 1 << 13, 1 << 17);
     let (mut shape, layout) = if rng.random_range(0..12u32) == 0 {
         let rank = rng.random_range(9..=MAX_RANK);
         let shape: Vec<usize> = (0..rank).map(|_| rng.random_range(2..=3)).collect();
