@@ -384,7 +384,7 @@ int dropfuse_mc_dropout_forward(dropfuse_dtype dtype, const void *x, void *y, ui
 
 /* Streaming predictive summaries of B x C f32 probabilities, in f32 on the device.
  * state: mean[B*C], m2[B*C] (Welford), expected_entropy[B] (running mean of the per-sample row
- * entropies), all zero initially, and ctl[DROPFUSE_MC_CTL_WORDS] (zero initially):
+ * entropies), all zero initially, and ctl[DROPFUSE_MC_CTL_WORDS] (zero initially, 8-byte aligned):
  *   ctl[0] accepted samples, ctl[1] rejected pushes, ctl[2] 1 + index of the first invalid value of
  *   the first rejected push (0: none), ctl[3] the push in flight's first invalid index + 1 (scratch),
  *   ctl[4] blocks done (scratch). */

@@ -331,9 +331,14 @@ __global__ void __launch_bounds__(kThreads)
 
 unsigned row_grid(uint64_t rows) { return static_cast<unsigned>(std::min<uint64_t>(rows, DROPFUSE_MC_MAX_ROW_BLOCKS)); }
 
+// ctl must be 8-byte aligned: the push kernel updates ctl[kDone] and the validation ctl[kPending]
+// with 64-bit atomics, which fault (cudaErrorMisalignedAddress, a sticky error that ends the
+// context) on a misaligned word; the launchers reject it up front, as the other launchers do for
+// the words they update atomically (drop_block's stats, importance's layer sums).
 bool valid_state(const dropfuse_mc_state *st) {
   return st != nullptr && st->mean != nullptr && st->m2 != nullptr && st->expected_entropy != nullptr &&
-         st->ctl != nullptr && st->batch > 0 && st->classes > 0 && st->batch <= UINT64_MAX / st->classes;
+         st->ctl != nullptr && (reinterpret_cast<uintptr_t>(st->ctl) & 7u) == 0 && st->batch > 0 &&
+         st->classes > 0 && st->batch <= UINT64_MAX / st->classes;
 }
 
 }  // namespace

@@ -402,6 +402,13 @@ static void invalid_arguments() {
   bad_state("m2 null", [](dropfuse_mc_state &s) { s.m2 = nullptr; });
   bad_state("entropy null", [](dropfuse_mc_state &s) { s.expected_entropy = nullptr; });
   bad_state("ctl null", [](dropfuse_mc_state &s) { s.ctl = nullptr; });
+  for (int mis : {1, 4, 7}) {  // 64-bit atomics on ctl: 8-byte alignment
+    dropfuse_mc_state s = st;
+    s.ctl = reinterpret_cast<unsigned long long *>(reinterpret_cast<char *>(st.ctl) + mis);
+    CHECK(dropfuse_mc_summary_push(probs.p, 2, 1, &s, nullptr) == 1, "push, ctl misaligned by %d", mis);
+    CHECK(dropfuse_mc_summary_finish(&s, out.p, out.p + 6, out.p + 7, nullptr) == 1, "finish, ctl misaligned by %d",
+          mis);
+  }
   bad_state("batch 0", [](dropfuse_mc_state &s) { s.batch = 0; });
   bad_state("classes 0", [](dropfuse_mc_state &s) { s.classes = 0; });
   bad_state("B * C overflow", [](dropfuse_mc_state &s) { s.batch = uint64_t(1) << 40, s.classes = uint64_t(1) << 30; });
