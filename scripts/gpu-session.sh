@@ -13,8 +13,9 @@
 #   4. the tour (examples/tour) and FUZZ_SECONDS of fuzzing (default 60)
 #   5. the `huge` tests (tensors over 2^32 elements), while time is left (HUGE=0 skips)
 # DEADLINE (seconds from the start, default 540) stops starting new steps after it; every step
-# also has its own timeout. SANITIZE=memcheck|racecheck runs phase 3 under compute-sanitizer
-# instead of everything else. libcublas (the multi-sample head) is looked up in the Python
+# also has its own timeout. SANITIZE=memcheck|racecheck|synccheck runs phase 3 under
+# compute-sanitizer instead of everything else (SANITIZE_TESTS="drop_block_gpu routing_gpu": only
+# those test executables). libcublas (the multi-sample head) is looked up in the Python
 # packages (PyTorch's nvidia wheels) and put on LD_LIBRARY_PATH.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -106,6 +107,7 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu 
 echo "cublas: ${cublas:-not found}" >>"$out/logs/gpu.txt"
 if [ -n "${SANITIZE:-}" ]; then
   for t in "$work"/tests/*; do
+    case " ${SANITIZE_TESTS:-$(basename "$t")} " in *" $(basename "$t") "*) ;; *) continue ;; esac
     step "$SANITIZE $(basename "$t")" 240 sanitize.log compute-sanitizer --tool "$SANITIZE" --error-exitcode 99 \
       "$t" --test-threads=1 --skip huge ${TEST_ARGS:-}
   done
@@ -131,4 +133,4 @@ rm -rf "$work"
 EOF
 chmod +x "$dest/run.sh"
 du -sh "$dest" | awk '{print "bundle: " $1 " (a device call carries at most 64 MiB)"}'
-echo "on the GPU host: bash $dest/run.sh   (carry $dest; OUT, DEADLINE, BENCH, PEERS, HUGE, SANITIZE, FUZZ_SECONDS)"
+echo "on the GPU host: bash $dest/run.sh   (carry $dest; OUT, DEADLINE, BENCH, PEERS, HUGE, SANITIZE, SANITIZE_TESTS, FUZZ_SECONDS)"
