@@ -51,8 +51,9 @@ constexpr int kMaskThreads = 128;
 #define DROPFUSE_DROP_BLOCK_ROWS_BLOCKS 12
 #endif
 // Tuning knob, not yet measured (default 0): the rows kernel first asks L2 to fetch the first N MB
-// of x (prefetch.global.L2::evict_last), so that HBM, idle while the kernel computes Philox words,
-// brings in part of what the apply kernel reads next.
+// of x (prefetch.global.L2, normal eviction priority: evict_last lines would outlive their one
+// use), so that HBM, idle while the kernel computes Philox words, brings in part of what the apply
+// kernel reads next. Useful values are below the L2 size (50 MB on an H100/H200).
 #ifndef DROPFUSE_DROP_BLOCK_PREFETCH_MB
 #define DROPFUSE_DROP_BLOCK_PREFETCH_MB 0
 #endif
@@ -340,7 +341,7 @@ __global__ void __launch_bounds__(kRowsWarps * 32, DROPFUSE_DROP_BLOCK_ROWS_BLOC
   if (g.prefetch != nullptr) {  // 128-byte lines, spread over the grid's lanes
     const uint32_t lines = static_cast<uint32_t>(g.prefetch_bytes >> 7);  // the knob's MB: < 2^32
     for (uint32_t l = blockIdx.x * blockDim.x + threadIdx.x; l < lines; l += gridDim.x * blockDim.x)
-      asm volatile("prefetch.global.L2::evict_last [%0];" ::"l"(g.prefetch + (static_cast<uint64_t>(l) << 7)));
+      asm volatile("prefetch.global.L2 [%0];" ::"l"(g.prefetch + (static_cast<uint64_t>(l) << 7)));
   }
 #endif
 
