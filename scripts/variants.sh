@@ -7,8 +7,10 @@
 #   bash scripts/variants.sh [--tests] NAME='NVCC FLAGS' [NAME='NVCC FLAGS' ...]
 #   bash scripts/variants.sh base= apply4=-DDROPFUSE_UNROLL_APPLY=4 waves8=-DDROPFUSE_WAVES=8
 #   bash scripts/variants.sh --tests base= lean=-DDROPFUSE_DROP_BLOCK_LEAN=1
+#   BENCHES=drop_block bash scripts/variants.sh base= rows0=-DDROPFUSE_DROP_BLOCK_ROWS=0
 #
 # then, on the GPU host from the project root:  bash .gpu-variants/run.sh   (output also in $OUT)
+# BENCHES (default "dropout drop_block") names the benches, and with --tests their *_gpu tests.
 # The knobs are the DROPFUSE_* macros at the top of kernels/*.cu and kernels/common/launch.cuh.
 # Builds sm_90 only unless DROPFUSE_CUDA_ARCHS is set. .gpu-variants/ is kept out of git; the
 # executables travel xz-compressed (a device call carries at most 64 MiB).
@@ -19,7 +21,7 @@ if [ "${1:-}" = "--tests" ]; then
   tests=1
   shift
 fi
-[ $# -gt 0 ] || { sed -n '2,14p' "$0"; exit 2; }
+[ $# -gt 0 ] || { sed -n '2,17p' "$0"; exit 2; }
 bash scripts/setup-cuda.sh
 exclude="$(git rev-parse --git-dir)/info/exclude"
 mkdir -p "$(dirname "$exclude")"
@@ -48,10 +50,13 @@ for spec in "$@"; do
   dir=".gpu-variants/stage/$name"
   mkdir -p "$dir"
   export DROPFUSE_CUDA_ARCHS="${DROPFUSE_CUDA_ARCHS:-sm_90}" DROPFUSE_NVCC_FLAGS="$flags"
-  cargo bench --bench dropout --bench drop_block --no-run --message-format=json | executables |
+  # shellcheck disable=SC2046
+  cargo bench $(printf -- '--bench %s ' ${BENCHES:-dropout drop_block}) --no-run --message-format=json | executables |
     while read -r exe; do cp "$exe" "$dir/bench_$(basename "$exe" | sed 's/-[0-9a-f]*$//')"; done
   if [ "$tests" = 1 ]; then
-    cargo test --release --test dropout_gpu --test drop_block_gpu --no-run --message-format=json | executables |
+    # shellcheck disable=SC2046
+    cargo test --release $(printf -- '--test %s_gpu ' ${BENCHES:-dropout drop_block}) --no-run --message-format=json |
+      executables |
       while read -r exe; do cp "$exe" "$dir/$(basename "$exe" | sed 's/-[0-9a-f]*$//')"; done
   fi
   strip "$dir"/* 2>/dev/null || true
