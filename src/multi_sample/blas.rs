@@ -200,7 +200,9 @@ impl GemmCall {
 }
 
 /// A cuBLAS handle bound to a device's stream, with its own workspace
-/// ([`CUBLAS_WORKSPACE_BYTES`]) and the default math mode (no TF32: f32 GEMMs run in full f32).
+/// ([`CUBLAS_WORKSPACE_BYTES`]) and the default math mode (no TF32: f32 GEMMs run in full f32)
+/// with reduced-precision reductions disallowed (split-K partials of f16/bf16 outputs are summed
+/// in f32, not in the output type).
 #[derive(Debug)]
 pub struct Blas {
     handle: sys::cublasHandle_t,
@@ -244,9 +246,17 @@ impl Blas {
                 "cublasSetWorkspace_v2",
                 sys::cublasSetWorkspace_v2(handle, wp as *mut c_void, CUBLAS_WORKSPACE_BYTES),
             )?;
+            // CUBLAS_DEFAULT_MATH | CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION (0 | 16: the
+            // flag's own value). With the default alone, cuBLAS may reduce split-K partials of a
+            // GEMM with f16/bf16 C (dW in T, evaluation dh in T) in the output type, i.e. round
+            // each partial sum to T: that breaks the documented contract (f32 accumulation, the
+            // output rounded once to T). f32-output GEMMs are unaffected.
             check(
                 "cublasSetMathMode",
-                sys::cublasSetMathMode(handle, sys::cublasMath_t::CUBLAS_DEFAULT_MATH),
+                sys::cublasSetMathMode(
+                    handle,
+                    sys::cublasMath_t::CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION,
+                ),
             )?;
         }
         Ok(blas)

@@ -142,7 +142,8 @@ pub struct HeadGemmPlan {
 ///
 /// GEMMs take `T` operands and accumulate in `f32` (`CUBLAS_COMPUTE_32F`; for `f32` inputs
 /// `CUBLAS_COMPUTE_32F_PEDANTIC` and the default math mode: no TF32, whatever
-/// `NVIDIA_TF32_OVERRIDE` says). Outputs: loss and logits in `f32`; `dh`, `dW`, `db` in `T` or `f32`
+/// `NVIDIA_TF32_OVERRIDE` says; reduced-precision reductions disallowed, so split-K partials of an
+/// f16/bf16 output are summed in `f32` and the output is rounded once). Outputs: loss and logits in `f32`; `dh`, `dW`, `db` in `T` or `f32`
 /// (the output buffers' types; `f32` recommended for f16 without a loss scale, since the
 /// gradients of a mean over many rows are tiny). cuBLAS is bitwise reproducible run to run on the
 /// same GPU model, cuBLAS version and handle setup (each workspace owns its handle and cuBLAS
