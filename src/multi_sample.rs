@@ -82,9 +82,10 @@ mod blas;
 mod head;
 
 pub use blas::{
-    check_cublas, cublas_available, cublas_library_names, Blas, GemmDesc, CUBLAS_WORKSPACE_BYTES,
+    check_cublas, cublas_available, cublas_library_names, Blas, GemmCall, GemmDesc, GemmExArgs,
+    CUBLAS_WORKSPACE_BYTES,
 };
-pub use head::{head_batch, head_bias, head_gemms, HeadGemms, HeadWorkspace, MultiSampleHead};
+pub use head::{head_batch, head_bias, head_gemms, HeadGemmPlan, HeadGemms, HeadWorkspace, MultiSampleHead};
 
 /// The most samples one call takes (`DROPFUSE_MULTI_SAMPLE_MAX_K`).
 pub const MAX_K: usize = ffi::DROPFUSE_MULTI_SAMPLE_MAX_K as usize;

@@ -18,8 +18,8 @@ use common::{bits, cases, gpu_with_cublas, invalid_name, rel_err_norm, tcerr, wi
 use dropfuse::cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr};
 use dropfuse::dropout::mask_words;
 use dropfuse::multi_sample::{
-    check_cublas, cublas_available, cublas_library_names, head_gemms, GemmDesc, HeadWorkspace,
-    MultiSampleHead, WeightedCrossEntropy, MAX_K,
+    check_cublas, cublas_available, cublas_library_names, GemmExArgs, HeadWorkspace, MultiSampleHead,
+    WeightedCrossEntropy, MAX_K,
 };
 use dropfuse::reference::dropout as ref_dropout;
 use dropfuse::reference::multi_sample::{
@@ -160,41 +160,227 @@ fn head_configuration_without_device() {
     assert_eq!(ce.with_grad_scale(1024.0).unwrap().grad_scale(), 1024.0);
 }
 
-/// `C = alpha op(A) op(B) + beta C`, column-major, exactly as cublasGemmEx reads its arguments.
-fn gemm_host(g: &GemmDesc, alpha: f64, a: &[f64], b: &[f64], beta: f64, c: &mut [f64]) {
-    for j in 0..g.n {
-        for i in 0..g.m {
+/// `cublasGemmEx`'s documented semantics on the host, on the argument values the crate passes
+/// (`GemmExArgs`): first cuBLAS's own argument checks (`m, n, k >= 0`; `lda >= max(1, rows of
+/// the stored A)`, i.e. `m` for `CUBLAS_OP_N` and `k` for `CUBLAS_OP_T`, likewise `ldb` with `k` /
+/// `n` and `ldc >= max(1, m)`; a supported type combination of the `CUBLAS_COMPUTE_32F(_PEDANTIC)`
+/// table), then that each buffer holds every element the call touches (`a`, `b`, `c` are sized as
+/// the crate sizes them), then `C = alpha op(A) op(B) + beta C`, column-major (element `(i, j)` at
+/// `i + j * ld`), in `f64`, C not read when `beta == 0` (as cuBLAS: NaN there is overwritten).
+fn gemm_ex_host(x: &GemmExArgs, a: &[f64], b: &[f64], c: &mut [f64]) {
+    use dropfuse::cudarc::cublas::sys::{cublasComputeType_t as Ct, cublasOperation_t as Op};
+    use dropfuse::cudarc::cublas::sys::{cublasGemmAlgo_t, cudaDataType as Dt};
+    let trans = |op: Op| match op {
+        Op::CUBLAS_OP_N => false,
+        Op::CUBLAS_OP_T => true,
+        other => panic!("unexpected operation {other:?}"),
+    };
+    assert!(x.m >= 0 && x.n >= 0 && x.k >= 0, "{x:?}");
+    let (m, n, k) = (x.m as usize, x.n as usize, x.k as usize);
+    let (ta, tb) = (trans(x.transa), trans(x.transb));
+    // The stored matrices' (rows, columns), column-major.
+    let a_dims = if ta { (k, m) } else { (m, k) };
+    let b_dims = if tb { (n, k) } else { (k, n) };
+    for (name, (rows, cols), ld, len) in [
+        ("A", a_dims, x.lda, a.len()),
+        ("B", b_dims, x.ldb, b.len()),
+        ("C", (m, n), x.ldc, c.len()),
+    ] {
+        assert!(ld as usize >= rows.max(1), "ld of {name} below its rows: {x:?}");
+        if rows > 0 && cols > 0 {
+            let last = (cols - 1) * ld as usize + rows;
+            assert!(last <= len, "{name} reads {last} elements of {len}: {x:?}");
+        }
+    }
+    assert!(matches!(
+        x.compute,
+        Ct::CUBLAS_COMPUTE_32F | Ct::CUBLAS_COMPUTE_32F_PEDANTIC
+    ));
+    assert_eq!(x.a_type, x.b_type);
+    assert!(
+        matches!(
+            (x.a_type, x.c_type),
+            (Dt::CUDA_R_32F, Dt::CUDA_R_32F)
+                | (Dt::CUDA_R_16F, Dt::CUDA_R_16F | Dt::CUDA_R_32F)
+                | (Dt::CUDA_R_16BF, Dt::CUDA_R_16BF | Dt::CUDA_R_32F)
+        ),
+        "a type combination cublasGemmEx does not support with f32 compute: {x:?}"
+    );
+    // f32 operands: pedantic f32 (no TF32); f16 / bf16: f32 accumulation on tensor cores.
+    assert_eq!(
+        x.compute == Ct::CUBLAS_COMPUTE_32F_PEDANTIC,
+        x.a_type == Dt::CUDA_R_32F,
+        "{x:?}"
+    );
+    assert_eq!(x.algo, cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT);
+    let (alpha, beta) = (f64::from(x.alpha), f64::from(x.beta));
+    let (lda, ldb, ldc) = (x.lda as usize, x.ldb as usize, x.ldc as usize);
+    for j in 0..n {
+        for i in 0..m {
             let mut acc = 0.0;
-            for l in 0..g.k {
-                let av = if g.trans_a {
-                    a[l + i * g.lda]
-                } else {
-                    a[i + l * g.lda]
-                };
-                let bv = if g.trans_b {
-                    b[j + l * g.ldb]
-                } else {
-                    b[l + j * g.ldb]
-                };
+            for l in 0..k {
+                let av = if ta { a[l + i * lda] } else { a[i + l * lda] };
+                let bv = if tb { b[j + l * ldb] } else { b[l + j * ldb] };
                 acc += av * bv;
             }
-            let e = i + j * g.ldc;
+            let e = i + j * ldc;
             c[e] = alpha * acc + if beta == 0.0 { 0.0 } else { beta * c[e] };
         }
     }
 }
 
-/// The head's GEMM descriptors and scalings, run on the host with the column-major semantics of
-/// cublasGemmEx, reproduce the reference (catches transposes, leading dimensions, the bias at
-/// beta = 1, the dz scale S and alpha = grad_scale / S): runs without a GPU.
+/// The `cudaDataType` of each element type, written out here independently of the crate.
+fn cuda_type(d: DType) -> dropfuse::cudarc::cublas::sys::cudaDataType {
+    use dropfuse::cudarc::cublas::sys::cudaDataType as Dt;
+    match d {
+        DType::F32 => Dt::CUDA_R_32F,
+        DType::F16 => Dt::CUDA_R_16F,
+        DType::BF16 => Dt::CUDA_R_16BF,
+    }
+}
+
+/// The head's GEMM plan (`MultiSampleHead::gemm_plan`: descriptors, scalars, types), turned into
+/// `cublasGemmEx` arguments by the crate's own `gemm_ex_args` and run through `gemm_ex_host` on
+/// buffers sized as the workspace sizes them, with the forward's bias broadcast, the dz scale `S`
+/// and the backward's masked reduction and column sums as the kernels do them, reproduces the f64
+/// reference (loss path, averaged logits, dh, dW, db) to 1e-12: catches transposes, m/n/k,
+/// leading dimensions, operand order, beta (bias on/off), alpha = grad_scale / S, the f32 outputs
+/// of z and dh_all and the types of every call, for training and evaluation mode. Values are kept
+/// in f64 (the element type only selects the types checked): the plumbing, not the rounding.
+fn check_gemm_plan(
+    case: &HeadCase,
+    (t, gh, gw): (DType, DType, DType),
+    grad_scale: f32,
+) -> Result<(), TestCaseError> {
+    let (b, d, c) = (case.b, case.d, case.c);
+    let head = MultiSampleHead::from_config(&config(case), case.bias).unwrap();
+    let k = head.samples();
+    let rows = k * b;
+    let inp = inputs::<f32>(case);
+    let want = reference::head(
+        &inp.h,
+        d,
+        &inp.w,
+        c,
+        inp.bias.as_deref(),
+        &inp.labels,
+        &config(case),
+        case.state,
+    )
+    .unwrap();
+    let samples = if case.train {
+        reference::masked_copies(&inp.h, k, case.p, case.state).unwrap()
+    } else {
+        reference::Samples::identity(&inp.h)
+    }
+    .widen();
+    // h_all: the copies (training) or h itself (evaluation), rows * D.
+    let h_all: Vec<f64> = samples.copies.concat();
+    prop_assert_eq!(h_all.len(), rows * d);
+    let w = widen(&inp.w);
+    let plan = head.gemm_plan(b, d, c, t, gh, gw, grad_scale);
+    let args = |call: &dropfuse::multi_sample::GemmCall| call.gemm_ex_args().unwrap();
+    let (xl, xh, xw) = (args(&plan.logits), args(&plan.dh), args(&plan.dw));
+    for x in [&xl, &xh, &xw] {
+        prop_assert_eq!(x.a_type, cuda_type(t));
+    }
+    prop_assert_eq!(xl.c_type, cuda_type(DType::F32), "z is f32");
+    let dh_type = if case.train { DType::F32 } else { gh };
+    prop_assert_eq!(xh.c_type, cuda_type(dh_type), "dh_all is f32, eval dh is GH");
+    prop_assert_eq!(xw.c_type, cuda_type(gw));
+
+    // Forward: the broadcast bias (NaN without one: beta = 0 must not read it), then the GEMM.
+    let mut z = vec![f64::NAN; rows * c];
+    if let Some(bv) = &inp.bias {
+        for r in 0..rows {
+            for j in 0..c {
+                z[r * c + j] = f64::from(bv[j]);
+            }
+        }
+    }
+    gemm_ex_host(&xl, &w, &h_all, &mut z);
+    let mut mean = vec![0.0; b * c];
+    for s in 0..k {
+        for e in 0..b * c {
+            mean[e] += z[s * b * c + e] / k as f64;
+        }
+    }
+    let err = rel_err_norm(&mean, &want.mean_logits);
+    prop_assert!(err < 1e-12, "logits GEMM: {}", err);
+    let weights = vec![1.0 / k as f64; k];
+    let (_, dz) =
+        reference::weighted_cross_entropy(&z, k, b, c, &weights, &inp.labels, case.ignore_index, case.eps)
+            .unwrap();
+    let s_scale = f64::from(MultiSampleHead::logits_grad_scale(k, b));
+    let dz_s: Vec<f64> = dz.iter().map(|v| v * s_scale).collect();
+    let alpha = f64::from(grad_scale) / s_scale;
+
+    // Backward: dh (training: dh_all in f32, then the masked reduction with scale * alpha).
+    let n = b * d;
+    let dh = if case.train {
+        let mut dh_all = vec![f64::NAN; rows * d];
+        gemm_ex_host(&xh, &w, &dz_s, &mut dh_all);
+        let red = f64::from(samples.scale) * alpha;
+        (0..n)
+            .map(|e| {
+                (0..k)
+                    .filter(|&s| samples.keep[s][e])
+                    .map(|s| dh_all[s * n + e] * red)
+                    .sum::<f64>()
+            })
+            .collect()
+    } else {
+        let mut dh = vec![f64::NAN; n];
+        gemm_ex_host(&xh, &w, &dz_s, &mut dh);
+        dh
+    };
+    let mut dw = vec![f64::NAN; c * d];
+    gemm_ex_host(&xw, &h_all, &dz_s, &mut dw);
+    let gs = f64::from(grad_scale);
+    let unscale = |v: &[f64]| v.iter().map(|x| x / gs).collect::<Vec<f64>>();
+    let err = rel_err_norm(&unscale(&dh), &want.dh);
+    prop_assert!(err < 1e-12, "dh GEMM: {}", err);
+    let err = rel_err_norm(&unscale(&dw), &want.dw);
+    prop_assert!(err < 1e-12, "dW GEMM: {}", err);
+    if let Some(want_db) = &want.db {
+        let db: Vec<f64> = (0..c)
+            .map(|j| (0..rows).map(|r| dz_s[r * c + j]).sum::<f64>() * alpha)
+            .collect();
+        let err = rel_err_norm(&unscale(&db), want_db);
+        prop_assert!(err < 1e-12, "db: {}", err);
+    }
+    Ok(())
+}
+
+/// The dtype triples (T, GH, GW) the head accepts: GH and GW are T or f32.
+const DTYPE_PLANS: [(DType, DType, DType); 9] = [
+    (DType::F32, DType::F32, DType::F32),
+    (DType::F16, DType::F32, DType::F32),
+    (DType::F16, DType::F16, DType::F16),
+    (DType::F16, DType::F16, DType::F32),
+    (DType::F16, DType::F32, DType::F16),
+    (DType::BF16, DType::F32, DType::F32),
+    (DType::BF16, DType::BF16, DType::BF16),
+    (DType::BF16, DType::BF16, DType::F32),
+    (DType::BF16, DType::F32, DType::BF16),
+];
+
+/// Fixed edge shapes: B = 1, C = 1, D = 1, D % 8 != 0, K = 1 and 16, bias on/off, both modes.
 #[test]
 fn head_gemm_plan_on_host() {
-    for (k, b, d, c, bias, p) in [
-        (3usize, 5usize, 7usize, 4usize, true, 0.3),
-        (1, 1, 1, 1, false, 0.0),
-        (2, 4, 9, 13, true, 0.5),
-        (4, 3, 8, 1, true, 0.25),
-    ] {
+    for (i, (k, b, d, c, bias, p, train)) in [
+        (3usize, 5usize, 7usize, 4usize, true, 0.3, true),
+        (1, 1, 1, 1, false, 0.0, true),
+        (2, 4, 9, 13, true, 0.5, true),
+        (4, 3, 8, 1, true, 0.25, true),
+        (16, 1, 13, 1, false, 0.5, true),
+        (16, 2, 17, 3, true, 1.0, true),
+        (5, 6, 11, 7, true, 0.5, false),
+        (1, 1, 1, 1, false, 0.0, false),
+    ]
+    .into_iter()
+    .enumerate()
+    {
         let case = HeadCase {
             k,
             b,
@@ -205,91 +391,25 @@ fn head_gemm_plan_on_host() {
             ignore: 1,
             ignore_index: DEFAULT_IGNORE_INDEX,
             bias,
-            train: true,
+            train,
             state: PhiloxState::new(11, 12),
             seed: (k * 100 + d) as u64,
         };
-        let inp = inputs::<f32>(&case);
-        let cfg = config(&case);
-        let want = reference::head(
-            &inp.h,
-            d,
-            &inp.w,
-            c,
-            inp.bias.as_deref(),
-            &inp.labels,
-            &cfg,
-            case.state,
-        )
-        .unwrap();
-        let samples = reference::masked_copies(&inp.h, k, p, case.state)
-            .unwrap()
-            .widen();
-        let rows = k * b;
-        let h_all: Vec<f64> = samples.copies.concat();
-        let w = widen(&inp.w);
-        let g = head_gemms(rows, d, c);
-        // Forward: the broadcast bias, then z = h_all W^T + z.
-        let mut z = vec![0.0; rows * c];
-        let beta = if let Some(bv) = &inp.bias {
-            for r in 0..rows {
-                for j in 0..c {
-                    z[r * c + j] = f64::from(bv[j]);
-                }
-            }
-            1.0
-        } else {
-            0.0
-        };
-        gemm_host(&g.logits, 1.0, &w, &h_all, beta, &mut z);
-        let mut mean = vec![0.0; b * c];
-        for s in 0..k {
-            for e in 0..b * c {
-                mean[e] += z[s * b * c + e] / k as f64;
-            }
-        }
-        assert!(
-            rel_err_norm(&mean, &want.mean_logits) < 1e-12,
-            "logits GEMM layout"
-        );
-        let weights = vec![1.0 / k as f64; k];
-        let (_, dz) =
-            reference::weighted_cross_entropy(&z, k, b, c, &weights, &inp.labels, DEFAULT_IGNORE_INDEX, 0.1)
-                .unwrap();
-        let s_scale = f64::from(MultiSampleHead::logits_grad_scale(k, b));
-        let dz_s: Vec<f64> = dz.iter().map(|v| v * s_scale).collect();
-        let gs = 4.0f64;
-        let alpha = gs / s_scale;
-        // dh_all = (S dz) W, then the masked reduction with scale * alpha.
-        let mut dh_all = vec![f64::NAN; rows * d];
-        gemm_host(&g.dh, 1.0, &w, &dz_s, 0.0, &mut dh_all);
-        let n = b * d;
-        let dh: Vec<f64> = (0..n)
-            .map(|e| {
-                (0..k)
-                    .filter(|&s| samples.keep[s][e])
-                    .map(|s| dh_all[s * n + e] * f64::from(samples.scale) * alpha)
-                    .sum::<f64>()
-            })
-            .collect();
-        let mut dw = vec![f64::NAN; c * d];
-        gemm_host(&g.dw, alpha, &h_all, &dz_s, 0.0, &mut dw);
-        let unscale = |v: &[f64]| v.iter().map(|x| x / gs).collect::<Vec<f64>>();
-        assert!(rel_err_norm(&unscale(&dh), &want.dh) < 1e-12, "dh GEMM layout");
-        assert!(rel_err_norm(&unscale(&dw), &want.dw) < 1e-12, "dW GEMM layout");
-        if let Some(want_db) = &want.db {
-            let db: Vec<f64> = (0..c)
-                .map(|j| (0..rows).map(|r| dz_s[r * c + j]).sum::<f64>() * alpha)
-                .collect();
-            assert!(rel_err_norm(&unscale(&db), want_db) < 1e-12, "db");
-        }
-        // Evaluation mode: rows = B, h itself.
-        let ge = head_gemms(b, d, c);
-        let mut ze = vec![0.0; b * c];
-        gemm_host(&ge.logits, 1.0, &w, &widen(&inp.h), 0.0, &mut ze);
-        let want_z = reference::logits(&widen(&inp.h), d, &w, c, None).unwrap();
-        assert!(rel_err_norm(&ze, &want_z) < 1e-12, "eval logits layout");
+        check_gemm_plan(&case, DTYPE_PLANS[i % DTYPE_PLANS.len()], 4.0).unwrap();
     }
+}
+
+/// The same over random shapes (B incl. 1, C incl. 1, D incl. 1 and D % 8 != 0, K in 1..=16), p,
+/// smoothing, ignored rows, bias, both modes, every dtype plan and several grad scales.
+#[test]
+fn head_gemm_plan_on_host_random() {
+    let mut runner = TestRunner::new(Config::with_cases(cases(24)));
+    let gs = prop_oneof![Just(1.0f32), Just(4.0f32), Just(0.5f32), 0.1f32..100.0];
+    runner
+        .run(&(head_case(), 0..DTYPE_PLANS.len(), gs), |(c, t, gs)| {
+            check_gemm_plan(&c, DTYPE_PLANS[t], gs)
+        })
+        .unwrap();
 }
 
 // ---------------------------------------------------------------------------------------------

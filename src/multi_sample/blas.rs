@@ -118,8 +118,91 @@ pub struct GemmDesc {
     pub ldc: usize,
 }
 
+/// One GEMM call as the crate makes it: `C = alpha * op(A) op(B) + beta * C` ([`GemmDesc`]) with
+/// operands of type `ab` (A and B) and C of type `out` (`ab` or `f32`); `beta = 0` ignores C's
+/// previous contents (cuBLAS does not read C then), `beta = 1` adds to them.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GemmCall {
+    pub desc: GemmDesc,
+    pub alpha: f32,
+    pub beta: f32,
+    pub ab: DType,
+    pub out: DType,
+}
+
+/// Every argument of one `cublasGemmEx` call but the handle and the three pointers, exactly as
+/// [`Blas::gemm`] passes them ([`GemmCall::gemm_ex_args`]): a pure function of the call, so a host
+/// test can run cuBLAS's documented semantics on the very values the GPU gets. `alpha` and `beta`
+/// are read through host pointers (the handle's default `CUBLAS_POINTER_MODE_HOST`) as `f32`, the
+/// scale type of both compute types used.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GemmExArgs {
+    pub transa: sys::cublasOperation_t,
+    pub transb: sys::cublasOperation_t,
+    pub m: i32,
+    pub n: i32,
+    pub k: i32,
+    pub alpha: f32,
+    pub a_type: sys::cudaDataType,
+    pub lda: i32,
+    pub b_type: sys::cudaDataType,
+    pub ldb: i32,
+    pub beta: f32,
+    pub c_type: sys::cudaDataType,
+    pub ldc: i32,
+    pub compute: sys::cublasComputeType_t,
+    pub algo: sys::cublasGemmAlgo_t,
+}
+
+impl GemmCall {
+    /// The `cublasGemmEx` arguments of this call: `f32` accumulation, `CUBLAS_COMPUTE_32F`, or
+    /// `CUBLAS_COMPUTE_32F_PEDANTIC` for `f32` operands (rules out TF32 and other
+    /// reduced-precision paths); `b` error when a dimension does not fit cuBLAS's `i32`
+    /// (the workspace's checks keep every dimension of the head within it).
+    pub fn gemm_ex_args(&self) -> Result<GemmExArgs> {
+        let g = &self.desc;
+        let op = |t: bool| {
+            if t {
+                sys::cublasOperation_t::CUBLAS_OP_T
+            } else {
+                sys::cublasOperation_t::CUBLAS_OP_N
+            }
+        };
+        let dim = |v: usize| {
+            i32::try_from(v)
+                .map_err(|_| Error::invalid("gemm", "GEMM dimensions up to i32::MAX (cuBLAS's int)", v))
+        };
+        let compute = if self.ab == DType::F32 {
+            sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_PEDANTIC
+        } else {
+            sys::cublasComputeType_t::CUBLAS_COMPUTE_32F
+        };
+        Ok(GemmExArgs {
+            transa: op(g.trans_a),
+            transb: op(g.trans_b),
+            m: dim(g.m)?,
+            n: dim(g.n)?,
+            k: dim(g.k)?,
+            alpha: self.alpha,
+            a_type: data_type(self.ab),
+            lda: dim(g.lda)?,
+            b_type: data_type(self.ab),
+            ldb: dim(g.ldb)?,
+            beta: self.beta,
+            c_type: data_type(self.out),
+            ldc: dim(g.ldc)?,
+            compute,
+            algo: sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        })
+    }
+}
+
 /// A cuBLAS handle bound to a device's stream, with its own workspace
-/// ([`CUBLAS_WORKSPACE_BYTES`]) and the default math mode (no TF32: f32 GEMMs run in full f32).
+/// ([`CUBLAS_WORKSPACE_BYTES`]) and the default math mode (no TF32: f32 GEMMs run in full f32)
+/// with reduced-precision reductions disallowed (split-K partials of f16/bf16 outputs are summed
+/// in f32, not in the output type).
 #[derive(Debug)]
 pub struct Blas {
     handle: sys::cublasHandle_t,
@@ -163,9 +246,17 @@ impl Blas {
                 "cublasSetWorkspace_v2",
                 sys::cublasSetWorkspace_v2(handle, wp as *mut c_void, CUBLAS_WORKSPACE_BYTES),
             )?;
+            // CUBLAS_DEFAULT_MATH | CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION (0 | 16: the
+            // flag's own value). With the default alone, cuBLAS may reduce split-K partials of a
+            // GEMM with f16/bf16 C (dW in T, evaluation dh in T) in the output type, i.e. round
+            // each partial sum to T: that breaks the documented contract (f32 accumulation, the
+            // output rounded once to T). f32-output GEMMs are unaffected.
             check(
                 "cublasSetMathMode",
-                sys::cublasSetMathMode(handle, sys::cublasMath_t::CUBLAS_DEFAULT_MATH),
+                sys::cublasSetMathMode(
+                    handle,
+                    sys::cublasMath_t::CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION,
+                ),
             )?;
         }
         Ok(blas)
@@ -176,58 +267,34 @@ impl Blas {
         &self.stream
     }
 
-    /// `C = alpha * op(A) op(B) + beta * C` in cuBLAS's column-major terms ([`GemmDesc`];
-    /// `cublasGemmEx`, f32 accumulation: `CUBLAS_COMPUTE_32F`, or `CUBLAS_COMPUTE_32F_PEDANTIC`
-    /// for f32 inputs, which rules out TF32 and other reduced-precision paths).
+    /// `C = alpha * op(A) op(B) + beta * C` in cuBLAS's column-major terms: one `cublasGemmEx`
+    /// with the arguments [`GemmCall::gemm_ex_args`] computes.
     ///
     /// # Safety
     /// The pointers are device memory of the handle's context, large enough for the shapes and
-    /// leading dimensions given, `c` distinct from `a` and `b`; the sizes fit in `i32` (checked by
-    /// the caller); the context is current.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) unsafe fn gemm(
-        &mut self,
-        g: GemmDesc,
-        alpha: f32,
-        ab_type: DType,
-        a: u64,
-        b: u64,
-        beta: f32,
-        c_type: DType,
-        c: u64,
-    ) -> Result<()> {
-        let op = |t: bool| {
-            if t {
-                sys::cublasOperation_t::CUBLAS_OP_T
-            } else {
-                sys::cublasOperation_t::CUBLAS_OP_N
-            }
-        };
-        let compute = if ab_type == DType::F32 {
-            sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_PEDANTIC
-        } else {
-            sys::cublasComputeType_t::CUBLAS_COMPUTE_32F
-        };
+    /// leading dimensions given, `c` distinct from `a` and `b`; the context is current.
+    pub(crate) unsafe fn gemm(&mut self, call: &GemmCall, a: u64, b: u64, c: u64) -> Result<()> {
+        let x = call.gemm_ex_args()?;
         let status = sys::cublasGemmEx(
             self.handle,
-            op(g.trans_a),
-            op(g.trans_b),
-            g.m as i32,
-            g.n as i32,
-            g.k as i32,
-            &alpha as *const f32 as *const c_void,
+            x.transa,
+            x.transb,
+            x.m,
+            x.n,
+            x.k,
+            &x.alpha as *const f32 as *const c_void,
             a as *const c_void,
-            data_type(ab_type),
-            g.lda as i32,
+            x.a_type,
+            x.lda,
             b as *const c_void,
-            data_type(ab_type),
-            g.ldb as i32,
-            &beta as *const f32 as *const c_void,
+            x.b_type,
+            x.ldb,
+            &x.beta as *const f32 as *const c_void,
             c as *mut c_void,
-            data_type(c_type),
-            g.ldc as i32,
-            compute,
-            sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            x.c_type,
+            x.ldc,
+            x.compute,
+            x.algo,
         );
         check("cublasGemmEx", status)
     }

@@ -25,7 +25,7 @@ use std::ffi::c_void;
 
 use cudarc::driver::{CudaSlice, CudaView, DevicePtr, DevicePtrMut};
 
-use super::blas::{Blas, GemmDesc};
+use super::blas::{Blas, GemmCall, GemmDesc};
 use super::{check_k, check_len, check_out_dtype, masks_len, MAX_K};
 use crate::device::Device;
 use crate::dropout::{after, bind, check_stream, raw::dtype as ffi_dtype, Dropout};
@@ -71,6 +71,25 @@ pub fn head_gemms(rows: usize, d: usize, c: usize) -> HeadGemms {
         // dW^T (D x C) = h_all^T (D x rows) . dz (rows x C: dz^T stored, transposed).
         dw: g(false, true, d, c, rows, d, c, d),
     }
+}
+
+/// The head's three GEMM calls ([`head_gemms`] with their scalars and types) for a batch of `b`
+/// rows, element type `t`, `dh` of type `gh` and `dW` of type `gw` (each `t` or `f32`) and the
+/// backward's `grad_scale`: what [`MultiSampleHead::forward`] and [`MultiSampleHead::backward`]
+/// pass to cuBLAS, as a pure function (for the host check of the plan).
+/// * `logits`: `z = h_all W^T + beta z` in `f32`, `beta = 1` with a bias (`z` holds the broadcast
+///   bias), 0 without;
+/// * `dh`: training mode `dh_all = (S dz) W` in `f32` (`alpha = 1`: the masked reduction applies
+///   `keep * scale * grad_scale / S`), evaluation mode `dh = (grad_scale / S) (S dz) W` in `gh`;
+/// * `dw`: `dW = (grad_scale / S) (S dz)^T h_all` in `gw`;
+///
+/// with `S` = [`MultiSampleHead::logits_grad_scale`]`(samples, b)`.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HeadGemmPlan {
+    pub logits: GemmCall,
+    pub dh: GemmCall,
+    pub dw: GemmCall,
 }
 
 /// The multi-sample dropout head's configuration: `K` samples at drop probability `p`, label
@@ -123,7 +142,8 @@ pub fn head_gemms(rows: usize, d: usize, c: usize) -> HeadGemms {
 ///
 /// GEMMs take `T` operands and accumulate in `f32` (`CUBLAS_COMPUTE_32F`; for `f32` inputs
 /// `CUBLAS_COMPUTE_32F_PEDANTIC` and the default math mode: no TF32, whatever
-/// `NVIDIA_TF32_OVERRIDE` says). Outputs: loss and logits in `f32`; `dh`, `dW`, `db` in `T` or `f32`
+/// `NVIDIA_TF32_OVERRIDE` says; reduced-precision reductions disallowed, so split-K partials of an
+/// f16/bf16 output are summed in `f32` and the output is rounded once). Outputs: loss and logits in `f32`; `dh`, `dW`, `db` in `T` or `f32`
 /// (the output buffers' types; `f32` recommended for f16 without a loss scale, since the
 /// gradients of a mean over many rows are tiny). cuBLAS is bitwise reproducible run to run on the
 /// same GPU model, cuBLAS version and handle setup (each workspace owns its handle and cuBLAS
@@ -284,6 +304,40 @@ impl MultiSampleHead {
     pub fn logits_grad_scale(samples: usize, b: usize) -> f32 {
         let m = samples.max(1) * b.clamp(1, 1 << 15);
         (1u64 << m.ilog2()) as f32
+    }
+
+    /// The GEMM calls of a forward + backward of this head on a batch of `b` rows ([`HeadGemmPlan`]).
+    #[doc(hidden)]
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm_plan(
+        &self,
+        b: usize,
+        d: usize,
+        c: usize,
+        t: DType,
+        gh: DType,
+        gw: DType,
+        grad_scale: f32,
+    ) -> HeadGemmPlan {
+        let samples = self.samples();
+        let g = head_gemms(samples * b, d, c);
+        let alpha = grad_scale / Self::logits_grad_scale(samples, b);
+        let call = |desc, alpha, beta, out| GemmCall {
+            desc,
+            alpha,
+            beta,
+            ab: t,
+            out,
+        };
+        HeadGemmPlan {
+            logits: call(g.logits, 1.0, if self.bias { 1.0 } else { 0.0 }, DType::F32),
+            dh: if self.train {
+                call(g.dh, 1.0, 0.0, DType::F32)
+            } else {
+                call(g.dh, alpha, 0.0, gh)
+            },
+            dw: call(g.dw, alpha, 0.0, gw),
+        }
     }
 
     /// Allocates the buffers and the cuBLAS handle of a head of up to `b` rows (the workspace's
@@ -450,7 +504,9 @@ impl MultiSampleHead {
                 }
                 None => hp,
             };
-            let beta = if let Some((bp, _)) = &bias_ptr {
+            // The logits GEMM has beta = 1 exactly when the head has a bias (head_bias checked
+            // that `bias` is given then), adding to the broadcast bias.
+            if let Some((bp, _)) = &bias_ptr {
                 let st = ffi::dropfuse_multi_sample_bias_rows(
                     ffi_dtype(T::DTYPE),
                     *bp as *const c_void,
@@ -460,13 +516,9 @@ impl MultiSampleHead {
                     cu,
                 );
                 ffi::check(st, "dropfuse_multi_sample_bias_rows")?;
-                1.0
-            } else {
-                0.0
-            };
-            let g = head_gemms(rows, d, c);
-            ws.blas
-                .gemm(g.logits, 1.0, T::DTYPE, wp, src, beta, DType::F32, zp)?;
+            }
+            let plan = self.gemm_plan(b, d, c, T::DTYPE, T::DTYPE, T::DTYPE, 1.0);
+            ws.blas.gemm(&plan.logits, wp, src, zp)?;
             let params = self.ce_params(b, c);
             let st = ffi::dropfuse_weighted_ce_scaled(
                 ffi_dtype(DType::F32),
@@ -590,12 +642,11 @@ impl MultiSampleHead {
         // SAFETY: lengths, dtypes and contexts validated above; outputs distinct from the inputs
         // and the workspace; sizes fit cuBLAS's i32 (checked when the workspace was made).
         unsafe {
-            let g = head_gemms(rows, d, c);
+            let plan = self.gemm_plan(b, d, c, T::DTYPE, GH::DTYPE, GW::DTYPE, grad_scale);
             let src = match &train {
                 Some(((cp, _), (mp, _), (dap, _))) => {
                     // dh_all = (S dz) W in f32; the reduction applies keep * scale * a.
-                    ws.blas
-                        .gemm(g.dh, 1.0, T::DTYPE, wp, dzp, 0.0, DType::F32, *dap)?;
+                    ws.blas.gemm(&plan.dh, wp, dzp, *dap)?;
                     let params = self.sample_params((0, 0, std::ptr::null()), self.drop.scale() * alpha);
                     let st = ffi::dropfuse_multi_sample_reduce(
                         ffi_dtype(DType::F32),
@@ -612,13 +663,11 @@ impl MultiSampleHead {
                 }
                 None => {
                     // Evaluation mode (rows = B): dh = a (S dz) W straight into dh.
-                    ws.blas
-                        .gemm(g.dh, alpha, T::DTYPE, wp, dzp, 0.0, GH::DTYPE, dhp)?;
+                    ws.blas.gemm(&plan.dh, wp, dzp, dhp)?;
                     hp
                 }
             };
-            ws.blas
-                .gemm(g.dw, alpha, T::DTYPE, src, dzp, 0.0, GW::DTYPE, dwp)?;
+            ws.blas.gemm(&plan.dw, src, dzp, dwp)?;
             if let Some((dbp, _)) = &db_ptr {
                 let st = ffi::dropfuse_column_sums(
                     ffi_dtype(T::DTYPE),
@@ -671,10 +720,16 @@ impl MultiSampleHead {
         // SAFETY: as in forward and backward.
         unsafe {
             let g = head_gemms(rows, d, c);
-            ws.blas
-                .gemm(g.logits, 1.0, T::DTYPE, wp, cpp, 0.0, DType::F32, zp)?;
-            ws.blas.gemm(g.dh, 1.0, T::DTYPE, wp, dzp, 0.0, DType::F32, dap)?;
-            ws.blas.gemm(g.dw, 1.0, T::DTYPE, cpp, dzp, 0.0, T::DTYPE, dwp)?;
+            let call = |desc, out| GemmCall {
+                desc,
+                alpha: 1.0,
+                beta: 0.0,
+                ab: T::DTYPE,
+                out,
+            };
+            ws.blas.gemm(&call(g.logits, DType::F32), wp, cpp, zp)?;
+            ws.blas.gemm(&call(g.dh, DType::F32), wp, dzp, dap)?;
+            ws.blas.gemm(&call(g.dw, T::DTYPE), cpp, dzp, dwp)?;
         }
         after(&stream)
     }
