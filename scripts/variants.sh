@@ -63,7 +63,9 @@ for spec in "$@"; do
   printf '%s\t%s\n' "$name" "$flags" >>.gpu-variants/stage/list
 done
 unset DROPFUSE_NVCC_FLAGS
-(cd .gpu-variants/stage && tar -cJf ../bins.tar.xz .)
+# The variants' executables are nearly identical: a dictionary larger than one executable lets xz
+# store them once (measured: 4 variants of a bench and a test, 77 MB, 59 MB with tar -J, 25 MB so).
+tar -C .gpu-variants/stage -cf - . | xz -T1 --lzma2=preset=6,dict=128MiB >.gpu-variants/bins.tar.xz
 rm -rf .gpu-variants/stage
 cat >.gpu-variants/run.sh <<'RUN'
 #!/usr/bin/env bash
