@@ -69,8 +69,9 @@ tar -C .gpu-variants/stage -cf - . | xz -T1 --lzma2=preset=6,dict=128MiB >.gpu-v
 rm -rf .gpu-variants/stage
 cat >.gpu-variants/run.sh <<'RUN'
 #!/usr/bin/env bash
-# Per variant: its GPU tests (when packed; not the huge ones), then the bench summaries (bursts, no sweep, no
-# criterion). Raw JSON lines in $OUT/variants.jsonl, commit field "variant:NAME"; a log per step.
+# Per variant: its GPU tests (when packed; not the huge ones), then the bench summaries (bursts,
+# no sweep, no criterion). Raw JSON lines in $OUT/variants.jsonl, commit field "variant:NAME"; a
+# log per step.
 set -u
 here=$(cd "$(dirname "$0")" && pwd)
 out=${OUT:-$here/out}
