@@ -32,12 +32,147 @@ use proptest::test_runner::{Config, TestCaseError, TestRunner};
 
 /// The documented bounds (src/multi_sample/head.rs): loss within LOSS_TOL * max(1, |loss|) and the
 /// averaged logits' relative error norm within LOGITS_TOL for every dtype; the gradients' relative
-/// error norms within GRAD_TOL_F32 for f32 inputs, GRAD_TOL_16 for f16/bf16 inputs.
+/// error norms within GRAD_TOL_F32 for f32 inputs, GRAD_TOL_16 for f16/bf16 inputs; each plus the
+/// rounding errors that do not shrink with the result (cancellations, underflow: [`within`]).
 const LOSS_TOL: f64 = 2e-5;
 const LOGITS_TOL: f64 = 1e-5;
 const GRAD_TOL_F32: f64 = 1e-5;
 const GRAD_TOL_16: f64 = 1e-2;
 const SENTINEL: f32 = 12345.5;
+/// Unit roundoff of f32.
+const U32: f64 = 1.0 / 16_777_216.0;
+
+/// Unit roundoff of an element type (round to nearest: half an ulp of 1).
+fn unit_roundoff(t: DType) -> f64 {
+    match t {
+        DType::F32 => U32,
+        DType::F16 => 1.0 / 2048.0,
+        DType::BF16 => 1.0 / 256.0,
+    }
+}
+
+/// Half the smallest subnormal of an element type: the absolute rounding error of a value in its
+/// subnormal range.
+fn underflow(t: DType) -> f64 {
+    match t {
+        DType::F32 => 2f64.powi(-150),
+        DType::F16 => 2f64.powi(-25),
+        DType::BF16 => 2f64.powi(-134),
+    }
+}
+
+/// `||got - want|| <= tol * ||want|| + ||slack||`: the documented relative bound plus `slack`,
+/// a bound on each element's rounding error that does not shrink with the result.
+///
+/// Why the slack: the relative error norm alone cannot hold when the result is a cancellation or
+/// is made of values that underflow, because rounding errors are relative to the terms of a sum,
+/// not to the sum. `dz` is rounded once to `T` before the backward GEMMs (relative `u_T` per
+/// element, 2^-8 for bf16, and an absolute 2^-25 where `S dz` falls into f16's subnormals: a
+/// confidently right row has `softmax - t` near 0, whatever `grad_scale`), and the logits are f32
+/// dot products. With B = 1, D = 1 (dh is one value, a sum over the classes of `dz W` whose `dz`
+/// row sums to 0), B = C = 1 (one averaged logit), or p near 1 (the few samples that keep an
+/// element have large, peaked logits), a host model of this arithmetic exceeded the plain
+/// relative bound in about 0.15% of the random cases (a few percent of the runs of 24 cases),
+/// bf16 dh up to 21x and f16 dh up to 79x its tolerance. For results that are not cancellations
+/// the slack is small next to `tol * ||want||` and the check is as strict as before.
+fn within(got: &[f64], want: &[f64], slack: &[f64], tol: f64) -> (bool, f64) {
+    let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
+    let err = norm(&got.iter().zip(want).map(|(g, w)| g - w).collect::<Vec<_>>());
+    let bound = tol * norm(want) + norm(slack);
+    (err <= bound, err / bound.max(f64::MIN_POSITIVE))
+}
+
+/// The slack of [`within`] for each output of the head, from the reference's sums (contract
+/// points 3 to 6):
+/// * averaged logits: `(D + K + 3) u` (f32 sums of `D` products, exact for f16/bf16 and rounded
+///   for f32, the bias, `K` logits and the `1/K` multiply: the first-order worst case for any
+///   summation order) times their magnitudes `(1/K) sum_k (sum_j |W h_k| + |b|)`;
+/// * `dh`, `dW`, `db`: the propagated error bound `e` of each `dz` element (the f32 cross-entropy
+///   kernel, relative to `softmax + t`; twice the rounding to `T`, `u_T |dz| + underflow_T / S`
+///   with `S` = `logits_grad_scale`; the f32 sums it enters, `(max(C, K B) + K + 2) u |dz|`):
+///   `sum_k keep scale sum_c e |W|`, `sum_k sum_i e |h_k|`, `sum_k sum_i e`.
+struct Slack {
+    mean_logits: Vec<f64>,
+    dh: Vec<f64>,
+    dw: Vec<f64>,
+    db: Vec<f64>,
+}
+
+fn slack<T: Element>(case: &HeadCase, inp: &Inputs<T>) -> Slack {
+    let (b, d, c) = (case.b, case.d, case.c);
+    let samples = if case.train {
+        reference::masked_copies(&inp.h, case.k, case.p, case.state).unwrap()
+    } else {
+        reference::Samples::identity(&inp.h)
+    }
+    .widen();
+    let k = samples.copies.len();
+    let w = widen(&inp.w);
+    let bias = inp.bias.as_ref().map(|v| widen(v));
+    let mut z = Vec::with_capacity(k * b * c);
+    for h in &samples.copies {
+        z.extend(reference::logits(h, d, &w, c, bias.as_deref()).unwrap());
+    }
+    let weights = vec![1.0 / k as f64; k];
+    let (_, dz) =
+        reference::weighted_cross_entropy(&z, k, b, c, &weights, &inp.labels, case.ignore_index, case.eps)
+            .unwrap();
+    let floor = underflow(T::DTYPE) / f64::from(MultiSampleHead::logits_grad_scale(k, b));
+    let n_valid = inp.labels.iter().filter(|&&y| y != case.ignore_index).count();
+    let mut dz_err = vec![0.0; k * b * c];
+    for r in 0..k * b {
+        let y = inp.labels[r % b];
+        if y == case.ignore_index || n_valid == 0 {
+            continue; // written as exact zeros
+        }
+        let zr = &z[r * c..(r + 1) * c];
+        let m = zr.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let lse = m + zr.iter().map(|v| (v - m).exp()).sum::<f64>().ln();
+        let coef = 1.0 / (k * n_valid) as f64;
+        for cls in 0..c {
+            let t = if cls as i64 == y {
+                1.0 - case.eps * (c - 1) as f64 / c as f64
+            } else {
+                case.eps / c as f64
+            };
+            let p = (zr[cls] - lse).exp();
+            let v = dz[r * c + cls].abs();
+            // The f32 kernel (lse within (|lse| + 4) u, exp and the subtraction, relative to
+            // p + t), then dz rounded to T, and the f32 sums over C (dh) or the K * B rows (dW, db)
+            // that dz enters (first-order worst case, any order).
+            dz_err[r * c + cls] = (lse.abs() + 8.0) * U32 * coef * (p + t)
+                + 2.0 * (unit_roundoff(T::DTYPE) * v + floor)
+                + (c.max(k * b) + k + 2) as f64 * U32 * v;
+        }
+    }
+    let gamma_logits = (d + k + 3) as f64 * U32;
+    let scale = f64::from(samples.scale);
+    let mut m = Slack {
+        mean_logits: vec![0.0; b * c],
+        dh: vec![0.0; b * d],
+        dw: vec![0.0; c * d],
+        db: vec![0.0; c],
+    };
+    for (s, h) in samples.copies.iter().enumerate() {
+        let ek = &dz_err[s * b * c..(s + 1) * b * c];
+        for i in 0..b {
+            for cls in 0..c {
+                let dot: f64 = (0..d).map(|j| (w[cls * d + j] * h[i * d + j]).abs()).sum();
+                let bias_abs = bias.as_ref().map_or(0.0, |v| v[cls].abs());
+                m.mean_logits[i * c + cls] += gamma_logits * (dot + bias_abs) / k as f64;
+                let e = ek[i * c + cls];
+                m.db[cls] += e;
+                for j in 0..d {
+                    if samples.keep[s][i * d + j] {
+                        m.dh[i * d + j] += e * w[cls * d + j].abs() * scale;
+                    }
+                    m.dw[cls * d + j] += e * h[i * d + j].abs();
+                }
+            }
+        }
+    }
+    m
+}
 
 /// GPU 0 with cuBLAS, or `None` after a SKIPPED line saying which is missing.
 fn max_abs(v: &[f64]) -> f64 {
@@ -614,8 +749,14 @@ fn run_head<T: Element, GH: Element, GW: Element>(dev: &Device, c: &HeadCase) ->
     );
     let mut mean = filled(dev, c.b * c.c, SENTINEL);
     ws.mean_logits(&mut mean).map_err(tcerr)?;
-    let err = rel_err_norm(&widen(&dev.download(&mean).unwrap()), &want.mean_logits);
-    prop_assert!(err <= LOGITS_TOL, "mean logits error {} in {:?}", err, c);
+    let slack = slack(c, &inp);
+    let (ok, ratio) = within(
+        &widen(&dev.download(&mean).unwrap()),
+        &want.mean_logits,
+        &slack.mean_logits,
+        LOGITS_TOL,
+    );
+    prop_assert!(ok, "mean logits error {} x the bound in {:?}", ratio, c);
 
     // Backward: scaled into the normal range when an output is f16.
     let gs = if GH::DTYPE == DType::F16 || GW::DTYPE == DType::F16 {
@@ -644,31 +785,31 @@ fn run_head<T: Element, GH: Element, GW: Element>(dev: &Device, c: &HeadCase) ->
     };
     let got_dh = unscale(widen(&dev.download(&dh).unwrap()));
     let got_dw = unscale(widen(&dev.download(&dw).unwrap()));
-    let e_dh = rel_err_norm(&got_dh, &want.dh);
-    let e_dw = rel_err_norm(&got_dw, &want.dw);
+    let (ok_dh, r_dh) = within(&got_dh, &want.dh, &slack.dh, tol);
+    let (ok_dw, r_dw) = within(&got_dw, &want.dw, &slack.dw, tol);
     prop_assert!(
-        e_dh <= tol,
-        "dh error {} > {} (scale {}) in {:?}",
-        e_dh,
+        ok_dh,
+        "dh error {} x the bound (tol {}, scale {}) in {:?}",
+        r_dh,
         tol,
         gs,
         c
     );
     prop_assert!(
-        e_dw <= tol,
-        "dW error {} > {} (scale {}) in {:?}",
-        e_dw,
+        ok_dw,
+        "dW error {} x the bound (tol {}, scale {}) in {:?}",
+        r_dw,
         tol,
         gs,
         c
     );
     if let (Some(db), Some(want_db)) = (&db, &want.db) {
         let got_db = unscale(widen(&dev.download(db).unwrap()));
-        let e_db = rel_err_norm(&got_db, want_db);
+        let (ok_db, r_db) = within(&got_db, want_db, &slack.db, tol);
         prop_assert!(
-            e_db <= tol,
-            "db error {} > {} (scale {}) in {:?}",
-            e_db,
+            ok_db,
+            "db error {} x the bound (tol {}, scale {}) in {:?}",
+            r_db,
             tol,
             gs,
             c
