@@ -12,6 +12,8 @@
 #   3. tests: every test executable with `--skip huge` (TEST_ARGS adds arguments)
 #   4. the tour (examples/tour) and FUZZ_SECONDS of fuzzing (default 60)
 #   5. the `huge` tests (tensors over 2^32 elements), while time is left (HUGE=0 skips)
+# PHASES (default "bench peers tests tour fuzz huge") picks the phases and their order, e.g.
+# PHASES="tests tour fuzz" for a first call that checks before it measures.
 # DEADLINE (seconds from the start, default 540) stops starting new steps after it; every step
 # also has its own timeout. SANITIZE=memcheck|racecheck|synccheck runs phase 3 under
 # compute-sanitizer instead of everything else (SANITIZE_TESTS="drop_block_gpu routing_gpu": only
@@ -112,20 +114,33 @@ if [ -n "${SANITIZE:-}" ]; then
       "$t" --test-threads=1 --skip huge ${TEST_ARGS:-}
   done
 else
-  if [ "${BENCH:-1}" != 0 ]; then
+  phase_bench() {
+    [ "${BENCH:-1}" != 0 ] || return 0
     for b in "$work"/benches/*; do step "bench $(basename "$b")" 150 bench.log "$b" --bench ${BENCH_ARGS:-__none__}; done
-  fi
-  if [ "${PEERS:-1}" != 0 ] && python3 -c 'import torch' 2>/dev/null; then
+  }
+  phase_peers() {
+    [ "${PEERS:-1}" != 0 ] && python3 -c 'import torch' 2>/dev/null || return 0
     for p in "$root"/benches/peers/*_torch.py; do step "peer $(basename "$p")" 200 peers.log python3 "$p"; done
     python3 "$root/scripts/bench_report.py" "$out/results.jsonl" --write-json "$out/results.json" >"$out/logs/report.md" 2>&1
     python3 "$root/scripts/bench_report.py" "$out/results.jsonl" --check >"$out/logs/check.txt" 2>&1
-  fi
-  for t in "$work"/tests/*; do step "test $(basename "$t")" 240 tests.log "$t" --skip huge ${TEST_ARGS:-}; done
-  step "tour" 120 tour.log "$work/examples/tour"
-  step "fuzz" $(( ${FUZZ_SECONDS:-60} + 30 )) fuzz.log "$work/examples/fuzz" --seconds "${FUZZ_SECONDS:-60}"
-  if [ "${HUGE:-1}" != 0 ]; then
+  }
+  phase_tests() {
+    for t in "$work"/tests/*; do step "test $(basename "$t")" 240 tests.log "$t" --skip huge ${TEST_ARGS:-}; done
+  }
+  phase_tour() { step "tour" 120 tour.log "$work/examples/tour"; }
+  phase_fuzz() {
+    step "fuzz" $(( ${FUZZ_SECONDS:-60} + 30 )) fuzz.log "$work/examples/fuzz" --seconds "${FUZZ_SECONDS:-60}"
+  }
+  phase_huge() {
+    [ "${HUGE:-1}" != 0 ] || return 0
     for t in "$work"/tests/*; do step "huge $(basename "$t")" 240 huge.log "$t" huge --test-threads=1; done
-  fi
+  }
+  for phase in ${PHASES:-bench peers tests tour fuzz huge}; do
+    case "$phase" in
+      bench | peers | tests | tour | fuzz | huge) "phase_$phase" ;;
+      *) summary+=("unknown phase '$phase' (bench peers tests tour fuzz huge)") ;;
+    esac
+  done
 fi
 { echo "---- summary ($(( $(date +%s) - start ))s) ----"; for s in "${summary[@]}"; do echo "$s"; done; } | tee "$out/logs/summary.txt"
 tar -C "$out" -czf "$out/logs.tar.gz" logs && rm -rf "$out/logs"
@@ -133,4 +148,4 @@ rm -rf "$work"
 EOF
 chmod +x "$dest/run.sh"
 du -sh "$dest" | awk '{print "bundle: " $1 " (a device call carries at most 64 MiB)"}'
-echo "on the GPU host: bash $dest/run.sh   (carry $dest; OUT, DEADLINE, BENCH, PEERS, HUGE, SANITIZE, SANITIZE_TESTS, FUZZ_SECONDS)"
+echo "on the GPU host: bash $dest/run.sh   (carry $dest; OUT, PHASES, DEADLINE, BENCH, PEERS, HUGE, SANITIZE, SANITIZE_TESTS, FUZZ_SECONDS)"
