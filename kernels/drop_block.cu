@@ -117,6 +117,34 @@ __device__ __forceinline__ uint32_t extract32(const uint64_t *row, int, int pos)
 
 __device__ __forceinline__ uint32_t low_bits(uint32_t len) { return len >= 32 ? ~0u : (1u << len) - 1u; }
 
+// The keep bits of tile units [p, p_end) (at most 32, rows of W units, p at unit w of row r), placed
+// from bit `shift` up: keep_bits(r, w) gives bits w, w + 1, ... of row r's keep bitmap.
+template <typename KeepBits>
+__device__ __forceinline__ uint32_t gather_bits(uint32_t p, uint32_t p_end, uint32_t r, uint32_t w, uint32_t shift,
+                                                uint32_t W, KeepBits keep_bits) {
+  uint32_t bits = 0;
+  while (p < p_end) {
+    const uint32_t len = min(W - w, p_end - p);
+    bits |= (keep_bits(r, w) & low_bits(len)) << shift;
+    shift += len;
+    p += len;
+    ++r;
+    w = 0;
+  }
+  return bits;
+}
+
+// Stores the `range` bits of mask word wd: a plain store when the word is all ours, else atomics
+// that touch only our bits (the rest belongs to a neighbouring tile or plane).
+__device__ __forceinline__ void store_mask_bits(uint32_t *mask, uint64_t wd, uint32_t bits, uint32_t range) {
+  if (range == ~0u) {
+    mask[wd] = bits;
+  } else {
+    atomicAnd(&mask[wd], bits | ~range);
+    atomicOr(&mask[wd], bits);
+  }
+}
+
 // Rows are bit arrays of W units in shared memory: one 64-bit word when W <= 64 (kNarrow: whole-row
 // shifts), else ceil(W / 32) 32-bit words.
 // kDev: the Philox stream comes from device memory (graph-safe launches).
@@ -264,28 +292,13 @@ __global__ void DROPFUSE_MASK_BOUNDS
       for (uint64_t wd = w_first + tid; wd <= w_last; wd += blockDim.x) {
         const uint64_t lo = max(wd * 32, e0), hi = min(wd * 32 + 32, end);
         // Tile-local unit positions [p, p_end) of this word's data bits, row by row.
-        uint32_t p = static_cast<uint32_t>(lo - e0);
+        const uint32_t p = static_cast<uint32_t>(lo - e0);
         const uint32_t p_end = static_cast<uint32_t>(min(hi, e1) - e0);
-        uint32_t r = p / g.W, w = p % g.W;
-        uint32_t shift = static_cast<uint32_t>(lo - wd * 32);
-        uint32_t bits = 0;
-        while (p < p_end) {
-          const uint32_t len = min(g.W - w, p_end - p);
-          const uint32_t seg = ~extract32(dropped + r * Wk, Wk, static_cast<int>(w)) & low_bits(len);
-          bits |= seg << shift;
-          shift += len;
-          p += len;
-          ++r;
-          w = 0;
-        }
+        const uint32_t bits =
+            gather_bits(p, p_end, p / g.W, p % g.W, static_cast<uint32_t>(lo - wd * 32), g.W,
+                        [&](uint32_t r, uint32_t w) { return ~extract32(dropped + r * Wk, Wk, static_cast<int>(w)); });
         if (copy == 0) kept += __popc(bits);
-        const uint32_t range = low_bits(static_cast<uint32_t>(hi - lo)) << (lo - wd * 32);
-        if (range == ~0u) {
-          mask[wd] = bits;
-        } else {  // shared with a neighbouring tile or plane: touch only our bits
-          atomicAnd(&mask[wd], bits | ~range);
-          atomicOr(&mask[wd], bits);
-        }
+        store_mask_bits(mask, wd, bits, low_bits(static_cast<uint32_t>(hi - lo)) << (lo - wd * 32));
       }
     }
     // Count: warp sums, then one shared and one global atomic per block per counter.
@@ -406,28 +419,13 @@ __global__ void __launch_bounds__(kRowsWarps * 32, DROPFUSE_DROP_BLOCK_ROWS_BLOC
       for (uint64_t wd = w_first + lane; wd <= w_last; wd += 32) {
         const uint64_t lo = max(wd * 32, e0), hi = min(wd * 32 + 32, end);
         // Plane positions [p, p_end) of this word's data bits, row by row.
-        uint32_t p = static_cast<uint32_t>(lo - e0);
+        const uint32_t p = static_cast<uint32_t>(lo - e0);
         const uint32_t p_end = static_cast<uint32_t>(min(hi, e1) - e0);
-        uint32_t r = W >= 2 ? __umulhi(p, g.magic_w) : p;  // p < 2^12
-        uint32_t w = p - r * W;
-        uint32_t shift = static_cast<uint32_t>(lo - wd * 32);
-        uint32_t bits = 0;
-        while (p < p_end) {
-          const uint32_t len = min(W - w, p_end - p);
-          bits |= (static_cast<uint32_t>(keep[r] >> w) & low_bits(len)) << shift;
-          shift += len;
-          p += len;
-          ++r;
-          w = 0;
-        }
+        const uint32_t r = W >= 2 ? __umulhi(p, g.magic_w) : p;  // p < 2^12
+        const uint32_t bits = gather_bits(p, p_end, r, p - r * W, static_cast<uint32_t>(lo - wd * 32), W,
+                                          [&](uint32_t r, uint32_t w) { return static_cast<uint32_t>(keep[r] >> w); });
         if (copy == 0) kept += __popc(bits);
-        const uint32_t range = low_bits(static_cast<uint32_t>(hi - lo)) << (lo - wd * 32);
-        if (range == ~0u) {
-          mask[wd] = bits;
-        } else {  // shared with a neighbouring plane: touch only our bits
-          atomicAnd(&mask[wd], bits | ~range);
-          atomicOr(&mask[wd], bits);
-        }
+        store_mask_bits(mask, wd, bits, low_bits(static_cast<uint32_t>(hi - lo)) << (lo - wd * 32));
       }
     }
 #pragma unroll
@@ -676,12 +674,14 @@ extern "C" int dropfuse_drop_block_forward(dropfuse_dtype dtype, const void *x, 
     int per_sm = 0;
     err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, rows, kRowsWarps * 32, 0);
     if (err != cudaSuccess) return err;
-    if (x != nullptr && DROPFUSE_DROP_BLOCK_PREFETCH_MB > 0) {
+#if DROPFUSE_DROP_BLOCK_PREFETCH_MB > 0
+    if (x != nullptr) {
       const uint64_t bytes = g.numel * (dtype == DROPFUSE_F32 ? 4 : 2);
       const uint64_t want = static_cast<uint64_t>(DROPFUSE_DROP_BLOCK_PREFETCH_MB) << 20;
       g.prefetch = static_cast<const char *>(x);
       g.prefetch_bytes = bytes < want ? bytes : want;
     }
+#endif
     // One wave: each warp takes planes until none is left, and adds its total to the counter once.
     const uint64_t wanted = (g.planes + kRowsWarps - 1) / kRowsWarps;
     const uint64_t cap = static_cast<uint64_t>(sms) * (per_sm > 0 ? per_sm : 1);
