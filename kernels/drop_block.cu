@@ -11,8 +11,8 @@
 //   4. the keep bits are gathered into the element-indexed mask words (plain stores inside the
 //      tile's element range, atomicAnd/atomicOr on the two words it shares with its neighbours) and
 //      counted: one atomic add per block into the sample's and the tensor's counters.
-// 2D maps of at most 64 x 64 units (the usual CNN stages) take a leaner mask kernel: one warp per
-// plane, its rows in 64-bit words, warp barriers only (`drop_block_rows_kernel`).
+// 2D maps of at most 128 x 128 units (the usual CNN stages) take a leaner mask kernel: one warp per
+// plane, its rows in one or two 64-bit words, warp barriers only (`drop_block_rows_kernel`).
 // Apply kernel: like dropout's backward from a mask, with the scale of each element's sample
 // computed from the counters (f64 division rounded once to f32, 0 when nothing is kept).
 #include <stdint.h>
@@ -40,8 +40,8 @@ constexpr int kMaskThreads = 128;
 #else
 #define DROPFUSE_MASK_BOUNDS __launch_bounds__(kMaskThreads)
 #endif
-// The warp-per-plane kernel for 2D maps of at most kRowsMax x 64 units; 0 sends them to the tiled
-// kernel (for comparisons: scripts/variants.sh).
+// The warp-per-plane kernel for 2D maps of at most kRowsMax x 128 units; 0 sends them to the
+// tiled kernel (for comparisons: scripts/variants.sh).
 #ifndef DROPFUSE_DROP_BLOCK_ROWS
 #define DROPFUSE_DROP_BLOCK_ROWS 1
 #endif
@@ -58,7 +58,7 @@ constexpr int kMaskThreads = 128;
 #define DROPFUSE_DROP_BLOCK_PREFETCH_MB 0
 #endif
 constexpr int kRowsWarps = 4;      // warps (planes in flight) per block
-constexpr uint32_t kRowsMax = 64;  // rows of a plane
+constexpr uint32_t kRowsMax = 128;  // rows of a plane (and units of a row: two 64-bit words)
 constexpr int kApplyThreads = 256;
 constexpr int kApplyUnroll = 4;  // chunks in flight per lane, as dropout's backward
 
@@ -319,12 +319,39 @@ __global__ void DROPFUSE_MASK_BOUNDS
 }
 
 // Whether a launch takes drop_block_rows_kernel: 2D (one row per slab) with planes of at most
-// kRowsMax rows of at most 64 units.
+// kRowsMax rows of at most kRowsMax units.
 __host__ __device__ inline bool rows_kernel_fits(const Geometry &g) {
-  return DROPFUSE_DROP_BLOCK_ROWS && g.B == 1 && g.W <= 64 && g.A <= kRowsMax;
+  return DROPFUSE_DROP_BLOCK_ROWS && g.B == 1 && g.W <= kRowsMax && g.A <= kRowsMax;
 }
 
-// One warp per mask plane of a 2D map (A rows of W <= 64 units, one 64-bit word per row), so the
+// Rows of kWords 64-bit words (bit w of a row: bit w % 64 of word w / 64).
+// d |= d << s for 0 < s <= 64 (shifts of one word stay below 64: s <= bW / 2 <= 32).
+template <int kWords>
+__device__ __forceinline__ void row_or_shifted(uint64_t (&d)[kWords], uint32_t s) {
+  if constexpr (kWords == 1) {
+    d[0] |= d[0] << s;
+  } else {
+    static_assert(kWords == 2, "rows of at most 128 units");
+    if (s >= 64) {
+      d[1] |= d[0];  // s == 64
+    } else {
+      d[1] |= d[1] << s | d[0] >> (64 - s);
+      d[0] |= d[0] << s;
+    }
+  }
+}
+
+// Bits w .. w + 31 of a row (bits past its last word read as 0).
+template <int kWords>
+__device__ __forceinline__ uint32_t row_bits32(const uint64_t *row, uint32_t w) {
+  if constexpr (kWords == 1) {
+    return static_cast<uint32_t>(row[0] >> w);
+  } else {
+    return static_cast<uint32_t>(w >= 64 ? row[1] >> (w - 64) : row[0] >> w | (w == 0 ? 0 : row[1] << (64 - w)));
+  }
+}
+
+// One warp per mask plane of a 2D map (A rows of W units, kWords = ceil(W / 64) words per row), so the
 // phases are separated by warp barriers, not block barriers: the tiled kernel above spends most of
 // its time waiting at its five __syncthreads with little work between them. Per plane:
 //   1. seed rows: the lanes take the plane's Philox blocks in turn; a block whose four words all
@@ -334,19 +361,24 @@ __host__ __device__ inline bool rows_kernel_fits(const Geometry &g) {
 //   3. the lanes take the plane's mask words in turn (as the tiled kernel's step 4), count the kept
 //      bits, and lane 0 adds the plane's count to its sample's counter; each warp adds its planes'
 //      total to the tensor's counter once, at the end.
-template <bool kDev>
+template <int kWords, bool kDev>
 __global__ void __launch_bounds__(kRowsWarps * 32, DROPFUSE_DROP_BLOCK_ROWS_BLOCKS)
     drop_block_rows_kernel(uint32_t *mask, unsigned long long *stats, const __grid_constant__ Geometry g) {
   PhiloxStream dev_philox;
   if constexpr (kDev) dev_philox = device_stream(g.dev, 0);
   const PhiloxStream &philox = kDev ? dev_philox : g.philox;
-  __shared__ uint64_t seed_rows[kRowsWarps][kRowsMax];
-  __shared__ uint64_t keep_rows[kRowsWarps][kRowsMax];
+  __shared__ uint64_t seed_rows[kRowsWarps][kRowsMax * kWords];
+  __shared__ uint64_t keep_rows[kRowsWarps][kRowsMax * kWords];
   const unsigned lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
   uint64_t *const seeds = seed_rows[warp];
   uint64_t *const keep = keep_rows[warp];
   const uint32_t H = g.A, W = g.W, vH = g.vA, vW = g.vW, valid = static_cast<uint32_t>(g.valid);
-  const uint64_t row_bits = W == 64 ? ~uint64_t{0} : (uint64_t{1} << W) - 1u;
+  uint64_t row_mask[kWords];  // the W bits of a row
+#pragma unroll
+  for (int i = 0; i < kWords; ++i) {
+    const uint32_t lo = 64 * i;
+    row_mask[i] = W >= lo + 64 ? ~uint64_t{0} : W <= lo ? 0 : (uint64_t{1} << (W - lo)) - 1u;
+  }
   const bool draws = g.all || g.threshold != 0;
   const uint64_t copies = g.shared ? g.c : 1;
   unsigned long long warp_total = 0;  // kept units of this warp's planes (lane 0)
@@ -361,7 +393,7 @@ __global__ void __launch_bounds__(kRowsWarps * 32, DROPFUSE_DROP_BLOCK_ROWS_BLOC
   for (uint64_t q = static_cast<uint64_t>(blockIdx.x) * kRowsWarps + warp; q < g.planes;
        q += static_cast<uint64_t>(gridDim.x) * kRowsWarps) {
     // 1. Seeds: global seed indices [i0, i0 + valid), in Philox blocks [b0, b0 + blocks).
-    for (uint32_t r = lane; r < vH; r += 32) seeds[r] = 0;
+    for (uint32_t i = lane; i < vH * kWords; i += 32) seeds[i] = 0;
     __syncwarp();
     bool hit = false;
     if (draws) {
@@ -382,9 +414,9 @@ __global__ void __launch_bounds__(kRowsWarps * 32, DROPFUSE_DROP_BLOCK_ROWS_BLOC
             const uint32_t local = static_cast<uint32_t>(idx - i0);
             const uint32_t row = local / vW, col = local % vW;  // rare: a fraction gamma of the positions
 #ifdef __CUDA_ARCH__
-            atomicOr(reinterpret_cast<unsigned long long *>(&seeds[row]), 1ull << col);
+            atomicOr(reinterpret_cast<unsigned long long *>(&seeds[row * kWords + col / 64]), 1ull << (col % 64));
 #else  // host C++: the words are uint64_t, not unsigned long long (no type punning)
-            __atomic_fetch_or(&seeds[row], uint64_t{1} << col, __ATOMIC_RELAXED);
+            __atomic_fetch_or(&seeds[row * kWords + col / 64], uint64_t{1} << (col % 64), __ATOMIC_RELAXED);
 #endif
             hit = true;
           }
@@ -395,16 +427,20 @@ __global__ void __launch_bounds__(kRowsWarps * 32, DROPFUSE_DROP_BLOCK_ROWS_BLOC
     const bool any_seed = __any_sync(0xffffffffu, hit);
     // 2. Keep rows.
     for (uint32_t h = lane; h < H; h += 32) {
-      uint64_t d = 0;
+      uint64_t d[kWords] = {};
       if (any_seed) {
         const uint32_t lo = h + 1 > g.bA ? h + 1 - g.bA : 0u, hi = min(h + 1, vH);
-        for (uint32_t u = lo; u < hi; ++u) d |= seeds[u];
+        for (uint32_t u = lo; u < hi; ++u) {
+#pragma unroll
+          for (int i = 0; i < kWords; ++i) d[i] |= seeds[u * kWords + i];
+        }
         // Shifts by 0 .. bW-1 OR-ed in log2(bW) steps: d covers [0, len), then [0, 2 len).
         uint32_t len = 1;
-        for (; 2 * len <= g.bW; len *= 2) d |= d << len;
-        if (len < g.bW) d |= d << (g.bW - len);
+        for (; 2 * len <= g.bW; len *= 2) row_or_shifted(d, len);
+        if (len < g.bW) row_or_shifted(d, g.bW - len);
       }
-      keep[h] = ~d & row_bits;
+#pragma unroll
+      for (int i = 0; i < kWords; ++i) keep[h * kWords + i] = ~d[i] & row_mask[i];
     }
     __syncwarp();
 
@@ -421,9 +457,10 @@ __global__ void __launch_bounds__(kRowsWarps * 32, DROPFUSE_DROP_BLOCK_ROWS_BLOC
         // Plane positions [p, p_end) of this word's data bits, row by row.
         const uint32_t p = static_cast<uint32_t>(lo - e0);
         const uint32_t p_end = static_cast<uint32_t>(min(hi, e1) - e0);
-        const uint32_t r = W >= 2 ? __umulhi(p, g.magic_w) : p;  // p < 2^12
-        const uint32_t bits = gather_bits(p, p_end, r, p - r * W, static_cast<uint32_t>(lo - wd * 32), W,
-                                          [&](uint32_t r, uint32_t w) { return static_cast<uint32_t>(keep[r] >> w); });
+        const uint32_t r = W >= 2 ? __umulhi(p, g.magic_w) : p;  // p < 2^14
+        const uint32_t bits =
+            gather_bits(p, p_end, r, p - r * W, static_cast<uint32_t>(lo - wd * 32), W,
+                        [&](uint32_t r, uint32_t w) { return row_bits32<kWords>(keep + r * kWords, w); });
         if (copy == 0) kept += __popc(bits);
         store_mask_bits(mask, wd, bits, low_bits(static_cast<uint32_t>(hi - lo)) << (lo - wd * 32));
       }
@@ -668,7 +705,8 @@ extern "C" int dropfuse_drop_block_forward(dropfuse_dtype dtype, const void *x, 
   if (!make_geometry(p, sms, &g, &smem)) return cudaErrorInvalidValue;
   const bool dev = p.philox_dev != nullptr;
   if (rows_kernel_fits(g)) {
-    auto rows = dev ? drop_block_rows_kernel<true> : drop_block_rows_kernel<false>;
+    auto rows = g.W <= 64 ? (dev ? drop_block_rows_kernel<1, true> : drop_block_rows_kernel<1, false>)
+                          : (dev ? drop_block_rows_kernel<2, true> : drop_block_rows_kernel<2, false>);
     err = cudaMemsetAsync(stats, 0, (p.n + 1) * sizeof(uint64_t), stream);
     if (err != cudaSuccess) return err;
     int per_sm = 0;

@@ -248,11 +248,13 @@ fn gpu_drop_block_edge_shapes() {
         (&[1, 1, 1, 1, 1], 3),
         (&[2, 2, 4, 4, 4], 4),
         (&[1, 2, 5, 9, 40], 3),
-        (&[2, 3, 64, 64], 7),      // 2D: the largest map of the warp-per-plane mask kernel
-        (&[2, 3, 64, 1], 3),       // 2D: one unit per row
-        (&[1, 2, 65, 64], 5),      // 2D: one row too many for it (the tiled kernel)
-        (&[1, 1, 2500, 64], 7),    // 2D: narrow rows, more rows than one tile holds
-        (&[1, 1, 2500, 70], 7),    // 2D: more rows than one tile holds
+        (&[2, 3, 64, 64], 7),   // 2D: warp-per-plane mask kernel, rows of one 64-bit word
+        (&[1, 2, 128, 128], 7), // 2D: its largest map, rows of two words
+        (&[2, 3, 64, 1], 3),    // 2D: one unit per row
+        (&[1, 2, 129, 64], 5),  // 2D: one row too many for it (the tiled kernel)
+        (&[1, 2, 30, 129], 5),  // 2D: one unit per row too many for it
+        (&[1, 1, 2500, 64], 7), // 2D: narrow rows, more rows than one tile holds
+        (&[1, 1, 2500, 70], 7), // 2D: more rows than one tile holds
         (&[1, 1, 40, 300, 64], 5), // 3D: more slabs than one tile holds
         (&[2, 3, 2, 700, 33], 7),
     ];
@@ -373,7 +375,7 @@ fn gpu_drop_block_huge_tensor_over_2_pow_32() {
     huge_case("gpu_drop_block_huge_tensor_over_2_pow_32", [65_537, 1, 256, 256]);
 }
 
-/// The same through the warp-per-plane mask kernel (2D maps of at most 64 x 64): 60 x 60 planes,
+/// The same through the warp-per-plane mask kernel (2D maps of at most 128 x 128): 60 x 60 planes,
 /// so planes share mask words with their neighbours, beyond 2^32 elements too
 /// ([1193047, 1, 60, 60] f16, 4 294 969 200 elements).
 #[test]

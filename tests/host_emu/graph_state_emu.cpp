@@ -12,7 +12,8 @@
 // changes inside a launch), device offsets that wrap at 2^64, misaligned views, in place; then
 // dropfuse_philox_advance (wrapping, streams 0, bad pointers) and a captured-graph replay pattern.
 // DropBlock's cases cover both of its mask kernels (the warp-per-plane kernel of 2D maps up to
-// 64 x 64 and the tiled kernel of the others; the run checks that each took at least 20 cases).
+// 128 x 128, with rows of one or two 64-bit words, and the tiled kernel of the others; the run
+// checks that each took its share of the cases).
 #define DROPFUSE_WAVES 1
 #include "cuda_fiber_emu.h"
 // clang-format off
@@ -190,24 +191,31 @@ float ref_scale(uint64_t total, uint64_t kept) {
   return kept == 0 ? 0.0f : (float)((double)total / (double)kept);
 }
 
-// Cases per DropBlock mask kernel: the warp-per-plane rows kernel and the tiled one.
-int rows_cases = 0, tiled_cases = 0;
+// Cases per DropBlock mask kernel: the warp-per-plane rows kernel (rows of one / two 64-bit words)
+// and the tiled one.
+int rows_cases = 0, rows2_cases = 0, tiled_cases = 0;
 
 template <typename T> void test_drop_block() {
   DB g{};
   dropfuse_drop_block_params &p = g.p;
   const bool three_d = rnd(3) == 0;
-  // Tall 2D maps: both sides of the rows kernel's 64-row limit (kRowsMax).
+  // Tall 2D maps: both sides of the rows kernel's 128-row limit (kRowsMax).
   const bool tall = !three_d && rnd(4) == 0;
   p.n = 1 + rnd(3);
   p.c = 1 + rnd(three_d || tall ? 3 : 8);
   p.d = three_d ? 1 + rnd(6) : 1;
-  p.h = tall ? 56 + rnd(16) : 1 + rnd(three_d ? 9 : 24);
-  p.w = rnd(3) == 0 ? 65 + rnd(70) : 1 + rnd(64);
-  const uint64_t bs = 1 + rnd(7);
+  p.h = tall ? 120 + rnd(16) : 1 + rnd(three_d ? 9 : 24);
+  // Rows of one or two 64-bit words in the rows kernel, and both sides of its 128-unit limit.
+  p.w = rnd(3) != 0 ? 1 + rnd(64) : rnd(2) == 0 ? 65 + rnd(64) : 120 + rnd(16);
+  // Mostly the usual small blocks; sometimes up to the whole map.
+  const uint64_t bs = rnd(5) == 0 ? 1 + rnd(140) : 1 + rnd(7);
   p.block_d = three_d ? std::min(bs, p.d) : 1;
   p.block_h = std::min(bs, p.h);
   p.block_w = std::min(bs, p.w);
+  if (!three_d && rnd(10) == 0) {  // rows of two words dilated by 64 and more (128: a shift by 64)
+    p.w = 128;
+    p.block_w = rnd(2) == 0 ? 128 : 65 + rnd(63);
+  }
   p.threshold = rnd(5) == 0 ? threshold() : (uint64_t)std::llround(unit() * 0.2 * 4294967296.0);
   p.shared_channels = (int)rnd(2);
   p.normalize = (dropfuse_normalize)rnd(3);
@@ -247,7 +255,8 @@ template <typename T> void test_drop_block() {
   {  // which mask kernel the launcher takes
     dropfuse::Geometry geo;
     size_t smem = 0;
-    if (dropfuse::make_geometry(p, emu::g.sms, &geo, &smem)) ++(dropfuse::rows_kernel_fits(geo) ? rows_cases : tiled_cases);
+    if (dropfuse::make_geometry(p, emu::g.sms, &geo, &smem))
+      ++(!dropfuse::rows_kernel_fits(geo) ? tiled_cases : geo.W > 64 ? rows2_cases : rows_cases);
   }
   const int s1 = run(false, yh, mh, sth, sh), s2 = run(true, yd, md, std_, sd);
   char what[256];
@@ -373,7 +382,9 @@ int main(int argc, char **argv) {
     test_drop_block<__half>();
     test_drop_block<__nv_bfloat16>();
   }
-  printf("DropBlock cases: %d rows kernel, %d tiled kernel\n", rows_cases, tiled_cases);
-  CHECK(rows_cases >= 20 * scale && tiled_cases >= 20 * scale, "DropBlock: both mask kernels ran");
+  printf("DropBlock cases: %d + %d rows kernel (one / two words per row), %d tiled kernel\n", rows_cases, rows2_cases,
+         tiled_cases);
+  CHECK(rows_cases >= 20 * scale && rows2_cases >= 10 * scale && tiled_cases >= 20 * scale,
+        "DropBlock: both mask kernels ran, the rows kernel with both row widths");
   return report();
 }
