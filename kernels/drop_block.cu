@@ -351,9 +351,10 @@ __device__ __forceinline__ uint32_t row_bits32(const uint64_t *row, uint32_t w) 
   }
 }
 
-// One warp per mask plane of a 2D map (A rows of W units, kWords = ceil(W / 64) words per row), so the
-// phases are separated by warp barriers, not block barriers: the tiled kernel above spends most of
-// its time waiting at its five __syncthreads with little work between them. Per plane:
+// One warp per mask plane of a 2D map (A rows of W units, kWords = ceil(W / 64) words per row), so
+// the phases are separated by warp barriers, not block barriers: the tiled kernel above separates
+// small phases by five __syncthreads, and its H200 timings (BENCHMARKS.md, 2026-11-28) showed it
+// bound by the latency of those dependent phases. Per plane:
 //   1. seed rows: the lanes take the plane's Philox blocks in turn; a block whose four words all
 //      miss the threshold (all but ~4 gamma of them) costs one comparison;
 //   2. each lane builds whole output rows: the OR of the seed rows [h - bA + 1, h], dilated
