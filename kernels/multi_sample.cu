@@ -4,7 +4,8 @@
 //   - labels_kernel: one CTA scans the B labels: n_valid (labels != ignore index) and the first row
 //     whose label is neither in [0, C) nor the ignore index, into the scratch's two u64 (no host read).
 //   - ce_kernel: one warp per (k, row), grid-stride: pass 1 reads the row once (online max and sum
-//     of exp, sum of z), pass 2 re-reads it (L1/L2) and writes dz = w_k * (softmax - t) / n_valid;
+//     of exp, sum of z), pass 2 re-reads it (L1/L2) and writes dz = w_k * (softmax - t) / n_valid
+//     (the label's element as (1 - t_y) - sum of the other classes' softmax: no cancellation);
 //     lane 0 writes the row's cross-entropy to the scratch. Nothing is written when a label is bad.
 //     The arithmetic depends on C alone (chunks of 8 when C % 8 == 0), never on the alignment of
 //     the logits or the gradient, so the loss and the gradient are the same bits for any views.
@@ -100,6 +101,7 @@ struct CeParams {
   float eps;        // label smoothing
   float t_on;       // target of the label: 1 - eps * (C - 1) / C (f64, rounded once)
   float t_off;      // target of the other classes: eps / C
+  float one_minus_t_on;  // eps * (C - 1) / C (f64, rounded once)
   float inv_c;      // 1 / C (f64, rounded once)
   float grad_scale; // multiplies the gradient (1: the plain gradient)
   bool zero_on_bad; // a bad label zeroes the gradient instead of leaving it untouched
@@ -258,6 +260,7 @@ __global__ void __launch_bounds__(kThreads, DROPFUSE_CE_MIN_BLOCKS)
     // Pass 2: dz = (exp(z - lse) - t) * w_k / n_valid.
     // grad_scale = 1 leaves the gradient bit for bit as without it; a power of two scales it exactly.
     const float coef = __fmul_rn(__fdiv_rn(p.weights[k], static_cast<float>(n_valid)), p.grad_scale);
+    float others = 0.0f;  // sum of this lane's exp(z_j - lse), j != y
     if constexpr (kChunked) {
       for (uint64_t c0 = lane; c0 < chunks; c0 += 32 * kUnroll) {
         float f[kUnroll][kChunk];
@@ -273,8 +276,10 @@ __global__ void __launch_bounds__(kThreads, DROPFUSE_CE_MIN_BLOCKS)
             float g[kChunk];
 #pragma unroll
             for (int j = 0; j < kChunk; ++j) {
-              const float t = static_cast<int64_t>(c * kChunk + j) == y ? p.t_on : p.t_off;
-              g[j] = __fmul_rn(expf(f[u][j] - lse) - t, coef);
+              const bool is_y = static_cast<int64_t>(c * kChunk + j) == y;
+              const float e = expf(f[u][j] - lse);
+              if (!is_y) others = __fadd_rn(others, e);
+              g[j] = __fmul_rn(e - (is_y ? p.t_on : p.t_off), coef);
             }
             store8<G, VEC>(dr + c * kChunk, g);
           }
@@ -282,10 +287,20 @@ __global__ void __launch_bounds__(kThreads, DROPFUSE_CE_MIN_BLOCKS)
       }
     } else {
       for (uint64_t j = lane; j < C; j += 32) {
-        const float t = static_cast<int64_t>(j) == y ? p.t_on : p.t_off;
-        dr[j] = Elem<G>::from_f32(__fmul_rn(expf(Elem<T>::to_f32(zr[j]) - lse) - t, coef));
+        const bool is_y = static_cast<int64_t>(j) == y;
+        const float e = expf(Elem<T>::to_f32(zr[j]) - lse);
+        if (!is_y) others = __fadd_rn(others, e);
+        dr[j] = Elem<G>::from_f32(__fmul_rn(e - (is_y ? p.t_on : p.t_off), coef));
       }
     }
+    // The label's element again, as (1 - t_on) - (1 - p_y) with 1 - p_y the sum of the other
+    // classes' probabilities: exp(z_y - lse) - t_on loses the digits of 1 - p_y to the rounding of
+    // lse (an ulp of 1e-6 at |lse| ~ 10) on confidently classified rows. The xor tree gives every
+    // lane the same sum; the lane that wrote the element rewrites it (program order).
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) others = __fadd_rn(others, __shfl_xor_sync(kFullWarp, others, o));
+    const uint64_t y_lane = (kChunked ? static_cast<uint64_t>(y) / kChunk : static_cast<uint64_t>(y)) % 32;
+    if (lane == y_lane) dr[y] = Elem<G>::from_f32(__fmul_rn(p.one_minus_t_on - others, coef));
   }
 }
 
@@ -685,6 +700,7 @@ extern "C" int dropfuse_weighted_ce_scaled(dropfuse_dtype dtype, const void *log
   p.eps = static_cast<float>(eps);
   p.t_on = static_cast<float>(1.0 - eps * (c - 1.0) / c);
   p.t_off = static_cast<float>(eps / c);
+  p.one_minus_t_on = static_cast<float>(eps * (c - 1.0) / c);
   p.inv_c = static_cast<float>(1.0 / c);
   p.grad_scale = grad_scale;
   p.zero_on_bad = zero_grad_on_bad_label != 0;

@@ -445,6 +445,62 @@ fn weighted_cross_entropy_benchmark_shape() {
     run_ce::<bf16, f32>(&dev, &c).unwrap();
 }
 
+/// Confidently classified rows (the label's logit 4 to 20 above the others, no smoothing): every
+/// f32 gradient element within 1e-5 of its own magnitude, the label's `p_y - 1` included, which
+/// `exp(z_y - lse) - 1` gets wrong by up to 100% there (the host emulation shows it).
+fn run_ce_confident<T: Element>(dev: &Device, k: usize, b: usize, c: usize, gap: f32, seed: u64) {
+    let s = dev.stream();
+    let mut state = seed;
+    let labels: Vec<i64> = (0..b).map(|_| (splitmix(&mut state) % c as u64) as i64).collect();
+    let noise: Vec<f32> = values(k * b * c, 1.0, seed);
+    let z: Vec<T> = (0..k * b * c)
+        .map(|e| {
+            let (row, cls) = (e / c, e % c);
+            let top = 6.0 + 4.0 * noise[row * c];
+            let v = if cls as i64 == labels[row % b] {
+                top
+            } else {
+                top - gap - 2.0 * (noise[e] + 1.0)
+            };
+            T::from_f32(v)
+        })
+        .collect();
+    let weights = vec![1.0 / k as f64; k];
+    let (_, want) =
+        weighted_cross_entropy(&widen(&z), k, b, c, &weights, &labels, DEFAULT_IGNORE_INDEX, 0.0).unwrap();
+    let ce = WeightedCrossEntropy::uniform(k).unwrap();
+    let zd = dev.upload(&z).unwrap();
+    let ld = dev.upload(&labels).unwrap();
+    let mut scratch = dev.zeros::<u64>(WeightedCrossEntropy::scratch_len(k, b)).unwrap();
+    let mut loss = dev.zeros::<f32>(1).unwrap();
+    let mut dz = dev.zeros::<f32>(k * b * c).unwrap();
+    ce.forward(s, &zd, b, c, &ld, &mut loss, &mut dz, &mut scratch)
+        .unwrap();
+    let got = dev.download(&dz).unwrap();
+    for (e, (&g, &w)) in got.iter().zip(&want).enumerate() {
+        let err = (f64::from(g) - w).abs();
+        assert!(
+            err <= 1e-5 * w.abs(),
+            "{} K {k} B {b} C {c} gap {gap}: dz[{e}] = {g:e}, want {w:e}",
+            T::DTYPE
+        );
+    }
+}
+
+#[test]
+fn weighted_cross_entropy_confident_rows() {
+    let Some(dev) = gpu("weighted_cross_entropy_confident_rows") else {
+        return;
+    };
+    for (i, gap) in [4.0f32, 9.0, 12.0, 16.0, 20.0].into_iter().enumerate() {
+        let seed = 77 + i as u64;
+        run_ce_confident::<f32>(&dev, 2, 9, 2, gap, seed);
+        run_ce_confident::<f32>(&dev, 1, 5, 64, gap, seed);
+        run_ce_confident::<f16>(&dev, 1, 4, 37, gap, seed);
+        run_ce_confident::<bf16>(&dev, 2, 3, 1000, gap, seed);
+    }
+}
+
 /// The loss and the gradient do not depend on where the gradient goes: loss only, an aligned
 /// gradient and one a single element off a 16-byte boundary give the same bits (the chunked
 /// arithmetic is chosen by C alone; it used to need the gradient aligned too).

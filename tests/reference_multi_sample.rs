@@ -435,6 +435,27 @@ fn extreme_logits_stay_finite() {
 }
 
 #[test]
+fn confident_rows_keep_the_labels_gradient_digits() {
+    // z = [g, 0], label 0: p_0 - 1 = -1 / (1 + e^g). exp(z_0 - lse) - 1 would give 0 from
+    // g = 37 on (1 - p_0 below half an ulp of 1) and lose digits well before.
+    let rel = |got: f64, want: f64, what: String| {
+        assert!(
+            (got - want).abs() <= 1e-13 * want.abs(),
+            "{what}: {got:e} vs {want:e}"
+        );
+    };
+    for g in [5.0f64, 20.0, 37.0, 60.0, 300.0] {
+        let want = -1.0 / (1.0 + g.exp());
+        let (_, dz) = weighted_cross_entropy(&[g, 0.0], 1, 1, 2, &[1.0], &[0], IGNORE, 0.0).unwrap();
+        rel(dz[0], want, format!("label gradient at gap {g}"));
+        rel(dz[1], -want, format!("other gradient at gap {g}"));
+        // Smoothed: p_0 - (1 - eps / 2) = eps / 2 - (1 - p_0).
+        let (_, dz) = weighted_cross_entropy(&[g, 0.0], 1, 1, 2, &[1.0], &[0], IGNORE, 0.25).unwrap();
+        rel(dz[0], 0.125 + want, format!("smoothed at gap {g}"));
+    }
+}
+
+#[test]
 fn single_class_has_zero_loss() {
     // C = 1: lse = z_y and mean_c z = z_y, so CE = 0 for every eps, and softmax = target = 1.
     let z = [3.5, -1e4, 0.0, 7.25];

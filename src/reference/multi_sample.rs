@@ -317,8 +317,10 @@ pub fn logits(h: &[f64], d: usize, weight: &[f64], c: usize, bias: Option<&[f64]
 /// `logits` holds `K` sets of `B x C` values, set `k` at `k * B * C`. Returns the loss
 /// `sum_k w_k * mean_i CE_i(z_k)` and `dz` (same layout as `logits`),
 /// `dz_k[i][c] = w_k * (softmax(z_k[i])[c] - t_i[c]) / n_valid`, 0 on ignored rows; everything 0
-/// when every row is ignored. `softmax[c]` is computed as `exp(z_c - lse)`, and the target of the
-/// label as `1 - eps * (C - 1) / C` (equal to `(1 - eps) + eps / C`), so `C = 1` gives a loss and
+/// when every row is ignored. `softmax[c]` is computed as `exp(z_c - lse)` for `c != y`; the
+/// label's gradient `p_y - t_y` as `(1 - t_y) - (1 - p_y)`, with `1 - t_y = eps * (C - 1) / C` and
+/// `1 - p_y` the sum of the other classes' probabilities, so that it keeps its digits on
+/// confidently classified rows (`exp(z_y - lse) - t_y` cancels there), and `C = 1` gives a loss and
 /// gradients of exactly 0.
 ///
 /// Errors: `k` (0), `logits` (`B` or `C` is 0, or not `K * B * C` values), `weights`, `labels`,
@@ -371,11 +373,16 @@ pub fn weighted_cross_entropy(
             // t[y] = (1 - eps) + eps / C, written 1 - eps * (C - 1) / C so that C = 1 gives
             // exactly 1 (and a zero gradient) for every eps.
             let off_target = eps / c as f64;
-            let on_target = 1.0 - eps * (c - 1) as f64 / c as f64;
+            let mut others = 0.0; // 1 - p_y, summed from the other classes: no cancellation
             for (cls, g) in dz[base..base + c].iter_mut().enumerate() {
-                let target = if cls == y { on_target } else { off_target };
-                *g = w * ((z[cls] - lse).exp() - target) / n_valid;
+                if cls != y {
+                    let p = (z[cls] - lse).exp();
+                    others += p;
+                    *g = w * (p - off_target) / n_valid;
+                }
             }
+            // p_y - t_y = (1 - t_y) - (1 - p_y), with 1 - t_y = eps * (C - 1) / C.
+            dz[base + y] = w * (eps * (c - 1) as f64 / c as f64 - others) / n_valid;
         }
         loss += w * (total / n_valid);
     }

@@ -215,8 +215,13 @@ static CeModel ce_model(const Buf<T> &z, uint64_t K, uint64_t B, uint64_t C, con
       const double lse = mx + std::log(se);
       total += (1 - eps) * (lse - Ty<T>::to(z[base + y])) + eps * (lse - sum / C);
       const double off = eps / C, on = 1 - eps * (C - 1) / C;
-      for (uint64_t c = 0; c < C; ++c)
-        m.grad[base + c] = w[k] * (std::exp((double)Ty<T>::to(z[base + c]) - lse) - (c == (uint64_t)y ? on : off)) / nv;
+      double others = 0;  // 1 - p_y, as the sum of the other probabilities (no cancellation)
+      for (uint64_t c = 0; c < C; ++c) {
+        const double pc = std::exp((double)Ty<T>::to(z[base + c]) - lse);
+        m.grad[base + c] = w[k] * (pc - (c == (uint64_t)y ? on : off)) / nv;
+        if (c != (uint64_t)y) others += pc;
+      }
+      m.grad[base + y] = w[k] * ((1 - on) - others) / nv;
       m.row_coef[k * B + i] = w[k] / nv;
     }
     m.loss += w[k] * (total / nv);
@@ -430,6 +435,55 @@ template <typename T, typename G> static void ce_alignment_case(uint64_t K, uint
         Ty<T>::name, Ty<G>::name, C, losses[0], losses[1], losses[2]);
   CHECK(grads[0] == grads[1], "ce %s->%s C=%lu: the gradient depends on its alignment", Ty<T>::name, Ty<G>::name,
         C);
+}
+
+// Confidently classified rows (the label's logit `gap` above every other): the label's gradient
+// p_y - t_on is a small difference of numbers near 1. Every f32 gradient element must be within
+// 1e-5 of its own magnitude (eps = 0: no element is a cancellation), not only of the row's scale:
+// p_y - 1 computed as exp(z_y - lse) - 1 loses its digits to the rounding of lse (|lse| ~ 10, an
+// ulp of 1e-6) once 1 - p_y is below about 1e-4, which the kernel avoids by writing -sum of the
+// other classes' probabilities instead.
+template <typename T> static void ce_confident_case(uint64_t K, uint64_t B, uint64_t C, double gap) {
+  dropfuse_weighted_ce_params params{};
+  params.k = K, params.b = B, params.c = C;
+  params.ignore_index = -100;
+  params.label_smoothing = 0.0f;
+  std::vector<double> w(K, 1.0 / K);
+  for (uint64_t k = 0; k < K; ++k) params.weights[k] = static_cast<float>(w[k]);
+  std::vector<int64_t> labels(B);
+  for (auto &y : labels) y = (int64_t)rnd(C);
+  Buf<T> z(K * B * C, random_mis<T>());
+  for (uint64_t r = 0; r < K * B; ++r) {
+    const uint64_t y = (uint64_t)labels[r % B];
+    const float top = static_cast<float>(unit() * 8 + 2);  // lse in [2, 10] (its ulp up to 1e-6)
+    for (uint64_t c = 0; c < C; ++c) {
+      z[r * C + c] = Ty<T>::from(c == y ? top : static_cast<float>(top - gap - unit() * 4));
+    }
+  }
+  Buf<int64_t> lab(B, 0);
+  for (uint64_t i = 0; i < B; ++i) lab[i] = labels[i];
+  const CeModel m = ce_model(z, K, B, C, w, labels, -100, 0.0);
+  Buf<float> grad(K * B * C, random_mis<float>());
+  Buf<float> loss(1, 0);
+  Buf<uint64_t> scratch((dropfuse_weighted_ce_scratch_bytes(K, B) + 7) / 8, 0);
+  random_one_sm_device();
+  const int st = dropfuse_weighted_ce(Ty<T>::code, z.p, lab.p, loss.p, DROPFUSE_F32, grad.p, scratch.p, &params,
+                                      nullptr);
+  CHECK(st == 0, "ce confident: status %d", st);
+  CHECK(grad.guards() && loss.guards() && scratch.guards(), "ce confident: a guard was written");
+  double worst = 0, num = 0, den = 0;
+  uint64_t worst_i = 0;
+  for (uint64_t i = 0; i < K * B * C; ++i) {
+    const double want = m.grad[i], got = grad[i];
+    const double e = std::fabs(got - want) / std::max(std::fabs(want), 1e-30);
+    num += (got - want) * (got - want);
+    den += want * want;
+    if (e > worst) worst = e, worst_i = i;
+  }
+  CHECK(worst <= 1e-5, "ce confident %s K=%lu B=%lu C=%lu gap=%.1f: grad[%lu] = %.9g, want %.9g (relative error %.3g)",
+        Ty<T>::name, K, B, C, gap, worst_i, (double)grad[worst_i], m.grad[worst_i], worst);
+  CHECK(den == 0 || std::sqrt(num / den) <= 1e-5, "ce confident %s C=%lu gap=%.1f: relative error norm %.3g",
+        Ty<T>::name, C, gap, std::sqrt(num / den));
 }
 
 // ================================ head kernels ================================
@@ -663,6 +717,13 @@ int main(int argc, char **argv) {
   ce_case<__half, float>(128, 9, 8, 0);
   ce_case<float, float>(3, 5, 1, 0);  // C = 1: loss and gradient 0
   ce_alignment_case<float, float>(2, 7, 64);
+  // Confident rows, gaps from 4 to 20 (1 - p_y from 1e-2 down to 1e-9), chunked and not.
+  for (double gap : {4.0, 9.0, 12.0, 16.0, 20.0}) {
+    ce_confident_case<float>(2, 9, 2, gap);
+    ce_confident_case<float>(1, 5, 64, gap);
+    ce_confident_case<__half>(1, 4, 37, gap);
+    ce_confident_case<__nv_bfloat16>(2, 3, 1000, gap);
+  }
   ce_alignment_case<__half, __half>(3, 5, 200);
   ce_alignment_case<float, __nv_bfloat16>(1, 9, 16);
   ce_alignment_case<__nv_bfloat16, float>(2, 4, 37);  // C % 8 != 0: one path anyway
