@@ -257,7 +257,7 @@ __global__ void __launch_bounds__(kThreads, DROPFUSE_CE_MIN_BLOCKS)
       partial[r] = __fadd_rn(__fmul_rn(1.0f - p.eps, lse - zy), __fmul_rn(p.eps, lse - mean));
     }
     if (dr == nullptr) continue;
-    // Pass 2: dz = (exp(z - lse) - t) * w_k / n_valid.
+    // Pass 2: dz = (exp(z - lse) - t) * w_k / n_valid (the label's element rewritten below).
     // grad_scale = 1 leaves the gradient bit for bit as without it; a power of two scales it exactly.
     const float coef = __fmul_rn(__fdiv_rn(p.weights[k], static_cast<float>(n_valid)), p.grad_scale);
     float others = 0.0f;  // sum of this lane's exp(z_j - lse), j != y

@@ -12,7 +12,8 @@
 # status is then 1 (after the report).
 # Raw JSON lines go to benches/results/DATE-GPU.jsonl (appended; the report keeps the last of duplicates).
 # Environment: DROPFUSE_BENCH_N, DROPFUSE_BENCH_SWEEP, DROPFUSE_BENCH_SWEEP_MAX (see benches/dropout.rs),
-# DROPFUSE_BENCH_COMPILE=0 (peer scripts: no torch.compile peers).
+# DROPFUSE_BENCH_COMPILE=0 (peer scripts that have torch.compile peers skip them; the dropout
+# peer ignores it).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup-cuda.sh

@@ -5,7 +5,7 @@
 # timed in the same process.
 #
 #   bash scripts/variants.sh [--tests] NAME='NVCC FLAGS' [NAME='NVCC FLAGS' ...]
-#   bash scripts/variants.sh base= apply4=-DDROPFUSE_UNROLL_APPLY=4 waves8=-DDROPFUSE_WAVES=8
+#   bash scripts/variants.sh base= waves8=-DDROPFUSE_WAVES=8
 #   bash scripts/variants.sh --tests base= lean=-DDROPFUSE_DROP_BLOCK_LEAN=1
 #   BENCHES=drop_block bash scripts/variants.sh base= rows0=-DDROPFUSE_DROP_BLOCK_ROWS=0
 #

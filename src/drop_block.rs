@@ -20,17 +20,17 @@
 //!    The drop mask is the union of all blocks.
 //! 5. **Mask.** One keep bit per element of `x`, packed like dropout masks
 //!    ([`crate::dropout::mask_words`]): bit `j` of word `w` is element `32 w + j`.
-//! 6. **Scale** (one `f32` per sample, written to device memory, no host synchronisation):
+//! 6. **Scale** (computed on the device from the kept counts, no host synchronisation):
 //!    [`Normalize::Global`] `numel / kept` over the whole tensor (timm, torchvision),
 //!    [`Normalize::PerSample`] `(C * spatial) / kept_n`, [`Normalize::Off`] `1`; computed in `f64`,
 //!    rounded once to `f32`; with `Global` or `PerSample`, `0` when nothing is kept (the output is
 //!    then all zero).
+//! 7. **Output.** `y = keep ? x * scale : +0`, one `f32` multiply and one rounding, exactly like
+//!    dropout; backward `dx = keep ? dy * scale : +0` from the stored mask and scales.
 //!
 //! Unlike dropout, `p` is a target rate, not a guarantee: `p = 1` drops everything only when the
 //! block covers whole axes (gamma reaches 1), and overlapping blocks make the dropped fraction a
 //! little lower than `p` (the reference's tests quantify it).
-//! 7. **Output.** `y = keep ? x * scale : +0`, one `f32` multiply and one rounding, exactly like
-//!    dropout; backward `dx = keep ? dy * scale : +0` from the stored mask and scales.
 
 use crate::error::{Error, Result};
 

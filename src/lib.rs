@@ -1,7 +1,8 @@
 //! # dropfuse
 //!
 //! Hand-written, fused CUDA kernels for stochastic regularization (dropout and its relatives), with
-//! a plain CPU reference that every kernel is compared against bit for bit.
+//! a plain CPU reference that every element-wise kernel matches bit for bit (reductions: within
+//! documented bounds).
 //!
 //! * [`Device`]: a CUDA context and stream; creating one on a machine without an NVIDIA driver or
 //!   GPU returns an [`Error`], nothing panics.

@@ -25,7 +25,7 @@
 //! * [`MultiSampleHead`]: the whole head (masked copies, the logits GEMM through cuBLAS, the
 //!   weighted cross-entropy, and the backward GEMMs and reductions); see its module docs. cuBLAS
 //!   is loaded at run time; without it [`check_cublas`] and the head report
-//!   [`Error::NoCublas`](crate::Error::NoCublas) and everything else here works.
+//!   [`crate::Error::NoCublas`] and everything else here works.
 //!
 //! Every call validates lengths, parameters and contexts first and returns
 //! [`Error::InvalidArgument`] (named like the reference's arguments) without writing anything.

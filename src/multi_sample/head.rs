@@ -92,12 +92,11 @@ pub struct HeadGemmPlan {
     pub dw: GemmCall,
 }
 
-/// The multi-sample dropout head's configuration: `K` samples at drop probability `p`, label
-/// smoothing, ignore index, bias on or off, training or evaluation mode (validated; `Copy`); its
-/// buffers live in a [`HeadWorkspace`].
-///
 /// The multi-sample dropout head on the GPU: `K` dropout samples of the features through one
-/// shared linear classifier, the averaged cross-entropy, and the backward, in a few launches.
+/// shared linear classifier, the averaged cross-entropy, and the backward, in a few launches. This
+/// value is the configuration (`K` samples at drop probability `p`, label smoothing, ignore index,
+/// bias on or off, training or evaluation mode; validated, `Copy`); the buffers live in a
+/// [`HeadWorkspace`].
 ///
 /// The contract is the `f64` reference's, [`crate::reference::multi_sample::head`] (points 1-7 of
 /// its module docs): features `h` (`B x D`, row-major, element type `T`), weight `W` (`C x D`),
@@ -113,14 +112,14 @@ pub struct HeadGemmPlan {
 ///
 /// **Forward** ([`MultiSampleHead::forward`]), with the `K` copies stacked as one `(K*B) x D`
 /// matrix `h_all` (copy `k` at rows `k*B ..`):
-/// 1. the `K` masked copies and their bit masks in one launch ([`MultiSample`]; bit for bit the
+/// 1. the `K` masked copies and their bit masks in one launch ([`MultiSample`](super::MultiSample); bit for bit the
 ///    reference's copies; skipped in evaluation mode, where `h_all = h`);
 /// 2. with a bias, one launch broadcasting `b` into the `f32` logits buffer (`K*B` rows);
 /// 3. **one** `cublasGemmEx`: `z = h_all W^T (+ z)` (`(K*B) x C`, `f32`; `beta = 1` adds the
 ///    broadcast bias once, after the dot product, as the reference does). `W` is shared by the `K`
 ///    samples, so this one GEMM over `K*B` rows is exactly the strided-batched GEMM with a weight
 ///    stride of 0, with a larger `n` for cuBLAS to tile;
-/// 4. the weighted cross-entropy kernel ([`WeightedCrossEntropy`]'s) with `w_k = 1/K` on the `f32`
+/// 4. the weighted cross-entropy kernel ([`WeightedCrossEntropy`](super::WeightedCrossEntropy)'s) with `w_k = 1/K` on the `f32`
 ///    logits: the loss (one `f32` in the workspace) and `dz` in `T`, written **scaled** by the
 ///    power of two [`MultiSampleHead::logits_grad_scale`] `S` (about `K * B`), so that `dz` (about
 ///    `(softmax - t) / (K * n_valid)`) is stored near 1 instead of in the f16 subnormal range.
@@ -134,7 +133,7 @@ pub struct HeadGemmPlan {
 /// `a = grad_scale / S`:
 /// 1. **one** GEMM `dh_all = dz W` (`(K*B) x D`, written in `f32` to the workspace: no f16 range
 ///    issue and one rounding less), then the masked reduction kernel
-///    `dh = sum_k keep_k * dh_k * (scale * a)` ([`MultiSample::reduce`]'s kernel, stored masks); in
+///    `dh = sum_k keep_k * dh_k * (scale * a)` ([`MultiSample::reduce`](super::MultiSample::reduce)'s kernel, stored masks); in
 ///    evaluation mode one GEMM `dh = a * dz W` straight into `dh`;
 /// 2. **one** GEMM over the `K*B` rows: `dW = a * dz^T h_all` (`C x D`);
 /// 3. with a bias, `db = a * (column sums of dz over the K*B rows)`: a small deterministic kernel

@@ -1,7 +1,10 @@
-//! The CPU reference ("oracle"): a plain, slow, bit-exact model of every dropfuse kernel.
+//! The CPU reference ("oracle"): a plain, slow model of every dropfuse kernel, bit-exact for the
+//! element-wise ones (masks, dropout outputs, gathers, plans).
 //!
-//! The CUDA kernels are tested by comparing their outputs with these functions bit for bit, and
-//! you can do the same with your own kernels. The contract:
+//! The CUDA kernels are tested by comparing their outputs with these functions: bit for bit where
+//! the arithmetic is element-wise, within documented bounds where they reduce in floating point
+//! in an order the contract does not fix (cross-entropy, MC-dropout summaries, importance sums).
+//! You can do the same with your own kernels. The contract:
 //!
 //! 1. **Generator.** Philox4x32-10 with the Random123 / cuRAND constants
 //!    ([`philox4x32_10`]). One round maps counter `c` and key `k` to
