@@ -49,8 +49,8 @@
 //! plus, per element, `(|lse| + |z_c - lse| + C / 16 + 16) 2^-24 (w_k / n_valid) (p_c + t_c)` (the
 //! label's element with `1 - p_y` for `p_y` and the row's largest such factor), in norm:
 //! `||dz - ref|| <= 1e-5 ||ref|| + ||slack||` (at the optimum itself `ref` is of the order of the
-//! logits' own rounding and the plain relative error norm reaches 65 on the host emulation). [`MultiSample::reduce`] is
-//! exact with respect to its `f32` formula (bit for bit).
+//! logits' own rounding, and the plain relative error norm reaches 65 on the host emulation).
+//! [`MultiSample::reduce`] is exact with respect to its `f32` formula (bit for bit).
 //!
 //! ```no_run
 //! use dropfuse::multi_sample::{check_labels, MultiSample, WeightedCrossEntropy};
