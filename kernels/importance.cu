@@ -7,7 +7,8 @@
 // l, l + 32, ... of V consecutive elements (16-byte loads, DROPFUSE_IMPORTANCE_UNROLL chunks of
 // both rows in flight per lane), then a 5-level butterfly gives every lane the row's sums, and
 // cos = dot / (max(sqrt(|a|^2), eps) * max(sqrt(|b|^2), eps)) (PyTorch 2.x, eps = 1e-8), all
-// without FMA contraction. Padding tokens (mask byte 0) are not read. One thread then adds the
+// without FMA contraction; a row whose sum of squares passes 2^120 (f32 overflow of the squares:
+// elements from about 2^64 / sqrt(H) on) is summed again scaled by 2^-90 (row_cosine). Padding tokens (mask byte 0) are not read. One thread then adds the
 // tile's similarities in ascending token order in f64 and writes the tile's sum and count.
 // Stage 2 (finalize_kernel, one block of 256 threads): thread t adds tiles t, t + 256, ... in
 // f64, a fixed tree adds the 256 results, and thread 0 adds the total to the layer's sum and
@@ -69,9 +70,15 @@ __device__ __forceinline__ void add_pair(Sums &s, float x, float y) {
   s.bb = __fadd_rn(s.bb, __fmul_rn(y, y));
 }
 
-// The similarity of row `row` (a warp-wide call: every lane returns the same value).
-template <typename T, bool VEC>
-__device__ __forceinline__ float row_cosine(const T *a, const T *b, uint64_t hidden, unsigned lane) {
+// Rows whose f32 sum of squares exceeds kBig (elements beyond about 2^60 / sqrt(H), or non-finite)
+// are summed again with their elements multiplied by kDown (a power of two): see row_cosine.
+constexpr float kBig = 0x1p120f;
+constexpr float kDown = 0x1p-90f;
+
+// The three sums of a row pair after the butterfly (a warp-wide call: every lane returns the same
+// sums). kScaled: every element of a is first multiplied by sa and every element of b by sb.
+template <typename T, bool VEC, bool kScaled>
+__device__ __forceinline__ Sums row_sums(const T *a, const T *b, uint64_t hidden, unsigned lane, float sa, float sb) {
   constexpr int V = VecWidth<T>::value;
   constexpr int U = DROPFUSE_IMPORTANCE_UNROLL;
   const uint64_t chunks = (hidden + V - 1) / V;
@@ -104,7 +111,14 @@ __device__ __forceinline__ float row_cosine(const T *a, const T *b, uint64_t hid
         for (int j = 0; j < V; ++j) {
           // Elements past the row end (only without VEC) are skipped, not added as zeros, so the
           // roundings are exactly the reference's simulation.
-          if (VEC || c * V + j < hidden) add_pair(s, Elem<T>::to_f32(va[u][j]), Elem<T>::to_f32(vb[u][j]));
+          if (VEC || c * V + j < hidden) {
+            float x = Elem<T>::to_f32(va[u][j]), y = Elem<T>::to_f32(vb[u][j]);
+            if constexpr (kScaled) {
+              x = __fmul_rn(x, sa);
+              y = __fmul_rn(y, sb);
+            }
+            add_pair(s, x, y);
+          }
         }
       }
     }
@@ -115,8 +129,32 @@ __device__ __forceinline__ float row_cosine(const T *a, const T *b, uint64_t hid
     s.aa = __fadd_rn(s.aa, __shfl_xor_sync(kFullWarp, s.aa, off));
     s.bb = __fadd_rn(s.bb, __shfl_xor_sync(kFullWarp, s.bb, off));
   }
-  const float na = fmaxf(__fsqrt_rn(s.aa), kEps);
-  const float nb = fmaxf(__fsqrt_rn(s.bb), kEps);
+  return s;
+}
+
+// The similarity of row `row` (a warp-wide call: every lane returns the same value).
+//
+// A sum of squares above kBig = 2^120 (or NaN) means the row's f32 squares may have overflowed
+// (|x| from about 2^60 / sqrt(H) on: large-but-finite bf16 / f32 hidden states): that row is then
+// summed again with its elements times kDown = 2^-90, exact for every element that does not land in
+// f32's subnormals (those are below 2^-36 while the row's norm is above 2^60: their rounding is
+// negligible), and the eps clamp scaled alike, max(|s x|, s eps) = s max(|x|, eps), so that
+// dot'/(max(|a'|, sa eps) max(|b'|, sb eps)) is the same similarity without overflow. The branch is
+// warp-uniform (every lane holds the same sums) and taken only by such rows (and rows holding an
+// infinity or a NaN, whose similarity stays NaN); the other rows' arithmetic is unchanged.
+template <typename T, bool VEC>
+__device__ __forceinline__ float row_cosine(const T *a, const T *b, uint64_t hidden, unsigned lane) {
+  Sums s = row_sums<T, VEC, false>(a, b, hidden, lane, 1.0f, 1.0f);
+  float ea = kEps, eb = kEps;
+  if (!(s.aa <= kBig && s.bb <= kBig)) {
+    const float sa = s.aa <= kBig ? 1.0f : kDown;
+    const float sb = s.bb <= kBig ? 1.0f : kDown;
+    s = row_sums<T, VEC, true>(a, b, hidden, lane, sa, sb);
+    ea = __fmul_rn(kEps, sa);
+    eb = __fmul_rn(kEps, sb);
+  }
+  const float na = fmaxf(__fsqrt_rn(s.aa), ea);
+  const float nb = fmaxf(__fsqrt_rn(s.bb), eb);
   return __fdiv_rn(s.dot, __fmul_rn(na, nb));
 }
 

@@ -1,6 +1,7 @@
 //! GPU attention importance vs the f64 CPU reference, within the documented f32 bounds: per-token
 //! similarities and per-layer sums (counts exact) over dtypes, row lengths (multiples of 8 and
-//! not, rows over 2^16 elements), misaligned views, padding masks, zero rows, several batches and
+//! not, rows over 2^16 elements), row magnitudes from 2^-130 to 2^125 (f32 squares that underflow
+//! or overflow), misaligned views, padding masks, zero rows, several batches and
 //! layers accumulated without host reads, determinism, the hand-over to the host plan, invalid
 //! arguments. Without a GPU every test prints a SKIPPED line and returns.
 //!
@@ -257,6 +258,68 @@ fn gpu_more_tiles_than_blocks() {
             seed: tokens as u64,
         };
         check_case::<bf16>(&dev, &c).unwrap_or_else(|e| panic!("{c:?}: {e}"));
+    }
+}
+
+/// Rows of every magnitude a bf16 / f32 hidden state can hold: each row of the input and of the
+/// output scaled by its own power of two, from 2^-130 (squares and products in f32's subnormals or
+/// below) to 2^125 (squares far beyond f32's range: rows whose sum of squares passes 2^120 are
+/// summed again scaled by 2^-90). Every similarity within the documented bound of the f64
+/// reference, which an f32 sum of squares alone misses (0 or NaN) from about 2^60 / sqrt(H) on.
+fn check_magnitudes<T: Element>(dev: &Device, tokens: usize, h: usize, seed: u64) {
+    const EXPS: [i32; 10] = [0, 0, -130, -100, -60, 40, 58, 62, 100, 125];
+    let mut s = seed;
+    let (mut a, mut b) = (Vec::with_capacity(tokens * h), Vec::with_capacity(tokens * h));
+    for t in 0..tokens {
+        let ea = EXPS[(splitmix(&mut s) % 10) as usize];
+        let eb = if t % 3 == 0 {
+            EXPS[(splitmix(&mut s) % 10) as usize]
+        } else {
+            ea
+        };
+        let (sa, sb) = (2f64.powi(ea), 2f64.powi(eb));
+        for _ in 0..h {
+            let x = unit(&mut s) * 8.0 - 4.0;
+            let y = if t % 2 == 0 {
+                x + 0.3 * (unit(&mut s) - 0.5)
+            } else {
+                unit(&mut s) * 8.0 - 4.0
+            };
+            a.push(T::from_f32((f64::from(x) * sa) as f32));
+            b.push(T::from_f32((f64::from(y) * sb) as f32));
+        }
+    }
+    let want = reference::token_similarities(&a, &b, h, None).unwrap();
+    let (want_sum, _) = reference::batch_similarity(&a, &b, h, None).unwrap();
+    let ad = dev.upload(&a).unwrap();
+    let bd = dev.upload(&b).unwrap();
+    let mut sims = dev.upload(&vec![-7.0f32; tokens]).unwrap();
+    let mut acc = ImportanceAccumulator::new(dev, 1).unwrap();
+    acc.add_with_similarities(0, h, &ad, &bd, None, &mut sims)
+        .unwrap();
+    let got = dev.download(&sims).unwrap();
+    let tol = reference::f32_token_tolerance(h);
+    for (t, (&g, w)) in got.iter().zip(&want).enumerate() {
+        let w = w.unwrap();
+        assert!(
+            (f64::from(g) - w).abs() <= tol,
+            "{} H {h} token {t}: gpu {g} vs reference {w}",
+            T::DTYPE
+        );
+    }
+    let (sums, counts) = acc.download().unwrap();
+    assert_eq!(counts, vec![tokens as u64]);
+    assert!((sums[0] - want_sum).abs() <= reference::f32_sum_tolerance(tokens as u64, h));
+}
+
+#[test]
+fn gpu_large_and_tiny_magnitudes() {
+    let Some(dev) = gpu("gpu_large_and_tiny_magnitudes") else {
+        return;
+    };
+    for (i, h) in [1usize, 4, 25, 256, 343, 4096].into_iter().enumerate() {
+        check_magnitudes::<f32>(&dev, 200, h, 1 + i as u64);
+        check_magnitudes::<bf16>(&dev, 200, h, 11 + i as u64);
     }
 }
 

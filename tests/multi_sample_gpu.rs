@@ -501,6 +501,83 @@ fn weighted_cross_entropy_confident_rows() {
     }
 }
 
+/// Rows at and near the label-smoothed optimum (`softmax = t`: the label's logit `ln(t_on / t_off)`
+/// above the others, plus `delta`), where `dz = p - t` is a cancellation: the documented bound is
+/// the relative error norm plus, per element, the rounding of `p` that does not shrink with
+/// `p - t`, `(|lse| + |z_c - lse| + C / 16 + 16) 2^-24 (w_k / n_valid) (p_c + t_c)` (the label's
+/// element with `1 - p_y` for `p_y`). The plain relative norm fails there: on the host emulation of
+/// these cases (f32 logits, C up to 50000) relative error norms up to 65 at `delta = 0`, where
+/// `||ref||` is of the order of the logits' rounding, and at most 1/64 of this bound.
+fn run_ce_smoothed_optimum(dev: &Device, k: usize, b: usize, c: usize, eps: f64, delta: f64, seed: u64) {
+    let s = dev.stream();
+    let mut state = seed;
+    let labels: Vec<i64> = (0..b).map(|_| (splitmix(&mut state) % c as u64) as i64).collect();
+    let (t_on, t_off) = (1.0 - eps * (c - 1) as f64 / c as f64, eps / c as f64);
+    let gap = (t_on / t_off).ln() + delta;
+    let mut z = Vec::with_capacity(k * b * c);
+    for row in 0..k * b {
+        let y = labels[row % b] as usize;
+        let top = (splitmix(&mut state) % 9) as f64 - 4.0;
+        z.extend((0..c).map(|cls| (if cls == y { top + gap } else { top }) as f32));
+    }
+    let weights = vec![1.0 / k as f64; k];
+    let zw = widen(&z);
+    let (_, want) =
+        weighted_cross_entropy(&zw, k, b, c, &weights, &labels, DEFAULT_IGNORE_INDEX, eps).unwrap();
+    let ce = WeightedCrossEntropy::uniform(k)
+        .unwrap()
+        .with_label_smoothing(eps)
+        .unwrap();
+    let zd = dev.upload(&z).unwrap();
+    let ld = dev.upload(&labels).unwrap();
+    let mut scratch = dev.zeros::<u64>(WeightedCrossEntropy::scratch_len(k, b)).unwrap();
+    let mut loss = dev.zeros::<f32>(1).unwrap();
+    let mut dz = dev.zeros::<f32>(k * b * c).unwrap();
+    ce.forward(s, &zd, b, c, &ld, &mut loss, &mut dz, &mut scratch)
+        .unwrap();
+    let got = dev.download(&dz).unwrap();
+    let u = 1.0 / 16_777_216.0;
+    let coef = 1.0 / (k * b) as f64;
+    let mut slack = vec![0.0f64; k * b * c];
+    for (row, zr) in zw.chunks(c).enumerate() {
+        let y = labels[row % b] as usize;
+        let m = zr.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let lse = m + zr.iter().map(|v| (v - m).exp()).sum::<f64>().ln();
+        let gamma = |x: f64| (lse.abs() + (x - lse).abs() + c as f64 / 16.0 + 16.0) * u * coef;
+        let p = |x: f64| (x - lse).exp();
+        let others: f64 = (0..c).filter(|&j| j != y).map(|j| p(zr[j])).sum();
+        for j in 0..c {
+            let worst = zr.iter().map(|&v| gamma(v)).fold(0.0, f64::max);
+            slack[row * c + j] = if j == y {
+                worst * (others + t_on)
+            } else {
+                gamma(zr[j]) * (p(zr[j]) + t_off)
+            };
+        }
+    }
+    let norm = |v: &mut dyn Iterator<Item = f64>| v.map(|x| x * x).sum::<f64>().sqrt();
+    let err = norm(&mut got.iter().zip(&want).map(|(&g, &w)| f64::from(g) - w));
+    let bound = 1e-5 * norm(&mut want.iter().copied()) + norm(&mut slack.iter().copied());
+    assert!(
+        err <= bound,
+        "K {k} B {b} C {c} eps {eps} delta {delta}: error norm {err:e} > {bound:e}"
+    );
+}
+
+#[test]
+fn weighted_cross_entropy_smoothed_optimum() {
+    let Some(dev) = gpu("weighted_cross_entropy_smoothed_optimum") else {
+        return;
+    };
+    for (i, delta) in [0.0, 1e-4, 1e-2, -1e-2].into_iter().enumerate() {
+        let seed = 5 + i as u64;
+        run_ce_smoothed_optimum(&dev, 2, 9, 10, 0.1, delta, seed);
+        run_ce_smoothed_optimum(&dev, 1, 5, 64, 0.1, delta, seed);
+        run_ce_smoothed_optimum(&dev, 1, 4, 2, 0.2, delta, seed);
+        run_ce_smoothed_optimum(&dev, 2, 3, 1000, 0.05, delta, seed);
+    }
+}
+
 /// The loss and the gradient do not depend on where the gradient goes: loss only, an aligned
 /// gradient and one a single element off a 16-byte boundary give the same bits (the chunked
 /// arithmetic is chosen by C alone; it used to need the gradient aligned too).

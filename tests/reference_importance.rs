@@ -29,18 +29,18 @@ impl Lcg {
     }
 }
 
-/// The kernel's f32 algorithm, step by step (contract point 4): lane `l` owns chunks `l, l + 32,
-/// ...` of `V` consecutive elements and sums its products sequentially, then a butterfly over
-/// 32 lanes (xor 16, 8, 4, 2, 1; every lane ends with the same value), then sqrt, max, multiply,
-/// divide, all in f32.
-fn kernel_cosine<T: Element>(a: &[T], b: &[T]) -> f32 {
+/// The kernel's f32 sums, step by step (contract point 4), of `a`'s elements times `sa` and `b`'s
+/// times `sb`: lane `l` owns chunks `l, l + 32, ...` of `V` consecutive elements and sums its
+/// products sequentially, then a butterfly over 32 lanes (xor 16, 8, 4, 2, 1; every lane ends with
+/// the same value). Returns `[a . b, |a|^2, |b|^2]`.
+fn kernel_sums<T: Element>(a: &[T], b: &[T], sa: f32, sb: f32) -> [f32; 3] {
     let v = 16 / std::mem::size_of::<T>();
     let h = a.len();
     let mut lanes = [[0.0f32; 3]; 32];
     for (c, start) in (0..h).step_by(v).enumerate() {
         let lane = &mut lanes[c % 32];
         for i in start..(start + v).min(h) {
-            let (x, y) = (a[i].to_f32(), b[i].to_f32());
+            let (x, y) = (a[i].to_f32() * sa, b[i].to_f32() * sb);
             lane[0] += x * y;
             lane[1] += x * x;
             lane[2] += y * y;
@@ -59,9 +59,23 @@ fn kernel_cosine<T: Element>(a: &[T], b: &[T]) -> f32 {
     assert!(lanes
         .iter()
         .all(|l| l.map(f32::to_bits) == lanes[0].map(f32::to_bits)));
-    let [dot, aa, bb] = lanes[0];
-    let eps = 1e-8f32;
-    dot / (aa.sqrt().max(eps) * bb.sqrt().max(eps))
+    lanes[0]
+}
+
+/// The kernel's f32 algorithm (contract point 4): the sums, again with a row's elements times
+/// 2^-90 when its sum of squares is above 2^120 (or NaN), then sqrt, max with `1e-8f32` (times the
+/// row's scale), multiply, divide, all in f32.
+fn kernel_cosine<T: Element>(a: &[T], b: &[T]) -> f32 {
+    let (big, down) = (2f32.powi(120), 2f32.powi(-90));
+    let [mut dot, mut aa, mut bb] = kernel_sums(a, b, 1.0, 1.0);
+    let (mut ea, mut eb) = (1e-8f32, 1e-8f32);
+    if !(aa <= big && bb <= big) {
+        let sa = if aa <= big { 1.0 } else { down };
+        let sb = if bb <= big { 1.0 } else { down };
+        [dot, aa, bb] = kernel_sums(a, b, sa, sb);
+        (ea, eb) = (1e-8 * sa, 1e-8 * sb);
+    }
+    dot / (aa.sqrt().max(ea) * bb.sqrt().max(eb))
 }
 
 #[test]
@@ -183,6 +197,55 @@ fn kernel_algorithm_is_within_the_documented_bound() {
         cosine(&a, &b),
         "f32 rounding is visible"
     );
+}
+
+/// `|kernel - reference|` for rows `x`, `y` rounded to `T`.
+fn kernel_error<T: Element>(x: &[f32], y: &[f32]) -> f64 {
+    let x: Vec<T> = x.iter().map(|&v| T::from_f32(v)).collect();
+    let y: Vec<T> = y.iter().map(|&v| T::from_f32(v)).collect();
+    (f64::from(kernel_cosine(&x, &y)) - cosine(&x, &y)).abs()
+}
+
+#[test]
+fn kernel_algorithm_is_within_the_bound_at_every_magnitude() {
+    // Rows scaled by powers of two from f32's subnormals to 2^125 (bf16 and f32 hold them): the
+    // f64 reference is scale invariant above eps; the kernel's f32 sums of squares overflow from about
+    // 2^64 / sqrt(H) (plain f32 sums then give 0 or NaN) and underflow harmlessly (a norm that
+    // small is clamped to eps). Both rows scaled alike, and each one alone.
+    let scaled =
+        |v: &[f32], e: i32| -> Vec<f32> { v.iter().map(|&x| (f64::from(x) * 2f64.powi(e)) as f32).collect() };
+    let mut worst = 0.0f64;
+    for h in [1usize, 4, 25, 256, 4096] {
+        let tol = f32_token_tolerance(h);
+        for (i, e) in [-130i32, -100, -60, 40, 58, 62, 64, 100, 125]
+            .into_iter()
+            .enumerate()
+        {
+            let mut g = Lcg(100 + i as u64);
+            let a: Vec<f32> = g.row(h, 1.5);
+            let b: Vec<f32> = a.iter().map(|&x| x + g.normal(0.3)).collect();
+            let plain = cosine(&a, &b);
+            for (x, y) in [
+                (scaled(&a, e), scaled(&b, e)),
+                (scaled(&a, e), b.clone()),
+                (a.clone(), scaled(&b, e)),
+            ] {
+                if e > 0 {
+                    // Norms above eps and no element lost: the reference is scale invariant.
+                    let exact = cosine(&x, &y);
+                    assert!((exact - plain).abs() <= 1e-14, "h {h} 2^{e}: {exact} vs {plain}");
+                }
+                for (ty, err) in [
+                    ("f32", kernel_error::<f32>(&x, &y)),
+                    ("bf16", kernel_error::<bf16>(&x, &y)),
+                ] {
+                    assert!(err <= tol, "{ty} h {h} 2^{e}: error {err} > {tol}");
+                    worst = worst.max(err / tol);
+                }
+            }
+        }
+    }
+    assert!(worst < 1.0);
 }
 
 #[test]

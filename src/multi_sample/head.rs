@@ -154,7 +154,15 @@ pub struct HeadGemmPlan {
 /// exact in `f32`, the logits are never rounded to `T`); the gradients' relative error norms below
 /// `1e-5` for `f32` and below `1e-2` for `f16`/`bf16` (`dz` is rounded once to `T` for the backward
 /// GEMMs, the outputs once more when they are in `T`; f16 outputs must be scaled into f16's normal
-/// range by `grad_scale`).
+/// range by `grad_scale`). Each of these relative bounds comes with the rounding errors that do not
+/// shrink with the result: `||got - ref|| <= tol ||ref|| + ||slack||`, the slack being the
+/// propagated absolute error of each `dz` element (the cross-entropy's, including its
+/// smoothed-optimum term; `dz`'s rounding to `T` and f16 underflow; the `f32` sums it enters,
+/// first order, any order) through `|W|`, `|h|` and the column sums, and for the averaged logits
+/// `(D + K + 3) 2^-24` times the sums of the products' magnitudes. It matters only where a result
+/// is a cancellation: `db`, a column sum over rows of `p - t` that nearly cancel; `dh` with
+/// `B = 1` or `D = 1`; confidently classified rows; rows at the smoothed optimum
+/// (tests/multi_sample_head_gpu.rs, `within` and `slack`, checks a bound of this form).
 ///
 /// **Labels** are checked on the device: a label neither in `[0, C)` nor the ignore index makes
 /// the forward write no loss and zeros into `dz` (workspace), so a backward then writes zero

@@ -32,7 +32,13 @@
 //!    multiply-adds: every lane of a warp sums `a_i * b_i`, `a_i^2`, `b_i^2` over its own
 //!    elements sequentially (chunks of `V` consecutive elements, `V = 16 / sizeof(T)`, lanes
 //!    interleaved), then the 32 lane sums are added in a fixed butterfly (5 levels); then
-//!    `sqrtf`, `fmaxf(., 1e-8f)`, one multiply, one divide. Every sum has at most
+//!    `sqrtf`, `fmaxf(., 1e-8f)`, one multiply, one divide. A row whose sum of squares is above
+//!    `2^120` (or NaN) is summed again the same way with its elements multiplied by `2^-90` (the
+//!    other row's sums are recomputed too, unscaled unless it is above `2^120` as well), and its
+//!    clamp becomes `fmaxf(., 1e-8f * 2^-90)`: the same similarity, since
+//!    `max(s ||x||, s eps) = s max(||x||, eps)` and the scales cancel, where the plain `f32`
+//!    squares overflow (elements from about `2^64 / sqrt(H)` on, which bf16 and f32 hold). Every
+//!    sum has at most
 //!    `m = ceil(H / 32V) * V + 5 <= H / 32 + 13` roundings on the path of any term, so (first
 //!    order, `u = 2^-24`): `|fl(a . b) - a . b| <= (m + 1) u sum |a_i b_i| <= (m + 1) u ||a|| ||b||`,
 //!    the squared norms have relative error `(m + 1) u`, each `sqrt` adds `u` (and halves the
@@ -40,10 +46,15 @@
 //!    than `u / 2` relatively. With `D = max(||a||, eps) max(||b||, eps) >= ||a|| ||b||` and
 //!    `|cos| <= 1`:
 //!    `|cos_gpu - cos| <= (m + 1) u + |cos| (m + 1 + 4) u <= (2m + 6) u <= (H / 16 + 32) u`
-//!    ([`f32_token_tolerance`]; `1.7e-5` for `H = 4096`). This holds when no `f32` overflow or
-//!    underflow happens: every non-zero `|x|` in `[2^-63, 2^63 / H]` (hidden states are far
-//!    inside). The batch sum is added in `f64` in a fixed order (tiles of [`TILE`] tokens summed
-//!    in ascending order, then the tiles in a fixed tree), so its own rounding is below
+//!    ([`f32_token_tolerance`]; `1.7e-5` for `H = 4096`). This holds for every finite input.
+//!    The scaling by `2^-90` is exact except for elements it pushes into `f32`'s subnormals
+//!    (below `2^-36`, in a row whose norm is above `2^60`), and underflow is harmless wherever it
+//!    happens: each product below `2^-126` is off by at most `2^-150`, negligible next to the
+//!    denominator (at least `eps^2` as computed, `2^-57` in a scaled pass: a sum of squares that
+//!    small belongs to a norm below eps, which is clamped). Rows holding an
+//!    infinity or a NaN have similarity NaN (here and on the GPU). The batch sum is added in
+//!    `f64` in a fixed order (tiles of [`TILE`] tokens summed in ascending order, then the tiles
+//!    in a fixed tree), so its own rounding is below
 //!    `tokens^2 * 2^-53`: `|sum_gpu - sum| <= tokens * (H / 16 + 32) u + tokens^2 2^-53`
 //!    ([`f32_sum_tolerance`]), and the mean is off by at most that divided by `tokens`. The
 //!    GPU result is deterministic: run to run and GPU to GPU (the order depends on the shape only).

@@ -1,10 +1,12 @@
 // Host emulation of kernels/importance.cu (built and run by tests/importance_host_emulation.rs): the
 // real launcher and kernels on the fiber-per-thread emulator (tests/host_emu/cuda_fiber_emu.h) on
 // emulated devices with few SMs (the tile loop and the finalize loop over more than 256 tiles
-// wrap). Checked for random shapes, dtypes, misaligned views and masks:
+// wrap). Checked for random shapes, dtypes, misaligned views, masks and row magnitudes (bf16 / f32
+// rows scaled by powers of two from 2^-130 to 2^125: squares that underflow, or overflow f32):
 //   * every similarity bit for bit against a sequential simulation of the documented f32
 //     algorithm (src/reference/importance.rs point 4: lane sums over chunks of V elements, lanes
-//     interleaved, a 5-level butterfly, sqrt, max with 1e-8f, one multiply, one divide), and
+//     interleaved, a 5-level butterfly, the rows beyond 2^120 summed again scaled by 2^-90, sqrt,
+//     max with 1e-8f, one multiply, one divide), and
 //     within the documented bound (H / 16 + 32) 2^-24 of the f64 reference (point 2);
 //   * padding similarities NaN, nothing written outside the similarities (guards);
 //   * the layer's count exactly, its sum within the bound, and bit-identical sums on every run
@@ -19,8 +21,10 @@
 
 using namespace model;
 
-// The documented f32 algorithm, sequentially.
-template <typename T> static float simulate(const T *a, const T *b, uint64_t H) {
+// The documented f32 algorithm, sequentially: the three sums (a's elements times sa, b's times sb),
+// lane by lane, then the butterfly.
+template <typename T> static void sums(const T *a, const T *b, uint64_t H, float sa, float sb, float &d, float &x2,
+                                       float &y2) {
   constexpr uint64_t V = 16 / sizeof(T);
   const uint64_t chunks = (H + V - 1) / V;
   float dot[32], aa[32], bb[32];
@@ -28,7 +32,7 @@ template <typename T> static float simulate(const T *a, const T *b, uint64_t H) 
     dot[l] = aa[l] = bb[l] = 0.0f;
     for (uint64_t c = l; c < chunks; c += 32)
       for (uint64_t j = c * V; j < std::min(H, c * V + V); ++j) {
-        const float x = Ty<T>::to(a[j]), y = Ty<T>::to(b[j]);
+        const float x = Ty<T>::to(a[j]) * sa, y = Ty<T>::to(b[j]) * sb;
         dot[l] = dot[l] + x * y;
         aa[l] = aa[l] + x * x;
         bb[l] = bb[l] + y * y;
@@ -43,8 +47,22 @@ template <typename T> static float simulate(const T *a, const T *b, uint64_t H) 
     }
     for (int l = 0; l < 32; ++l) dot[l] = d2[l], aa[l] = a2[l], bb[l] = b2[l];
   }
-  const float na = std::max(std::sqrt(aa[0]), 1e-8f), nb = std::max(std::sqrt(bb[0]), 1e-8f);
-  return dot[0] / (na * nb);
+  d = dot[0], x2 = aa[0], y2 = bb[0];
+}
+
+// A sum of squares above 2^120 (or NaN): that row's sums again with its elements times 2^-90, and
+// the eps clamp times 2^-90 (src/reference/importance.rs point 4).
+template <typename T> static float simulate(const T *a, const T *b, uint64_t H) {
+  const float big = std::ldexp(1.0f, 120), down = std::ldexp(1.0f, -90);
+  float d, x2, y2, ea = 1e-8f, eb = 1e-8f;
+  sums(a, b, H, 1.0f, 1.0f, d, x2, y2);
+  if (!(x2 <= big && y2 <= big)) {
+    const float sa = x2 <= big ? 1.0f : down, sb = y2 <= big ? 1.0f : down;
+    sums(a, b, H, sa, sb, d, x2, y2);
+    ea = 1e-8f * sa, eb = 1e-8f * sb;
+  }
+  const float na = std::max(std::sqrt(x2), ea), nb = std::max(std::sqrt(y2), eb);
+  return d / (na * nb);
 }
 
 template <typename T> static double cosine64(const T *a, const T *b, uint64_t H) {
@@ -62,10 +80,19 @@ template <typename T> static void test_case(uint64_t tokens, uint64_t H) {
   const char *ty = sizeof(T) == 4 ? "f32" : (std::is_same<T, __half>::value ? "f16" : "bf16");
   Buf<T> a(tokens * H, rnd(3) ? 0 : rnd(8)), b(tokens * H, rnd(3) ? 0 : rnd(8));
   const int kind = (int)rnd(3);
-  for (uint64_t i = 0; i < tokens * H; ++i) {
-    const float x = rnd(16) == 0 ? 0.0f : (float)(unit() * 8 - 4);
-    a.p[i] = Ty<T>::from(x);
-    b.p[i] = Ty<T>::from(kind == 1 ? x + 0.3f * (float)(unit() - 0.5) : (float)(unit() * 8 - 4));
+  // Magnitudes: in a third of the bf16 / f32 cases (f16's range is +-65504), each row of a and of b
+  // is scaled by its own power of two, from f32's subnormals (squares and products that underflow)
+  // to 2^125 (squares far beyond f32's range: every finite input is in the domain).
+  const bool extreme = !std::is_same<T, __half>::value && rnd(3) == 0;
+  static const int kExps[] = {0, 0, -130, -100, -60, 40, 58, 62, 100, 125};
+  for (uint64_t t = 0; t < tokens; ++t) {
+    const int ea = extreme ? kExps[rnd(10)] : 0, eb = extreme ? (rnd(3) ? ea : kExps[rnd(10)]) : 0;
+    for (uint64_t i = t * H; i < (t + 1) * H; ++i) {
+      const float x = rnd(16) == 0 ? 0.0f : (float)(unit() * 8 - 4);
+      const float y = kind == 1 ? x + 0.3f * (float)(unit() - 0.5) : (float)(unit() * 8 - 4);
+      a.p[i] = Ty<T>::from(std::ldexp(x, ea));
+      b.p[i] = Ty<T>::from(std::ldexp(y, eb));
+    }
   }
   if (kind == 2)
     for (uint64_t t = 0; t < tokens; ++t) {
