@@ -117,7 +117,8 @@ impl DropBlock {
 /// then held at `end`: exactly `end` from step `steps` on, and never outside
 /// `[min(start, end), max(start, end)]` (so a ramp of valid probabilities stays valid despite
 /// rounding). The same ramp as [`crate::schedule::Schedule::linear`], which validates its
-/// probabilities and also has early, late and constant schedules.
+/// probabilities and also has early, late and constant schedules. Unvalidated, but never panics:
+/// NaN or infinite ends give NaN ramp values.
 pub fn linear_schedule(start: f64, end: f64, steps: u64, step: u64) -> f64 {
     crate::schedule::ramp(start, end, steps, step)
 }
@@ -173,13 +174,25 @@ impl Shape {
             numel,
         })
     }
+
+    /// `N + 1`, the stats' length (`shape` error when it overflows `usize`).
+    fn stats_len(&self, shape: &[usize]) -> Result<usize> {
+        (self.n as usize).checked_add(1).ok_or_else(|| {
+            Error::invalid(
+                "shape",
+                "N + 1 stats counters that fit in usize",
+                format!("{shape:?}"),
+            )
+        })
+    }
 }
 
 /// Length of the `stats` buffer of a call on `shape`: one `u64` per sample (kept elements of the
 /// sample) and one for the whole tensor.
+///
+/// Errors: `shape` (as the calls check it, or `N + 1` over `usize`).
 pub fn stats_len(shape: &[usize]) -> Result<usize> {
-    let s = Shape::new(shape)?;
-    Ok(s.n as usize + 1)
+    Shape::new(shape)?.stats_len(shape)
 }
 
 impl DropBlock {
@@ -263,7 +276,7 @@ impl DropBlock {
             check_same_len(len, s.numel, name)?;
         }
         check_mask_len(mask.0, s.numel)?;
-        check_stats_len(stats.0, &s)?;
+        check_stats_len(stats.0, s.stats_len(shape)?)?;
         for &(name, _, buf) in data {
             check_stream(stream, buf, name)?;
         }
@@ -500,8 +513,7 @@ unsafe fn launch_backward(
     after(stream)
 }
 
-fn check_stats_len(got: usize, s: &Shape) -> Result<()> {
-    let want = s.n as usize + 1;
+fn check_stats_len(got: usize, want: usize) -> Result<()> {
     if got != want {
         return Err(Error::invalid(
             "stats",

@@ -104,9 +104,13 @@ pub const MAX_K: usize = ffi::DROPFUSE_MULTI_SAMPLE_MAX_K as usize;
 /// The most logit sets [`WeightedCrossEntropy`] takes (`DROPFUSE_WEIGHTED_CE_MAX_K`).
 pub const MAX_LOSS_SETS: usize = ffi::DROPFUSE_WEIGHTED_CE_MAX_K as usize;
 
-/// `u32` words of the `K` masks of `n` elements: `k * ceil(n / 32)`.
+/// `u32` words of the `K` masks of `n` elements: `k * ceil(n / 32)`, saturating at `usize::MAX`
+/// (no buffer has that many words, so every length check then fails).
 pub const fn masks_len(k: usize, n: usize) -> usize {
-    k * mask_words(n)
+    match k.checked_mul(mask_words(n)) {
+        Some(words) => words,
+        None => usize::MAX,
+    }
 }
 
 fn check_k(k: usize, max: usize) -> Result<()> {
@@ -516,9 +520,10 @@ impl WeightedCrossEntropy {
     }
 
     /// `u64` words of the scratch buffer for `K` sets of `B` rows: 2 (`n_valid` and the first bad
-    /// row, see [`check_labels`]) plus the `K * B` `f32` row partials.
+    /// row, see [`check_labels`]) plus the `K * B` `f32` row partials; `usize::MAX` (no buffer's
+    /// length) when `K * B` overflows `usize`.
     pub fn scratch_len(k: usize, b: usize) -> usize {
-        2 + (k * b).div_ceil(2)
+        k.checked_mul(b).map_or(usize::MAX, |kb| 2 + kb.div_ceil(2))
     }
 
     pub(crate) fn params(&self, b: usize, c: usize) -> ffi::dropfuse_weighted_ce_params {

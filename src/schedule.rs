@@ -41,12 +41,22 @@ fn check_p(name: &'static str, p: f64) -> Result<f64> {
 }
 
 /// The linear ramp: `end` exactly from step `steps` on, never outside the ramp's range.
+///
+/// Also [`crate::drop_block::linear_schedule`], which does not validate `start` and `end`: never
+/// panics (`f64::clamp` does when both ends are NaN); a NaN ramp value stays NaN.
 pub(crate) fn ramp(start: f64, end: f64, steps: u64, step: u64) -> f64 {
     if step >= steps {
         return end;
     }
     let p = start + (end - start) * (step as f64) / (steps as f64);
-    p.clamp(start.min(end), start.max(end))
+    let (lo, hi) = (start.min(end), start.max(end));
+    if p < lo {
+        lo
+    } else if p > hi {
+        hi
+    } else {
+        p
+    }
 }
 
 impl Schedule {

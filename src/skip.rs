@@ -395,12 +395,20 @@ unsafe fn launch_forward<T: Element>(
 /// [`D_BIAS_CHUNK`] terms, `ceil(batch * (row_len / bias_len) / 256) * bias_len` (about
 /// `batch * row_len / 256`).
 ///
-/// Errors: `row_len`, `bias`.
+/// Errors: `row_len`, `bias`, `batch` (a length over `usize`).
 pub fn stochastic_depth_workspace_len(batch: usize, row_len: usize, bias_len: usize) -> Result<usize> {
     check_row_len(row_len)?;
     check_bias(bias_len, row_len)?;
-    let terms = batch * (row_len / bias_len);
-    Ok(terms.div_ceil(D_BIAS_CHUNK) * bias_len)
+    batch
+        .checked_mul(row_len / bias_len)
+        .and_then(|terms| terms.div_ceil(D_BIAS_CHUNK).checked_mul(bias_len))
+        .ok_or_else(|| {
+            Error::invalid(
+                "batch",
+                format!("a workspace length that fits in usize (row_len {row_len}, bias {bias_len})"),
+                batch,
+            )
+        })
 }
 
 /// Validates a backward call; returns `B`.

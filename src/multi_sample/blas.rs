@@ -159,7 +159,7 @@ pub struct GemmExArgs {
 impl GemmCall {
     /// The `cublasGemmEx` arguments of this call: `f32` accumulation, `CUBLAS_COMPUTE_32F`, or
     /// `CUBLAS_COMPUTE_32F_PEDANTIC` for `f32` operands (rules out TF32 and other
-    /// reduced-precision paths); `b` error when a dimension does not fit cuBLAS's `i32`
+    /// reduced-precision paths); `gemm` error when a dimension does not fit cuBLAS's `i32`
     /// (the workspace's checks keep every dimension of the head within it).
     pub fn gemm_ex_args(&self) -> Result<GemmExArgs> {
         let g = &self.desc;

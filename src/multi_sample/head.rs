@@ -309,8 +309,9 @@ impl MultiSampleHead {
     /// `|S dz| <= min(b, 2^15) / n_valid <= 2^15` (below f16's maximum) and, with every row valid,
     /// `S dz` is about `softmax - t`, well inside f16's normal range.
     pub fn logits_grad_scale(samples: usize, b: usize) -> f32 {
-        let m = samples.max(1) * b.clamp(1, 1 << 15);
-        (1u64 << m.ilog2()) as f32
+        // In u128: no overflow for any arguments; 2^e (e < 79) built from its exponent bits.
+        let m = samples.max(1) as u128 * b.clamp(1, 1 << 15) as u128;
+        f32::from_bits((m.ilog2() + 127) << 23)
     }
 
     /// The GEMM calls of a forward + backward of this head on a batch of `b` rows ([`HeadGemmPlan`]).
@@ -327,7 +328,8 @@ impl MultiSampleHead {
         grad_scale: f32,
     ) -> HeadGemmPlan {
         let samples = self.samples();
-        let g = head_gemms(samples * b, d, c);
+        // Saturating: a batch whose rows overflow usize gets dimensions `gemm_ex_args` rejects.
+        let g = head_gemms(samples.saturating_mul(b), d, c);
         let alpha = grad_scale / Self::logits_grad_scale(samples, b);
         let call = |desc, alpha, beta, out| GemmCall {
             desc,

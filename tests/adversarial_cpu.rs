@@ -1,0 +1,91 @@
+//! Adversarial arguments to the public API that needs no GPU (size helpers, the CPU reference,
+//! the host plans): sizes whose products overflow `usize`, sizes no allocator can serve, huge
+//! offsets. Every call must return a typed `InvalidArgument` (or its documented value) and never
+//! panic or abort. Tests run in debug builds, so an unchecked overflow panics here.
+
+mod common;
+
+use common::invalid_name;
+use dropfuse::drop_block::{stats_len, DropBlock};
+use dropfuse::layer_plan::{EarlyExit, ExitCurriculum, LayerDrop, LayerRemap, Parity, RateRule};
+use dropfuse::layer_plan::{SimilarityAccumulator, Stage};
+use dropfuse::multi_sample::{masks_len, MultiSampleHead, WeightedCrossEntropy};
+use dropfuse::reference::multi_sample::HeadConfig;
+use dropfuse::reference::{dropout, mc_dropout, multi_sample, structured};
+use dropfuse::skip::stochastic_depth_workspace_len;
+use dropfuse::{DType, PhiloxState};
+
+const S: PhiloxState = PhiloxState::new(1, 2);
+
+// ---------------------------------------------------------------------------------------------
+// Size helpers of the GPU API (pure functions)
+
+#[test]
+fn drop_block_stats_len_of_a_huge_batch_is_an_error() {
+    // N + 1 overflowed usize (debug: a panic; release: 0, a length a 0-word buffer would pass).
+    assert_eq!(invalid_name(stats_len(&[usize::MAX, 1, 1, 1])), "shape");
+    assert_eq!(invalid_name(stats_len(&[usize::MAX, 1, 1, 1, 1])), "shape");
+    assert_eq!(stats_len(&[usize::MAX - 1, 1, 1, 1]).unwrap(), usize::MAX);
+}
+
+#[test]
+fn multi_sample_size_helpers_saturate() {
+    // No buffer has usize::MAX elements, so a saturated length fails every length check.
+    assert_eq!(masks_len(usize::MAX, 64), usize::MAX);
+    assert_eq!(masks_len(64, usize::MAX), usize::MAX);
+    assert_eq!(masks_len(3, usize::MAX), 3 << 59);
+    assert_eq!(masks_len(2, 64), 4);
+    assert_eq!(WeightedCrossEntropy::scratch_len(usize::MAX, 2), usize::MAX);
+    assert_eq!(WeightedCrossEntropy::scratch_len(2, usize::MAX), usize::MAX);
+    assert_eq!(WeightedCrossEntropy::scratch_len(3, 5), 2 + 8);
+    // samples * min(b, 2^15) overflowed usize.
+    assert_eq!(MultiSampleHead::logits_grad_scale(usize::MAX, 2), 2f32.powi(64));
+    assert_eq!(
+        MultiSampleHead::logits_grad_scale(usize::MAX, 1 << 20),
+        2f32.powi(78)
+    );
+    assert_eq!(MultiSampleHead::logits_grad_scale(0, 0), 1.0);
+    assert_eq!(MultiSampleHead::logits_grad_scale(8, 100), 512.0);
+}
+
+#[test]
+fn head_gemm_plan_of_a_huge_batch_is_a_gemm_error() {
+    // samples * b overflowed usize; the plan's GEMMs must then be rejected, not wrapped.
+    let head = MultiSampleHead::new(8, 0.5).unwrap();
+    let plan = head.gemm_plan(usize::MAX, 4, 3, DType::F32, DType::F32, DType::F32, 1.0);
+    assert_eq!(invalid_name(plan.logits.gemm_ex_args()), "gemm");
+    assert_eq!(invalid_name(plan.dh.gemm_ex_args()), "gemm");
+    assert_eq!(invalid_name(plan.dw.gemm_ex_args()), "gemm");
+}
+
+#[test]
+fn stochastic_depth_workspace_len_overflow_is_an_error() {
+    // batch * (row_len / bias_len) overflowed.
+    assert_eq!(
+        invalid_name(stochastic_depth_workspace_len(usize::MAX, 2, 1)),
+        "batch"
+    );
+    // ceil(terms / 256) * bias_len overflowed.
+    assert_eq!(
+        invalid_name(stochastic_depth_workspace_len(1 << 40, 1 << 40, 1 << 40)),
+        "batch"
+    );
+    assert_eq!(stochastic_depth_workspace_len(3, 512, 2).unwrap(), 3 * 2);
+    assert_eq!(stochastic_depth_workspace_len(0, 4, 4).unwrap(), 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Schedules
+
+#[test]
+fn unvalidated_linear_schedule_never_panics() {
+    use dropfuse::drop_block::linear_schedule;
+    // f64::clamp panicked on NaN bounds (both ends NaN).
+    assert!(linear_schedule(f64::NAN, f64::NAN, 10, 3).is_nan());
+    assert!(linear_schedule(f64::NAN, 0.5, 10, 3).is_nan());
+    assert!(linear_schedule(f64::NEG_INFINITY, f64::INFINITY, 10, 3).is_nan());
+    assert_eq!(linear_schedule(f64::NAN, 0.5, 10, 10), 0.5);
+    assert_eq!(linear_schedule(0.0, 0.5, 10, 4), 0.2);
+    assert_eq!(linear_schedule(0.5, 0.0, 0, 0), 0.0);
+}
+
