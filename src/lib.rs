@@ -38,6 +38,7 @@
 //!
 //! The mask contract is documented in the README and in `kernels/dropfuse.h`.
 
+mod alloc;
 pub mod bias_dropout_residual;
 pub mod device;
 pub mod drop_block;

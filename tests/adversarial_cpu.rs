@@ -75,6 +75,107 @@ fn stochastic_depth_workspace_len_overflow_is_an_error() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// CPU reference: sizes that cannot be allocated are errors, not a capacity-overflow panic or an
+// allocation-failure abort
+
+#[test]
+fn reference_dropout_mask_of_an_absurd_length_is_an_error() {
+    assert_eq!(invalid_name(dropout::mask(0.5, S, 0, usize::MAX)), "n");
+}
+
+#[test]
+fn reference_structured_absurd_layouts_are_errors() {
+    // One decision for usize::MAX elements: the expanded mask cannot be allocated.
+    let all_shared = structured::Layout::shared_axes(&[usize::MAX], &[0]).unwrap();
+    assert_eq!(invalid_name(structured::element_mask(&all_shared, &[1])), "shape");
+    // usize::MAX decisions: the decision mask cannot be allocated.
+    let plain = structured::Layout::shared_axes(&[usize::MAX], &[]).unwrap();
+    assert_eq!(invalid_name(structured::mask(&plain, 0.5, S, 0)), "shape");
+}
+
+#[test]
+fn reference_drop_block_absurd_shapes_are_errors() {
+    let cfg = DropBlock::new(0.1, 1).unwrap();
+    // 2^63 elements: more bytes than a Vec may hold (capacity overflow).
+    let huge = [1, 1, 1usize << 32, 1 << 31];
+    assert_eq!(
+        invalid_name(dropfuse::reference::drop_block::seeds(&cfg, &huge, S)),
+        "shape"
+    );
+    assert_eq!(
+        invalid_name(dropfuse::reference::drop_block::keep(&cfg, &huge, S)),
+        "shape"
+    );
+    assert_eq!(
+        invalid_name(dropfuse::reference::drop_block::mask(&cfg, &huge, S)),
+        "shape"
+    );
+    // 2^62 elements: representable, but no allocator serves it (an abort before).
+    let big = [1, 1, 1usize << 31, 1 << 31];
+    assert_eq!(
+        invalid_name(dropfuse::reference::drop_block::keep(&cfg, &big, S)),
+        "shape"
+    );
+}
+
+#[test]
+fn reference_drop_block_plane_dropped_validates() {
+    use dropfuse::reference::drop_block::plane_dropped;
+    let cfg = DropBlock::new(0.1, 3).unwrap();
+    // Products of the dims overflowed (a debug panic).
+    assert_eq!(
+        invalid_name(plane_dropped(&cfg, &[usize::MAX, usize::MAX], 0, S)),
+        "dims"
+    );
+    assert_eq!(invalid_name(plane_dropped(&cfg, &[0, 4], 0, S)), "dims");
+    // q * valid overflowed u64.
+    assert_eq!(invalid_name(plane_dropped(&cfg, &[8, 8], u64::MAX, S)), "q");
+    // The last plane whose seed indices fit u64: valid = 36 seeds per plane.
+    let q = u64::MAX / 36 - 1;
+    assert_eq!(plane_dropped(&cfg, &[8, 8], q, S).unwrap().len(), 64);
+}
+
+#[test]
+fn reference_mc_dropout_absurd_sizes_are_errors() {
+    let x = [1.0f32, 2.0];
+    // R * n = usize::MAX - 1 fits usize, but not a Vec (capacity overflow before).
+    assert_eq!(
+        invalid_name(mc_dropout::replicated_forward(&x, usize::MAX / 2, 0.5, S, 0)),
+        "replicas"
+    );
+    assert_eq!(
+        invalid_name(mc_dropout::replicated_mask(1, 1 << 62, 0.5, S, 0)),
+        "replicas"
+    );
+    assert_eq!(
+        invalid_name(mc_dropout::replicated_mask(usize::MAX, 1, 0.5, S, 0)),
+        "replicas"
+    );
+    // B * C f64 that no Vec can hold.
+    assert_eq!(invalid_name(mc_dropout::McSummary::new(1 << 62, 1)), "classes");
+    // A stack whose length cannot match is rejected as `probs` before B * C is allocated.
+    assert_eq!(
+        invalid_name(mc_dropout::summarize(&[0.5; 4], 1, 1 << 40, 1)),
+        "probs"
+    );
+}
+
+#[test]
+fn reference_multi_sample_absurd_k_is_an_error() {
+    let h = [1.0f32; 4];
+    assert_eq!(
+        invalid_name(multi_sample::masked_copies(&h, usize::MAX, 0.5, S)),
+        "k"
+    );
+    let w = [0.5f32; 4];
+    let cfg = HeadConfig::new(usize::MAX, 0.5);
+    assert_eq!(
+        invalid_name(multi_sample::head(&h, 2, &w, 2, None, &[0, 1], &cfg, S)),
+        "k"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
 // Schedules
 
 #[test]

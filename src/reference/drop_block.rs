@@ -4,7 +4,8 @@
 //! Plain and slow on purpose: seeds and dropped units are boolean arrays, every block is painted
 //! unit by unit, and nothing is fused. Every function that takes a shape validates its arguments
 //! first and returns [`Error::InvalidArgument`] instead of panicking, with the argument names the
-//! GPU launchers use (`shape`, `x`, `dy`, `mask`, `scales`).
+//! GPU launchers use (`shape`, `x`, `dy`, `mask`, `scales`; a shape whose flags cannot be
+//! allocated is a `shape` error, not an abort).
 
 use crate::drop_block::{DropBlock, Normalize};
 use crate::dtype::Element;
@@ -155,7 +156,7 @@ pub fn seed_threshold(cfg: &DropBlock, spatial: &[usize]) -> u64 {
 pub fn seeds(cfg: &DropBlock, shape: &[usize], state: PhiloxState) -> Result<Vec<bool>> {
     let g = geometry(cfg, shape)?;
     let t = seed_threshold(cfg, &g.dims);
-    let mut flags = vec![false; g.planes * g.valid];
+    let mut flags = crate::alloc::filled("shape", g.planes * g.valid, false)?;
     for q in 0..g.planes {
         for l in 0..g.valid {
             let i = q * g.valid + l;
@@ -169,14 +170,40 @@ pub fn seeds(cfg: &DropBlock, shape: &[usize], state: PhiloxState) -> Result<Vec
 /// spatial dims `[H, W]` or `[D, H, W]`): contract point 5. Each drawn seed `u` of the plane (seed
 /// index `q * valid + lin(u)`) drops the units `u_a <= s_a < u_a + b_a`. Planes are independent,
 /// so this is also the oracle for one plane of a tensor too large for [`keep`].
-pub fn plane_dropped(cfg: &DropBlock, dims: &[usize], q: u64, state: PhiloxState) -> Vec<bool> {
+///
+/// Errors: `dims` (a dim of 0, a product over `usize`, or a plane that cannot be allocated), `q`
+/// (a seed index `q * valid + lin(u)` over `u64`).
+pub fn plane_dropped(cfg: &DropBlock, dims: &[usize], q: u64, state: PhiloxState) -> Result<Vec<bool>> {
+    let bad_dims = || {
+        Error::invalid(
+            "dims",
+            "spatial dims >= 1 whose product fits in usize",
+            format!("{dims:?}"),
+        )
+    };
+    if dims.contains(&0) {
+        return Err(bad_dims());
+    }
+    let spatial = dims
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .ok_or_else(bad_dims)?;
+    // Every block extent and valid extent is at most its dim: these products divide spatial.
     let block: Vec<usize> = dims.iter().map(|&s| cfg.block_size().min(s)).collect();
     let valid_dims: Vec<usize> = dims.iter().zip(&block).map(|(&s, &b)| s - b + 1).collect();
     let valid: usize = valid_dims.iter().product();
-    let spatial: usize = dims.iter().product();
     let block_volume: usize = block.iter().product();
+    q.checked_mul(valid as u64)
+        .and_then(|first| first.checked_add(valid as u64 - 1))
+        .ok_or_else(|| {
+            Error::invalid(
+                "q",
+                format!("a plane whose seed indices q * {valid} + lin(u) fit in u64"),
+                q,
+            )
+        })?;
     let t = seed_threshold(cfg, dims);
-    let mut dropped = vec![false; spatial];
+    let mut dropped = crate::alloc::filled("dims", spatial, false)?;
     for l in 0..valid {
         let i = q * valid as u64 + l as u64;
         if u64::from(element_word(state, i)) >= t {
@@ -189,7 +216,7 @@ pub fn plane_dropped(cfg: &DropBlock, dims: &[usize], q: u64, state: PhiloxState
             dropped[linear(&s, dims)] = true;
         }
     }
-    dropped
+    Ok(dropped)
 }
 
 /// The keep flag of every element of `x` (`numel` entries, row-major like `x`): contract points 5
@@ -197,12 +224,12 @@ pub fn plane_dropped(cfg: &DropBlock, dims: &[usize], q: u64, state: PhiloxState
 pub fn keep(cfg: &DropBlock, shape: &[usize], state: PhiloxState) -> Result<Vec<bool>> {
     let g = geometry(cfg, shape)?;
     // dropped[q * spatial + lin_S(s)]: unit s of plane q is covered by some drawn seed.
-    let mut dropped = Vec::with_capacity(g.planes * g.spatial);
+    let mut dropped = crate::alloc::with_capacity("shape", g.planes * g.spatial)?;
     for q in 0..g.planes {
-        dropped.extend(plane_dropped(cfg, &g.dims, q as u64, state));
+        dropped.extend(plane_dropped(cfg, &g.dims, q as u64, state)?);
     }
 
-    let mut flags = vec![false; g.numel];
+    let mut flags = crate::alloc::filled("shape", g.numel, false)?;
     for n in 0..g.n {
         for c in 0..g.c {
             let q = g.plane(cfg, n, c);

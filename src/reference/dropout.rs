@@ -102,12 +102,26 @@ pub fn mask_bit(mask: &[u32], i: usize) -> bool {
 /// `ceil(n / 32)` words; bit `j` of word `w` is the keep decision of element
 /// `element_offset + 32 * w + j`; unused high bits of the last word are 0. Because decisions depend
 /// only on global indices, the mask of a slice equals the matching bits of the whole tensor's mask.
+///
+/// Errors: `p`, `n` (0, or a mask that cannot be allocated), `element_offset`.
 pub fn mask(p: f64, state: PhiloxState, element_offset: u64, n: usize) -> Result<Vec<u32>> {
+    mask_sized(p, state, element_offset, n, "n")
+}
+
+/// [`mask`], an allocation failure of the words reported as `size_name` (the caller's argument
+/// that set `n`).
+pub(crate) fn mask_sized(
+    p: f64,
+    state: PhiloxState,
+    element_offset: u64,
+    n: usize,
+    size_name: &'static str,
+) -> Result<Vec<u32>> {
     check_p(p)?;
     check_non_empty("n", n)?;
     check_element_range(element_offset, n)?;
     let threshold = drop_threshold(p)?;
-    let mut words = vec![0u32; mask_words(n)];
+    let mut words = crate::alloc::filled(size_name, mask_words(n), 0u32)?;
     for i in 0..n {
         if keep(state, element_offset + i as u64, threshold) {
             words[i / MASK_BITS] |= 1 << (i % MASK_BITS);

@@ -45,11 +45,11 @@
 //!    entropy `(T + C + 8) u L`, mutual information the sum of the two entropy bounds. A kernel
 //!    that reduces in a tree rather than sequentially does better.
 //! 8. **Validation**, before any work or state change, as [`Error::InvalidArgument`] named:
-//!    `replicas` (0, or `R * n` over `usize`), `x` (empty), `p` (not finite in `[0, 1]`),
-//!    `element_offset` (`element_offset + n` over `u64`), `batch` / `classes` (0; `classes` also
-//!    when `B * C` overflows `usize`), `probs` (a tensor of other than `B * C` values, or
-//!    `T * B * C` for [`summarize`]; a value that is NaN, infinite or negative: `-0.0` is
-//!    accepted), `samples` ([`McSummary::finish`] before any push, or `T = 0` for [`summarize`]).
+//!    `replicas` (0, or `R * n` over `usize` or more replicas than can be allocated), `x` (empty),
+//!    `p` (not finite in `[0, 1]`), `element_offset` (`element_offset + n` over `u64`), `batch` /
+//!    `classes` (0; `classes` also when `B * C` overflows `usize` or cannot be allocated), `probs`
+//!    (a tensor of other than `B * C` values, or `T * B * C` for [`summarize`]; a value that is
+//!    NaN, infinite or negative: `-0.0` is accepted), `samples` ([`McSummary::finish`] before any push, or `T = 0` for [`summarize`]).
 //!    A rejected push leaves the summary unchanged.
 
 use crate::dtype::Element;
@@ -101,7 +101,8 @@ pub fn replicated_mask(
     element_offset: u64,
 ) -> Result<Vec<u32>> {
     check_replicas(n, replicas, p, element_offset)?;
-    let mut words = Vec::with_capacity(replicas * mask_words(n));
+    // replicas * ceil(n / 32) <= replicas * n: no overflow.
+    let mut words = crate::alloc::with_capacity("replicas", replicas * mask_words(n))?;
     for t in 0..replicas {
         words.extend(dropout::mask(
             p,
@@ -123,8 +124,8 @@ pub fn replicated_forward<T: Element>(
     element_offset: u64,
 ) -> Result<(Vec<T>, Vec<u32>)> {
     let total = check_replicas(x.len(), replicas, p, element_offset)?;
-    let mut y = Vec::with_capacity(total);
-    let mut masks = Vec::with_capacity(replicas * mask_words(x.len()));
+    let mut y = crate::alloc::with_capacity("replicas", total)?;
+    let mut masks = crate::alloc::with_capacity("replicas", replicas * mask_words(x.len()))?;
     for t in 0..replicas {
         let (yt, mt) = dropout::forward(x, p, replica_state(state, t as u64), element_offset)?;
         y.extend(yt);
@@ -185,26 +186,14 @@ pub struct McSummary {
 impl McSummary {
     /// An empty summary of `batch x classes` probabilities (both >= 1).
     pub fn new(batch: usize, classes: usize) -> Result<McSummary> {
-        if batch == 0 {
-            return Err(Error::invalid("batch", "at least 1 row", 0));
-        }
-        if classes == 0 {
-            return Err(Error::invalid("classes", "at least 1 class", 0));
-        }
-        let n = batch.checked_mul(classes).ok_or_else(|| {
-            Error::invalid(
-                "classes",
-                format!("batch * classes that fits in usize (batch = {batch})"),
-                classes,
-            )
-        })?;
+        let n = check_shape(batch, classes)?;
         Ok(McSummary {
             batch,
             classes,
             samples: 0,
-            mean: vec![0.0; n],
-            m2: vec![0.0; n],
-            expected_entropy: vec![0.0; batch],
+            mean: crate::alloc::filled("classes", n, 0.0)?,
+            m2: crate::alloc::filled("classes", n, 0.0)?,
+            expected_entropy: crate::alloc::filled("classes", batch, 0.0)?,
         })
     }
 
@@ -269,6 +258,23 @@ impl McSummary {
     }
 }
 
+/// Rejects `batch` / `classes` of 0 and `batch * classes` over `usize`; returns the product.
+fn check_shape(batch: usize, classes: usize) -> Result<usize> {
+    if batch == 0 {
+        return Err(Error::invalid("batch", "at least 1 row", 0));
+    }
+    if classes == 0 {
+        return Err(Error::invalid("classes", "at least 1 class", 0));
+    }
+    batch.checked_mul(classes).ok_or_else(|| {
+        Error::invalid(
+            "classes",
+            format!("batch * classes that fits in usize (batch = {batch})"),
+            classes,
+        )
+    })
+}
+
 /// Rejects a probability tensor of other than `expected` values or with a value that is not finite
 /// and `>= 0`; `what` describes the expected count.
 fn check_probs(probs: &[f32], expected: usize, what: &str) -> Result<()> {
@@ -296,11 +302,10 @@ fn check_probs(probs: &[f32], expected: usize, what: &str) -> Result<()> {
 /// The summaries of a stored `T x B x C` stack (`probs[(t * B + b) * C + c]`), computed by pushing
 /// its `T` samples through a [`McSummary`] in order.
 pub fn summarize(probs: &[f32], samples: usize, batch: usize, classes: usize) -> Result<McStats> {
-    let mut summary = McSummary::new(batch, classes)?;
+    let per_sample = check_shape(batch, classes)?;
     if samples == 0 {
         return Err(Error::invalid("samples", "at least 1 sample", 0));
     }
-    let per_sample = batch * classes;
     let total = samples.checked_mul(per_sample).ok_or_else(|| {
         Error::invalid(
             "samples",
@@ -309,6 +314,8 @@ pub fn summarize(probs: &[f32], samples: usize, batch: usize, classes: usize) ->
         )
     })?;
     check_probs(probs, total, "T * B * C")?;
+    // Allocated once the stack is known to hold T * B * C values.
+    let mut summary = McSummary::new(batch, classes)?;
     for sample in probs.chunks_exact(per_sample) {
         summary.push(sample)?;
     }

@@ -49,7 +49,10 @@
 //!
 //! 8. **Validation.** Empty data (`x` or `dy`; `n` for [`dropout::mask`]), a mask whose length
 //!    is not exactly `ceil(n / 32)` (`mask`), and an `element_offset + n` that overflows `u64`
-//!    (`element_offset`) are invalid-argument errors, returned before any work is done.
+//!    (`element_offset`) are invalid-argument errors, returned before any work is done. Throughout
+//!    the reference, an output whose size comes from an argument (a length, a shape, a count) and
+//!    cannot be allocated is an invalid-argument error naming that argument (e.g. `n` for
+//!    [`dropout::mask`]), not a panic or an abort.
 //!
 //! 9. **DropBlock.** [`drop_block`] implements the block-dropout contract of
 //!    [`crate::drop_block`]: seeds drawn with the same Philox words (seed `i` is drawn iff

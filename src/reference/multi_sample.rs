@@ -37,8 +37,9 @@
 //!    (`C x D`), `db = sum_k sum_i dz_k[i]` (`C`, only with a bias). Sums over `k` run in
 //!    ascending order.
 //! 7. **Validation**, before any work, as [`Error::InvalidArgument`] named `h` (`B * D` elements,
-//!    `B >= 1`, `D >= 1`), `weight` (`C * D`, `C >= 1`), `bias` (`C`), `labels` (`B` entries, each in
-//!    `[0, C)` or the ignore index), `k` (`>= 1`), `p` (finite, in `[0, 1]`), `label_smoothing`
+//!    `B >= 1`, `D >= 1`), `weight` (`C * D`, `C >= 1`; the `K * B * C` logits must be
+//!    allocatable), `bias` (`C`), `labels` (`B` entries, each in `[0, C)` or the ignore index), `k`
+//!    (`>= 1`, the `K` copies allocatable), `p` (finite, in `[0, 1]`), `label_smoothing`
 //!    (finite, in `[0, 1]`), `weights` (see 5), and for the lower-level functions `logits`
 //!    (`K * B * C` values), `keep` (one flag per element of every copy) and `scale` (finite,
 //!    `>= 0`). Non-finite inputs are not rejected; they propagate.
@@ -173,6 +174,17 @@ fn check_weight(len: usize, c: usize, d: usize) -> Result<()> {
     }
 }
 
+/// `K * B * C` logits, or an error named `name` when that overflows `usize`.
+fn logits_len(name: &'static str, k: usize, b: usize, c: usize) -> Result<usize> {
+    k.checked_mul(b).and_then(|kb| kb.checked_mul(c)).ok_or_else(|| {
+        Error::invalid(
+            name,
+            format!("K * B * C logits that fit in usize (K = {k}, B = {b})"),
+            format!("C = {c}"),
+        )
+    })
+}
+
 /// Checks that the bias, if any, has `C` values.
 fn check_bias(len: Option<usize>, c: usize) -> Result<()> {
     match len {
@@ -252,7 +264,7 @@ fn check_weights(weights: &[f64], k: usize) -> Result<()> {
 /// [`keep`]`(sample_state(state, k), e, drop_threshold(p))`, and kept elements become
 /// `T::from_f32(h[e].to_f32() * keep_scale(p))`, dropped ones `+0`.
 ///
-/// Errors: `h` (empty), `k` (0), `p` (not a probability).
+/// Errors: `h` (empty), `k` (0, or more copies than can be allocated), `p` (not a probability).
 pub fn masked_copies<T: Element>(h: &[T], k: usize, p: f64, state: PhiloxState) -> Result<Samples<T>> {
     if h.is_empty() {
         return Err(Error::invalid("h", "a non-empty tensor", "0 elements"));
@@ -260,8 +272,16 @@ pub fn masked_copies<T: Element>(h: &[T], k: usize, p: f64, state: PhiloxState) 
     check_k(k)?;
     let threshold = drop_threshold(p)?;
     let scale = keep_scale(p)?;
-    let mut copies = Vec::with_capacity(k);
-    let mut keeps = Vec::with_capacity(k);
+    // K copies of h: K * n values must be addressable, the K copies' handles allocatable.
+    if k.checked_mul(h.len()).is_none() {
+        return Err(Error::invalid(
+            "k",
+            format!("K * n values that fit in usize (n = {})", h.len()),
+            k,
+        ));
+    }
+    let mut copies = crate::alloc::with_capacity("k", k)?;
+    let mut keeps = crate::alloc::with_capacity("k", k)?;
     for s in 0..k {
         let st = sample_state(state, s as u64);
         let kept: Vec<bool> = (0..h.len()).map(|e| keep(st, e as u64, threshold)).collect();
@@ -289,12 +309,12 @@ pub fn masked_copies<T: Element>(h: &[T], k: usize, p: f64, state: PhiloxState) 
 /// The logits of one copy (contract point 3): `z[i][c] = (sum_j W[c][j] * h[i][j]) + b[c]`,
 /// `B x C` row-major, for `h` of `B x D` values and `W` of `C x D`.
 ///
-/// Errors: `h`, `weight`, `bias`.
+/// Errors: `h`, `weight` (also when the `B * C` logits cannot be allocated), `bias`.
 pub fn logits(h: &[f64], d: usize, weight: &[f64], c: usize, bias: Option<&[f64]>) -> Result<Vec<f64>> {
     let b = check_h(h.len(), d)?;
     check_weight(weight.len(), c, d)?;
     check_bias(bias.map(<[f64]>::len), c)?;
-    let mut z = vec![0.0; b * c];
+    let mut z = crate::alloc::filled("weight", logits_len("weight", 1, b, c)?, 0.0)?;
     for i in 0..b {
         let row = &h[i * d..(i + 1) * d];
         for cls in 0..c {
@@ -433,7 +453,7 @@ pub fn head_from_samples(
     check_labels(labels, b, c, ignore_index)?;
     check_unit("label_smoothing", label_smoothing)?;
 
-    let mut z = Vec::with_capacity(k * b * c);
+    let mut z = crate::alloc::with_capacity("weight", logits_len("weight", k, b, c)?)?;
     for h in &samples.copies {
         z.extend(logits(h, d, weight, c, bias)?);
     }

@@ -52,8 +52,9 @@
 //!    with any scale.
 //! 7. **Validation**, before any work, as [`Error::InvalidArgument`] named: `shape` (rank 0, a zero
 //!    extent, an element count over `usize`; rank below 2 for [`Layout::channel`], rank other than
-//!    2 for [`Layout::embedding_rows`]), `axis` (locked axis `>= r`), `axes` (a shared axis `>= r`
-//!    or repeated), `x` / `dy` (length other than the layout's element count), `mask` (length other
+//!    2 for [`Layout::embedding_rows`]; a mask of the layout, [`mask`]'s or [`element_mask`]'s,
+//!    that cannot be allocated), `axis` (locked axis `>= r`), `axes` (a shared axis `>= r` or
+//!    repeated), `x` / `dy` (length other than the layout's element count), `mask` (length other
 //!    than `ceil(decisions / 32)`), `p` (not finite in `[0, 1]`) and `decision_offset`
 //!    (`decision_offset + decisions` overflows `u64`).
 
@@ -281,14 +282,14 @@ fn check_decision_offset(decision_offset: u64, layout: &Layout) -> Result<()> {
 pub fn mask(layout: &Layout, p: f64, state: PhiloxState, decision_offset: u64) -> Result<Vec<u32>> {
     drop_threshold(p)?;
     check_decision_offset(decision_offset, layout)?;
-    dropout::mask(p, state, decision_offset, layout.decisions)
+    dropout::mask_sized(p, state, decision_offset, layout.decisions, "shape")
 }
 
 /// The decision mask expanded to one bit per element (dropout's mask layout, `ceil(numel / 32)`
 /// words): bit `e` is bit `decision_of(e)` of `mask`.
 pub fn element_mask(layout: &Layout, mask: &[u32]) -> Result<Vec<u32>> {
     check_mask_len(mask, layout)?;
-    let mut words = vec![0u32; mask_words(layout.numel)];
+    let mut words = crate::alloc::filled("shape", mask_words(layout.numel), 0u32)?;
     for e in 0..layout.numel {
         if mask_bit(mask, layout.decision_of(e)) {
             words[e / MASK_BITS] |= 1 << (e % MASK_BITS);
