@@ -100,7 +100,8 @@
 //!
 //! 9. **Validation.** Every invalid argument is an [`Error::InvalidArgument`] naming it (`layers`,
 //!    `p`, `p_max`, `stages`, `protected`, `batch`, `period`, `e_scale`, `kept`, `similarities`,
-//!    `n_drop`, `layer`, `similarity_sum`, `tokens`, ...); nothing here panics.
+//!    `n_drop`, `layer`, `similarity_sum`, `tokens`, ...); nothing here panics. A layer count or
+//!    batch whose per-layer (per-sample) vectors cannot be allocated is a `layers` (`batch`) error.
 
 use std::cmp::Ordering;
 
@@ -123,6 +124,24 @@ fn check_layers(layers: usize) -> Result<()> {
         Err(Error::invalid("layers", "at least 1 layer", 0))
     } else {
         Ok(())
+    }
+}
+
+/// Rejects an `L` whose `L` entries of `T` (a per-layer vector an infallible method builds later)
+/// could not be held by any `Vec` (over `isize::MAX` bytes: a capacity-overflow panic).
+fn check_map_len<T>(layers: usize) -> Result<()> {
+    if crate::alloc::fits::<T>(layers) {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            "layers",
+            format!(
+                "at most isize::MAX / {} layers (one {}-byte entry per layer)",
+                std::mem::size_of::<T>(),
+                std::mem::size_of::<T>()
+            ),
+            layers,
+        ))
     }
 }
 
@@ -200,8 +219,9 @@ pub struct LayerDrop {
 impl LayerDrop {
     /// `layers >= 1` layers with the given rule; constant curriculum, no protected layer.
     ///
-    /// Errors: `layers` (0), `p` (Uniform), `p_max` (Linear, Exponential), `stages` (empty list, a
-    /// stage of 0 layers, a bad `p`, counts not summing to `layers`).
+    /// Errors: `layers` (0, or more layers than their rates can be allocated for), `p` (Uniform),
+    /// `p_max` (Linear, Exponential), `stages` (empty list, a stage of 0 layers, a bad `p`, counts
+    /// not summing to `layers`).
     pub fn new(layers: usize, rule: RateRule) -> Result<Self> {
         check_layers(layers)?;
         let base = base_rates(layers, &rule)?;
@@ -209,7 +229,7 @@ impl LayerDrop {
             rule,
             curriculum: TimeCurriculum::Constant,
             base,
-            protected: vec![false; layers],
+            protected: crate::alloc::filled("layers", layers, false)?,
         })
     }
 
@@ -306,7 +326,8 @@ impl LayerDrop {
     /// The per-sample plan of step `step` for a batch of `batch >= 1` samples: sample `b` of layer
     /// `l` is element `l * batch + b` of `PhiloxState { seed, offset: step }`.
     ///
-    /// Errors: `batch` (0, or `L * batch` not representable in `usize` / `u64`).
+    /// Errors: `batch` (0, or `L * batch` not representable in `usize` / `u64`, or more flags than
+    /// can be allocated).
     pub fn sample_plan(&self, seed: u64, step: u64, batch: usize) -> Result<SampleDropPlan> {
         if batch == 0 {
             return Err(Error::invalid("batch", "at least 1 sample", 0));
@@ -324,7 +345,7 @@ impl LayerDrop {
             })?;
         let state = PhiloxState::new(seed, step);
         let (rates, thresholds, scales) = self.decision_params(step);
-        let mut keep_flags = Vec::with_capacity(total);
+        let mut keep_flags = crate::alloc::with_capacity("batch", total)?;
         for (l, &th) in thresholds.iter().enumerate() {
             let first = (l * batch) as u64;
             keep_flags.extend((0..batch as u64).map(|b| keep(state, first + b, th)));
@@ -346,35 +367,36 @@ fn base_rates(layers: usize, rule: &RateRule) -> Result<Vec<f64>> {
     match rule {
         RateRule::Uniform { p } => {
             check_p("p", *p)?;
-            Ok(vec![*p; layers])
+            crate::alloc::filled("layers", layers, *p)
         }
         RateRule::Linear { p_max } => {
             check_p("p_max", *p_max)?;
             if layers == 1 {
                 return Ok(vec![*p_max]);
             }
-            Ok((0..layers).map(|l| p_max * (l as f64 / last as f64)).collect())
+            let mut rates = crate::alloc::with_capacity("layers", layers)?;
+            rates.extend((0..layers).map(|l| p_max * (l as f64 / last as f64)));
+            Ok(rates)
         }
         RateRule::Exponential { p_max } => {
             check_p("p_max", *p_max)?;
             if layers == 1 {
                 return Ok(vec![*p_max]);
             }
-            Ok((0..layers)
-                .map(|l| {
-                    if l == last {
-                        *p_max
-                    } else {
-                        (p_max * ((l as f64 / last as f64).exp2() - 1.0)).clamp(0.0, *p_max)
-                    }
-                })
-                .collect())
+            let mut rates = crate::alloc::with_capacity("layers", layers)?;
+            rates.extend((0..layers).map(|l| {
+                if l == last {
+                    *p_max
+                } else {
+                    (p_max * ((l as f64 / last as f64).exp2() - 1.0)).clamp(0.0, *p_max)
+                }
+            }));
+            Ok(rates)
         }
         RateRule::PerStage(stages) => {
             if stages.is_empty() {
                 return Err(Error::invalid("stages", "at least one stage", "none"));
             }
-            let mut rates = Vec::with_capacity(layers);
             let mut total = 0usize;
             for (k, stage) in stages.iter().enumerate() {
                 if stage.layers == 0 {
@@ -401,7 +423,6 @@ fn base_rates(layers: usize, rule: &RateRule) -> Result<Vec<f64>> {
                         ))
                     }
                 };
-                rates.extend(std::iter::repeat(stage.p).take(stage.layers));
             }
             if total != layers {
                 return Err(Error::invalid(
@@ -409,6 +430,10 @@ fn base_rates(layers: usize, rule: &RateRule) -> Result<Vec<f64>> {
                     format!("stage layer counts summing to {layers}"),
                     total,
                 ));
+            }
+            let mut rates = crate::alloc::with_capacity("layers", layers)?;
+            for stage in stages {
+                rates.extend(std::iter::repeat(stage.p).take(stage.layers));
             }
             Ok(rates)
         }
@@ -556,9 +581,11 @@ pub struct EarlyExit {
 impl EarlyExit {
     /// `layers >= 1` exits (one after every layer), a curriculum and `e_scale` (finite, `>= 0`).
     ///
-    /// Errors: `layers` (0), `period` (a rotational period of 0), `e_scale`.
+    /// Errors: `layers` (0, or more exits than a plan's `L` weights can hold: over `isize::MAX`
+    /// bytes), `period` (a rotational period of 0), `e_scale`.
     pub fn new(layers: usize, curriculum: ExitCurriculum, e_scale: f64) -> Result<Self> {
         check_layers(layers)?;
+        check_map_len::<f64>(layers)?;
         if let ExitCurriculum::Rotational { period: 0 } = curriculum {
             return Err(Error::invalid("period", "at least 1", 0));
         }
@@ -680,14 +707,17 @@ pub struct LayerRemap {
 impl LayerRemap {
     /// Keeps the layers of `parity`, plus layer `L - 1` when `keep_last`.
     ///
-    /// Errors: `layers` (0).
+    /// Errors: `layers` (0, or more layers than the remap's maps can be allocated for).
     pub fn keep_every_other(layers: usize, parity: Parity, keep_last: bool) -> Result<Self> {
         check_layers(layers)?;
+        check_map_len::<Option<usize>>(layers)?;
         let first = match parity {
             Parity::Even => 0,
             Parity::Odd => 1,
         };
-        let mut kept: Vec<usize> = (first..layers).step_by(2).collect();
+        // At most ceil(L / 2) kept by parity, plus the last layer.
+        let mut kept = crate::alloc::with_capacity("layers", layers.div_ceil(2) + 1)?;
+        kept.extend((first..layers).step_by(2));
         if keep_last && kept.last() != Some(&(layers - 1)) {
             kept.push(layers - 1);
         }
@@ -696,9 +726,11 @@ impl LayerRemap {
 
     /// Keeps exactly `kept`, a strictly ascending (sorted, no duplicates) list of indices `< L`.
     ///
-    /// Errors: `layers` (0), `kept`.
+    /// Errors: `layers` (0, or more layers than [`old_to_new`](Self::old_to_new)'s `L` entries
+    /// can hold: over `isize::MAX` bytes), `kept`.
     pub fn from_kept(layers: usize, kept: &[usize]) -> Result<Self> {
         check_layers(layers)?;
+        check_map_len::<Option<usize>>(layers)?;
         if let Some(&bad) = kept.iter().find(|&&l| l >= layers) {
             return Err(Error::invalid("kept", format!("layer indices < {layers}"), bad));
         }
@@ -758,12 +790,13 @@ pub struct SimilarityAccumulator {
 }
 
 impl SimilarityAccumulator {
-    /// An empty accumulator for `layers >= 1` attention layers (error `layers`).
+    /// An empty accumulator for `layers >= 1` attention layers (error `layers`, also when they
+    /// cannot be allocated).
     pub fn new(layers: usize) -> Result<Self> {
         check_layers(layers)?;
         Ok(SimilarityAccumulator {
-            sums: vec![0.0; layers],
-            tokens: vec![0; layers],
+            sums: crate::alloc::filled("layers", layers, 0.0)?,
+            tokens: crate::alloc::filled("layers", layers, 0)?,
         })
     }
 

@@ -176,6 +176,52 @@ fn reference_multi_sample_absurd_k_is_an_error() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Layer plans: layer counts and batches whose per-layer vectors cannot be allocated
+
+#[test]
+fn layer_plans_with_absurd_layer_counts_are_errors() {
+    for rule in [
+        RateRule::Uniform { p: 0.1 },
+        RateRule::Linear { p_max: 0.1 },
+        RateRule::Exponential { p_max: 0.1 },
+        RateRule::PerStage(vec![Stage {
+            layers: usize::MAX,
+            p: 0.1,
+        }]),
+    ] {
+        assert_eq!(
+            invalid_name(LayerDrop::new(usize::MAX, rule.clone())),
+            "layers",
+            "{rule:?}"
+        );
+    }
+    assert_eq!(invalid_name(SimilarityAccumulator::new(usize::MAX)), "layers");
+    assert_eq!(
+        invalid_name(LayerRemap::keep_every_other(usize::MAX, Parity::Even, true)),
+        "layers"
+    );
+    // old_to_new() allocates one entry per layer: L must fit a Vec.
+    assert_eq!(invalid_name(LayerRemap::from_kept(usize::MAX, &[])), "layers");
+    // plan() allocates one weight per exit.
+    assert_eq!(
+        invalid_name(EarlyExit::new(usize::MAX, ExitCurriculum::All, 1.0)),
+        "layers"
+    );
+    // Large but sane counts still work.
+    assert_eq!(LayerRemap::from_kept(1 << 40, &[3, 7]).unwrap().kept_len(), 2);
+    let ee = EarlyExit::new(1 << 40, ExitCurriculum::All, 1.0).unwrap();
+    assert!(ee.enabled(0, (1 << 40) - 1));
+}
+
+#[test]
+fn sample_plan_of_an_absurd_batch_is_an_error() {
+    let d = LayerDrop::new(1, RateRule::Uniform { p: 0.5 }).unwrap();
+    // layers * batch = usize::MAX fits usize, but not a Vec<bool>.
+    assert_eq!(invalid_name(d.sample_plan(1, 2, usize::MAX)), "batch");
+    assert_eq!(invalid_name(d.sample_plan(1, 2, 1 << 62)), "batch");
+}
+
+// ---------------------------------------------------------------------------------------------
 // Schedules
 
 #[test]
