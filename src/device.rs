@@ -121,10 +121,36 @@ impl Device {
             .map_err(|e| Error::driver("cuMemcpyDtoH", e))
     }
 
-    /// A zero-filled device buffer of `len` elements.
+    /// A zero-filled device buffer of `len` elements (`len` error when its byte size is over
+    /// `isize::MAX`, see [`check_device_len`]).
     pub fn zeros<T: DeviceRepr + ValidAsZeroBits>(&self, len: usize) -> Result<CudaSlice<T>> {
+        check_device_len::<T>("len", len)?;
         self.stream
             .alloc_zeros(len)
             .map_err(|e| Error::driver("cuMemAlloc", e))
+    }
+}
+
+/// Checks that a device buffer of `len` elements of `T` has a byte size that fits (`len *
+/// size_of::<T>() <= isize::MAX`, as for host allocations); `name` is the argument that set `len`.
+///
+/// cudarc's allocations compute `len * size_of::<T>()` without a check: a product that wraps
+/// would allocate a few bytes for a slice of length `len`, which kernels validated against `len`
+/// would then overrun. Every allocation of a size that comes from an argument runs this first
+/// (here without a device, for tests).
+#[doc(hidden)]
+pub fn check_device_len<T>(name: &'static str, len: usize) -> Result<()> {
+    if crate::alloc::fits::<T>(len) {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            name,
+            format!(
+                "a buffer of at most isize::MAX bytes (at most {} elements of {} bytes)",
+                isize::MAX as usize / std::mem::size_of::<T>().max(1),
+                std::mem::size_of::<T>()
+            ),
+            format!("{len} elements"),
+        ))
     }
 }

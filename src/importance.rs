@@ -61,11 +61,13 @@ pub struct ImportanceAccumulator {
 }
 
 impl ImportanceAccumulator {
-    /// An empty accumulator for `layers >= 1` attention layers on `dev`'s stream (error `layers`).
+    /// An empty accumulator for `layers >= 1` attention layers on `dev`'s stream (error `layers`,
+    /// also for more layers than an `f64` device buffer holds).
     pub fn new(dev: &Device, layers: usize) -> Result<Self> {
         if layers == 0 {
             return Err(Error::invalid("layers", "at least 1 attention layer", 0));
         }
+        crate::device::check_device_len::<f64>("layers", layers)?;
         let stream = dev.stream().clone();
         let alloc = |e| Error::driver("cuMemAlloc", e);
         Ok(ImportanceAccumulator {

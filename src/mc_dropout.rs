@@ -239,7 +239,8 @@ pub struct McSummaryState {
     ctl: CudaSlice<u64>,
 }
 
-/// Rejects `batch` / `classes` of 0 and `batch * classes` over `usize`; returns the product.
+/// Rejects `batch` / `classes` of 0 and `batch * classes` over `usize` or over a device buffer's
+/// largest size (`f32`); returns the product.
 fn check_shape(batch: usize, classes: usize) -> Result<usize> {
     if batch == 0 {
         return Err(Error::invalid("batch", "at least 1 row", 0));
@@ -247,13 +248,15 @@ fn check_shape(batch: usize, classes: usize) -> Result<usize> {
     if classes == 0 {
         return Err(Error::invalid("classes", "at least 1 class", 0));
     }
-    batch.checked_mul(classes).ok_or_else(|| {
+    let n = batch.checked_mul(classes).ok_or_else(|| {
         Error::invalid(
             "classes",
             format!("batch * classes that fits in usize (batch = {batch})"),
             classes,
         )
-    })
+    })?;
+    crate::device::check_device_len::<f32>("classes", n)?;
+    Ok(n)
 }
 
 /// Rejects (as `out`) output buffers other than `B * C` variances, `B` predictive entropies and `B`
@@ -287,7 +290,9 @@ pub struct McCounters {
 }
 
 impl McSummaryState {
-    /// An empty state for `batch x classes` probabilities (both >= 1), on `dev`'s stream.
+    /// An empty state for `batch x classes` probabilities (both >= 1; `classes` error also when
+    /// `batch * classes` overflows `usize` or an `f32` device buffer's largest size), on `dev`'s
+    /// stream.
     pub fn new(dev: &Device, batch: usize, classes: usize) -> Result<Self> {
         let n = check_shape(batch, classes)?;
         Ok(McSummaryState {

@@ -205,9 +205,10 @@ impl TokenRouting {
     /// Device buffers for routing a `batch x seq_len` batch into at most `capacity` compact rows
     /// (offsets zeroed: a total of 0 until a selection runs).
     ///
-    /// Errors: `seq_len`, `batch`.
+    /// Errors: `seq_len`, `batch`, `capacity` (an index buffer over `isize::MAX` bytes).
     pub fn new(stream: &Arc<CudaStream>, batch: usize, seq_len: usize, capacity: usize) -> Result<Self> {
         check_shape(batch, seq_len)?;
+        crate::device::check_device_len::<u32>("capacity", capacity)?;
         let work = ffi::DROPFUSE_ROUTING_WORK_PER_SEQUENCE as usize * batch
             + ffi::DROPFUSE_ROUTING_WORK_FIXED as usize;
         let alloc = |n: usize| {

@@ -236,3 +236,24 @@ fn unvalidated_linear_schedule_never_panics() {
     assert_eq!(linear_schedule(0.5, 0.0, 0, 0), 0.0);
 }
 
+// ---------------------------------------------------------------------------------------------
+// Device buffer sizes (the check every device allocation of an argument-given size runs first;
+// the GPU tests call the allocating constructors themselves)
+
+#[test]
+fn device_buffer_byte_sizes_must_fit() {
+    use dropfuse::device::check_device_len;
+    // cudarc computes len * size_of::<T>() unchecked: (2^62 + 1) * 4 wraps to 4 bytes.
+    assert_eq!(invalid_name(check_device_len::<f32>("len", (1 << 62) + 1)), "len");
+    assert_eq!(
+        invalid_name(check_device_len::<f32>("classes", 1 << 61)),
+        "classes"
+    );
+    assert_eq!(
+        invalid_name(check_device_len::<u64>("layers", usize::MAX)),
+        "layers"
+    );
+    assert!(check_device_len::<f32>("len", (1 << 61) - 1).is_ok());
+    assert!(check_device_len::<u8>("len", isize::MAX as usize).is_ok());
+    assert!(check_device_len::<f64>("len", 0).is_ok());
+}

@@ -439,6 +439,11 @@ fn gpu_invalid_arguments_change_nothing() {
     let short_mask = dev.upload(&vec![1u8; tokens - 1]).unwrap();
     let mut sims = dev.upload(&vec![5.0f32; tokens]).unwrap();
     let mut short_sims = dev.upload(&vec![5.0f32; tokens + 1]).unwrap();
+    // layers * 8 bytes wraps (cudarc does not check): an 8-byte buffer for 2^61 + 1 layers.
+    match ImportanceAccumulator::new(&dev, (1 << 61) + 1) {
+        Err(dropfuse::Error::InvalidArgument { name, .. }) => assert_eq!(name, "layers"),
+        other => panic!("expected a `layers` error, got {other:?}"),
+    }
     let mut acc = ImportanceAccumulator::new(&dev, 2).unwrap();
     acc.add(0, h, &a, &a, None).unwrap();
     let before = acc.download().unwrap();

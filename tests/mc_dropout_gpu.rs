@@ -431,6 +431,14 @@ fn gpu_invalid_arguments() {
     assert_eq!(invalid_name(McSummaryState::new(&dev, 0, 3)), "batch");
     assert_eq!(invalid_name(McSummaryState::new(&dev, 3, 0)), "classes");
     assert_eq!(invalid_name(McSummaryState::new(&dev, usize::MAX, 2)), "classes");
+    // B * C fits usize but not a device buffer's byte count: cudarc's unchecked len * 4 would
+    // wrap to a 4-byte allocation of "length" 2^62 + 1 (release) or panic (debug).
+    assert_eq!(
+        invalid_name(McSummaryState::new(&dev, (1 << 62) + 1, 1)),
+        "classes"
+    );
+    assert_eq!(invalid_name(McOutputs::new(&dev, 1, (1 << 62) + 1)), "classes");
+    assert_eq!(invalid_name(dev.zeros::<f32>((1 << 62) + 1)), "len");
     let mut state = McSummaryState::new(&dev, 2, 3).unwrap();
     let mut out = McOutputs::new(&dev, 2, 3).unwrap();
     assert_eq!(invalid_name(state.finish(s, &mut out)), "samples");

@@ -871,6 +871,12 @@ fn gpu_routing_invalid_arguments_write_nothing() {
     assert_eq!(invalid_name(TokenRouting::new(s, b, 0, 4)), "seq_len");
     assert_eq!(invalid_name(TokenRouting::new(s, 0, n, 4)), "batch");
     assert_eq!(invalid_name(TokenRouting::new(s, 1 << 17, 1 << 16, 4)), "batch");
+    // capacity * 4 bytes wraps (cudarc does not check): a 4-byte index buffer for 2^62 + 1
+    // entries, overrun by the selection.
+    assert_eq!(
+        invalid_name(TokenRouting::new(s, b, n, (1 << 62) + 1)),
+        "capacity"
+    );
 
     let sc = dev.upload(&scores(b * n, 0, 1)).unwrap();
     let sc_short = dev.upload(&scores(b * n - 1, 0, 1)).unwrap();
