@@ -445,11 +445,30 @@ fn weighted_cross_entropy_benchmark_shape() {
     run_ce::<bf16, f32>(&dev, &c).unwrap();
 }
 
+/// The f32 gradient `ce.forward` writes for logits `z` (`K x B x C`, `K` = `ce`'s) and `labels`.
+fn ce_f32_gradient<T: Element>(
+    dev: &Device,
+    ce: &WeightedCrossEntropy,
+    z: &[T],
+    labels: &[i64],
+    c: usize,
+) -> Vec<f32> {
+    let b = labels.len();
+    let k = z.len() / (b * c);
+    let zd = dev.upload(z).unwrap();
+    let ld = dev.upload(labels).unwrap();
+    let mut scratch = dev.zeros::<u64>(WeightedCrossEntropy::scratch_len(k, b)).unwrap();
+    let mut loss = dev.zeros::<f32>(1).unwrap();
+    let mut dz = dev.zeros::<f32>(z.len()).unwrap();
+    ce.forward(dev.stream(), &zd, b, c, &ld, &mut loss, &mut dz, &mut scratch)
+        .unwrap();
+    dev.download(&dz).unwrap()
+}
+
 /// Confidently classified rows (the label's logit 4 to 20 above the others, no smoothing): every
 /// f32 gradient element within 1e-5 of its own magnitude, the label's `p_y - 1` included, which
 /// `exp(z_y - lse) - 1` gets wrong by up to 100% there (the host emulation shows it).
 fn run_ce_confident<T: Element>(dev: &Device, k: usize, b: usize, c: usize, gap: f32, seed: u64) {
-    let s = dev.stream();
     let mut state = seed;
     let labels: Vec<i64> = (0..b).map(|_| (splitmix(&mut state) % c as u64) as i64).collect();
     let noise: Vec<f32> = values(k * b * c, 1.0, seed);
@@ -468,15 +487,7 @@ fn run_ce_confident<T: Element>(dev: &Device, k: usize, b: usize, c: usize, gap:
     let weights = vec![1.0 / k as f64; k];
     let (_, want) =
         weighted_cross_entropy(&widen(&z), k, b, c, &weights, &labels, DEFAULT_IGNORE_INDEX, 0.0).unwrap();
-    let ce = WeightedCrossEntropy::uniform(k).unwrap();
-    let zd = dev.upload(&z).unwrap();
-    let ld = dev.upload(&labels).unwrap();
-    let mut scratch = dev.zeros::<u64>(WeightedCrossEntropy::scratch_len(k, b)).unwrap();
-    let mut loss = dev.zeros::<f32>(1).unwrap();
-    let mut dz = dev.zeros::<f32>(k * b * c).unwrap();
-    ce.forward(s, &zd, b, c, &ld, &mut loss, &mut dz, &mut scratch)
-        .unwrap();
-    let got = dev.download(&dz).unwrap();
+    let got = ce_f32_gradient(dev, &WeightedCrossEntropy::uniform(k).unwrap(), &z, &labels, c);
     for (e, (&g, &w)) in got.iter().zip(&want).enumerate() {
         let err = (f64::from(g) - w).abs();
         assert!(
@@ -509,7 +520,6 @@ fn weighted_cross_entropy_confident_rows() {
 /// these cases (f32 logits, C up to 50000) relative error norms up to 65 at `delta = 0`, where
 /// `||ref||` is of the order of the logits' rounding, and at most 1/64 of this bound.
 fn run_ce_smoothed_optimum(dev: &Device, k: usize, b: usize, c: usize, eps: f64, delta: f64, seed: u64) {
-    let s = dev.stream();
     let mut state = seed;
     let labels: Vec<i64> = (0..b).map(|_| (splitmix(&mut state) % c as u64) as i64).collect();
     let (t_on, t_off) = (1.0 - eps * (c - 1) as f64 / c as f64, eps / c as f64);
@@ -528,14 +538,7 @@ fn run_ce_smoothed_optimum(dev: &Device, k: usize, b: usize, c: usize, eps: f64,
         .unwrap()
         .with_label_smoothing(eps)
         .unwrap();
-    let zd = dev.upload(&z).unwrap();
-    let ld = dev.upload(&labels).unwrap();
-    let mut scratch = dev.zeros::<u64>(WeightedCrossEntropy::scratch_len(k, b)).unwrap();
-    let mut loss = dev.zeros::<f32>(1).unwrap();
-    let mut dz = dev.zeros::<f32>(k * b * c).unwrap();
-    ce.forward(s, &zd, b, c, &ld, &mut loss, &mut dz, &mut scratch)
-        .unwrap();
-    let got = dev.download(&dz).unwrap();
+    let got = ce_f32_gradient(dev, &ce, &z, &labels, c);
     let u = 1.0 / 16_777_216.0;
     let coef = 1.0 / (k * b) as f64;
     let mut slack = vec![0.0f64; k * b * c];
@@ -546,8 +549,8 @@ fn run_ce_smoothed_optimum(dev: &Device, k: usize, b: usize, c: usize, eps: f64,
         let gamma = |x: f64| (lse.abs() + (x - lse).abs() + c as f64 / 16.0 + 16.0) * u * coef;
         let p = |x: f64| (x - lse).exp();
         let others: f64 = (0..c).filter(|&j| j != y).map(|j| p(zr[j])).sum();
+        let worst = zr.iter().map(|&v| gamma(v)).fold(0.0, f64::max);
         for j in 0..c {
-            let worst = zr.iter().map(|&v| gamma(v)).fold(0.0, f64::max);
             slack[row * c + j] = if j == y {
                 worst * (others + t_on)
             } else {
