@@ -9,6 +9,12 @@
 //!   `sm_XY` is machine code for that GPU, `compute_XY` is PTX that newer GPUs JIT-compile.
 //! - `DROPFUSE_NVCC_FLAGS`: extra nvcc flags (whitespace-separated), e.g. the kernels' `-D` tuning knobs.
 //! - `DOCS_RS`: skip nvcc (documentation builds without CUDA).
+//! - `DROPFUSE_HOST_EMULATION=1`: the emulated-device build for machines without a GPU (see
+//!   [`host_emulation`] and `scripts/emu-gpu-tests.sh`): the kernels are compiled by the host C++
+//!   compiler onto the fiber emulator of `tests/host_emu/cuda_fiber_emu.h`, and stand-ins for
+//!   libcuda and libcublas are built next to them and found first by the package's test, example
+//!   and bench executables. Never for production use: it is a test device, orders of magnitude
+//!   slower than a GPU.
 
 use std::env;
 use std::path::{Path, PathBuf};
@@ -37,10 +43,13 @@ fn main() {
         "NVCC_APPEND_FLAGS",
         "NVCC_CCBIN",
         "DROPFUSE_NVCC_FLAGS",
+        "DROPFUSE_HOST_EMULATION",
+        "CXX",
     ] {
         println!("cargo:rerun-if-env-changed={var}");
     }
     println!("cargo:rerun-if-changed=.cuda/.installed");
+    println!("cargo::rustc-check-cfg=cfg(dropfuse_host_emulation)");
 
     let mut sources = Vec::new();
     collect(&kernels, &mut sources);
@@ -67,6 +76,11 @@ fn main() {
     });
     let bin = nvcc.parent().unwrap().to_path_buf();
     let root = bin.parent().unwrap().to_path_buf();
+
+    if env::var("DROPFUSE_HOST_EMULATION").is_ok_and(|v| !v.is_empty() && v != "0") {
+        host_emulation(&manifest, &out, &root.join("include"), &cu);
+        return;
+    }
 
     // cc runs `nvcc` from PATH (or $NVCC): put the chosen one first.
     let path = env::var_os("PATH").unwrap_or_default();
@@ -121,6 +135,82 @@ fn main() {
         }
     }
     for lib in ["dl", "rt", "pthread"] {
+        println!("cargo:rustc-link-lib={lib}");
+    }
+}
+
+/// The emulated-device build: every `kernels/*.cu` compiled as C++ with the fiber emulator
+/// (`-include cuda_fiber_emu_2d.h`, the 1-D and 2-D launches: the launchers run their kernels on the host, each CUDA thread a
+/// fiber) into the same static library, and `libcuda.so` / `libcublas.so` stand-ins
+/// (`tests/host_emu/fake_libcuda.cpp`, `fake_libcublas.cpp`: host memory behind guard pages,
+/// synchronous streams) in `OUT_DIR/emulated-device`, which the package's executables search
+/// first (DT_RPATH). The crate is built with `cfg(dropfuse_host_emulation)`.
+fn host_emulation(manifest: &Path, out: &Path, cuda_include: &Path, cu: &[&PathBuf]) {
+    let emu = manifest.join("tests/host_emu");
+    println!("cargo:rerun-if-changed={}", emu.display());
+    println!("cargo:rustc-cfg=dropfuse_host_emulation");
+    println!(
+        "cargo:warning=DROPFUSE_HOST_EMULATION is set: kernels run on the host emulator (a test \
+         device, not for production)"
+    );
+    if !cuda_include.join("cuda_runtime.h").exists() {
+        fail(&format!(
+            "the host emulation needs the CUDA headers, not found in {}: {SETUP_HINT}",
+            cuda_include.display()
+        ));
+    }
+    let mut build = cc::Build::new();
+    build
+        .cpp(true)
+        .std("c++17")
+        .opt_level(2)
+        .debug(false)
+        .include(manifest.join("kernels"))
+        .include(&emu)
+        .include(cuda_include)
+        .flag("-ffp-contract=off")
+        .flag("-fno-strict-aliasing")
+        .flag("-Wno-unknown-pragmas")
+        .flag("-include")
+        .flag("cuda_fiber_emu_2d.h")
+        // The sources are .cu: compile them as C++.
+        .flag("-x")
+        .flag("c++")
+        .warnings(false);
+    for f in cu {
+        build.file(f);
+    }
+    if let Err(e) = build.try_compile("dropfuse_kernels") {
+        fail(&format!("the host emulation build of kernels/ failed: {e}"));
+    }
+
+    let dir = out.join("emulated-device");
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| fail(&format!("cannot create {}: {e}", dir.display())));
+    let cxx = env::var_os("CXX").unwrap_or_else(|| "c++".into());
+    for (src, lib) in [
+        ("fake_libcuda.cpp", "libcuda.so"),
+        ("fake_libcublas.cpp", "libcublas.so"),
+    ] {
+        let status = std::process::Command::new(&cxx)
+            .args(["-shared", "-fPIC", "-O2", "-std=c++17", "-ffp-contract=off", "-o"])
+            .arg(dir.join(lib))
+            .arg("-I")
+            .arg(cuda_include)
+            .arg(emu.join(src))
+            .status()
+            .unwrap_or_else(|e| fail(&format!("cannot run the C++ compiler {cxx:?}: {e}")));
+        if !status.success() {
+            fail(&format!(
+                "the host emulation build of tests/host_emu/{src} failed"
+            ));
+        }
+    }
+    // DT_RPATH (not RUNPATH): searched before LD_LIBRARY_PATH and the system's libcuda.
+    println!(
+        "cargo:rustc-link-arg=-Wl,--disable-new-dtags,-rpath,{}",
+        dir.display()
+    );
+    for lib in ["dl", "pthread"] {
         println!("cargo:rustc-link-lib={lib}");
     }
 }

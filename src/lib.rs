@@ -57,6 +57,12 @@ pub mod schedule;
 pub mod skip;
 pub mod structured;
 
+/// Whether this build runs its kernels on the host emulator instead of a GPU (`DROPFUSE_HOST_EMULATION=1`
+/// at build time: a test device for machines without a GPU, see build.rs). Timings of such a build
+/// mean nothing.
+#[doc(hidden)]
+pub const HOST_EMULATION: bool = cfg!(dropfuse_host_emulation);
+
 pub use device::Device;
 pub use dropout::Dropout;
 pub use dtype::{DType, Element};

@@ -27,6 +27,7 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 #include <string.h>
+#include <setjmp.h>
 #include <ucontext.h>
 
 #include <algorithm>
@@ -35,6 +36,7 @@
 #include <cstdlib>
 #include <functional>
 #include <map>
+#include <mutex>
 #include <random>
 #include <tuple>
 #include <vector>
@@ -69,8 +71,18 @@ namespace emu {
 enum State { kRun, kBar, kWarp, kDone };
 enum WarpOp { kShflUp = 1, kShflDown, kShflIdx, kShflXor, kBallot };
 
+// Context switches: a fiber starts through its ucontext (makecontext gives it its stack), every
+// later switch is a _setjmp / _longjmp pair, which unlike swapcontext does not save and restore
+// the signal mask (two system calls per switch: most of the emulation's time). Declared here
+// under their glibc symbol names so that _FORTIFY_SOURCE's __longjmp_chk, which rejects a jump to
+// another stack, is not used.
+extern "C" int emu_setjmp(jmp_buf) __asm__("_setjmp") __attribute__((returns_twice));
+extern "C" [[noreturn]] void emu_longjmp(jmp_buf, int) __asm__("_longjmp");
+
 struct Fiber {
   ucontext_t ctx;
+  jmp_buf jb;
+  bool started;
   State state;
   int op;
   uint64_t val;
@@ -92,6 +104,7 @@ struct Global {
   std::vector<Fiber> fibers;
   std::vector<char *> stacks;
   ucontext_t sched;
+  jmp_buf sched_jb;
   int cur = 0;
   const std::function<void()> *body = nullptr;
   std::vector<unsigned char> dyn_smem;
@@ -104,6 +117,10 @@ struct Global {
   cudaError_t sticky = cudaSuccess;
 };
 inline Global g;
+// Held by every launch and every change of a kernel attribute: host threads that launch at the
+// same time (the crate's own tests in the emulated-device build, see build.rs) run one kernel
+// after the other, as the emulator's single scheduler needs.
+inline std::recursive_mutex mu;
 
 }  // namespace emu
 
@@ -118,10 +135,24 @@ constexpr size_t kStack = 64 * 1024;
 inline void entry() {
   (*g.body)();
   g.fibers[g.cur].state = kDone;
-  // returning switches to uc_link (the scheduler)
+  emu_longjmp(g.sched_jb, 1);  // back to resume(); this stack is never used again
 }
 
-inline void yield() { swapcontext(&g.fibers[g.cur].ctx, &g.sched); }
+inline void yield() {
+  if (emu_setjmp(g.fibers[g.cur].jb) == 0) emu_longjmp(g.sched_jb, 1);
+}
+
+// Runs fiber `i` until it yields or finishes (the scheduler's side of a switch).
+__attribute__((noinline)) inline void resume(unsigned i) {
+  Fiber &f = g.fibers[i];
+  if (emu_setjmp(g.sched_jb) != 0) return;
+  if (!f.started) {
+    f.started = true;
+    swapcontext(&g.sched, &f.ctx);  // does not return: the fiber comes back through sched_jb
+    fatal("a fiber returned through its ucontext");
+  }
+  emu_longjmp(f.jb, 1);
+}
 
 inline void resolve_warp(int w) {
   Fiber *f = &g.fibers[w * 32];
@@ -166,9 +197,11 @@ inline void run_block(unsigned threads) {
   std::shuffle(priority.begin(), priority.end(), g.rng);
   const bool by_priority = g.rng() % 2 == 0;
   size_t live = threads;
+  ucontext_t base;  // one getcontext (a system call) per block, copied into every fiber
+  getcontext(&base);
   for (unsigned i = 0; i < threads; ++i) {
     Fiber &f = g.fibers[i];
-    getcontext(&f.ctx);
+    f.ctx = base;
     f.ctx.uc_stack.ss_sp = g.stacks[i];
     f.ctx.uc_stack.ss_size = kStack;
     f.ctx.uc_link = &g.sched;
@@ -200,7 +233,7 @@ inline void run_block(unsigned threads) {
     --live;
     g.cur = static_cast<int>(i);
     threadIdx = uint3{i, 0, 0};
-    swapcontext(&g.sched, &g.fibers[i].ctx);
+    resume(i);
     switch (g.fibers[i].state) {
       case kDone: ++done; break;
       case kBar: ++bar; break;
@@ -245,6 +278,7 @@ inline uint64_t warp_op(int op, uint64_t v, int arg) {
 // A launch: checks the configuration like the driver, then runs every block (in a random order).
 template <typename... P, typename... A>
 cudaError_t launch(void (*kernel)(P...), dim3 grid, unsigned block, size_t smem, A &&...args) {
+  std::lock_guard<std::recursive_mutex> lock(mu);
   if (g.sticky != cudaSuccess) return g.sticky;
   if (grid.x == 0 || grid.x > g.max_grid_x || grid.y == 0 || grid.y > 65535 || grid.z == 0 || grid.z > 65535 ||
       block == 0 || block > 1024)
@@ -404,6 +438,30 @@ inline cudaError_t cudaGetLastError(void) {
   return e;
 }
 inline cudaError_t cudaPeekAtLastError(void) { return emu::g.sticky; }
+// The names and descriptions kernels/status.cu hands to the Rust side (the codes the launchers and
+// the emulation return; any other is reported by number on the Rust side's message anyway).
+inline const char *cudaGetErrorName(cudaError_t e) {
+  switch (e) {
+    case cudaSuccess: return "cudaSuccess";
+    case cudaErrorInvalidValue: return "cudaErrorInvalidValue";
+    case cudaErrorMemoryAllocation: return "cudaErrorMemoryAllocation";
+    case cudaErrorInvalidConfiguration: return "cudaErrorInvalidConfiguration";
+    case cudaErrorMisalignedAddress: return "cudaErrorMisalignedAddress";
+    case cudaErrorNotSupported: return "cudaErrorNotSupported";
+    default: return "cudaErrorUnknown (emulated runtime: unnamed code)";
+  }
+}
+inline const char *cudaGetErrorString(cudaError_t e) {
+  switch (e) {
+    case cudaSuccess: return "no error";
+    case cudaErrorInvalidValue: return "invalid argument";
+    case cudaErrorMemoryAllocation: return "out of memory";
+    case cudaErrorInvalidConfiguration: return "invalid configuration argument";
+    case cudaErrorMisalignedAddress: return "misaligned address";
+    case cudaErrorNotSupported: return "operation not supported";
+    default: return "unknown error (emulated runtime)";
+  }
+}
 inline cudaError_t cudaGetDevice(int *d) {
   *d = emu::g.sms;  // one ordinal per emulated SM count (see Global::sms)
   return cudaSuccess;
@@ -431,6 +489,7 @@ inline cudaError_t cudaMemsetAsync(void *p, int v, size_t n, cudaStream_t) {
 }
 template <typename T>
 inline cudaError_t cudaFuncSetAttribute(T *kernel, cudaFuncAttribute attr, int value) {
+  std::lock_guard<std::recursive_mutex> lock(emu::mu);
   if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) return cudaErrorInvalidValue;
   if (value < 0 || value + emu::g.static_smem > emu::g.smem_optin) return cudaErrorInvalidValue;
   emu::g.max_dynamic[reinterpret_cast<const void *>(kernel)] = value;
@@ -438,6 +497,7 @@ inline cudaError_t cudaFuncSetAttribute(T *kernel, cudaFuncAttribute attr, int v
 }
 template <typename T>
 inline cudaError_t cudaFuncGetAttributes(cudaFuncAttributes *a, T *kernel) {
+  std::lock_guard<std::recursive_mutex> lock(emu::mu);
   memset(a, 0, sizeof(*a));
   a->sharedSizeBytes = static_cast<size_t>(emu::g.static_smem);
   auto it = emu::g.max_dynamic.find(reinterpret_cast<const void *>(kernel));

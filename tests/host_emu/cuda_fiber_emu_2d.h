@@ -44,6 +44,7 @@ cudaError_t launch_kernel(void (*kernel)(P...), dim3 grid, dim3 block, size_t sm
   }
   const uint64_t blocks = static_cast<uint64_t>(grid.x) * grid.y * grid.z;
   if (blocks > 0xFFFFFFFFull) emu::fatal("2-D grid too large to emulate");
+  std::lock_guard<std::recursive_mutex> lock(emu::mu);  // `active` is shared with other launches
   emu2d::active = true;
   emu2d::grid = grid;
   emu2d::block = block;

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The GPU test files on the emulated device, for machines without a GPU: builds the crate with
+# DROPFUSE_HOST_EMULATION=1 (build.rs: the kernels on the host's fiber emulator, libcuda and
+# libcublas stand-ins from tests/host_emu/fake_*.cpp) in its own target directory, and runs each
+# tests/*_gpu.rs there. What the emulation cannot run is skipped by name: the `huge` tests (over
+# 2^32 elements: hours on the emulator, tens of GiB) and tests/graph_gpu.rs (CUDA graph capture).
+# It checks the Rust layer, the launchers and the kernels' results against the CPU reference, not
+# speed, inter-block races or the real driver; a GPU run remains the acceptance.
+#   bash scripts/emu-gpu-tests.sh                 # every GPU test file
+#   bash scripts/emu-gpu-tests.sh dropout_gpu     # some of them (file stems)
+#   bash scripts/emu-gpu-tests.sh -- ARGS         # extra libtest arguments (a filter, --nocapture)
+# Environment: DROPFUSE_PROPTEST_CASES (default here: 8 cases per property), CARGO_TARGET_DIR
+# (default target/host-emulation, so that normal builds are not rebuilt).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+bash scripts/setup-cuda.sh
+files=()
+while [ $# -gt 0 ] && [ "$1" != "--" ]; do files+=("$1"); shift; done
+[ "${1:-}" = "--" ] && shift
+if [ ${#files[@]} -eq 0 ]; then
+  for f in tests/*_gpu.rs; do
+    stem=$(basename "$f" .rs)
+    [ "$stem" = graph_gpu ] || files+=("$stem")
+  done
+fi
+args=()
+for f in "${files[@]}"; do args+=(--test "$f"); done
+export DROPFUSE_HOST_EMULATION=1
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target/host-emulation}"
+export DROPFUSE_PROPTEST_CASES="${DROPFUSE_PROPTEST_CASES:-8}"
+cargo test --no-fail-fast "${args[@]}" -- --skip huge "$@"
