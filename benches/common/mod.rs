@@ -156,6 +156,13 @@ pub fn env_log2(name: &str, default: u32, range: std::ops::RangeInclusive<u32>) 
 /// freed on `dev.stream()` alone: an untracked buffer allocated on another stream may be used
 /// before its (stream-ordered) allocation and zeroing finish, or freed while still in use.
 pub unsafe fn device(family: &str) -> Option<(Device, Output)> {
+    if dropfuse::HOST_EMULATION {
+        println!(
+            "SKIPPED: {family} benches: this is the host-emulation build (DROPFUSE_HOST_EMULATION): \
+             its timings would mean nothing"
+        );
+        return None;
+    }
     let dev = match Device::new(0) {
         Ok(dev) => dev,
         Err(e) => {
