@@ -2,8 +2,9 @@
 # The GPU test files on the emulated device, for machines without a GPU: builds the crate with
 # DROPFUSE_HOST_EMULATION=1 (build.rs: the kernels on the host's fiber emulator, libcuda and
 # libcublas stand-ins from tests/host_emu/fake_*.cpp) in its own target directory, and runs each
-# tests/*_gpu.rs there. What the emulation cannot run is skipped by name: the `huge` tests (over
-# 2^32 elements: hours on the emulator, tens of GiB) and tests/graph_gpu.rs (CUDA graph capture).
+# tests/*_gpu.rs there (CUDA graph capture included: the stand-in driver records and replays). What
+# the emulation cannot run is skipped by name: the `huge` tests (over 2^32 elements: hours on the
+# emulator, tens of GiB).
 # It checks the Rust layer, the launchers and the kernels' results against the CPU reference, not
 # speed, inter-block races or the real driver; a GPU run remains the acceptance.
 #   bash scripts/emu-gpu-tests.sh                 # every GPU test file
@@ -18,10 +19,7 @@ files=()
 while [ $# -gt 0 ] && [ "$1" != "--" ]; do files+=("$1"); shift; done
 [ "${1:-}" = "--" ] && shift
 if [ ${#files[@]} -eq 0 ]; then
-  for f in tests/*_gpu.rs; do
-    stem=$(basename "$f" .rs)
-    [ "$stem" = graph_gpu ] || files+=("$stem")
-  done
+  for f in tests/*_gpu.rs; do files+=("$(basename "$f" .rs)"); done
 fi
 args=()
 for f in "${files[@]}"; do args+=(--test "$f"); done

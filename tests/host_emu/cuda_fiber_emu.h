@@ -27,6 +27,7 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 #include <string.h>
+#include <dlfcn.h>
 #include <setjmp.h>
 #include <ucontext.h>
 
@@ -482,10 +483,7 @@ inline cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessorWithFlags(int *n
   *n = emu::g.blocks_per_sm;
   return cudaSuccess;
 }
-inline cudaError_t cudaMemsetAsync(void *p, int v, size_t n, cudaStream_t) {
-  memset(p, v, n);
-  return cudaSuccess;
-}
+inline cudaError_t cudaMemsetAsync(void *p, int v, size_t n, cudaStream_t stream);
 }
 template <typename T>
 inline cudaError_t cudaFuncSetAttribute(T *kernel, cudaFuncAttribute attr, int value) {
@@ -506,10 +504,60 @@ inline cudaError_t cudaFuncGetAttributes(cudaFuncAttributes *a, T *kernel) {
   return cudaSuccess;
 }
 
+namespace emu {
+// Stream capture, in the emulated-device build (build.rs): the stand-in libcuda
+// (tests/host_emu/fake_libcuda.cpp) records an operation enqueued on a stream it is capturing
+// into its graph. `enqueue` hands it over through that library's `dropfuse_emu_record`, found in
+// the already loaded libcuda (none in the stand-alone emulation programs: everything runs now).
+using RecordFn = int (*)(void *, void (*)(void *), void *, void (*)(void *));
+inline RecordFn recorder() {
+  static RecordFn found = nullptr;
+  if (found == nullptr) {
+    if (void *h = dlopen("libcuda.so", RTLD_NOW | RTLD_NOLOAD))
+      found = reinterpret_cast<RecordFn>(dlsym(h, "dropfuse_emu_record"));
+  }
+  return found;
+}
+// Runs `op` (returning a cudaError_t) now, or records it when `stream` is being captured; a
+// recorded operation that fails when its graph is launched aborts the emulation.
+template <typename F>
+cudaError_t enqueue(cudaStream_t stream, F op) {
+  if (stream != nullptr) {
+    if (RecordFn rec = recorder()) {
+      auto *heap = new F(std::move(op));
+      auto run = [](void *c) {
+        const cudaError_t err = (*static_cast<F *>(c))();
+        if (err != cudaSuccess) {
+          fprintf(stderr, "emulated runtime: error %d\n", static_cast<int>(err));
+          fatal("an operation recorded in a graph (kernel launch, memset) failed at replay");
+        }
+      };
+      auto destroy = [](void *c) { delete static_cast<F *>(c); };
+      if (rec(stream, run, heap, destroy)) return cudaSuccess;
+      const cudaError_t err = (*heap)();  // not capturing: run it now
+      delete heap;
+      return err;
+    }
+  }
+  return op();
+}
+}  // namespace emu
+
+inline cudaError_t cudaMemsetAsync(void *p, int v, size_t n, cudaStream_t stream) {
+  return emu::enqueue(stream, [=]() {
+    memset(p, v, n);
+    return cudaSuccess;
+  });
+}
+
 namespace dropfuse {
 template <typename... P, typename... A>
-cudaError_t launch_kernel(void (*kernel)(P...), dim3 grid, unsigned block, size_t smem, cudaStream_t,
+cudaError_t launch_kernel(void (*kernel)(P...), dim3 grid, unsigned block, size_t smem, cudaStream_t stream,
                           A &&...args) {
-  return emu::launch(kernel, grid, block, smem, std::forward<A>(args)...);
+  // The arguments are copied (converted to the kernel's parameter types) for a deferred launch.
+  std::tuple<std::decay_t<P>...> params(std::forward<A>(args)...);
+  return emu::enqueue(stream, [=]() {
+    return std::apply([&](const auto &...a) { return emu::launch(kernel, grid, block, smem, a...); }, params);
+  });
 }
 }  // namespace dropfuse

@@ -44,14 +44,20 @@ cudaError_t launch_kernel(void (*kernel)(P...), dim3 grid, dim3 block, size_t sm
   }
   const uint64_t blocks = static_cast<uint64_t>(grid.x) * grid.y * grid.z;
   if (blocks > 0xFFFFFFFFull) emu::fatal("2-D grid too large to emulate");
-  std::lock_guard<std::recursive_mutex> lock(emu::mu);  // `active` is shared with other launches
-  emu2d::active = true;
-  emu2d::grid = grid;
-  emu2d::block = block;
-  const cudaError_t err = emu::launch(kernel, static_cast<unsigned>(blocks), block.x * block.y * block.z, smem,
-                                      std::forward<A>(args)...);
-  emu2d::active = false;
-  return err;
+  std::tuple<std::decay_t<P>...> params(std::forward<A>(args)...);  // copied for a deferred launch
+  return emu::enqueue(stream, [=]() {
+    std::lock_guard<std::recursive_mutex> lock(emu::mu);  // `active` is shared with other launches
+    emu2d::active = true;
+    emu2d::grid = grid;
+    emu2d::block = block;
+    const cudaError_t err = std::apply(
+        [&](const auto &...a) {
+          return emu::launch(kernel, static_cast<unsigned>(blocks), block.x * block.y * block.z, smem, a...);
+        },
+        params);
+    emu2d::active = false;
+    return err;
+  });
 }
 }  // namespace dropfuse
 

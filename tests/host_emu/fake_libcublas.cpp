@@ -8,10 +8,15 @@
 // long k, so a test tolerance that holds here is not loose on a GPU. beta == 0 ignores C's old
 // contents (NaN included), as cuBLAS does. Arguments cuBLAS rejects are rejected with
 // CUBLAS_STATUS_INVALID_VALUE; the handle must have a stream and a workspace set (the head sets
-// both; an unset one is reported as CUBLAS_STATUS_NOT_INITIALIZED, stricter than cuBLAS).
+// both; an unset one is reported as CUBLAS_STATUS_NOT_INITIALIZED, stricter than cuBLAS). A GEMM
+// on a stream that the stand-in libcuda is capturing is recorded into its graph
+// (`dropfuse_emu_record`), like the emulated kernel launches.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <dlfcn.h>
 #include <stdint.h>
+
+#include <functional>
 
 #include <cmath>
 #include <cstdlib>
@@ -27,6 +32,7 @@ constexpr int kR32F = 0, kR16F = 2, kR16BF = 14;
 constexpr int kCompute32F = 68, kCompute32FPedantic = 69;
 
 struct Handle {
+  void *stream = nullptr;
   bool stream_set = false;
   bool workspace_set = false;
   int math_mode = 0;
@@ -50,6 +56,26 @@ void store(void *p, int type, size_t i, float v) {
 
 bool known_type(int t) { return t == kR32F || t == kR16F || t == kR16BF; }
 
+// Records `op` into the graph the stand-in libcuda is capturing on `stream` (see
+// fake_libcuda.cpp), or runs it now.
+void enqueue(void *stream, std::function<void()> op) {
+  using RecordFn = int (*)(void *, void (*)(void *), void *, void (*)(void *));
+  static RecordFn rec = nullptr;
+  if (rec == nullptr) {
+    if (void *h = dlopen("libcuda.so", RTLD_NOW | RTLD_NOLOAD))
+      rec = reinterpret_cast<RecordFn>(dlsym(h, "dropfuse_emu_record"));
+  }
+  if (stream != nullptr && rec != nullptr) {
+    auto *heap = new std::function<void()>(op);
+    if (rec(
+            stream, [](void *c) { (*static_cast<std::function<void()> *>(c))(); }, heap,
+            [](void *c) { delete static_cast<std::function<void()> *>(c); }))
+      return;
+    delete heap;
+  }
+  op();
+}
+
 }  // namespace
 
 extern "C" {
@@ -64,9 +90,10 @@ int cublasDestroy_v2(void *handle) {
   delete static_cast<Handle *>(handle);
   return kSuccess;
 }
-int cublasSetStream_v2(void *handle, void *) {
+int cublasSetStream_v2(void *handle, void *stream) {
   if (!handle) return kNotInitialized;
   static_cast<Handle *>(handle)->stream_set = true;
+  static_cast<Handle *>(handle)->stream = stream;
   return kSuccess;
 }
 int cublasSetWorkspace_v2(void *handle, void *ws, size_t bytes) {
@@ -96,7 +123,9 @@ int cublasGemmEx(void *handle, int transa, int transb, int m, int n, int k, cons
     return kInvalidValue;
   if (!alpha || !beta) return kInvalidValue;
   if (m == 0 || n == 0) return kSuccess;
+  // Host pointer mode: the scalars are read at the call, the matrices when the GEMM runs.
   const float al = *static_cast<const float *>(alpha), be = *static_cast<const float *>(beta);
+  enqueue(h->stream, [=] {
   for (int j = 0; j < n; ++j) {
     for (int i = 0; i < m; ++i) {
       float acc = 0.0f;
@@ -111,6 +140,7 @@ int cublasGemmEx(void *handle, int transa, int transb, int m, int n, int k, cons
       store(C, c_type, ci, out);
     }
   }
+  });
   return kSuccess;
 }
 
