@@ -2404,9 +2404,18 @@ mod tests {
                 "dtype=bf16,kernel=multi_sample_reduce,n=37,k=5,p=0.5,seed={m},offset={m},out=f16,xo=1,yo=2,mo=3,data=9"
             ),
             "dtype=f16,kernel=multi_sample_mean,n=9,k=3,out=f32,xo=1,yo=0,data=10".to_string(),
-            "dtype=f32,kernel=weighted_ce,shape=3x5x7,eps=0.1,labels=bad,ii=0,weights=random,out=f32,xo=2,yo=1,data=11"
+            "dtype=f32,kernel=weighted_ce,shape=3x5x7,eps=0.1,labels=bad,ii=0,weights=random,gap=0,out=f32,xo=2,yo=1,\
+             data=11"
                 .to_string(),
-            "dtype=bf16,kernel=weighted_ce_loss,shape=2x4x1,eps=1.0,labels=some,ii=-100,weights=uniform,xo=0,data=12"
+            "dtype=bf16,kernel=weighted_ce_loss,shape=2x4x1,eps=1.0,labels=some,ii=-100,weights=uniform,gap=9,xo=0,\
+             data=12"
+                .to_string(),
+            // Confidently classified rows (the label's gradient is -(1 - p_y), tiny).
+            "dtype=f32,kernel=weighted_ce,shape=2x6x37,eps=0.0,labels=all,ii=-100,weights=random,gap=20,out=f32,xo=1,\
+             yo=3,data=13"
+                .to_string(),
+            "dtype=bf16,kernel=weighted_ce,shape=3x4x64,eps=0.1,labels=some,ii=-100,weights=uniform,gap=14,out=f32,\
+             xo=0,yo=0,data=14"
                 .to_string(),
         ] {
             let cfg = parse_args(args(&format!("--case {case}"))).unwrap_or_else(|e| panic!("{case}: {e}")).unwrap();
@@ -2425,7 +2434,7 @@ mod tests {
         let skip = "dtype=f32,kernel=stochastic_depth,shape=2x6,bias=3,keep=all,mode=batch,scale=1.0,xo=0,yo=0,co=0,\
                     data=0";
         let multi =
-            "dtype=f16,kernel=weighted_ce,shape=2x3x4,eps=0.0,labels=all,ii=-100,weights=uniform,out=f16,\
+            "dtype=f16,kernel=weighted_ce,shape=2x3x4,eps=0.0,labels=all,ii=-100,weights=uniform,gap=0,out=f16,\
                      xo=0,yo=0,data=0";
         for ok in [routing, skip, multi] {
             let c: Case = ok.parse().unwrap_or_else(|e| panic!("{ok}: {e}"));
@@ -2454,6 +2463,8 @@ mod tests {
             (multi, "eps=0.0", "eps=1.5"),
             (multi, "labels=all", "labels=none"),
             (multi, "weights=uniform", "weights=equal"),
+            (multi, "gap=0", "gap=31"),
+            (multi, "gap=0", "gap=-1"),
             (multi, "data=0", "data=0,n=4"),
         ] {
             let bad = ok.replacen(from, to, 1);

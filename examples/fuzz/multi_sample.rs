@@ -16,7 +16,9 @@
 //!   index, so the call must write nothing and `check_labels` must name the first of them), `ii`
 //!   (the ignore index), `weights` (`uniform` or `random`), `out` (the gradient's type, `dtype` or
 //!   `f32`; not for `weighted_ce_loss`); logits uniform in `[-8, 8)` (the bounds hold up to about
-//!   10);
+//!   10), `gap`: when positive, each row's label logit (class 0 for an
+//!   ignored or bad label) is set to the row's largest logit plus `gap` (confidently classified
+//!   rows, where `1 - p_y` is tiny and the label's gradient must keep its digits);
 //! * `xo`, `yo`, `mo`: view offsets of the input (`h`, gradients, logits), of the output (copies,
 //!   `dh`, mean, `dz`) and of the masks (words).
 //!
@@ -67,11 +69,11 @@ const REDUCE_MASKLESS_KEYS: [&str; 11] = [
     "dtype", "kernel", "n", "k", "p", "seed", "offset", "out", "xo", "yo", "data",
 ];
 const MEAN_KEYS: [&str; 8] = ["dtype", "kernel", "n", "k", "out", "xo", "yo", "data"];
-const CE_KEYS: [&str; 11] = [
-    "dtype", "kernel", "shape", "eps", "labels", "ii", "weights", "out", "xo", "yo", "data",
+const CE_KEYS: [&str; 12] = [
+    "dtype", "kernel", "shape", "eps", "labels", "ii", "weights", "gap", "out", "xo", "yo", "data",
 ];
-const CE_LOSS_KEYS: [&str; 9] = [
-    "dtype", "kernel", "shape", "eps", "labels", "ii", "weights", "xo", "data",
+const CE_LOSS_KEYS: [&str; 10] = [
+    "dtype", "kernel", "shape", "eps", "labels", "ii", "weights", "gap", "xo", "data",
 ];
 
 impl Op {
@@ -126,6 +128,8 @@ pub struct Spec {
     ignore_index: i64,
     /// Random weights (else uniform).
     random_weights: bool,
+    /// The label logit's lead over the row's largest logit (0: logits left uniform).
+    gap: u32,
 }
 
 impl Spec {
@@ -144,6 +148,7 @@ impl Spec {
             "labels" => self.labels.name().to_string(),
             "ii" => self.ignore_index.to_string(),
             "weights" => if self.random_weights { "random" } else { "uniform" }.to_string(),
+            "gap" => self.gap.to_string(),
             _ => unreachable!("multi-sample cases have no key {key}"),
         }
     }
@@ -173,6 +178,7 @@ impl Spec {
                 labels: Labels::All,
                 ignore_index: DEFAULT_IGNORE_INDEX,
                 random_weights: false,
+                gap: 0,
             });
         }
         let dims = parse_dims("shape", f.get("shape")?, &[3])?;
@@ -185,6 +191,10 @@ impl Spec {
         let eps: f64 = f.num("eps")?;
         if !(0.0..=1.0).contains(&eps) {
             return Err(format!("eps: must be in [0, 1], got {eps}"));
+        }
+        let gap: u32 = f.num("gap")?;
+        if gap > 30 {
+            return Err(format!("gap: at most 30 (bf16 and f16 logits), got {gap}"));
         }
         Ok(Spec {
             k: dims[0],
@@ -199,6 +209,7 @@ impl Spec {
                 "random" => true,
                 other => return Err(format!("weights: expected uniform or random, got {other:?}")),
             },
+            gap,
         })
     }
 }
@@ -256,6 +267,7 @@ pub fn draw(rng: &mut StdRng, dtype: DType, max_n: usize) -> Case {
             labels: Labels::draw(rng),
             ignore_index: [DEFAULT_IGNORE_INDEX, DEFAULT_IGNORE_INDEX, 0, -1][rng.random_range(0..4)],
             random_weights: rng.random_bool(0.5),
+            gap: [0, 0, 0, 4, 9, 14, 20][rng.random_range(0..7)],
         };
         return Case {
             xo,
@@ -290,6 +302,7 @@ pub fn draw(rng: &mut StdRng, dtype: DType, max_n: usize) -> Case {
         labels: Labels::All,
         ignore_index: DEFAULT_IGNORE_INDEX,
         random_weights: false,
+        gap: 0,
     };
     let random = op != Op::Mean;
     Case {
@@ -334,6 +347,26 @@ fn problem(c: &Case, s: &Spec) -> (CeProblem, Option<usize>) {
         label_smoothing: s.eps,
     };
     (p, first_bad)
+}
+
+/// The logits of a cross-entropy case: uniform in `[-8, 8)`, and with a positive `gap` each
+/// row's label logit (class 0 when the label is not a class) set to the row's largest plus `gap`.
+fn ce_logits<T: FuzzElement>(s: &Spec, labels: &[i64], seed: u64) -> Vec<T> {
+    let mut z = logits::<T>(s.numel(), seed);
+    if s.gap > 0 {
+        // z is K x B x C and the B labels are shared by the K sets.
+        for (i, row) in z.chunks_mut(s.c).enumerate() {
+            let label = labels[i % s.b];
+            let y = if (0..s.c as i64).contains(&label) {
+                label as usize
+            } else {
+                0
+            };
+            let max = row.iter().map(|v| v.to_f32()).fold(f32::NEG_INFINITY, f32::max);
+            row[y] = T::from_f32(max + s.gap as f32);
+        }
+    }
+    z
 }
 
 /// Logits uniform in `[-8, 8)`.
@@ -562,7 +595,7 @@ fn gpu_ce<T: FuzzElement, G: FuzzElement>(
     let (p, first_bad) = problem(c, s);
     let (k, b, cl) = (s.k, s.b, s.c);
     let nz = k * b * cl;
-    let z: Vec<T> = logits(nz, c.data ^ 7);
+    let z: Vec<T> = ce_logits(s, &p.labels, c.data ^ 7);
     let ce = WeightedCrossEntropy::new(&p.weights)?
         .with_label_smoothing(p.label_smoothing)?
         .with_ignore_index(p.ignore_index);
@@ -695,7 +728,7 @@ fn cpu_mean<T: FuzzElement, O: FuzzElement>(c: &Case, s: &Spec) -> Vec<String> {
 /// The cross-entropy reference against its contract, or its rejection of bad labels (no GPU).
 fn cpu_ce<T: FuzzElement>(c: &Case, s: &Spec) -> dropfuse::Result<Vec<String>> {
     let (p, first_bad) = problem(c, s);
-    let z = widen(&logits::<T>(s.numel(), c.data ^ 7));
+    let z = widen(&ce_logits::<T>(s, &p.labels, c.data ^ 7));
     if let Some(row) = first_bad {
         return Ok(match p.reference(&z) {
             Err(e) if names_row(&e, row) => Vec::new(),
