@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The test command: installs what the build needs (scripts/setup-cuda.sh, idempotent), then runs
-# every test (GPU tests print SKIPPED without a GPU), clippy with -D warnings and the format check;
-# also the bench report's own tests (scripts/test_bench_report.py, under a second, python3 only).
+# every test (GPU tests print SKIPPED without a GPU), the GPU tests again on the emulated device
+# (scripts/emu-gpu-tests.sh --quick: the kernels on the host emulator, a few minutes; EMU=0 leaves
+# it out), clippy with -D warnings and the format check; also the bench report's own tests
+# (scripts/test_bench_report.py, under a second, python3 only).
 #   bash scripts/test.sh            # all of it
 #   bash scripts/test.sh -- ARGS    # extra arguments for `cargo test`
 set -euo pipefail
@@ -15,5 +17,8 @@ else
 fi
 cargo test --all-targets "$@"
 cargo test --doc
+if [ "${EMU:-1}" != 0 ]; then
+  bash scripts/emu-gpu-tests.sh --quick
+fi
 cargo clippy --all-targets -- -D warnings
 cargo fmt --all -- --check

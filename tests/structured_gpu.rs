@@ -63,8 +63,9 @@ fn layout_strategy() -> impl Strategy<Value = (Vec<usize>, Vec<usize>)> {
                 }
                 // embedding rows [V, E]
                 5 => (vec![shape[0] * 3 + 1, shape[1] + 16], vec![1]),
-                // locked on time of (T, B, H) with H a multiple of 8 (the vector path)
-                _ => (vec![shape[0], shape[1], 8 * shape[2]], vec![0]),
+                // locked on time of (T, B, H) with H a multiple of 8 (the vector path); `shape`
+                // may have only two extents
+                _ => (vec![shape[0], shape[1], 8 * shape.get(2).copied().unwrap_or(3)], vec![0]),
             }
         });
     let random = prop::collection::vec((prop_oneof![1usize..=6, 7usize..=40], any::<bool>()), 1..=6)
