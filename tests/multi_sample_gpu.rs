@@ -227,6 +227,69 @@ fn mean_logits_matches_f32_formula() {
     }
 }
 
+/// The copies, the dh reduction and the averaged logits written into output views that break
+/// 16-byte alignment while every input is aligned and n is a multiple of 8: the launchers must
+/// take the scalar paths (the other tests misalign only the inputs), bit for bit the reference,
+/// guards untouched.
+fn misaligned_outputs<T: Element>(dev: &Device, off: usize) {
+    let (k, n, p) = (3usize, 64usize, 0.3);
+    let state = PhiloxState::new(11 + off as u64, 5);
+    let ms = MultiSample::new(k, p).unwrap();
+    let s = dev.stream();
+    let fill = T::from_f32(-3.0);
+    let guards_kept = |got: &[T], len: usize| {
+        got[..off]
+            .iter()
+            .chain(&got[off + len..])
+            .all(|v| v.to_f32() == -3.0)
+    };
+
+    let h: Vec<T> = values(n, 4.0, off as u64);
+    let want = masked_copies(&h, k, p, state).unwrap();
+    let hd = dev.upload(&h).unwrap();
+    let mut cd = upload_at(dev, off, &vec![fill; k * n], fill, 3).unwrap();
+    ms.copies(s, state, &hd, &mut cd.slice_mut(off..off + k * n))
+        .unwrap();
+    let got = dev.download(&cd).unwrap();
+    for (i, w) in want.copies.iter().enumerate() {
+        let g = &got[off + i * n..off + (i + 1) * n];
+        assert_eq!(bits(g), bits(w), "copy {i} at offset {off}");
+    }
+    assert!(guards_kept(&got[..], k * n), "copies: guards written");
+
+    let grads: Vec<T> = values(k * n, 3.0, 77 + off as u64);
+    let gd = dev.upload(&grads).unwrap();
+    let want_dh: Vec<T> = reduce_model(&grads, &want.keep, ms.scale(), n);
+    let mut dd = upload_at(dev, off, &vec![fill; n], fill, 3).unwrap();
+    ms.reduce_maskless(s, state, &gd, &mut dd.slice_mut(off..off + n))
+        .unwrap();
+    let got = dev.download(&dd).unwrap();
+    assert_eq!(bits(&got[off..off + n]), bits(&want_dh), "dh at offset {off}");
+    assert!(guards_kept(&got[..], n), "dh: guards written");
+
+    let inv = (1.0 / k as f64) as f32;
+    let want_mean: Vec<T> = (0..n)
+        .map(|e| T::from_f32((0..k).fold(0.0f32, |a, i| a + grads[i * n + e].to_f32()) * inv))
+        .collect();
+    let mut md = upload_at(dev, off, &vec![fill; n], fill, 3).unwrap();
+    mean_logits(s, k, &gd, &mut md.slice_mut(off..off + n)).unwrap();
+    let got = dev.download(&md).unwrap();
+    assert_eq!(bits(&got[off..off + n]), bits(&want_mean), "mean at offset {off}");
+    assert!(guards_kept(&got[..], n), "mean: guards written");
+}
+
+#[test]
+fn misaligned_outputs_match_reference() {
+    let Some(dev) = gpu("misaligned_outputs_match_reference") else {
+        return;
+    };
+    for off in 1..4 {
+        misaligned_outputs::<f32>(&dev, off);
+        misaligned_outputs::<f16>(&dev, off);
+        misaligned_outputs::<bf16>(&dev, off);
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Weighted cross-entropy vs the f64 reference
 

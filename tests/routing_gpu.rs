@@ -527,6 +527,39 @@ fn gpu_routing_lengths_above_seq_len_are_clamped() {
     same_routing(&dev, &r, &want, "lengths, global").unwrap();
 }
 
+/// -0 and +0 are one key: at a selection boundary made of both, the lowest indices win whatever
+/// the sign (a key that kept the sign would rank every +0 before every -0). The random cases draw
+/// such a boundary rarely; here every selection cuts through a run of signed zeros.
+#[test]
+fn gpu_routing_signed_zeros_tie() {
+    let Some(dev) = gpu("gpu_routing_signed_zeros_tie") else {
+        return;
+    };
+    let s = dev.stream();
+    let n = 6;
+    // Sequence 0: zeros after a 1.0; sequence 1: zeros only, -0 first.
+    let sc = [
+        1.0f32, -0.0, 0.0, -0.0, 0.0, -1.0, -0.0, -0.0, 0.0, -0.0, 0.0, 0.0,
+    ];
+    let scd = sd(&dev, &sc);
+    let mut r = TokenRouting::new(s, 2, n, 2 * n).unwrap();
+    for k in 1..=4 {
+        let want = reference::route_top_k(&sc, n, ValidTokens::All, Capacity::Tokens(k)).unwrap();
+        r.top_k(s, &scd, Valid::All, Capacity::Tokens(k)).unwrap();
+        same_routing(&dev, &r, &want, &format!("top-{k}")).unwrap();
+    }
+    for q in [0.25, 0.5, 0.75] {
+        let (want, threshold) = reference::route_global(&sc, n, ValidTokens::All, q).unwrap();
+        r.global(s, &scd, Valid::All, q).unwrap();
+        same_routing(&dev, &r, &want, &format!("global {q}")).unwrap();
+        assert_eq!(
+            r.threshold(s).unwrap().map(f32::to_bits),
+            threshold.map(f32::to_bits),
+            "threshold of global {q}"
+        );
+    }
+}
+
 fn sd(dev: &Device, v: &[f32]) -> CudaSlice<f32> {
     dev.upload(v).unwrap()
 }

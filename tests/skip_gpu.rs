@@ -316,6 +316,31 @@ fn gpu_stochastic_depth_edge_cases() {
     }
 }
 
+/// Tensors of more vectors than one grid-stride step of the row kernels (on the emulated device:
+/// 192 blocks x 256 threads x 2 vectors), on the vector path with bias positions in scalar mode
+/// (P % V != 0, or a misaligned bias view): each thread's bias position then advances by the
+/// stride in elements. The other cases are too small for any thread to take a second step.
+#[test]
+fn gpu_stochastic_depth_grid_stride_wraps() {
+    let Some(dev) = gpu("gpu_stochastic_depth_grid_stride_wraps") else {
+        return;
+    };
+    for (i, (bias, offs)) in [(5usize, [0usize; 4]), (8, [0, 0, 1, 0])].into_iter().enumerate() {
+        let c = DepthCase {
+            batch: 14,
+            row_len: 60_000,
+            bias: Some(bias),
+            keep_kind: 2,
+            keep_mode: 0,
+            scale: 1.25,
+            offs,
+            seed: 31 + i as u64,
+        };
+        check_depth::<f32>(&dev, &c).unwrap_or_else(|e| panic!("{c:?}: {e}"));
+        check_depth::<f16>(&dev, &c).unwrap_or_else(|e| panic!("{c:?}: {e}"));
+    }
+}
+
 /// The bias gradient is the same bits on every run (fixed reduction order).
 #[test]
 fn gpu_stochastic_depth_bias_gradient_is_reproducible() {
