@@ -482,3 +482,37 @@ fn gpu_huge_tensor_over_2_pow_32() {
     let sigma = (p * (1.0 - p) / n as f64).sqrt();
     assert!((rate - (1.0 - p)).abs() < 6.0 * sigma, "keep rate {rate}");
 }
+
+/// The threshold `round(p * 2^32)` and the scale `1 / (1 - p)` (f64, rounded once to f32) at
+/// their rounding edges, which random p almost never reach: for elements with known words w, p on
+/// the exact boundaries w / 2^32 (kept: w >= threshold), (w + 0.5) / 2^32 (rounds up: dropped) and
+/// (w + 1) / 2^32 (dropped); and p = 0.15, 0.45, 0.6, 0.9, whose scales computed in f32 would differ
+/// by an ulp. Masks and outputs against the reference, every dtype.
+#[test]
+fn gpu_threshold_and_scale_rounding_edges() {
+    let Some(dev) = gpu("gpu_threshold_and_scale_rounding_edges") else {
+        return;
+    };
+    let state = PhiloxState::new(0x5eed, 77);
+    let two32 = 4_294_967_296.0f64;
+    let mut ps = vec![0.15, 0.45, 0.6, 0.9];
+    for e in [0u64, 5, 31, 32, 100] {
+        let w = dropfuse::reference::philox::element_word(state, e) as f64;
+        ps.extend([w / two32, (w + 0.5) / two32, (w + 1.0) / two32]);
+    }
+    for (k, &p) in ps.iter().enumerate() {
+        let c = Case {
+            n: 1000,
+            p,
+            state,
+            element_offset: 0,
+            x_off: k % 2,
+            y_off: 0,
+            m_off: 0,
+            data_seed: k as u64,
+        };
+        check_case::<f32>(&dev, &c).unwrap_or_else(|e| panic!("p = {p}: {e}"));
+        check_case::<f16>(&dev, &c).unwrap_or_else(|e| panic!("p = {p}: {e}"));
+        check_case::<bf16>(&dev, &c).unwrap_or_else(|e| panic!("p = {p}: {e}"));
+    }
+}

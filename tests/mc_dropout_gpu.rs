@@ -348,6 +348,41 @@ fn gpu_identical_samples_give_zero_mutual_information() {
     assert_eq!(got.predictive_entropy, got.expected_entropy);
 }
 
+/// Mutual information is clamped at +0: samples that differ by an ulp have a true mutual
+/// information of ~0, so the f32 difference of the entropies is rounding noise of either sign,
+/// and a negative one must come out as +0 (the contract), in every row.
+#[test]
+fn gpu_mutual_information_is_never_negative() {
+    let Some(dev) = gpu("gpu_mutual_information_is_never_negative") else {
+        return;
+    };
+    let (batch, classes) = (256, 10);
+    let a = prob_stack(1, batch, classes, 11);
+    let b: Vec<f32> = a
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| match (v, i % 2) {
+            (0.0, _) => v,
+            (_, 0) => f32::from_bits(v.to_bits() + 1),
+            _ => f32::from_bits(v.to_bits() - 1),
+        })
+        .collect();
+    let mut state = McSummaryState::new(&dev, batch, classes).unwrap();
+    for sample in [&a, &b, &a] {
+        state.push(dev.stream(), &dev.upload(sample).unwrap()).unwrap();
+    }
+    let mut out = McOutputs::new(&dev, batch, classes).unwrap();
+    state.finish(dev.stream(), &mut out).unwrap();
+    let got = McStats32::download(&dev, &state, &out).unwrap();
+    for (row, &mi) in got.mutual_information.iter().enumerate() {
+        assert!(
+            mi >= 0.0 && !mi.is_sign_negative(),
+            "row {row}: mutual information {mi:e}"
+        );
+        assert!(mi < 1e-5, "row {row}: mutual information {mi:e}");
+    }
+}
+
 #[test]
 fn gpu_rejected_push_leaves_state_unchanged() {
     let Some(dev) = gpu("gpu_rejected_push_leaves_state_unchanged") else {
