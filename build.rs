@@ -48,7 +48,12 @@ fn main() {
     ] {
         println!("cargo:rerun-if-env-changed={var}");
     }
-    println!("cargo:rerun-if-changed=.cuda/.installed");
+    // The project-local toolchain's marker, when there is one: a rerun-if-changed path that does
+    // not exist makes cargo rerun this script (and nvcc) on every build, as it did for builds
+    // with NVCC / CUDA_HOME and no .cuda/ (those variables are tracked above).
+    if manifest.join(".cuda/.installed").exists() {
+        println!("cargo:rerun-if-changed=.cuda/.installed");
+    }
     println!("cargo::rustc-check-cfg=cfg(dropfuse_host_emulation)");
 
     let mut sources = Vec::new();
