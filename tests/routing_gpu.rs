@@ -617,6 +617,36 @@ fn gpu_routing_global_ties_across_more_than_1024_sequences() {
     }
 }
 
+/// Budgets `round(c * V)` whose product rounds differently in f32: 0.29 * 50 is 14.499... in f64
+/// (14 tokens) but 14.5 in f32 (15), 0.58 * 25 likewise, 0.42 * 75 is 31.5 in f64 (32) but below
+/// it in f32 (31). A budget computed in f32 passed every other test.
+#[test]
+fn gpu_routing_budget_product_in_f64() {
+    let Some(dev) = gpu("gpu_routing_budget_product_in_f64") else {
+        return;
+    };
+    let s = dev.stream();
+    for (c, v) in [(0.29f64, 50usize), (0.58, 25), (0.42, 75)] {
+        // Top-k: two sequences of S = 80 with V valid tokens each (lengths).
+        let (b, n) = (2usize, 80usize);
+        let sc = scores(b * n, 0, v as u64);
+        let scd = sd(&dev, &sc);
+        let p = Pad::Lengths(vec![v; b]);
+        let pd = DevPad::new(&dev, &p);
+        let mut r = TokenRouting::new(s, b, n, b * n).unwrap();
+        let want = reference::route_top_k(&sc, n, p.reference(), Capacity::Fraction(c)).unwrap();
+        r.top_k(s, &scd, pd.valid(), Capacity::Fraction(c)).unwrap();
+        same_routing(&dev, &r, &want, &format!("top-k {c} of {v}")).unwrap();
+        // Global: one sequence of V valid tokens.
+        let sc1 = &sc[..v];
+        let sc1d = sd(&dev, sc1);
+        let mut g = TokenRouting::new(s, 1, v, v).unwrap();
+        let (want, _) = reference::route_global(sc1, v, ValidTokens::All, c).unwrap();
+        g.global(s, &sc1d, Valid::All, c).unwrap();
+        same_routing(&dev, &g, &want, &format!("global {c} of {v}")).unwrap();
+    }
+}
+
 fn sd(dev: &Device, v: &[f32]) -> CudaSlice<f32> {
     dev.upload(v).unwrap()
 }
