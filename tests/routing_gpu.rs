@@ -560,6 +560,93 @@ fn gpu_routing_signed_zeros_tie() {
     }
 }
 
+/// Totals above an index capacity of 64 or 128 entries (index buffers of 256 and 512 bytes, which
+/// end exactly at their allocation's end on the emulated device, where a guard page follows): the
+/// selections write entries below the capacity only (an emission that also wrote entry
+/// `capacity` passed every other test: the random capacities leave slack after the buffer's
+/// end). On a GPU such a write lands in the allocation's padding: compute-sanitizer's memcheck
+/// reports it.
+#[test]
+fn gpu_routing_truncated_index_buffer_ends_at_capacity() {
+    let Some(dev) = gpu("gpu_routing_truncated_index_buffer_ends_at_capacity") else {
+        return;
+    };
+    let s = dev.stream();
+    let (b, n) = (3, 70);
+    let sc = scores(b * n, 1, 17);
+    let scd = sd(&dev, &sc);
+    for cap in [64usize, 128] {
+        let mut r = TokenRouting::new(s, b, n, cap).unwrap();
+        // Totals 90, 150 and 210: above 64, around and above 128.
+        for k in [30usize, 50, 70] {
+            let want = reference::route_top_k(&sc, n, ValidTokens::All, Capacity::Tokens(k)).unwrap();
+            r.top_k(s, &scd, Valid::All, Capacity::Tokens(k)).unwrap();
+            same_routing(&dev, &r, &want, &format!("top-{k}, capacity {cap}")).unwrap();
+        }
+        for q in [0.5, 0.9] {
+            let (want, _) = reference::route_global(&sc, n, ValidTokens::All, q).unwrap();
+            r.global(s, &scd, Valid::All, q).unwrap();
+            same_routing(&dev, &r, &want, &format!("global {q}, capacity {cap}")).unwrap();
+        }
+    }
+}
+
+/// A global selection whose whole budget is ties (every score equal, some padding) over 1500 and
+/// 2100 sequences: the offsets kernel walks the sequences 1024 at a time and carries the ties
+/// already granted from one step to the next, lowest flat index first. A cheap stand-in for
+/// gpu_routing_more_sequences_than_blocks (minutes on the emulated device), which the quick set
+/// leaves out: without it, a carry reset at each step of 1024 passed every test.
+#[test]
+fn gpu_routing_global_ties_across_more_than_1024_sequences() {
+    let Some(dev) = gpu("gpu_routing_global_ties_across_more_than_1024_sequences") else {
+        return;
+    };
+    let s = dev.stream();
+    for (b, n) in [(1500usize, 3usize), (2100, 2)] {
+        let sc = vec![0.25f32; b * n];
+        let scd = sd(&dev, &sc);
+        let lengths: Vec<usize> = (0..b).map(|i| (i * 7) % (n + 1)).collect();
+        let p = Pad::Lengths(lengths);
+        let pd = DevPad::new(&dev, &p);
+        let mut r = TokenRouting::new(s, b, n, b * n).unwrap();
+        for q in [0.3, 0.5, 0.8] {
+            let (want, _) = reference::route_global(&sc, n, p.reference(), q).unwrap();
+            r.global(s, &scd, pd.valid(), q).unwrap();
+            same_routing(&dev, &r, &want, &format!("B {b}, global {q}")).unwrap();
+        }
+    }
+}
+
+/// Budgets `round(c * V)` whose product rounds differently in f32: 0.29 * 50 is 14.499... in f64
+/// (14 tokens) but 14.5 in f32 (15), 0.58 * 25 likewise, 0.42 * 75 is 31.5 in f64 (32) but below
+/// it in f32 (31). A budget computed in f32 passed every other test.
+#[test]
+fn gpu_routing_budget_product_in_f64() {
+    let Some(dev) = gpu("gpu_routing_budget_product_in_f64") else {
+        return;
+    };
+    let s = dev.stream();
+    for (c, v) in [(0.29f64, 50usize), (0.58, 25), (0.42, 75)] {
+        // Top-k: two sequences of S = 80 with V valid tokens each (lengths).
+        let (b, n) = (2usize, 80usize);
+        let sc = scores(b * n, 0, v as u64);
+        let scd = sd(&dev, &sc);
+        let p = Pad::Lengths(vec![v; b]);
+        let pd = DevPad::new(&dev, &p);
+        let mut r = TokenRouting::new(s, b, n, b * n).unwrap();
+        let want = reference::route_top_k(&sc, n, p.reference(), Capacity::Fraction(c)).unwrap();
+        r.top_k(s, &scd, pd.valid(), Capacity::Fraction(c)).unwrap();
+        same_routing(&dev, &r, &want, &format!("top-k {c} of {v}")).unwrap();
+        // Global: one sequence of V valid tokens.
+        let sc1 = &sc[..v];
+        let sc1d = sd(&dev, sc1);
+        let mut g = TokenRouting::new(s, 1, v, v).unwrap();
+        let (want, _) = reference::route_global(sc1, v, ValidTokens::All, c).unwrap();
+        g.global(s, &sc1d, Valid::All, c).unwrap();
+        same_routing(&dev, &g, &want, &format!("global {c} of {v}")).unwrap();
+    }
+}
+
 fn sd(dev: &Device, v: &[f32]) -> CudaSlice<f32> {
     dev.upload(v).unwrap()
 }
