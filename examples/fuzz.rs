@@ -2905,19 +2905,22 @@ mod tests {
             dw: want.dw.clone(),
             db: want.db.clone(),
         };
-        assert_eq!(head_bounds(&got, &want, DType::F32, false), (vec![], vec![]));
+        assert_eq!(
+            head_bounds(&got, &want, DType::F32, false, None),
+            (vec![], vec![])
+        );
         let off_loss = HeadGot {
             loss: 2.0 * (1.0 + 3e-5),
             ..got.clone()
         };
-        assert_eq!(head_bounds(&off_loss, &want, DType::F32, false).0.len(), 1);
+        assert_eq!(head_bounds(&off_loss, &want, DType::F32, false, None).0.len(), 1);
         let off_dh = HeadGot {
             dh: vec![0.5 * (1.0 + 2e-5), 0.25],
             ..got.clone()
         };
-        assert_eq!(head_bounds(&off_dh, &want, DType::F32, false).1.len(), 1);
-        assert!(head_bounds(&off_dh, &want, DType::BF16, false).1.is_empty());
-        assert!(!head_bounds(&got, &want, DType::F32, true).1.is_empty());
+        assert_eq!(head_bounds(&off_dh, &want, DType::F32, false, None).1.len(), 1);
+        assert!(head_bounds(&off_dh, &want, DType::BF16, false, None).1.is_empty());
+        assert!(!head_bounds(&got, &want, DType::F32, true, None).1.is_empty());
 
         // The importance kernel model: a row against itself is 1, orthogonal rows 0, a zero row 0.
         use checks::importance::kernel_model;

@@ -367,7 +367,8 @@ fn gpu_head<T: FuzzElement, G: FuzzElement>(
         dw: unscale(dev.download(&dw)?),
         db: db.as_ref().map(|x| dev.download(x)).transpose()?.map(unscale),
     };
-    let (fwd, bwd) = head_bounds(&got, &want, T::DTYPE, valid == 0 || cl == 1);
+    let slack = check::head_slack(inp, cfg, c.state())?;
+    let (fwd, bwd) = head_bounds(&got, &want, T::DTYPE, valid == 0 || cl == 1, Some(&slack));
     bad.extend(fwd.into_iter().chain(bwd).map(|f| format!("{name}: {f}")));
     Ok(bad)
 }

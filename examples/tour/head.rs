@@ -154,7 +154,8 @@ fn gpu_dtype<T: Element>(
         db: Some(widen(&dev.download(&db)?)),
     };
     let valid = inp.labels.iter().filter(|&&y| y != DEFAULT_IGNORE_INDEX).count();
-    let (fwd, bwd) = head_bounds(&got, &want, T::DTYPE, valid == 0 || c == 1);
+    let slack = check::head_slack(&inp, &cfg, state)?;
+    let (fwd, bwd) = head_bounds(&got, &want, T::DTYPE, valid == 0 || c == 1, Some(&slack));
     for f in fwd.iter().chain(&bwd) {
         println!("multi_sample_head {}: {f}", T::DTYPE);
     }
