@@ -38,7 +38,12 @@
 //! logits of magnitude up to about 10: the loss within `1e-5 * max(1, |loss|)` for every dtype
 //! (the logits are widened exactly and everything is computed in `f32`); the gradient's relative
 //! error norm `||dz - ref|| / ||ref||` below `1e-5` when written in `f32`, below `1e-2` in
-//! `f16`/`bf16` (one rounding to the type: `2^-11` and `2^-8` relative). This holds on confidently
+//! `f16`/`bf16` (one rounding to the type: `2^-11` and `2^-8` relative) for gradients in the
+//! type's normal range; an element below it rounds to a multiple of the smallest subnormal (an
+//! absolute error up to `2^-25` in `f16`), so the bound is then `1e-2 ||ref||` plus `2^-25` for
+//! each such element, in norm
+//! (confidently classified rows written in `f16` can lie there entirely: scale them up with
+//! [`WeightedCrossEntropy::with_grad_scale`]). This holds on confidently
 //! classified rows too: the label's element `p_y - t_y` is computed as `(1 - t_y) - (1 - p_y)`
 //! with `1 - p_y` summed from the other classes, where `exp(z_y - lse) - t_y` would lose its digits
 //! to the rounding of `lse` (without label smoothing, every `f32` element is then within `1e-5` of
