@@ -23,7 +23,7 @@ use dropfuse::multi_sample::{
 };
 use dropfuse::reference::dropout as ref_dropout;
 use dropfuse::reference::multi_sample::{
-    self as reference, sample_state, HeadConfig, HeadForward, DEFAULT_IGNORE_INDEX,
+    self as reference, sample_state, HeadConfig, HeadForward, HeadSlack, DEFAULT_IGNORE_INDEX,
 };
 use dropfuse::{DType, Device, Element, Error, PhiloxState};
 use half::{bf16, f16};
@@ -39,27 +39,6 @@ const LOGITS_TOL: f64 = 1e-5;
 const GRAD_TOL_F32: f64 = 1e-5;
 const GRAD_TOL_16: f64 = 1e-2;
 const SENTINEL: f32 = 12345.5;
-/// Unit roundoff of f32.
-const U32: f64 = 1.0 / 16_777_216.0;
-
-/// Unit roundoff of an element type (round to nearest: half an ulp of 1).
-fn unit_roundoff(t: DType) -> f64 {
-    match t {
-        DType::F32 => U32,
-        DType::F16 => 1.0 / 2048.0,
-        DType::BF16 => 1.0 / 256.0,
-    }
-}
-
-/// Half the smallest subnormal of an element type: the absolute rounding error of a value in its
-/// subnormal range.
-fn underflow(t: DType) -> f64 {
-    match t {
-        DType::F32 => 2f64.powi(-150),
-        DType::F16 => 2f64.powi(-25),
-        DType::BF16 => 2f64.powi(-134),
-    }
-}
 
 /// `||got - want|| <= tol * ||want|| + ||slack||`: the documented relative bound plus `slack`,
 /// a bound on each element's rounding error that does not shrink with the result.
@@ -82,96 +61,27 @@ fn within(got: &[f64], want: &[f64], slack: &[f64], tol: f64) -> (bool, f64) {
     (err <= bound, err / bound.max(f64::MIN_POSITIVE))
 }
 
-/// The slack of [`within`] for each output of the head, from the reference's sums (contract
-/// points 3 to 6):
-/// * averaged logits: `(D + K + 3) u` (f32 sums of `D` products, exact for f16/bf16 and rounded
-///   for f32, the bias, `K` logits and the `1/K` multiply: the first-order worst case for any
-///   summation order) times their magnitudes `(1/K) sum_k (sum_j |W h_k| + |b|)`;
-/// * `dh`, `dW`, `db`: the propagated error bound `e` of each `dz` element (the f32 cross-entropy
-///   kernel, relative to `softmax + t`; twice the rounding to `T`, `u_T |dz| + underflow_T / S`
-///   with `S` = `logits_grad_scale`; the f32 sums it enters, `(max(C, K B) + K + 2) u |dz|`):
-///   `sum_k keep scale sum_c e |W|`, `sum_k sum_i e |h_k|`, `sum_k sum_i e`.
-struct Slack {
-    mean_logits: Vec<f64>,
-    dh: Vec<f64>,
-    dw: Vec<f64>,
-    db: Vec<f64>,
-}
-
-fn slack<T: Element>(case: &HeadCase, inp: &Inputs<T>) -> Slack {
-    let (b, d, c) = (case.b, case.d, case.c);
-    let samples = if case.train {
-        reference::masked_copies(&inp.h, case.k, case.p, case.state).unwrap()
-    } else {
-        reference::Samples::identity(&inp.h)
-    }
-    .widen();
-    let k = samples.copies.len();
-    let w = widen(&inp.w);
-    let bias = inp.bias.as_ref().map(|v| widen(v));
-    let mut z = Vec::with_capacity(k * b * c);
-    for h in &samples.copies {
-        z.extend(reference::logits(h, d, &w, c, bias.as_deref()).unwrap());
-    }
-    let weights = vec![1.0 / k as f64; k];
-    let (_, dz) =
-        reference::weighted_cross_entropy(&z, k, b, c, &weights, &inp.labels, case.ignore_index, case.eps)
-            .unwrap();
-    let floor = underflow(T::DTYPE) / f64::from(MultiSampleHead::logits_grad_scale(k, b));
-    let n_valid = inp.labels.iter().filter(|&&y| y != case.ignore_index).count();
-    let mut dz_err = vec![0.0; k * b * c];
-    for r in 0..k * b {
-        let y = inp.labels[r % b];
-        if y == case.ignore_index || n_valid == 0 {
-            continue; // written as exact zeros
-        }
-        let zr = &z[r * c..(r + 1) * c];
-        let m = zr.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        let lse = m + zr.iter().map(|v| (v - m).exp()).sum::<f64>().ln();
-        let coef = 1.0 / (k * n_valid) as f64;
-        for cls in 0..c {
-            let t = if cls as i64 == y {
-                1.0 - case.eps * (c - 1) as f64 / c as f64
-            } else {
-                case.eps / c as f64
-            };
-            let p = (zr[cls] - lse).exp();
-            let v = dz[r * c + cls].abs();
-            // The f32 kernel (lse within (|lse| + 4) u, exp and the subtraction, relative to
-            // p + t), then dz rounded to T, and the f32 sums over C (dh) or the K * B rows (dW, db)
-            // that dz enters (first-order worst case, any order).
-            dz_err[r * c + cls] = (lse.abs() + 8.0) * U32 * coef * (p + t)
-                + 2.0 * (unit_roundoff(T::DTYPE) * v + floor)
-                + (c.max(k * b) + k + 2) as f64 * U32 * v;
-        }
-    }
-    let gamma_logits = (d + k + 3) as f64 * U32;
-    let scale = f64::from(samples.scale);
-    let mut m = Slack {
-        mean_logits: vec![0.0; b * c],
-        dh: vec![0.0; b * d],
-        dw: vec![0.0; c * d],
-        db: vec![0.0; c],
+/// The slack of [`within`] for each output of the head (contract points 3 to 6): the library's
+/// model, `reference::multi_sample::head_rounding_slack`.
+fn slack<T: Element>(case: &HeadCase, inp: &Inputs<T>) -> HeadSlack {
+    let cfg = HeadConfig {
+        k: case.k,
+        p: case.p,
+        label_smoothing: case.eps,
+        ignore_index: case.ignore_index,
+        train: case.train,
     };
-    for (s, h) in samples.copies.iter().enumerate() {
-        let ek = &dz_err[s * b * c..(s + 1) * b * c];
-        for i in 0..b {
-            for cls in 0..c {
-                let dot: f64 = (0..d).map(|j| (w[cls * d + j] * h[i * d + j]).abs()).sum();
-                let bias_abs = bias.as_ref().map_or(0.0, |v| v[cls].abs());
-                m.mean_logits[i * c + cls] += gamma_logits * (dot + bias_abs) / k as f64;
-                let e = ek[i * c + cls];
-                m.db[cls] += e;
-                for j in 0..d {
-                    if samples.keep[s][i * d + j] {
-                        m.dh[i * d + j] += e * w[cls * d + j].abs() * scale;
-                    }
-                    m.dw[cls * d + j] += e * h[i * d + j].abs();
-                }
-            }
-        }
-    }
-    m
+    reference::head_rounding_slack(
+        &inp.h,
+        case.d,
+        &inp.w,
+        case.c,
+        inp.bias.as_deref(),
+        &inp.labels,
+        &cfg,
+        case.state,
+    )
+    .unwrap()
 }
 
 /// GPU 0 with cuBLAS, or `None` after a SKIPPED line saying which is missing.

@@ -5,7 +5,7 @@
 //! against the reference (`dropfuse::multi_sample::MultiSampleHead`).
 
 use dropfuse::multi_sample::MultiSampleHead;
-use dropfuse::reference::multi_sample::{self as reference, HeadConfig, HeadForward, Samples};
+use dropfuse::reference::multi_sample::{self as reference, HeadConfig, HeadForward, HeadSlack, Samples};
 use dropfuse::{DType, Element, PhiloxState};
 
 use super::multi_sample::{check_cross_entropy, rel_err_norm, widen, CeProblem};
@@ -295,121 +295,23 @@ pub struct HeadGot {
     pub db: Option<Vec<f64>>,
 }
 
-/// The per-element rounding slack the head documents on top of its relative bounds
-/// (`MultiSampleHead`'s docs; the same model as tests/multi_sample_head_gpu.rs `slack`): the
-/// checks are `||got - want|| <= tol ||want|| + ||slack||`. The relative error norm alone cannot
-/// hold when a result is a cancellation (with label smoothing `dz` rows nearly cancel; `dh` with
-/// `D = 1` is a sum over the classes of `dz W` whose `dz` row sums to 0; `db` sums `p - t` over
-/// rows), since rounding errors are relative to a sum's terms, not to the sum.
-/// * averaged logits: `(D + K + 3) u` times their magnitudes `(1/K) sum_k (sum_j |W h_k| + |b|)`;
-/// * `dh`, `dW`, `db`: the propagated bound `e` of each `dz` element (the f32 cross-entropy,
-///   relative to `softmax + t`; twice its rounding to `T`, `u_T |dz| + underflow_T / S`; the f32
-///   sums it enters, `(max(C, K B) + K + 2) u |dz|`): `sum_k keep scale sum_c e |W|`,
-///   `sum_k sum_i e |h_k|`, `sum_k sum_i e`.
-#[derive(Debug, Clone)]
-pub struct HeadSlack {
-    pub mean_logits: Vec<f64>,
-    pub dh: Vec<f64>,
-    pub dw: Vec<f64>,
-    pub db: Vec<f64>,
-}
-
-const U32: f64 = 1.0 / 16_777_216.0;
-
-/// Unit roundoff of an element type (half an ulp of 1).
-fn unit_roundoff(t: DType) -> f64 {
-    match t {
-        DType::F32 => U32,
-        DType::F16 => 1.0 / 2048.0,
-        DType::BF16 => 1.0 / 256.0,
-    }
-}
-
-/// Half the smallest subnormal of an element type.
-fn underflow(t: DType) -> f64 {
-    match t {
-        DType::F32 => 2f64.powi(-150),
-        DType::F16 => 2f64.powi(-25),
-        DType::BF16 => 2f64.powi(-134),
-    }
-}
-
-/// The [`HeadSlack`] of the head `cfg` on `inp` at Philox state `state`.
+/// The rounding slack of the head `cfg` on `inp` at Philox state `state`
+/// ([`reference::head_rounding_slack`], the model the head documents and its GPU test uses).
 pub fn head_slack<T: Element>(
     inp: &HeadInputs<T>,
     cfg: &HeadConfig,
     state: PhiloxState,
 ) -> dropfuse::Result<HeadSlack> {
-    let (b, d, c) = (inp.b, inp.d, inp.c);
-    let samples = if cfg.train {
-        reference::masked_copies(&inp.h, cfg.k, cfg.p, state)?
-    } else {
-        Samples::identity(&inp.h)
-    }
-    .widen();
-    let k = samples.copies.len();
-    let w = widen(&inp.w);
-    let bias = inp.bias.as_ref().map(|v| widen(v));
-    let mut z = Vec::with_capacity(k * b * c);
-    for h in &samples.copies {
-        z.extend(reference::logits(h, d, &w, c, bias.as_deref())?);
-    }
-    let weights = vec![1.0 / k as f64; k];
-    let ii = cfg.ignore_index;
-    let eps = cfg.label_smoothing;
-    let (_, dz) = reference::weighted_cross_entropy(&z, k, b, c, &weights, &inp.labels, ii, eps)?;
-    let floor = underflow(T::DTYPE) / f64::from(MultiSampleHead::logits_grad_scale(k, b));
-    let n_valid = inp.labels.iter().filter(|&&y| y != ii).count();
-    let mut dz_err = vec![0.0; k * b * c];
-    for r in 0..k * b {
-        let y = inp.labels[r % b];
-        if y == ii || n_valid == 0 {
-            continue; // written as exact zeros
-        }
-        let zr = &z[r * c..(r + 1) * c];
-        let m = zr.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        let lse = m + zr.iter().map(|v| (v - m).exp()).sum::<f64>().ln();
-        let coef = 1.0 / (k * n_valid) as f64;
-        for cls in 0..c {
-            let t = if cls as i64 == y {
-                1.0 - eps * (c - 1) as f64 / c as f64
-            } else {
-                eps / c as f64
-            };
-            let p = (zr[cls] - lse).exp();
-            let v = dz[r * c + cls].abs();
-            dz_err[r * c + cls] = (lse.abs() + 8.0) * U32 * coef * (p + t)
-                + 2.0 * (unit_roundoff(T::DTYPE) * v + floor)
-                + (c.max(k * b) + k + 2) as f64 * U32 * v;
-        }
-    }
-    let gamma_logits = (d + k + 3) as f64 * U32;
-    let scale = f64::from(samples.scale);
-    let mut m = HeadSlack {
-        mean_logits: vec![0.0; b * c],
-        dh: vec![0.0; b * d],
-        dw: vec![0.0; c * d],
-        db: vec![0.0; c],
-    };
-    for (s, h) in samples.copies.iter().enumerate() {
-        let ek = &dz_err[s * b * c..(s + 1) * b * c];
-        for i in 0..b {
-            for cls in 0..c {
-                let dot: f64 = (0..d).map(|j| (w[cls * d + j] * h[i * d + j]).abs()).sum();
-                let bias_abs = bias.as_ref().map_or(0.0, |v| v[cls].abs());
-                m.mean_logits[i * c + cls] += gamma_logits * (dot + bias_abs) / k as f64;
-                let e = ek[i * c + cls];
-                m.db[cls] += e;
-                for j in 0..d {
-                    if samples.keep[s][i * d + j] {
-                        m.dh[i * d + j] += e * w[cls * d + j].abs() * scale;
-                    }
-                    m.dw[cls * d + j] += e * h[i * d + j].abs();
-                }
-            }
-        }
-    }
-    Ok(m)
+    reference::head_rounding_slack(
+        &inp.h,
+        inp.d,
+        &inp.w,
+        inp.c,
+        inp.bias.as_deref(),
+        &inp.labels,
+        cfg,
+        state,
+    )
 }
 
 /// `||got - want|| <= tol ||want|| + ||slack||` (no slack: the plain relative bound); NaN fails.

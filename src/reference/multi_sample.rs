@@ -555,3 +555,116 @@ pub fn head<T: Element>(
         cfg.ignore_index,
     )
 }
+
+/// The per-element rounding slack the GPU head documents on top of its relative bounds
+/// (`dropfuse::multi_sample::MultiSampleHead`): its checks are
+/// `||got - ref|| <= tol ||ref|| + ||slack||`, since the relative error norm alone cannot hold
+/// when a result is a cancellation (with label smoothing `dz` rows nearly cancel; `dh` with
+/// `D = 1` is a sum over the classes of `dz W` whose `dz` row sums to 0; `db` sums `p - t` over
+/// rows): rounding errors are relative to a sum's terms, not to the sum.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HeadSlack {
+    /// `(D + K + 3) u` times the averaged logits' magnitudes `(1/K) sum_k (sum_j |W h_k| + |b|)`.
+    pub mean_logits: Vec<f64>,
+    /// `sum_k keep scale sum_c e |W|`, with `e` the bound of each `dz` element: the f32
+    /// cross-entropy (relative to `softmax + t`), twice its rounding to `T`
+    /// (`u_T |dz| + underflow_T / S`, `S` = `logits_grad_scale`), and the f32 sums it enters
+    /// (`(max(C, K B) + K + 2) u |dz|`); first-order worst cases for any summation order.
+    pub dh: Vec<f64>,
+    /// `sum_k sum_i e |h_k|`.
+    pub dw: Vec<f64>,
+    /// `sum_k sum_i e`.
+    pub db: Vec<f64>,
+}
+
+/// The [`HeadSlack`] of the head [`head`] computes from the same arguments (errors as [`head`]).
+#[allow(clippy::too_many_arguments)]
+pub fn head_rounding_slack<T: Element>(
+    h: &[T],
+    d: usize,
+    weight: &[T],
+    c: usize,
+    bias: Option<&[T]>,
+    labels: &[i64],
+    cfg: &HeadConfig,
+    state: PhiloxState,
+) -> Result<HeadSlack> {
+    const U32: f64 = 1.0 / 16_777_216.0;
+    let (unit_t, underflow_t) = match T::DTYPE {
+        crate::DType::F32 => (U32, 2f64.powi(-150)),
+        crate::DType::F16 => (1.0 / 2048.0, 2f64.powi(-25)),
+        crate::DType::BF16 => (1.0 / 256.0, 2f64.powi(-134)),
+    };
+    let b = check_h(h.len(), d)?;
+    check_weight(weight.len(), c, d)?;
+    check_bias(bias.map(<[T]>::len), c)?;
+    check_labels(labels, b, c, cfg.ignore_index)?;
+    let samples = if cfg.train {
+        masked_copies(h, cfg.k, cfg.p, state)?
+    } else {
+        Samples::identity(h)
+    }
+    .widen();
+    let k = samples.copies.len();
+    let w = widen(weight);
+    let bias = bias.map(widen);
+    let mut z = Vec::with_capacity(k * b * c);
+    for hk in &samples.copies {
+        z.extend(logits(hk, d, &w, c, bias.as_deref())?);
+    }
+    let weights = vec![1.0 / k as f64; k];
+    let (ii, eps) = (cfg.ignore_index, cfg.label_smoothing);
+    let (_, dz) = weighted_cross_entropy(&z, k, b, c, &weights, labels, ii, eps)?;
+    let floor = underflow_t / f64::from(crate::multi_sample::MultiSampleHead::logits_grad_scale(k, b));
+    let n_valid = labels.iter().filter(|&&y| y != ii).count();
+    let mut dz_err = vec![0.0; k * b * c];
+    for r in 0..k * b {
+        let y = labels[r % b];
+        if y == ii || n_valid == 0 {
+            continue; // written as exact zeros
+        }
+        let zr = &z[r * c..(r + 1) * c];
+        let m = zr.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let lse = m + zr.iter().map(|v| (v - m).exp()).sum::<f64>().ln();
+        let coef = 1.0 / (k * n_valid) as f64;
+        for cls in 0..c {
+            let t = if cls as i64 == y {
+                1.0 - eps * (c - 1) as f64 / c as f64
+            } else {
+                eps / c as f64
+            };
+            let p = (zr[cls] - lse).exp();
+            let v = dz[r * c + cls].abs();
+            dz_err[r * c + cls] = (lse.abs() + 8.0) * U32 * coef * (p + t)
+                + 2.0 * (unit_t * v + floor)
+                + (c.max(k * b) + k + 2) as f64 * U32 * v;
+        }
+    }
+    let gamma_logits = (d + k + 3) as f64 * U32;
+    let scale = f64::from(samples.scale);
+    let mut m = HeadSlack {
+        mean_logits: vec![0.0; b * c],
+        dh: vec![0.0; b * d],
+        dw: vec![0.0; c * d],
+        db: vec![0.0; c],
+    };
+    for (s, hk) in samples.copies.iter().enumerate() {
+        let ek = &dz_err[s * b * c..(s + 1) * b * c];
+        for i in 0..b {
+            for cls in 0..c {
+                let dot: f64 = (0..d).map(|j| (w[cls * d + j] * hk[i * d + j]).abs()).sum();
+                let bias_abs = bias.as_ref().map_or(0.0, |v| v[cls].abs());
+                m.mean_logits[i * c + cls] += gamma_logits * (dot + bias_abs) / k as f64;
+                let e = ek[i * c + cls];
+                m.db[cls] += e;
+                for j in 0..d {
+                    if samples.keep[s][i * d + j] {
+                        m.dh[i * d + j] += e * w[cls * d + j].abs() * scale;
+                    }
+                    m.dw[cls * d + j] += e * hk[i * d + j].abs();
+                }
+            }
+        }
+    }
+    Ok(m)
+}
