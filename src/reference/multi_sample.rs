@@ -513,6 +513,34 @@ pub fn head_from_samples(
     })
 }
 
+/// [`head`]'s validation (every argument, before any work) and its samples (masked copies of
+/// `h`, or `h` itself outside training); returns `B` and the samples.
+#[allow(clippy::too_many_arguments)]
+fn head_samples<T: Element>(
+    h: &[T],
+    d: usize,
+    weight: &[T],
+    c: usize,
+    bias: Option<&[T]>,
+    labels: &[i64],
+    cfg: &HeadConfig,
+    state: PhiloxState,
+) -> Result<(usize, Samples<T>)> {
+    let b = check_h(h.len(), d)?;
+    check_weight(weight.len(), c, d)?;
+    check_bias(bias.map(<[T]>::len), c)?;
+    check_labels(labels, b, c, cfg.ignore_index)?;
+    check_k(cfg.k)?;
+    drop_threshold(cfg.p)?;
+    check_unit("label_smoothing", cfg.label_smoothing)?;
+    let samples = if cfg.train {
+        masked_copies(h, cfg.k, cfg.p, state)?
+    } else {
+        Samples::identity(h)
+    };
+    Ok((b, samples))
+}
+
 /// The multi-sample dropout head (the whole contract): masked copies of `h` (`B x D`, `B` from
 /// `h.len() / d`), logits through `W` (`C x D`) and `b`, the averaged cross-entropy and the
 /// gradients.
@@ -529,19 +557,7 @@ pub fn head<T: Element>(
     cfg: &HeadConfig,
     state: PhiloxState,
 ) -> Result<HeadForward> {
-    let b = check_h(h.len(), d)?;
-    check_weight(weight.len(), c, d)?;
-    check_bias(bias.map(<[T]>::len), c)?;
-    check_labels(labels, b, c, cfg.ignore_index)?;
-    check_k(cfg.k)?;
-    drop_threshold(cfg.p)?;
-    check_unit("label_smoothing", cfg.label_smoothing)?;
-
-    let samples = if cfg.train {
-        masked_copies(h, cfg.k, cfg.p, state)?
-    } else {
-        Samples::identity(h)
-    };
+    let (_, samples) = head_samples(h, d, weight, c, bias, labels, cfg, state)?;
     let weight = widen(weight);
     let bias = bias.map(widen);
     head_from_samples(
@@ -595,16 +611,8 @@ pub fn head_rounding_slack<T: Element>(
         crate::DType::F16 => (1.0 / 2048.0, 2f64.powi(-25)),
         crate::DType::BF16 => (1.0 / 256.0, 2f64.powi(-134)),
     };
-    let b = check_h(h.len(), d)?;
-    check_weight(weight.len(), c, d)?;
-    check_bias(bias.map(<[T]>::len), c)?;
-    check_labels(labels, b, c, cfg.ignore_index)?;
-    let samples = if cfg.train {
-        masked_copies(h, cfg.k, cfg.p, state)?
-    } else {
-        Samples::identity(h)
-    }
-    .widen();
+    let (b, samples) = head_samples(h, d, weight, c, bias, labels, cfg, state)?;
+    let samples = samples.widen();
     let k = samples.copies.len();
     let w = widen(weight);
     let bias = bias.map(widen);
