@@ -7,7 +7,7 @@
 namespace {
 
 // One thread: a kernel node, so it can be captured into a graph between the random launches.
-__global__ void philox_advance_kernel(uint64_t *state, uint64_t streams) { state[1] += streams; }
+__global__ void __launch_bounds__(1) philox_advance_kernel(uint64_t *state, uint64_t streams) { state[1] += streams; }
 
 }  // namespace
 
