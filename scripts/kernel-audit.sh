@@ -14,7 +14,7 @@
 #   bash scripts/kernel-audit.sh            # all of it (about a minute and a half on 2 free cores)
 #   bash scripts/kernel-audit.sh -v         # also every allowed spill, one line each
 # Environment: NVCC, DROPFUSE_CUDA_ARCHS, DROPFUSE_NVCC_FLAGS as for build.rs; AUDIT_JOBS (parallel
-# nvcc runs, default: the CPU count); AUDIT_KEEP=DIR keeps the compiler output in DIR.
+# nvcc runs, default: the CPU count); AUDIT_KEEP=DIR (new or empty) keeps the PTX and ptxas reports.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
@@ -60,7 +60,8 @@ done
 read -ra extra <<<"${DROPFUSE_NVCC_FLAGS:-}"
 
 if [ -n "${AUDIT_KEEP:-}" ]; then
-  work=$AUDIT_KEEP; rm -rf "$work"; mkdir -p "$work"
+  work=$AUDIT_KEEP; mkdir -p "$work"
+  [ -z "$(ls -A "$work")" ] || { echo "kernel-audit: AUDIT_KEEP=$work is not empty" >&2; exit 1; }
 else
   work=$(mktemp -d "${TMPDIR:-/tmp}/kernel-audit.XXXXXX")
   trap 'rm -rf "$work"' EXIT
@@ -68,7 +69,7 @@ fi
 
 # build.rs's flags (cc adds --device-c for more than one .cu, and host-only -Xcompiler flags that
 # do not change device code), with -fatbin instead of -c: the same cicc and ptxas runs without the
-# host compilation (a tenth of the time; identical ptxas reports). Largest files first.
+# host compilation (about a tenth of the time; identical ptxas reports). Largest files first.
 flags=(-O3 -std=c++17 -I "$root/kernels" -lineinfo -Xcompiler=-fPIC "${gencode[@]}" ${extra[@]+"${extra[@]}"}
   --device-c -fatbin -Xptxas -v)
 export nvcc work
@@ -79,7 +80,7 @@ ls -S kernels/*.cu | xargs -P "$jobs" -I{} bash -c '
   f=$1; shift; s=$(basename "$f" .cu); mkdir -p "$work/$s"
   if ! "$nvcc" "$@" --keep --keep-dir "$work/$s" -o "$work/$s/$s.fatbin" "$f" >"$work/$s.log" 2>&1; then
     cat "$work/$s.log" >&2; echo "kernel-audit: nvcc failed on $f" >&2; exit 255
-  fi' _ {} "${flags[@]}"
+  fi' _ {} "${flags[@]}" || { echo "kernel-audit: FAILED: nvcc could not compile kernels/ (above)" >&2; exit 1; }
 # Only the PTX and the logs are read; the rest of --keep's files can go.
 find "$work" -mindepth 2 -type f ! -name '*.ptx' -delete
 

@@ -381,7 +381,7 @@ def audit(work, src, archs, verbose=False, out=sys.stdout):
                                  f"or move the kernel to NO_VECTOR with the reason")
 
     for i, entry in enumerate(ALLOWLIST):
-        if entry[2] in sms and not allow_used[i]:
+        if entry[2] in sms and entry[0] in stems and not allow_used[i]:
             notes.append(f"stale ALLOWLIST entry ({entry[0]}, {entry[1]}, {entry[2]}): nothing spills there now, "
                          f"remove it")
 
