@@ -86,6 +86,7 @@ use std::sync::Arc;
 use cudarc::driver::sys::CUdeviceptr;
 use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, DeviceSlice};
 
+use crate::checks::check_len;
 use crate::dropout::{after, bind, check_stream, mask_words, raw::dtype as ffi_dtype, Dropout};
 use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
@@ -121,17 +122,6 @@ pub const fn masks_len(k: usize, n: usize) -> usize {
 fn check_k(k: usize, max: usize) -> Result<()> {
     if k == 0 || k > max {
         return Err(Error::invalid("k", format!("1 ..= {max} samples"), k));
-    }
-    Ok(())
-}
-
-fn check_len(name: &'static str, got: usize, want: usize, what: &str) -> Result<()> {
-    if got != want {
-        return Err(Error::invalid(
-            name,
-            format!("{want} elements ({what})"),
-            format!("{got} elements"),
-        ));
     }
     Ok(())
 }

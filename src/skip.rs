@@ -59,6 +59,7 @@ use std::sync::Arc;
 use cudarc::driver::sys::CUdeviceptr;
 use cudarc::driver::{CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut};
 
+use crate::checks::{check_len, check_rows, compact_rows};
 use crate::dropout::{after, bind, check_stream};
 use crate::dtype::Element;
 use crate::error::{Error, Result};
@@ -140,31 +141,6 @@ fn count_rows(name: &'static str, len: usize, row_len: usize) -> Result<usize> {
         Err(Error::invalid(
             name,
             format!("a non-empty whole number of rows of {row_len} elements"),
-            format!("{len} elements"),
-        ))
-    } else {
-        Ok(len / row_len)
-    }
-}
-
-fn check_len(name: &'static str, len: usize, expected: usize, what: &str) -> Result<()> {
-    if len == expected {
-        Ok(())
-    } else {
-        Err(Error::invalid(
-            name,
-            format!("{expected} elements ({what})"),
-            format!("{len} elements"),
-        ))
-    }
-}
-
-/// Rows of a compact buffer: any whole number of rows (its capacity).
-fn compact_rows(name: &'static str, len: usize, row_len: usize) -> Result<usize> {
-    if len % row_len != 0 {
-        Err(Error::invalid(
-            name,
-            format!("a whole number of rows of {row_len} elements"),
             format!("{len} elements"),
         ))
     } else {
@@ -818,11 +794,7 @@ fn launch_compact<T: Element>(
 /// Validates `row_len` and a full `B x row_len` tensor named `name` against `slots`.
 fn check_full(name: &'static str, len: usize, row_len: usize, slots: &SampleSlots) -> Result<()> {
     check_row_len(row_len)?;
-    let expected = slots
-        .batch
-        .checked_mul(row_len)
-        .ok_or_else(|| Error::invalid(name, "a number of elements that fits in usize", "an overflow"))?;
-    check_len(name, len, expected, "B x row_len, one row per sample")
+    check_rows(name, len, slots.batch, row_len, "B x row_len, one row per sample")
 }
 
 fn check_slots_stream(stream: &CudaStream, slots: &SampleSlots) -> Result<()> {
