@@ -212,13 +212,7 @@ impl MultiSample {
         masks: &mut M,
     ) -> Result<()> {
         let n = self.check_copies(stream, h, copies)?;
-        check_len(
-            "masks",
-            masks.len(),
-            masks_len(self.k, n),
-            "K * ceil(n / 32) words",
-        )?;
-        check_stream(stream, masks.stream(), "masks")?;
+        self.check_masks(stream, masks, n)?;
         bind(stream)?;
         let (hp, _gh) = h.device_ptr(stream);
         let (cp, _gc) = copies.device_ptr_mut(stream);
@@ -241,6 +235,19 @@ impl MultiSample {
         check_stream(stream, h.stream(), "h")?;
         check_stream(stream, copies.stream(), "copies")?;
         Ok(n)
+    }
+
+    /// The `K` bit masks of `n` elements (`masks_len(K, n)` words, on the stream's context): the
+    /// same check in [`copies_with_masks`](Self::copies_with_masks) and [`reduce`](Self::reduce),
+    /// after their other buffers'.
+    fn check_masks<M: DeviceSlice<u32>>(&self, stream: &CudaStream, masks: &M, n: usize) -> Result<()> {
+        check_len(
+            "masks",
+            masks.len(),
+            masks_len(self.k, n),
+            "K * ceil(n / 32) words",
+        )?;
+        check_stream(stream, masks.stream(), "masks")
     }
 
     /// Checks the state's context (a device state's guard lives until the launch is enqueued).
@@ -282,13 +289,7 @@ impl MultiSample {
         dh: &mut D,
     ) -> Result<()> {
         let n = self.check_reduce(stream, grads, dh)?;
-        check_len(
-            "masks",
-            masks.len(),
-            masks_len(self.k, n),
-            "K * ceil(n / 32) words",
-        )?;
-        check_stream(stream, masks.stream(), "masks")?;
+        self.check_masks(stream, masks, n)?;
         bind(stream)?;
         let (mp, _gm) = masks.device_ptr(stream);
         let (gp, _gg) = grads.device_ptr(stream);
