@@ -109,18 +109,6 @@ impl BiasDropoutResidual {
         rows.div_ceil(DBIAS_CHUNK).saturating_mul(self.row_len)
     }
 
-    /// The launch params for `(seed, offset, philox_dev)` as [`Source::bind`] gives them.
-    fn params(&self, (seed, offset, philox_dev): (u64, u64, *const u64)) -> ffi::dropfuse_dropout_params {
-        ffi::dropfuse_dropout_params {
-            seed,
-            offset,
-            element_offset: self.drop.element_offset(),
-            threshold: self.drop.threshold(),
-            scale: self.drop.scale(),
-            philox_dev,
-        }
-    }
-
     /// Rows of a tensor of `n` elements (`first` names it); checks the element offset.
     fn rows(&self, n: usize, first: &'static str) -> Result<usize> {
         if n == 0 || n % self.row_len != 0 {
@@ -456,9 +444,7 @@ impl BiasDropoutResidual {
         mask: CUdeviceptr,
         rows: usize,
     ) -> Result<()> {
-        rng.check(stream)?;
-        let (seed, offset, dev, _gr) = rng.bind(stream);
-        let params = self.params((seed, offset, dev));
+        let (params, _gr) = self.drop.bind_params(self.drop.element_offset(), &rng, stream)?;
         let status = ffi::dropfuse_bias_dropout_residual_forward(
             crate::dropout::raw::dtype(T::DTYPE),
             x as *const c_void,
@@ -489,9 +475,7 @@ impl BiasDropoutResidual {
         bias_grad: Option<BiasGrad<'_, T>>,
         rows: usize,
     ) -> Result<()> {
-        rng.check(stream)?;
-        let (seed, offset, dev, _gr) = rng.bind(stream);
-        let params = self.params((seed, offset, dev));
+        let (params, _gr) = self.drop.bind_params(self.drop.element_offset(), &rng, stream)?;
         let launch = |dbias: CUdeviceptr, workspace: CUdeviceptr| {
             // SAFETY: every pointer was validated (lengths, contexts) by the caller and is kept
             // alive by its guard until after this call; dx is dy (in place) or a distinct buffer;

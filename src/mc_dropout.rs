@@ -193,16 +193,7 @@ impl McDropout {
         masks: u64,
         n: usize,
     ) -> Result<()> {
-        rng.check(stream)?;
-        let (seed, offset, philox_dev, _gr) = rng.bind(stream);
-        let params = ffi::dropfuse_dropout_params {
-            seed,
-            offset,
-            element_offset: self.drop.element_offset(),
-            threshold: self.drop.threshold(),
-            scale: self.drop.scale(),
-            philox_dev,
-        };
+        let (params, _gr) = self.drop.bind_params(self.drop.element_offset(), &rng, stream)?;
         let status = ffi::dropfuse_mc_dropout_forward(
             crate::dropout::raw::dtype(T::DTYPE),
             x as *const std::ffi::c_void,

@@ -188,18 +188,6 @@ impl StructuredDropout {
         self.layout.mask_words()
     }
 
-    /// The launch params for `(seed, offset, philox_dev)` as [`Source::bind`] gives them.
-    fn params(&self, (seed, offset, philox_dev): (u64, u64, *const u64)) -> ffi::dropfuse_dropout_params {
-        ffi::dropfuse_dropout_params {
-            seed,
-            offset,
-            element_offset: self.decision_offset,
-            threshold: self.drop.threshold(),
-            scale: self.drop.scale(),
-            philox_dev,
-        }
-    }
-
     /// Lengths (data buffers: `numel`; the mask: `mask_words`), then contexts; binds the stream.
     fn validate(
         &self,
@@ -252,7 +240,7 @@ impl StructuredDropout {
         rng.check(stream)?;
         let (mp, _gm) = mask.device_ptr_mut(stream);
         let (seed, offset, dev, _gr) = rng.bind(stream);
-        let params = self.params((seed, offset, dev));
+        let params = self.drop.launch_params(self.decision_offset, (seed, offset, dev));
         // SAFETY: the mask holds mask_words() words of the stream's context (validated), as does a
         // device Philox state; the guards keep them alive and ordered on `stream`.
         let status = unsafe {
@@ -423,9 +411,7 @@ impl StructuredDropout {
         y: CUdeviceptr,
         mask: CUdeviceptr,
     ) -> Result<()> {
-        rng.check(stream)?;
-        let (seed, offset, dev, _gr) = rng.bind(stream);
-        let params = self.params((seed, offset, dev));
+        let (params, _gr) = self.drop.bind_params(self.decision_offset, &rng, stream)?;
         let status = ffi::dropfuse_structured_forward(
             crate::dropout::raw::dtype(T::DTYPE),
             x as *const c_void,
