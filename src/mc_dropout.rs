@@ -250,6 +250,21 @@ fn check_shape(batch: usize, classes: usize) -> Result<usize> {
     Ok(n)
 }
 
+/// Values of a stack of `samples` samples of `per` (`B * C`) values each: `samples` error when
+/// there is none or the product overflows `usize` (the check of every push and of [`summarize`]).
+fn stack_len(samples: usize, per: usize) -> Result<usize> {
+    if samples == 0 {
+        return Err(Error::invalid("samples", "at least 1 sample", 0));
+    }
+    samples.checked_mul(per).ok_or_else(|| {
+        Error::invalid(
+            "samples",
+            format!("samples * batch * classes that fits in usize ({per} per sample)"),
+            samples,
+        )
+    })
+}
+
 /// Rejects (as `out`) output buffers other than `B * C` variances, `B` predictive entropies and `B`
 /// mutual informations: the finish kernel writes exactly that many values into each.
 fn check_output_lens(batch: usize, classes: usize, [variance, predictive, mutual]: [usize; 3]) -> Result<()> {
@@ -384,17 +399,7 @@ impl McSummaryState {
         samples: usize,
         check: bool,
     ) -> Result<()> {
-        if samples == 0 {
-            return Err(Error::invalid("samples", "at least 1 sample", 0));
-        }
-        let per = self.batch * self.classes;
-        let want = samples.checked_mul(per).ok_or_else(|| {
-            Error::invalid(
-                "samples",
-                format!("samples * batch * classes that fits in usize ({per} per sample)"),
-                samples,
-            )
-        })?;
+        let want = stack_len(samples, self.batch * self.classes)?;
         if probs.len() != want {
             let what = if samples == 1 {
                 "B * C".to_string()
@@ -580,17 +585,7 @@ pub fn summarize<P: DevicePtr<f32>>(
     batch: usize,
     classes: usize,
 ) -> Result<(McSummaryState, McOutputs)> {
-    let per = check_shape(batch, classes)?;
-    if samples == 0 {
-        return Err(Error::invalid("samples", "at least 1 sample", 0));
-    }
-    let want = samples.checked_mul(per).ok_or_else(|| {
-        Error::invalid(
-            "samples",
-            format!("samples * batch * classes that fits in usize ({per} per sample)"),
-            samples,
-        )
-    })?;
+    let want = stack_len(samples, check_shape(batch, classes)?)?;
     if probs.len() != want {
         return Err(Error::invalid(
             "probs",
