@@ -50,7 +50,7 @@ use std::ffi::c_void;
 use cudarc::driver::sys::CUdeviceptr;
 use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, DeviceSlice};
 
-use crate::dropout::{after, bind, check_mask_len, check_same_len, check_stream, Dropout};
+use crate::dropout::{after, bind, check_mask_len, check_same_len, check_stream, opt_ptr, Dropout};
 use crate::dtype::Element;
 use crate::error::{Error, Result};
 use crate::ffi;
@@ -510,20 +510,6 @@ impl BiasDropoutResidual {
 
 /// No pointer (no bias, no mask, no bias gradient).
 const NULL: CUdeviceptr = 0;
-
-/// The pointer of an optional input and its guard.
-fn opt_ptr<'a, T>(
-    buf: Option<&'a dyn DevicePtr<T>>,
-    stream: &'a CudaStream,
-) -> (CUdeviceptr, Option<cudarc::driver::SyncOnDrop<'a>>) {
-    match buf {
-        Some(b) => {
-            let (p, g) = b.device_ptr(stream);
-            (p, Some(g))
-        }
-        None => (NULL, None),
-    }
-}
 
 fn check_bias_len(got: usize, row_len: usize, name: &'static str) -> Result<()> {
     if got != row_len {

@@ -430,6 +430,36 @@ pub(crate) fn check_stream(stream: &CudaStream, buf: &CudaStream, name: &'static
     Ok(())
 }
 
+/// The device pointer of an optional input (0 without one) and its guard, which keeps the buffer
+/// ordered on `stream` until the launch is enqueued: the optional bias, mask or validity buffers
+/// of several modules.
+pub(crate) fn opt_ptr<'a, T>(
+    buf: Option<&'a dyn DevicePtr<T>>,
+    stream: &'a CudaStream,
+) -> (CUdeviceptr, Option<SyncOnDrop<'a>>) {
+    match buf {
+        Some(b) => {
+            let (p, g) = b.device_ptr(stream);
+            (p, Some(g))
+        }
+        None => (0, None),
+    }
+}
+
+/// [`opt_ptr`] for an optional output.
+pub(crate) fn opt_ptr_mut<'a, T>(
+    buf: Option<&'a mut (dyn DevicePtrMut<T> + '_)>,
+    stream: &'a CudaStream,
+) -> (CUdeviceptr, Option<SyncOnDrop<'a>>) {
+    match buf {
+        Some(b) => {
+            let (p, g) = b.device_ptr_mut(stream);
+            (p, Some(g))
+        }
+        None => (0, None),
+    }
+}
+
 /// The launchers use the CUDA runtime, which launches into the thread's current context.
 pub(crate) fn bind(stream: &CudaStream) -> Result<()> {
     stream
