@@ -50,7 +50,9 @@ use std::ffi::c_void;
 use cudarc::driver::sys::CUdeviceptr;
 use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, DeviceSlice};
 
-use crate::dropout::{after, bind, check_mask_len, check_same_len, check_stream, opt_ptr, Dropout};
+use crate::dropout::{
+    after, bind, check_mask_len, check_same_len, check_stream, opt_ptr, opt_ptr_mut, Dropout,
+};
 use crate::dtype::Element;
 use crate::error::{Error, Result};
 use crate::ffi;
@@ -149,24 +151,7 @@ impl BiasDropoutResidual {
         y: &mut Y,
         mask: &mut M,
     ) -> Result<()> {
-        let rows = self.validate_forward(
-            stream,
-            x,
-            bias,
-            &[
-                ("residual", residual.len(), residual.stream()),
-                ("y", y.len(), y.stream()),
-            ],
-            Some((mask.len(), mask.stream())),
-        )?;
-        let (xp, _gx) = x.device_ptr(stream);
-        let (rp, _gr) = residual.device_ptr(stream);
-        let (bp, _gb) = opt_ptr(bias, stream);
-        let (yp, _gy) = y.device_ptr_mut(stream);
-        let (mp, _gm) = mask.device_ptr_mut(stream);
-        // SAFETY: validated; y is a distinct buffer from x, residual and bias (a mutable borrow
-        // cannot alias a shared one); the guards keep every buffer alive and ordered on `stream`.
-        unsafe { self.launch_forward::<T>(stream, rng.source(), xp, rp, bp, yp, mp, rows) }
+        self.forward_out(stream, rng, x, residual, bias, y, Some(mask))
     }
 
     /// `y = residual + dropout(x + bias)` without a mask: the backward regenerates it from `rng`.
@@ -185,22 +170,7 @@ impl BiasDropoutResidual {
         bias: Option<&dyn DevicePtr<T>>,
         y: &mut Y,
     ) -> Result<()> {
-        let rows = self.validate_forward(
-            stream,
-            x,
-            bias,
-            &[
-                ("residual", residual.len(), residual.stream()),
-                ("y", y.len(), y.stream()),
-            ],
-            None,
-        )?;
-        let (xp, _gx) = x.device_ptr(stream);
-        let (rp, _gr) = residual.device_ptr(stream);
-        let (bp, _gb) = opt_ptr(bias, stream);
-        let (yp, _gy) = y.device_ptr_mut(stream);
-        // SAFETY: as in `forward`.
-        unsafe { self.launch_forward::<T>(stream, rng.source(), xp, rp, bp, yp, NULL, rows) }
+        self.forward_out(stream, rng, x, residual, bias, y, None)
     }
 
     /// In place on the residual stream: `residual += dropout(x + bias)`, and the bit mask.
@@ -219,20 +189,7 @@ impl BiasDropoutResidual {
         residual: &mut R,
         mask: &mut M,
     ) -> Result<()> {
-        let rows = self.validate_forward(
-            stream,
-            x,
-            bias,
-            &[("residual", residual.len(), residual.stream())],
-            Some((mask.len(), mask.stream())),
-        )?;
-        let (xp, _gx) = x.device_ptr(stream);
-        let (bp, _gb) = opt_ptr(bias, stream);
-        let (rp, _gr) = residual.device_ptr_mut(stream);
-        let (mp, _gm) = mask.device_ptr_mut(stream);
-        // SAFETY: as in `forward`; the residual is input and output (each element is read, then
-        // written, by the same thread).
-        unsafe { self.launch_forward::<T>(stream, rng.source(), xp, rp, bp, rp, mp, rows) }
+        self.forward_in_place(stream, rng, x, bias, residual, Some(mask))
     }
 
     /// In place on the residual stream, no mask stored.
@@ -244,18 +201,68 @@ impl BiasDropoutResidual {
         bias: Option<&dyn DevicePtr<T>>,
         residual: &mut R,
     ) -> Result<()> {
+        self.forward_in_place(stream, rng, x, bias, residual, None)
+    }
+
+    /// [`Self::forward`] and [`Self::forward_maskless`]: the same validation and launch, the mask
+    /// optional.
+    #[allow(clippy::too_many_arguments)]
+    fn forward_out<T: Element, X: DevicePtr<T>, R: DevicePtr<T>, Y: DevicePtrMut<T>, Rng: Randomness>(
+        &self,
+        stream: &CudaStream,
+        rng: Rng,
+        x: &X,
+        residual: &R,
+        bias: Option<&dyn DevicePtr<T>>,
+        y: &mut Y,
+        mask: Option<&mut dyn DevicePtrMut<u32>>,
+    ) -> Result<()> {
+        let rows = self.validate_forward(
+            stream,
+            x,
+            bias,
+            &[
+                ("residual", residual.len(), residual.stream()),
+                ("y", y.len(), y.stream()),
+            ],
+            mask.as_deref().map(|m| (m.len(), &**m.stream())),
+        )?;
+        let (xp, _gx) = x.device_ptr(stream);
+        let (rp, _gr) = residual.device_ptr(stream);
+        let (bp, _gb) = opt_ptr(bias, stream);
+        let (yp, _gy) = y.device_ptr_mut(stream);
+        let (mp, _gm) = opt_ptr_mut(mask, stream);
+        // SAFETY: validated; y (and the mask, if any) are buffers distinct from x, residual and
+        // bias (a mutable borrow cannot alias a shared one); the guards keep every buffer alive
+        // and ordered on `stream`.
+        unsafe { self.launch_forward::<T>(stream, rng.source(), xp, rp, bp, yp, mp, rows) }
+    }
+
+    /// [`Self::forward_inplace`] and [`Self::forward_maskless_inplace`]: the same validation and
+    /// launch, the mask optional.
+    fn forward_in_place<T: Element, X: DevicePtr<T>, R: DevicePtrMut<T>, Rng: Randomness>(
+        &self,
+        stream: &CudaStream,
+        rng: Rng,
+        x: &X,
+        bias: Option<&dyn DevicePtr<T>>,
+        residual: &mut R,
+        mask: Option<&mut dyn DevicePtrMut<u32>>,
+    ) -> Result<()> {
         let rows = self.validate_forward(
             stream,
             x,
             bias,
             &[("residual", residual.len(), residual.stream())],
-            None,
+            mask.as_deref().map(|m| (m.len(), &**m.stream())),
         )?;
         let (xp, _gx) = x.device_ptr(stream);
         let (bp, _gb) = opt_ptr(bias, stream);
         let (rp, _gr) = residual.device_ptr_mut(stream);
-        // SAFETY: as in `forward_inplace`.
-        unsafe { self.launch_forward::<T>(stream, rng.source(), xp, rp, bp, rp, NULL, rows) }
+        let (mp, _gm) = opt_ptr_mut(mask, stream);
+        // SAFETY: as in `forward_out`; the residual is input and output (each element is read,
+        // then written, by the same thread).
+        unsafe { self.launch_forward::<T>(stream, rng.source(), xp, rp, bp, rp, mp, rows) }
     }
 
     // ---- backward ----
