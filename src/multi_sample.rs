@@ -84,7 +84,7 @@ use std::ffi::c_void;
 use std::sync::Arc;
 
 use cudarc::driver::sys::CUdeviceptr;
-use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, DeviceSlice};
+use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, DeviceSlice, SyncOnDrop};
 
 use crate::checks::check_len;
 use crate::dropout::{after, bind, check_stream, mask_words, raw::dtype as ffi_dtype, Dropout};
@@ -164,19 +164,25 @@ impl MultiSample {
         self.drop.scale()
     }
 
-    /// The launch params for `(seed, offset, philox_dev)` as [`Source::bind`] gives them.
-    fn params(
+    /// Checks `state`'s context (error `rng`), then binds it: the launch params and the guard
+    /// that keeps a device Philox state ordered on `stream` until the launch is enqueued (both
+    /// launchers').
+    fn bind_params<'s>(
         &self,
-        (seed, offset, philox_dev): (u64, u64, *const u64),
-    ) -> ffi::dropfuse_multi_sample_params {
-        ffi::dropfuse_multi_sample_params {
+        state: &'s Source<'_>,
+        stream: &'s CudaStream,
+    ) -> Result<(ffi::dropfuse_multi_sample_params, Option<SyncOnDrop<'s>>)> {
+        state.check(stream)?;
+        let (seed, offset, philox_dev, guard) = state.bind(stream);
+        let params = ffi::dropfuse_multi_sample_params {
             seed,
             offset,
             k: self.k as u64,
             threshold: self.drop.threshold(),
             scale: self.drop.scale(),
             philox_dev,
-        }
+        };
+        Ok((params, guard))
     }
 
     /// The `K` masked copies of `h` (`n` elements) into `copies` (`K * n`), sample `k` on the
@@ -263,9 +269,7 @@ impl MultiSample {
         masks: CUdeviceptr,
         n: usize,
     ) -> Result<()> {
-        state.check(stream)?;
-        let (seed, offset, dev, _gr) = state.bind(stream);
-        let params = self.params((seed, offset, dev));
+        let (params, _gr) = self.bind_params(&state, stream)?;
         let status = ffi::dropfuse_multi_sample_copies(
             ffi_dtype(T::DTYPE),
             h as *const c_void,
@@ -348,9 +352,7 @@ impl MultiSample {
         dh: CUdeviceptr,
         n: usize,
     ) -> Result<()> {
-        state.check(stream)?;
-        let (seed, offset, dev, _gr) = state.bind(stream);
-        let params = self.params((seed, offset, dev));
+        let (params, _gr) = self.bind_params(&state, stream)?;
         let status = ffi::dropfuse_multi_sample_reduce(
             ffi_dtype(G::DTYPE),
             grads as *const c_void,
