@@ -50,7 +50,9 @@ use std::ffi::c_void;
 use cudarc::driver::sys::CUdeviceptr;
 use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, DeviceSlice};
 
-use crate::dropout::{after, bind, check_mask_len, check_same_len, check_stream, Dropout};
+use crate::dropout::{
+    after, bind, check_mask_len, check_same_len, check_stream, opt_ptr, opt_ptr_mut, Dropout,
+};
 use crate::dtype::Element;
 use crate::error::{Error, Result};
 use crate::ffi;
@@ -109,18 +111,6 @@ impl BiasDropoutResidual {
         rows.div_ceil(DBIAS_CHUNK).saturating_mul(self.row_len)
     }
 
-    /// The launch params for `(seed, offset, philox_dev)` as [`Source::bind`] gives them.
-    fn params(&self, (seed, offset, philox_dev): (u64, u64, *const u64)) -> ffi::dropfuse_dropout_params {
-        ffi::dropfuse_dropout_params {
-            seed,
-            offset,
-            element_offset: self.drop.element_offset(),
-            threshold: self.drop.threshold(),
-            scale: self.drop.scale(),
-            philox_dev,
-        }
-    }
-
     /// Rows of a tensor of `n` elements (`first` names it); checks the element offset.
     fn rows(&self, n: usize, first: &'static str) -> Result<usize> {
         if n == 0 || n % self.row_len != 0 {
@@ -161,24 +151,7 @@ impl BiasDropoutResidual {
         y: &mut Y,
         mask: &mut M,
     ) -> Result<()> {
-        let rows = self.validate_forward(
-            stream,
-            x,
-            bias,
-            &[
-                ("residual", residual.len(), residual.stream()),
-                ("y", y.len(), y.stream()),
-            ],
-            Some((mask.len(), mask.stream())),
-        )?;
-        let (xp, _gx) = x.device_ptr(stream);
-        let (rp, _gr) = residual.device_ptr(stream);
-        let (bp, _gb) = opt_ptr(bias, stream);
-        let (yp, _gy) = y.device_ptr_mut(stream);
-        let (mp, _gm) = mask.device_ptr_mut(stream);
-        // SAFETY: validated; y is a distinct buffer from x, residual and bias (a mutable borrow
-        // cannot alias a shared one); the guards keep every buffer alive and ordered on `stream`.
-        unsafe { self.launch_forward::<T>(stream, rng.source(), xp, rp, bp, yp, mp, rows) }
+        self.forward_out(stream, rng, x, residual, bias, y, Some(mask))
     }
 
     /// `y = residual + dropout(x + bias)` without a mask: the backward regenerates it from `rng`.
@@ -197,22 +170,7 @@ impl BiasDropoutResidual {
         bias: Option<&dyn DevicePtr<T>>,
         y: &mut Y,
     ) -> Result<()> {
-        let rows = self.validate_forward(
-            stream,
-            x,
-            bias,
-            &[
-                ("residual", residual.len(), residual.stream()),
-                ("y", y.len(), y.stream()),
-            ],
-            None,
-        )?;
-        let (xp, _gx) = x.device_ptr(stream);
-        let (rp, _gr) = residual.device_ptr(stream);
-        let (bp, _gb) = opt_ptr(bias, stream);
-        let (yp, _gy) = y.device_ptr_mut(stream);
-        // SAFETY: as in `forward`.
-        unsafe { self.launch_forward::<T>(stream, rng.source(), xp, rp, bp, yp, NULL, rows) }
+        self.forward_out(stream, rng, x, residual, bias, y, None)
     }
 
     /// In place on the residual stream: `residual += dropout(x + bias)`, and the bit mask.
@@ -231,20 +189,7 @@ impl BiasDropoutResidual {
         residual: &mut R,
         mask: &mut M,
     ) -> Result<()> {
-        let rows = self.validate_forward(
-            stream,
-            x,
-            bias,
-            &[("residual", residual.len(), residual.stream())],
-            Some((mask.len(), mask.stream())),
-        )?;
-        let (xp, _gx) = x.device_ptr(stream);
-        let (bp, _gb) = opt_ptr(bias, stream);
-        let (rp, _gr) = residual.device_ptr_mut(stream);
-        let (mp, _gm) = mask.device_ptr_mut(stream);
-        // SAFETY: as in `forward`; the residual is input and output (each element is read, then
-        // written, by the same thread).
-        unsafe { self.launch_forward::<T>(stream, rng.source(), xp, rp, bp, rp, mp, rows) }
+        self.forward_in_place(stream, rng, x, bias, residual, Some(mask))
     }
 
     /// In place on the residual stream, no mask stored.
@@ -256,18 +201,68 @@ impl BiasDropoutResidual {
         bias: Option<&dyn DevicePtr<T>>,
         residual: &mut R,
     ) -> Result<()> {
+        self.forward_in_place(stream, rng, x, bias, residual, None)
+    }
+
+    /// [`Self::forward`] and [`Self::forward_maskless`]: the same validation and launch, the mask
+    /// optional.
+    #[allow(clippy::too_many_arguments)]
+    fn forward_out<T: Element, X: DevicePtr<T>, R: DevicePtr<T>, Y: DevicePtrMut<T>, Rng: Randomness>(
+        &self,
+        stream: &CudaStream,
+        rng: Rng,
+        x: &X,
+        residual: &R,
+        bias: Option<&dyn DevicePtr<T>>,
+        y: &mut Y,
+        mask: Option<&mut dyn DevicePtrMut<u32>>,
+    ) -> Result<()> {
+        let rows = self.validate_forward(
+            stream,
+            x,
+            bias,
+            &[
+                ("residual", residual.len(), residual.stream()),
+                ("y", y.len(), y.stream()),
+            ],
+            mask.as_deref().map(|m| (m.len(), &**m.stream())),
+        )?;
+        let (xp, _gx) = x.device_ptr(stream);
+        let (rp, _gr) = residual.device_ptr(stream);
+        let (bp, _gb) = opt_ptr(bias, stream);
+        let (yp, _gy) = y.device_ptr_mut(stream);
+        let (mp, _gm) = opt_ptr_mut(mask, stream);
+        // SAFETY: validated; y (and the mask, if any) are buffers distinct from x, residual and
+        // bias (a mutable borrow cannot alias a shared one); the guards keep every buffer alive
+        // and ordered on `stream`.
+        unsafe { self.launch_forward::<T>(stream, rng.source(), xp, rp, bp, yp, mp, rows) }
+    }
+
+    /// [`Self::forward_inplace`] and [`Self::forward_maskless_inplace`]: the same validation and
+    /// launch, the mask optional.
+    fn forward_in_place<T: Element, X: DevicePtr<T>, R: DevicePtrMut<T>, Rng: Randomness>(
+        &self,
+        stream: &CudaStream,
+        rng: Rng,
+        x: &X,
+        bias: Option<&dyn DevicePtr<T>>,
+        residual: &mut R,
+        mask: Option<&mut dyn DevicePtrMut<u32>>,
+    ) -> Result<()> {
         let rows = self.validate_forward(
             stream,
             x,
             bias,
             &[("residual", residual.len(), residual.stream())],
-            None,
+            mask.as_deref().map(|m| (m.len(), &**m.stream())),
         )?;
         let (xp, _gx) = x.device_ptr(stream);
         let (bp, _gb) = opt_ptr(bias, stream);
         let (rp, _gr) = residual.device_ptr_mut(stream);
-        // SAFETY: as in `forward_inplace`.
-        unsafe { self.launch_forward::<T>(stream, rng.source(), xp, rp, bp, rp, NULL, rows) }
+        let (mp, _gm) = opt_ptr_mut(mask, stream);
+        // SAFETY: as in `forward_out`; the residual is input and output (each element is read,
+        // then written, by the same thread).
+        unsafe { self.launch_forward::<T>(stream, rng.source(), xp, rp, bp, rp, mp, rows) }
     }
 
     // ---- backward ----
@@ -456,9 +451,7 @@ impl BiasDropoutResidual {
         mask: CUdeviceptr,
         rows: usize,
     ) -> Result<()> {
-        rng.check(stream)?;
-        let (seed, offset, dev, _gr) = rng.bind(stream);
-        let params = self.params((seed, offset, dev));
+        let (params, _gr) = self.drop.bind_params(self.drop.element_offset(), &rng, stream)?;
         let status = ffi::dropfuse_bias_dropout_residual_forward(
             crate::dropout::raw::dtype(T::DTYPE),
             x as *const c_void,
@@ -489,9 +482,7 @@ impl BiasDropoutResidual {
         bias_grad: Option<BiasGrad<'_, T>>,
         rows: usize,
     ) -> Result<()> {
-        rng.check(stream)?;
-        let (seed, offset, dev, _gr) = rng.bind(stream);
-        let params = self.params((seed, offset, dev));
+        let (params, _gr) = self.drop.bind_params(self.drop.element_offset(), &rng, stream)?;
         let launch = |dbias: CUdeviceptr, workspace: CUdeviceptr| {
             // SAFETY: every pointer was validated (lengths, contexts) by the caller and is kept
             // alive by its guard until after this call; dx is dy (in place) or a distinct buffer;
@@ -526,20 +517,6 @@ impl BiasDropoutResidual {
 
 /// No pointer (no bias, no mask, no bias gradient).
 const NULL: CUdeviceptr = 0;
-
-/// The pointer of an optional input and its guard.
-fn opt_ptr<'a, T>(
-    buf: Option<&'a dyn DevicePtr<T>>,
-    stream: &'a CudaStream,
-) -> (CUdeviceptr, Option<cudarc::driver::SyncOnDrop<'a>>) {
-    match buf {
-        Some(b) => {
-            let (p, g) = b.device_ptr(stream);
-            (p, Some(g))
-        }
-        None => (NULL, None),
-    }
-}
 
 fn check_bias_len(got: usize, row_len: usize, name: &'static str) -> Result<()> {
     if got != row_len {

@@ -24,7 +24,7 @@
 use std::ffi::c_void;
 
 use cudarc::driver::sys::CUdeviceptr;
-use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, DeviceSlice};
+use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, DeviceSlice, SyncOnDrop};
 
 use crate::dtype::Element;
 use crate::error::{Error, Result};
@@ -90,18 +90,43 @@ impl Dropout {
     }
 
     fn params(&self, rng: raw::RawRng) -> ffi::dropfuse_dropout_params {
-        let (seed, offset, philox_dev) = match rng {
+        let bound = match rng {
             raw::RawRng::Host(s) => (s.seed, s.offset, std::ptr::null()),
             raw::RawRng::Device { state, add } => (0, add, state),
         };
+        self.launch_params(self.element_offset, bound)
+    }
+
+    /// The launchers' dropout params: this dropout's threshold and scale, the first element's
+    /// global index `element_offset` (the caller's: structured dropout counts decisions instead),
+    /// and `(seed, offset, philox_dev)` as [`Source::bind`] gives them. One builder for every
+    /// module whose kernels take `dropfuse_dropout_params`.
+    pub(crate) fn launch_params(
+        &self,
+        element_offset: u64,
+        (seed, offset, philox_dev): (u64, u64, *const u64),
+    ) -> ffi::dropfuse_dropout_params {
         ffi::dropfuse_dropout_params {
             seed,
             offset,
-            element_offset: self.element_offset,
+            element_offset,
             threshold: self.threshold,
             scale: self.scale,
             philox_dev,
         }
+    }
+
+    /// Checks `rng`'s context (error `rng`), then binds it: [`Dropout::launch_params`] and the
+    /// guard that keeps a device Philox state ordered on `stream` until the launch is enqueued.
+    pub(crate) fn bind_params<'s>(
+        &self,
+        element_offset: u64,
+        rng: &'s Source<'_>,
+        stream: &'s CudaStream,
+    ) -> Result<(ffi::dropfuse_dropout_params, Option<SyncOnDrop<'s>>)> {
+        rng.check(stream)?;
+        let (seed, offset, dev, guard) = rng.bind(stream);
+        Ok((self.launch_params(element_offset, (seed, offset, dev)), guard))
     }
 
     fn check_len(&self, n: usize, name: &'static str) -> Result<()> {
@@ -403,6 +428,36 @@ pub(crate) fn check_stream(stream: &CudaStream, buf: &CudaStream, name: &'static
         ));
     }
     Ok(())
+}
+
+/// The device pointer of an optional input (0 without one) and its guard, which keeps the buffer
+/// ordered on `stream` until the launch is enqueued: the optional bias, mask or validity buffers
+/// of several modules.
+pub(crate) fn opt_ptr<'a, T>(
+    buf: Option<&'a dyn DevicePtr<T>>,
+    stream: &'a CudaStream,
+) -> (CUdeviceptr, Option<SyncOnDrop<'a>>) {
+    match buf {
+        Some(b) => {
+            let (p, g) = b.device_ptr(stream);
+            (p, Some(g))
+        }
+        None => (0, None),
+    }
+}
+
+/// [`opt_ptr`] for an optional output.
+pub(crate) fn opt_ptr_mut<'a, T>(
+    buf: Option<&'a mut (dyn DevicePtrMut<T> + '_)>,
+    stream: &'a CudaStream,
+) -> (CUdeviceptr, Option<SyncOnDrop<'a>>) {
+    match buf {
+        Some(b) => {
+            let (p, g) = b.device_ptr_mut(stream);
+            (p, Some(g))
+        }
+        None => (0, None),
+    }
 }
 
 /// The launchers use the CUDA runtime, which launches into the thread's current context.

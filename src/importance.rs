@@ -36,11 +36,10 @@
 use std::ffi::c_void;
 use std::sync::Arc;
 
-use cudarc::driver::sys::CUdeviceptr;
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 
 use crate::device::Device;
-use crate::dropout::{after, bind, check_stream};
+use crate::dropout::{after, bind, check_stream, opt_ptr, opt_ptr_mut};
 use crate::dtype::Element;
 use crate::error::{Error, Result};
 use crate::ffi;
@@ -196,20 +195,8 @@ impl ImportanceAccumulator {
 
         let (ip, _gi) = input.device_ptr(&stream);
         let (op, _go) = output.device_ptr(&stream);
-        let (mp, _gm) = match mask {
-            Some(m) => {
-                let (p, g) = m.device_ptr(&stream);
-                (p, Some(g))
-            }
-            None => (0 as CUdeviceptr, None),
-        };
-        let (sp, _gs) = match similarities {
-            Some(s) => {
-                let (p, g) = s.device_ptr_mut(&stream);
-                (p, Some(g))
-            }
-            None => (0 as CUdeviceptr, None),
-        };
+        let (mp, _gm) = opt_ptr(mask, &stream);
+        let (sp, _gs) = opt_ptr_mut(similarities, &stream);
         let (ts, _gts) = self.tile_sums.device_ptr_mut(&stream);
         let (tc, _gtc) = self.tile_counts.device_ptr_mut(&stream);
         let (ls, _gls) = self.sums.device_ptr_mut(&stream);

@@ -40,6 +40,7 @@
 
 mod alloc;
 pub mod bias_dropout_residual;
+mod checks;
 pub mod device;
 pub mod drop_block;
 pub mod dropout;

@@ -193,16 +193,7 @@ impl McDropout {
         masks: u64,
         n: usize,
     ) -> Result<()> {
-        rng.check(stream)?;
-        let (seed, offset, philox_dev, _gr) = rng.bind(stream);
-        let params = ffi::dropfuse_dropout_params {
-            seed,
-            offset,
-            element_offset: self.drop.element_offset(),
-            threshold: self.drop.threshold(),
-            scale: self.drop.scale(),
-            philox_dev,
-        };
+        let (params, _gr) = self.drop.bind_params(self.drop.element_offset(), &rng, stream)?;
         let status = ffi::dropfuse_mc_dropout_forward(
             crate::dropout::raw::dtype(T::DTYPE),
             x as *const std::ffi::c_void,
@@ -257,6 +248,21 @@ fn check_shape(batch: usize, classes: usize) -> Result<usize> {
     })?;
     crate::device::check_device_len::<f32>("classes", n)?;
     Ok(n)
+}
+
+/// Values of a stack of `samples` samples of `per` (`B * C`) values each: `samples` error when
+/// there is none or the product overflows `usize` (the check of every push and of [`summarize`]).
+fn stack_len(samples: usize, per: usize) -> Result<usize> {
+    if samples == 0 {
+        return Err(Error::invalid("samples", "at least 1 sample", 0));
+    }
+    samples.checked_mul(per).ok_or_else(|| {
+        Error::invalid(
+            "samples",
+            format!("samples * batch * classes that fits in usize ({per} per sample)"),
+            samples,
+        )
+    })
 }
 
 /// Rejects (as `out`) output buffers other than `B * C` variances, `B` predictive entropies and `B`
@@ -393,17 +399,7 @@ impl McSummaryState {
         samples: usize,
         check: bool,
     ) -> Result<()> {
-        if samples == 0 {
-            return Err(Error::invalid("samples", "at least 1 sample", 0));
-        }
-        let per = self.batch * self.classes;
-        let want = samples.checked_mul(per).ok_or_else(|| {
-            Error::invalid(
-                "samples",
-                format!("samples * batch * classes that fits in usize ({per} per sample)"),
-                samples,
-            )
-        })?;
+        let want = stack_len(samples, self.batch * self.classes)?;
         if probs.len() != want {
             let what = if samples == 1 {
                 "B * C".to_string()
@@ -589,17 +585,7 @@ pub fn summarize<P: DevicePtr<f32>>(
     batch: usize,
     classes: usize,
 ) -> Result<(McSummaryState, McOutputs)> {
-    let per = check_shape(batch, classes)?;
-    if samples == 0 {
-        return Err(Error::invalid("samples", "at least 1 sample", 0));
-    }
-    let want = samples.checked_mul(per).ok_or_else(|| {
-        Error::invalid(
-            "samples",
-            format!("samples * batch * classes that fits in usize ({per} per sample)"),
-            samples,
-        )
-    })?;
+    let want = stack_len(samples, check_shape(batch, classes)?)?;
     if probs.len() != want {
         return Err(Error::invalid(
             "probs",

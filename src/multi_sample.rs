@@ -84,8 +84,9 @@ use std::ffi::c_void;
 use std::sync::Arc;
 
 use cudarc::driver::sys::CUdeviceptr;
-use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, DeviceSlice};
+use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, DeviceSlice, SyncOnDrop};
 
+use crate::checks::check_len;
 use crate::dropout::{after, bind, check_stream, mask_words, raw::dtype as ffi_dtype, Dropout};
 use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
@@ -121,17 +122,6 @@ pub const fn masks_len(k: usize, n: usize) -> usize {
 fn check_k(k: usize, max: usize) -> Result<()> {
     if k == 0 || k > max {
         return Err(Error::invalid("k", format!("1 ..= {max} samples"), k));
-    }
-    Ok(())
-}
-
-fn check_len(name: &'static str, got: usize, want: usize, what: &str) -> Result<()> {
-    if got != want {
-        return Err(Error::invalid(
-            name,
-            format!("{want} elements ({what})"),
-            format!("{got} elements"),
-        ));
     }
     Ok(())
 }
@@ -174,19 +164,25 @@ impl MultiSample {
         self.drop.scale()
     }
 
-    /// The launch params for `(seed, offset, philox_dev)` as [`Source::bind`] gives them.
-    fn params(
+    /// Checks `state`'s context (error `rng`), then binds it: the launch params and the guard
+    /// that keeps a device Philox state ordered on `stream` until the launch is enqueued (both
+    /// launchers').
+    fn bind_params<'s>(
         &self,
-        (seed, offset, philox_dev): (u64, u64, *const u64),
-    ) -> ffi::dropfuse_multi_sample_params {
-        ffi::dropfuse_multi_sample_params {
+        state: &'s Source<'_>,
+        stream: &'s CudaStream,
+    ) -> Result<(ffi::dropfuse_multi_sample_params, Option<SyncOnDrop<'s>>)> {
+        state.check(stream)?;
+        let (seed, offset, philox_dev, guard) = state.bind(stream);
+        let params = ffi::dropfuse_multi_sample_params {
             seed,
             offset,
             k: self.k as u64,
             threshold: self.drop.threshold(),
             scale: self.drop.scale(),
             philox_dev,
-        }
+        };
+        Ok((params, guard))
     }
 
     /// The `K` masked copies of `h` (`n` elements) into `copies` (`K * n`), sample `k` on the
@@ -222,13 +218,7 @@ impl MultiSample {
         masks: &mut M,
     ) -> Result<()> {
         let n = self.check_copies(stream, h, copies)?;
-        check_len(
-            "masks",
-            masks.len(),
-            masks_len(self.k, n),
-            "K * ceil(n / 32) words",
-        )?;
-        check_stream(stream, masks.stream(), "masks")?;
+        self.check_masks(stream, masks, n)?;
         bind(stream)?;
         let (hp, _gh) = h.device_ptr(stream);
         let (cp, _gc) = copies.device_ptr_mut(stream);
@@ -253,6 +243,19 @@ impl MultiSample {
         Ok(n)
     }
 
+    /// The `K` bit masks of `n` elements (`masks_len(K, n)` words, on the stream's context): the
+    /// same check in [`copies_with_masks`](Self::copies_with_masks) and [`reduce`](Self::reduce),
+    /// after their other buffers'.
+    fn check_masks<M: DeviceSlice<u32>>(&self, stream: &CudaStream, masks: &M, n: usize) -> Result<()> {
+        check_len(
+            "masks",
+            masks.len(),
+            masks_len(self.k, n),
+            "K * ceil(n / 32) words",
+        )?;
+        check_stream(stream, masks.stream(), "masks")
+    }
+
     /// Checks the state's context (a device state's guard lives until the launch is enqueued).
     ///
     /// # Safety
@@ -266,9 +269,7 @@ impl MultiSample {
         masks: CUdeviceptr,
         n: usize,
     ) -> Result<()> {
-        state.check(stream)?;
-        let (seed, offset, dev, _gr) = state.bind(stream);
-        let params = self.params((seed, offset, dev));
+        let (params, _gr) = self.bind_params(&state, stream)?;
         let status = ffi::dropfuse_multi_sample_copies(
             ffi_dtype(T::DTYPE),
             h as *const c_void,
@@ -292,13 +293,7 @@ impl MultiSample {
         dh: &mut D,
     ) -> Result<()> {
         let n = self.check_reduce(stream, grads, dh)?;
-        check_len(
-            "masks",
-            masks.len(),
-            masks_len(self.k, n),
-            "K * ceil(n / 32) words",
-        )?;
-        check_stream(stream, masks.stream(), "masks")?;
+        self.check_masks(stream, masks, n)?;
         bind(stream)?;
         let (mp, _gm) = masks.device_ptr(stream);
         let (gp, _gg) = grads.device_ptr(stream);
@@ -357,9 +352,7 @@ impl MultiSample {
         dh: CUdeviceptr,
         n: usize,
     ) -> Result<()> {
-        state.check(stream)?;
-        let (seed, offset, dev, _gr) = state.bind(stream);
-        let params = self.params((seed, offset, dev));
+        let (params, _gr) = self.bind_params(&state, stream)?;
         let status = ffi::dropfuse_multi_sample_reduce(
             ffi_dtype(G::DTYPE),
             grads as *const c_void,

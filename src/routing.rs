@@ -57,6 +57,7 @@ use std::sync::Arc;
 use cudarc::driver::sys::CUdeviceptr;
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, SyncOnDrop};
 
+use crate::checks::{check_len, check_rows, compact_rows};
 use crate::dropout::{after, bind, check_stream};
 use crate::dtype::Element;
 use crate::error::{Error, Result};
@@ -135,30 +136,6 @@ fn check_fraction(name: &'static str, v: f64) -> Result<()> {
     } else {
         Err(Error::invalid(name, "a fraction in [0, 1]", v))
     }
-}
-
-fn check_len(name: &'static str, len: usize, expected: usize, what: &str) -> Result<()> {
-    if len == expected {
-        Ok(())
-    } else {
-        Err(Error::invalid(
-            name,
-            format!("{expected} elements ({what})"),
-            format!("{len} elements"),
-        ))
-    }
-}
-
-/// The rows of a compact buffer named `name`: a whole number of rows of `hidden` elements.
-fn compact_rows(name: &'static str, len: usize, hidden: usize) -> Result<usize> {
-    if len % hidden != 0 {
-        return Err(Error::invalid(
-            name,
-            format!("a whole number of rows of {hidden} elements"),
-            format!("{len} elements"),
-        ));
-    }
-    Ok(len / hidden)
 }
 
 /// An upper bound of the tokens [`TokenRouting::top_k`] selects in any `B x S` batch (every token
@@ -498,11 +475,7 @@ fn check_tokens(name: &'static str, len: usize, hidden: usize, routing: &TokenRo
     if hidden == 0 {
         return Err(Error::invalid("hidden", "at least 1", 0));
     }
-    let expected = routing
-        .tokens()
-        .checked_mul(hidden)
-        .ok_or_else(|| Error::invalid(name, "a number of elements that fits in usize", "an overflow"))?;
-    check_len(name, len, expected, "B x S x hidden")
+    check_rows(name, len, routing.tokens(), hidden, "B x S x hidden")
 }
 
 fn check_gate(name: &'static str, len: usize, routing: &TokenRouting) -> Result<()> {

@@ -59,6 +59,7 @@ use std::sync::Arc;
 use cudarc::driver::sys::CUdeviceptr;
 use cudarc::driver::{CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut};
 
+use crate::checks::{check_len, check_rows, compact_rows};
 use crate::dropout::{after, bind, check_stream};
 use crate::dtype::Element;
 use crate::error::{Error, Result};
@@ -140,31 +141,6 @@ fn count_rows(name: &'static str, len: usize, row_len: usize) -> Result<usize> {
         Err(Error::invalid(
             name,
             format!("a non-empty whole number of rows of {row_len} elements"),
-            format!("{len} elements"),
-        ))
-    } else {
-        Ok(len / row_len)
-    }
-}
-
-fn check_len(name: &'static str, len: usize, expected: usize, what: &str) -> Result<()> {
-    if len == expected {
-        Ok(())
-    } else {
-        Err(Error::invalid(
-            name,
-            format!("{expected} elements ({what})"),
-            format!("{len} elements"),
-        ))
-    }
-}
-
-/// Rows of a compact buffer: any whole number of rows (its capacity).
-fn compact_rows(name: &'static str, len: usize, row_len: usize) -> Result<usize> {
-    if len % row_len != 0 {
-        Err(Error::invalid(
-            name,
-            format!("a whole number of rows of {row_len} elements"),
             format!("{len} elements"),
         ))
     } else {
@@ -475,25 +451,9 @@ pub fn stochastic_depth_backward<T: Element, D: DevicePtr<T>, DB: DevicePtrMut<T
     )?;
     let (dp, _gd) = d_out.device_ptr(stream);
     let (bp, _gb) = d_branch.device_ptr_mut(stream);
-    let (k, _gk) = keep_arg(&keep, stream);
-    // SAFETY: validated lengths and contexts; d_branch is a mutable borrow, distinct from d_out.
-    let status = unsafe {
-        ffi::dropfuse_stochastic_depth_backward(
-            dtype::<T>(),
-            dp as *const c_void,
-            bp as *mut c_void,
-            std::ptr::null_mut(),
-            std::ptr::null_mut(),
-            batch as u64,
-            row_len as u64,
-            0,
-            &k,
-            scale,
-            cu(stream),
-        )
-    };
-    ffi::check(status, "dropfuse_stochastic_depth_backward")?;
-    after(stream)
+    // SAFETY: validated lengths and contexts; d_branch is a mutable borrow, distinct from d_out;
+    // no bias gradient (null d_bias and workspace, bias length 0).
+    unsafe { launch_backward::<T>(stream, dp, bp, 0, 0, batch, row_len, 0, &keep, scale) }
 }
 
 /// [`stochastic_depth_backward`] and the bias gradient (contract points 3 and 4):
@@ -535,24 +495,46 @@ pub fn stochastic_depth_backward_bias<
     let (bp, _gb) = d_branch.device_ptr_mut(stream);
     let (biasp, _gbias) = d_bias.device_ptr_mut(stream);
     let (wp, _gw) = workspace.device_ptr_mut(stream);
-    let (k, _gk) = keep_arg(&keep, stream);
     // SAFETY: validated lengths (workspace included) and contexts; the outputs are mutable
     // borrows, distinct from each other and from d_out; cudarc allocations are 4-byte aligned.
-    let status = unsafe {
-        ffi::dropfuse_stochastic_depth_backward(
-            dtype::<T>(),
-            dp as *const c_void,
-            bp as *mut c_void,
-            biasp as *mut c_void,
-            wp as *mut f32,
-            batch as u64,
-            row_len as u64,
-            bias_len as u64,
-            &k,
-            scale,
-            cu(stream),
-        )
-    };
+    unsafe { launch_backward::<T>(stream, dp, bp, biasp, wp, batch, row_len, bias_len, &keep, scale) }
+}
+
+/// The backward launch shared by [`stochastic_depth_backward`] (`d_bias == workspace == 0`,
+/// `bias_len == 0`: no bias gradient) and [`stochastic_depth_backward_bias`], on validated
+/// pointers.
+///
+/// # Safety
+/// The arguments passed validation; the pointers are device memory of the stream's context kept
+/// alive by the caller's guards (or 0 as above); the outputs overlap neither each other nor
+/// `d_out`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn launch_backward<T: Element>(
+    stream: &CudaStream,
+    d_out: CUdeviceptr,
+    d_branch: CUdeviceptr,
+    d_bias: CUdeviceptr,
+    workspace: CUdeviceptr,
+    batch: usize,
+    row_len: usize,
+    bias_len: usize,
+    keep: &Keep<'_>,
+    scale: f32,
+) -> Result<()> {
+    let (k, _gk) = keep_arg(keep, stream);
+    let status = ffi::dropfuse_stochastic_depth_backward(
+        dtype::<T>(),
+        d_out as *const c_void,
+        d_branch as *mut c_void,
+        d_bias as *mut c_void,
+        workspace as *mut f32,
+        batch as u64,
+        row_len as u64,
+        bias_len as u64,
+        &k,
+        scale,
+        cu(stream),
+    );
     ffi::check(status, "dropfuse_stochastic_depth_backward")?;
     after(stream)
 }
@@ -818,11 +800,7 @@ fn launch_compact<T: Element>(
 /// Validates `row_len` and a full `B x row_len` tensor named `name` against `slots`.
 fn check_full(name: &'static str, len: usize, row_len: usize, slots: &SampleSlots) -> Result<()> {
     check_row_len(row_len)?;
-    let expected = slots
-        .batch
-        .checked_mul(row_len)
-        .ok_or_else(|| Error::invalid(name, "a number of elements that fits in usize", "an overflow"))?;
-    check_len(name, len, expected, "B x row_len, one row per sample")
+    check_rows(name, len, slots.batch, row_len, "B x row_len, one row per sample")
 }
 
 fn check_slots_stream(stream: &CudaStream, slots: &SampleSlots) -> Result<()> {

@@ -41,7 +41,7 @@ use std::ffi::c_void;
 use cudarc::driver::sys::CUdeviceptr;
 use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
 
-use crate::dropout::{after, bind, check_stream, Dropout};
+use crate::dropout::{after, bind, check_stream, opt_ptr_mut, Dropout};
 use crate::dtype::Element;
 use crate::error::{Error, Result};
 use crate::ffi;
@@ -188,18 +188,6 @@ impl StructuredDropout {
         self.layout.mask_words()
     }
 
-    /// The launch params for `(seed, offset, philox_dev)` as [`Source::bind`] gives them.
-    fn params(&self, (seed, offset, philox_dev): (u64, u64, *const u64)) -> ffi::dropfuse_dropout_params {
-        ffi::dropfuse_dropout_params {
-            seed,
-            offset,
-            element_offset: self.decision_offset,
-            threshold: self.drop.threshold(),
-            scale: self.drop.scale(),
-            philox_dev,
-        }
-    }
-
     /// Lengths (data buffers: `numel`; the mask: `mask_words`), then contexts; binds the stream.
     fn validate(
         &self,
@@ -252,7 +240,7 @@ impl StructuredDropout {
         rng.check(stream)?;
         let (mp, _gm) = mask.device_ptr_mut(stream);
         let (seed, offset, dev, _gr) = rng.bind(stream);
-        let params = self.params((seed, offset, dev));
+        let params = self.drop.launch_params(self.decision_offset, (seed, offset, dev));
         // SAFETY: the mask holds mask_words() words of the stream's context (validated), as does a
         // device Philox state; the guards keep them alive and ordered on `stream`.
         let status = unsafe {
@@ -276,16 +264,7 @@ impl StructuredDropout {
         y: &mut Y,
         mask: &mut M,
     ) -> Result<()> {
-        self.validate(
-            stream,
-            &[("x", x.len(), x.stream()), ("y", y.len(), y.stream())],
-            Some((mask.len(), mask.stream())),
-        )?;
-        let (xp, _gx) = x.device_ptr(stream);
-        let (yp, _gy) = y.device_ptr_mut(stream);
-        let (mp, _gm) = mask.device_ptr_mut(stream);
-        // SAFETY: validated; x and y are distinct cudarc buffers (a shared and a mutable borrow).
-        unsafe { self.launch_forward::<T>(stream, rng.source(), xp, yp, mp) }
+        self.forward_out(stream, rng, ("x", x), ("y", y), Some(mask))
     }
 
     /// `y = dropout(x)` without storing the mask: the backward regenerates it from `rng`.
@@ -296,15 +275,7 @@ impl StructuredDropout {
         x: &X,
         y: &mut Y,
     ) -> Result<()> {
-        self.validate(
-            stream,
-            &[("x", x.len(), x.stream()), ("y", y.len(), y.stream())],
-            None,
-        )?;
-        let (xp, _gx) = x.device_ptr(stream);
-        let (yp, _gy) = y.device_ptr_mut(stream);
-        // SAFETY: as in `forward`.
-        unsafe { self.launch_forward::<T>(stream, rng.source(), xp, yp, 0) }
+        self.forward_out(stream, rng, ("x", x), ("y", y), None)
     }
 
     /// In place: `x = dropout(x)`, and the decision mask.
@@ -315,15 +286,7 @@ impl StructuredDropout {
         x: &mut X,
         mask: &mut M,
     ) -> Result<()> {
-        self.validate(
-            stream,
-            &[("x", x.len(), x.stream())],
-            Some((mask.len(), mask.stream())),
-        )?;
-        let (xp, _gx) = x.device_ptr_mut(stream);
-        let (mp, _gm) = mask.device_ptr_mut(stream);
-        // SAFETY: validated; in place (each element is read, then written, by the same thread).
-        unsafe { self.launch_forward::<T>(stream, rng.source(), xp, xp, mp) }
+        self.forward_in_place(stream, rng, ("x", x), Some(mask))
     }
 
     /// In place, no mask stored.
@@ -333,10 +296,7 @@ impl StructuredDropout {
         rng: R,
         x: &mut X,
     ) -> Result<()> {
-        self.validate(stream, &[("x", x.len(), x.stream())], None)?;
-        let (xp, _gx) = x.device_ptr_mut(stream);
-        // SAFETY: as in `forward_inplace`.
-        unsafe { self.launch_forward::<T>(stream, rng.source(), xp, xp, 0) }
+        self.forward_in_place(stream, rng, ("x", x), None)
     }
 
     /// Backward from a stored decision mask: `dx = dy * scale` where the element's decision is
@@ -356,7 +316,7 @@ impl StructuredDropout {
         let (mp, _gm) = mask.device_ptr(stream);
         let (dyp, _gdy) = dy.device_ptr(stream);
         let (dxp, _gdx) = dx.device_ptr_mut(stream);
-        // SAFETY: as in `forward`.
+        // SAFETY: validated; dy and dx are distinct cudarc buffers (a shared and a mutable borrow).
         unsafe { self.launch_backward::<T>(stream, mp, dyp, dxp) }
     }
 
@@ -368,15 +328,7 @@ impl StructuredDropout {
         dy: &DY,
         dx: &mut DX,
     ) -> Result<()> {
-        self.validate(
-            stream,
-            &[("dy", dy.len(), dy.stream()), ("dx", dx.len(), dx.stream())],
-            None,
-        )?;
-        let (dyp, _gdy) = dy.device_ptr(stream);
-        let (dxp, _gdx) = dx.device_ptr_mut(stream);
-        // SAFETY: as in `forward`.
-        unsafe { self.launch_forward::<T>(stream, rng.source(), dyp, dxp, 0) }
+        self.forward_out(stream, rng, ("dy", dy), ("dx", dx), None)
     }
 
     /// In place backward from a stored mask.
@@ -393,7 +345,7 @@ impl StructuredDropout {
         )?;
         let (mp, _gm) = mask.device_ptr(stream);
         let (gp, _gg) = grad.device_ptr_mut(stream);
-        // SAFETY: as in `forward_inplace`.
+        // SAFETY: validated; in place (each element is read, then written, by the same thread).
         unsafe { self.launch_backward::<T>(stream, mp, gp, gp) }
     }
 
@@ -404,10 +356,51 @@ impl StructuredDropout {
         rng: R,
         grad: &mut G,
     ) -> Result<()> {
-        self.validate(stream, &[("grad", grad.len(), grad.stream())], None)?;
-        let (gp, _gg) = grad.device_ptr_mut(stream);
-        // SAFETY: as in `forward_inplace`.
-        unsafe { self.launch_forward::<T>(stream, rng.source(), gp, gp, 0) }
+        self.forward_in_place(stream, rng, ("grad", grad), None)
+    }
+
+    /// The forward kernel out of place, with or without the mask: [`Self::forward`],
+    /// [`Self::forward_maskless`] and [`Self::backward_maskless`] (the forward's arithmetic on
+    /// `dy`), whose buffers are named as their arguments (`x`/`y` or `dy`/`dx`).
+    fn forward_out<T: Element, X: DevicePtr<T>, Y: DevicePtrMut<T>, R: Randomness>(
+        &self,
+        stream: &CudaStream,
+        rng: R,
+        (x_name, x): (&'static str, &X),
+        (y_name, y): (&'static str, &mut Y),
+        mask: Option<&mut dyn DevicePtrMut<u32>>,
+    ) -> Result<()> {
+        self.validate(
+            stream,
+            &[(x_name, x.len(), x.stream()), (y_name, y.len(), y.stream())],
+            mask.as_deref().map(|m| (m.len(), &**m.stream())),
+        )?;
+        let (xp, _gx) = x.device_ptr(stream);
+        let (yp, _gy) = y.device_ptr_mut(stream);
+        let (mp, _gm) = opt_ptr_mut(mask, stream);
+        // SAFETY: validated; x and y are distinct cudarc buffers (a shared and a mutable borrow),
+        // the mask (if any) a third.
+        unsafe { self.launch_forward::<T>(stream, rng.source(), xp, yp, mp) }
+    }
+
+    /// The forward kernel in place, with or without the mask: [`Self::forward_inplace`],
+    /// [`Self::forward_maskless_inplace`] and [`Self::backward_maskless_inplace`] (`x` or `grad`).
+    fn forward_in_place<T: Element, X: DevicePtrMut<T>, R: Randomness>(
+        &self,
+        stream: &CudaStream,
+        rng: R,
+        (x_name, x): (&'static str, &mut X),
+        mask: Option<&mut dyn DevicePtrMut<u32>>,
+    ) -> Result<()> {
+        self.validate(
+            stream,
+            &[(x_name, x.len(), x.stream())],
+            mask.as_deref().map(|m| (m.len(), &**m.stream())),
+        )?;
+        let (xp, _gx) = x.device_ptr_mut(stream);
+        let (mp, _gm) = opt_ptr_mut(mask, stream);
+        // SAFETY: validated; in place (each element is read, then written, by the same thread).
+        unsafe { self.launch_forward::<T>(stream, rng.source(), xp, xp, mp) }
     }
 
     /// Checks `rng`'s context (the device state's guard lives until the launch is enqueued).
@@ -423,9 +416,7 @@ impl StructuredDropout {
         y: CUdeviceptr,
         mask: CUdeviceptr,
     ) -> Result<()> {
-        rng.check(stream)?;
-        let (seed, offset, dev, _gr) = rng.bind(stream);
-        let params = self.params((seed, offset, dev));
+        let (params, _gr) = self.drop.bind_params(self.decision_offset, &rng, stream)?;
         let status = ffi::dropfuse_structured_forward(
             crate::dropout::raw::dtype(T::DTYPE),
             x as *const c_void,

@@ -26,7 +26,8 @@ use std::ffi::c_void;
 use cudarc::driver::{CudaSlice, CudaView, DevicePtr, DevicePtrMut};
 
 use super::blas::{Blas, GemmCall, GemmDesc};
-use super::{check_k, check_len, check_out_dtype, masks_len, MAX_K};
+use super::{check_k, check_out_dtype, masks_len, MAX_K};
+use crate::checks::check_len;
 use crate::device::Device;
 use crate::dropout::{after, bind, check_stream, raw::dtype as ffi_dtype, Dropout};
 use crate::dtype::{DType, Element};
