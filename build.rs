@@ -1,5 +1,5 @@
-//! Compiles kernels/*.cu with nvcc (through the `cc` crate) into a static library of `extern "C"`
-//! launchers linked with the static CUDA runtime, and generates the Rust FFI from
+//! Compiles kernels/*.cu with nvcc (through the `cc` crate), each file into a static library of
+//! `extern "C"` launchers linked with the static CUDA runtime, and generates the Rust FFI from
 //! kernels/dropfuse.h with bindgen into OUT_DIR.
 //!
 //! Environment:
@@ -97,36 +97,56 @@ fn main() {
     let gencode =
         parse_archs(&archs).unwrap_or_else(|e| fail(&format!("DROPFUSE_CUDA_ARCHS={archs:?}: {e}")));
 
-    let mut build = cc::Build::new();
-    build
-        .cuda(true)
-        .cudart("static")
-        // cc adds -G (device debug: slow kernels) in debug profiles; kernels are always optimized.
-        .debug(false)
-        .opt_level(3)
-        .std("c++17")
-        .include(&kernels)
-        .flag("-O3")
-        .flag("-lineinfo")
-        .flag("-Xcompiler=-fPIC")
-        .warnings(false);
-    for g in &gencode {
-        build.flag("-gencode").flag(g);
-    }
-    // Extra nvcc flags, e.g. -D tuning knobs of the kernels (whitespace-separated).
-    if let Ok(extra) = env::var("DROPFUSE_NVCC_FLAGS") {
-        for f in extra.split_whitespace() {
-            build.flag(f);
+    // One cc build (one static library) per .cu file: with more than one file in a build, cc
+    // passes --device-c (relocatable device code), which changes register allocation (spills in
+    // the sm_80 dropout and cross-entropy kernels, scripts/kernel-audit.sh) and is not needed: no
+    // kernel calls device code of another file. The builds run in parallel threads.
+    let extra: Vec<String> = env::var("DROPFUSE_NVCC_FLAGS")
+        .map(|e| e.split_whitespace().map(str::to_string).collect())
+        .unwrap_or_default();
+    let results: Vec<(String, Result<(), cc::Error>)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = cu
+            .iter()
+            .map(|f| {
+                let (kernels, gencode, extra) = (&kernels, &gencode, &extra);
+                scope.spawn(move || {
+                    let stem = f.file_stem().unwrap().to_string_lossy().into_owned();
+                    let mut build = cc::Build::new();
+                    build
+                        .cuda(true)
+                        .cudart("static")
+                        // cc adds -G (device debug: slow kernels) in debug profiles; kernels are
+                        // always optimized.
+                        .debug(false)
+                        .opt_level(3)
+                        .std("c++17")
+                        .include(kernels)
+                        .flag("-O3")
+                        .flag("-lineinfo")
+                        .flag("-Xcompiler=-fPIC")
+                        .warnings(false);
+                    for g in gencode {
+                        build.flag("-gencode").flag(g);
+                    }
+                    // Extra nvcc flags, e.g. -D tuning knobs of the kernels.
+                    for x in extra {
+                        build.flag(x);
+                    }
+                    build.file(f);
+                    let r = build.try_compile(&format!("dropfuse_kernels_{stem}"));
+                    (stem, r)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (stem, r) in results {
+        if let Err(e) = r {
+            fail(&format!(
+                "nvcc ({}) failed to compile kernels/{stem}.cu: {e}",
+                nvcc.display()
+            ));
         }
-    }
-    for f in &cu {
-        build.file(f);
-    }
-    if let Err(e) = build.try_compile("dropfuse_kernels") {
-        fail(&format!(
-            "nvcc ({}) failed to compile kernels/: {e}",
-            nvcc.display()
-        ));
     }
 
     // The static CUDA runtime: toolkits keep it in lib64/ (or targets/<arch>/lib), the wheels in lib/.

@@ -528,6 +528,8 @@ __global__ void __launch_bounds__(kApplyThreads)
     // Zeroed, so that inactive slots do not carry the last iteration's words: left undefined,
     // they stayed alive across the loop and the 16-bit per-sample kernels spilled them, with a
     // local store and load every iteration (ptxas -v: 8 bytes; sm_90 misaligned, sm_80 aligned).
+    // Since each .cu is compiled on its own (no --device-c), ptxas keeps one 32-bit value of those
+    // per-sample kernels in local memory again, at 80 registers (scripts/kernel_audit.py allows it).
     uint32_t stored[kApplyUnroll] = {};
 #pragma unroll
     for (int u = 0; u < kApplyUnroll; ++u) {

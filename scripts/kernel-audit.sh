@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Static kernel audit, no GPU needed: compiles every kernels/*.cu with the nvcc and the flags build.rs
-# uses (the cc crate's nvcc command: -O3 -std=c++17 -I kernels -lineinfo, --device-c, one -gencode
+# uses (the cc crate's nvcc command: -O3 -std=c++17 -I kernels -lineinfo, one -gencode
 # per DROPFUSE_CUDA_ARCHS entry, default sm_80,sm_90,compute_90, and DROPFUSE_NVCC_FLAGS; nvcc
 # itself reads NVCC_PREPEND_FLAGS / NVCC_APPEND_FLAGS / NVCC_CCBIN), plus `-Xptxas -v` and `--keep`
 # (the PTX ptxas compiled), into a temporary folder; then scripts/kernel_audit.py checks, per
@@ -67,11 +67,11 @@ else
   trap 'rm -rf "$work"' EXIT
 fi
 
-# build.rs's flags (cc adds --device-c for more than one .cu, and host-only -Xcompiler flags that
-# do not change device code), with -fatbin instead of -c: the same cicc and ptxas runs without the
+# build.rs's flags (one cc build per .cu file, so no --device-c; host-only -Xcompiler flags do not
+# change device code), with -fatbin instead of -c: the same cicc and ptxas runs without the
 # host compilation (about a tenth of the time; identical ptxas reports). Largest files first.
 flags=(-O3 -std=c++17 -I "$root/kernels" -lineinfo -Xcompiler=-fPIC "${gencode[@]}" ${extra[@]+"${extra[@]}"}
-  --device-c -fatbin -Xptxas -v)
+  -fatbin -Xptxas -v)
 export nvcc work
 jobs=${AUDIT_JOBS:-$(nproc 2>/dev/null || echo 2)}
 echo "kernel-audit: $nvcc ($("$nvcc" --version | sed -n 's/.*release \([0-9.]*\).*/\1/p')), $archs, ${extra[*]:-no extra flags}, $jobs jobs" >&2
