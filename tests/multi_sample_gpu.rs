@@ -311,6 +311,10 @@ struct CeCase {
     ignore_index: i64,
     z_off: usize,
     seed: u64,
+    /// `with_grad_scale`: 1 (the default) in about a third of the cases, else a power of two up
+    /// to 2^15 or any value in [1, 300] (so that an f16 gradient, at most `w_k / n_valid <= 1`
+    /// in magnitude before the scale, cannot overflow).
+    grad_scale: f32,
 }
 
 fn ce_case() -> impl Strategy<Value = CeCase> {
@@ -319,6 +323,11 @@ fn ce_case() -> impl Strategy<Value = CeCase> {
     let eps = prop_oneof![Just(0.0), Just(0.1), Just(1.0), 0.0f64..=1.0];
     let ignore = prop_oneof![3 => Just(0u8), 3 => Just(1u8), 1 => Just(2u8)];
     let ignore_index = prop_oneof![Just(DEFAULT_IGNORE_INDEX), Just(0i64), Just(-1i64)];
+    let grad_scale = prop_oneof![
+        2 => Just(1.0f32),
+        2 => (1i32..=15).prop_map(|e| 2f32.powi(e)),
+        2 => 1.0f32..=300.0,
+    ];
     (
         1usize..=16,
         b,
@@ -329,9 +338,10 @@ fn ce_case() -> impl Strategy<Value = CeCase> {
         ignore_index,
         0usize..5,
         any::<u64>(),
+        grad_scale,
     )
         .prop_map(
-            |(k, b, c, eps, ignore, uniform, ignore_index, z_off, seed)| CeCase {
+            |(k, b, c, eps, ignore, uniform, ignore_index, z_off, seed, grad_scale)| CeCase {
                 k,
                 b,
                 c,
@@ -341,6 +351,7 @@ fn ce_case() -> impl Strategy<Value = CeCase> {
                 ignore_index,
                 z_off,
                 seed,
+                grad_scale,
             },
         )
 }
@@ -397,11 +408,16 @@ fn run_ce<T: Element, G: Element>(dev: &Device, c: &CeCase) -> Result<(), TestCa
         c.eps,
     )
     .unwrap();
+    // with_grad_scale multiplies the gradient (its f32 coefficient `w_k / n_valid` rounded, then
+    // times the scale, rounded again: 2^-24 relative, far inside the bounds) and not the loss.
+    let want_dz: Vec<f64> = want_dz.iter().map(|v| v * f64::from(c.grad_scale)).collect();
     let ce = WeightedCrossEntropy::new(&weights)
         .unwrap()
         .with_label_smoothing(c.eps)
         .unwrap()
-        .with_ignore_index(c.ignore_index);
+        .with_ignore_index(c.ignore_index)
+        .with_grad_scale(c.grad_scale)
+        .unwrap();
     let s = dev.stream();
     let zd = upload_at(dev, c.z_off, &z, T::from_f32(1e4), 3)?;
     let zv = zd.slice(c.z_off..c.z_off + n);
@@ -503,9 +519,80 @@ fn weighted_cross_entropy_benchmark_shape() {
         ignore_index: DEFAULT_IGNORE_INDEX,
         z_off: 0,
         seed: 42,
+        grad_scale: 1.0,
     };
     run_ce::<f16, f16>(&dev, &c).unwrap();
     run_ce::<bf16, f32>(&dev, &c).unwrap();
+}
+
+/// `with_grad_scale(2^e)` multiplies every f32 gradient element by exactly `2^e` (the coefficient
+/// `w_k / n_valid` is rounded to f32 first, then scaled: a power of two adds no rounding) and
+/// leaves the loss's bits alone; `2^e` is checked both ways (e = 5, 13, -6) so that a kernel
+/// ignoring the scale, squaring it or applying it to the loss fails. A scale that is not a power
+/// of two (3) rounds the coefficient once more: within 2^-23 relative of the unscaled gradient
+/// times 3.
+#[test]
+fn weighted_cross_entropy_grad_scale_is_exact() {
+    let Some(dev) = gpu("weighted_cross_entropy_grad_scale_is_exact") else {
+        return;
+    };
+    let (k, b, c) = (3, 7, 64);
+    let z: Vec<f32> = values(k * b * c, 8.0, 31);
+    let labels: Vec<i64> = (0..b as i64)
+        .map(|i| {
+            if i == 4 {
+                DEFAULT_IGNORE_INDEX
+            } else {
+                (i * 11) % c as i64
+            }
+        })
+        .collect();
+    let s = dev.stream();
+    let zd = dev.upload(&z).unwrap();
+    let ld = dev.upload(&labels).unwrap();
+    let run = |scale: f32| {
+        let ce = WeightedCrossEntropy::new(&[0.5, 0.25, 0.25])
+            .unwrap()
+            .with_label_smoothing(0.1)
+            .unwrap()
+            .with_grad_scale(scale)
+            .unwrap();
+        assert_eq!(ce.grad_scale(), scale);
+        let mut loss = dev.zeros::<f32>(1).unwrap();
+        let mut dz = dev.zeros::<f32>(k * b * c).unwrap();
+        let mut scratch = dev.zeros::<u64>(WeightedCrossEntropy::scratch_len(k, b)).unwrap();
+        ce.forward(s, &zd, b, c, &ld, &mut loss, &mut dz, &mut scratch)
+            .unwrap();
+        (dev.download(&loss).unwrap()[0], dev.download(&dz).unwrap())
+    };
+    let (loss1, dz1) = run(1.0);
+    assert!(dz1.iter().any(|&v| v != 0.0));
+    for e in [5, 13, -6] {
+        let scale = 2f32.powi(e);
+        let (loss, dz) = run(scale);
+        assert_eq!(
+            loss.to_bits(),
+            loss1.to_bits(),
+            "grad scale 2^{e} changed the loss"
+        );
+        for (i, (&g, &g1)) in dz.iter().zip(&dz1).enumerate() {
+            assert_eq!(
+                g.to_bits(),
+                (g1 * scale).to_bits(),
+                "grad scale 2^{e}: dz[{i}] = {g:e}, want {:e}",
+                g1 * scale
+            );
+        }
+    }
+    let (loss, dz) = run(3.0);
+    assert_eq!(loss.to_bits(), loss1.to_bits(), "grad scale 3 changed the loss");
+    for (i, (&g, &g1)) in dz.iter().zip(&dz1).enumerate() {
+        let want = 3.0 * f64::from(g1);
+        assert!(
+            (f64::from(g) - want).abs() <= 2f64.powi(-23) * want.abs(),
+            "grad scale 3: dz[{i}] = {g:e}, want {want:e}"
+        );
+    }
 }
 
 /// The f32 gradient `ce.forward` writes for logits `z` (`K x B x C`, `K` = `ce`'s) and `labels`.

@@ -374,6 +374,41 @@ fn unnormalised_rows_keep_bald_non_negative() {
     }
 }
 
+/// Two samples one f32 ulp apart in one class: `H[mean] - E[H]` is mathematically a tiny positive
+/// number (Jensen) but computes to `-2^-53` in these rows (found by a search over such pairs
+/// with the reference's own formulas), so the documented `max(0, .)` is what makes BALD `+0`
+/// here rather than negative. Each row is `(bits of sample 0, class bumped by one ulp in sample
+/// 1)`.
+#[test]
+fn mutual_information_clamps_negative_rounding_noise() {
+    let rows: [(&[u32], usize); 3] = [
+        (&[0x3d3e9a53, 0x3f0ff5a0, 0x3d57458c, 0x3ead58c5], 2),
+        (&[0x3f0cb25e, 0x3b488da0, 0x3ed7fad8, 0x3cd0f511], 1),
+        (&[0x3ef9d89a, 0x3deb5fd6, 0x3ecb4f71], 1),
+    ];
+    let mut negative = 0;
+    for (bits, j) in rows {
+        let p: Vec<f32> = bits.iter().map(|&b| f32::from_bits(b)).collect();
+        let mut q = p.clone();
+        q[j] = f32::from_bits(bits[j] + 1);
+        let mut probs = p.clone();
+        probs.extend(&q);
+        let st = summarize(&probs, 2, 1, p.len()).unwrap();
+        if st.predictive_entropy[0] - st.expected_entropy[0] < 0.0 {
+            negative += 1;
+        }
+        assert_eq!(
+            st.mutual_information[0].to_bits(),
+            0.0f64.to_bits(),
+            "{p:?} then {q:?}: BALD {:e} (H[mean] {:e}, E[H] {:e})",
+            st.mutual_information[0],
+            st.predictive_entropy[0],
+            st.expected_entropy[0]
+        );
+    }
+    assert!(negative > 0, "no row exercises the clamp");
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(cases(64)))]
 

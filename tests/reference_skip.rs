@@ -447,6 +447,24 @@ fn bias_gradient_uses_the_chunked_order() {
     assert_eq!(g.d_bias.unwrap()[0], big + 2.0);
 }
 
+/// The terms of bias element `k` run over rows first, then positions (`m = b * (R / P) + q`,
+/// element `j = q * P + k`): with `B = 2`, `R = 4`, `P = 2` element 0's terms are
+/// `d_out[0][0], d_out[0][2], d_out[1][0], d_out[1][2]` = `1, 2^24, 1, -2^24`. In that order both
+/// ones are lost (`2^24 + 1` is a tie, rounded to the even `2^24`): `0`. Position-major order
+/// (`1, 1, 2^24, -2^24`) would give `2`. Element 1's terms `0.5, 0.25, 4, 8` add exactly.
+#[test]
+fn bias_gradient_terms_run_over_rows_then_positions() {
+    let big = 16_777_216.0f32;
+    let d_out = [1.0f32, 0.5, big, 0.25, 1.0, 4.0, -big, 8.0];
+    let g = stochastic_depth_backward(&d_out, 4, SampleKeep::Batch(true), 1.0, Some(2)).unwrap();
+    assert_eq!(bits(&g.d_bias.unwrap()), bits(&[0.0f32, 12.75][..]));
+    assert_eq!(chunked_sum(&[1.0, big, 1.0, -big], D_BIAS_CHUNK).unwrap(), 0.0);
+    // bf16 (which holds 2^24): the same order, the sum in f32, one rounding to bf16 at the end.
+    let h: Vec<bf16> = d_out.iter().map(|&v| bf16::from_f32(v)).collect();
+    let g = stochastic_depth_backward(&h, 4, SampleKeep::Batch(true), 1.0, Some(2)).unwrap();
+    assert_eq!(widen(&g.d_bias.unwrap()), [0.0, 12.75]);
+}
+
 #[test]
 fn chunked_sum_definition() {
     assert_eq!(chunked_sum(&[], 4).unwrap().to_bits(), 0);
@@ -712,6 +730,36 @@ fn compaction_backward_is_the_adjoint() {
         let rhs = dot(&widen(&x), &widen(&y)) + dot(&widen(&c), &widen(&d_c));
         assert_eq!(lhs, rhs);
     }
+}
+
+/// The gathers' backward accumulates with one `f32` add, `round_T(f32(d_x) + f32(d_c))`: into a
+/// `+0` gradient a `-0` entry of `d_c` becomes `+0` (IEEE `+0 + -0 = +0`: a plain transpose turns
+/// `-0` into `+0`, as contract point 6 says), and a `-0` gradient plus `-0` stays `-0`.
+#[test]
+fn gather_backward_adds_signed_zeros() {
+    let keep = [true, false, true];
+    let d_c = [-0.0f32, 1.5, -0.0, -0.0];
+    let mut d_x = [0.0f32; 6];
+    gather_samples_backward(&d_c, 2, &keep, &mut d_x).unwrap();
+    assert_eq!(bits(&d_x[..]), bits(&[0.0f32, 1.5, 0.0, 0.0, 0.0, 0.0][..]));
+    let mut d_x = [-0.0f32; 6];
+    gather_samples_backward(&d_c, 2, &keep, &mut d_x).unwrap();
+    assert_eq!(bits(&d_x[..]), bits(&[-0.0f32, 1.5, -0.0, -0.0, -0.0, -0.0][..]));
+    let d_c16: Vec<bf16> = d_c.iter().map(|&v| bf16::from_f32(v)).collect();
+    let mut d_x16 = [bf16::from_f32(0.0); 6];
+    gather_samples_backward(&d_c16, 2, &keep, &mut d_x16).unwrap();
+    assert!(d_x16
+        .iter()
+        .all(|v| v.to_bits() != bf16::from_f32(-0.0).to_bits()));
+
+    let scores = [3.0f32, 1.0, 2.0, 0.5];
+    let r = route_top_k(&scores, 2, ValidTokens::All, Capacity::Tokens(1)).unwrap();
+    let mut d_x = [0.0f32; 8];
+    gather_tokens_backward(&d_c, 2, &r, &mut d_x).unwrap();
+    assert_eq!(
+        bits(&d_x[..]),
+        bits(&[0.0f32, 1.5, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0][..])
+    );
 }
 
 #[test]
@@ -984,9 +1032,22 @@ fn top_k_capacity_rules() {
         (0.7, 10, 7),
         (0.125, 2048, 256),
         (1.0, 40_000, 40_000),
+        // The f64 products 14.499999999999998 (0.29 * 50, 0.58 * 25) and 31.5 (0.42 * 75) round
+        // to 14, 14 and 32; in f32 they would be 14.5, 14.5 and 31.499998: 15, 15 and 31.
+        (0.29, 50, 14),
+        (0.58, 25, 14),
+        (0.42, 75, 32),
     ];
     for (c, v, k) in cases {
         assert_eq!(Capacity::Fraction(c).tokens(v), k, "{c} * {v}");
+    }
+    // The same budgets through the routings (every token valid, distinct scores).
+    for (c, v, k) in [(0.29, 50usize, 14usize), (0.58, 25, 14), (0.42, 75, 32)] {
+        let s: Vec<f32> = (0..v).map(|t| t as f32).collect();
+        let r = route_top_k(&s, v, ValidTokens::All, Capacity::Fraction(c)).unwrap();
+        assert_eq!(r.total(), k, "top-k {c} of {v}");
+        let (g, _) = route_global(&s, v, ValidTokens::All, c).unwrap();
+        assert_eq!(g.total(), k, "global {c} of {v}");
     }
     assert_eq!(Capacity::Tokens(7).tokens(3), 3);
     assert_eq!(Capacity::Tokens(0).tokens(3), 0);

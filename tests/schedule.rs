@@ -72,6 +72,25 @@ proptest! {
     }
 }
 
+/// The ramp is clamped to `[min(start, end), max(start, end)]`: with `steps = 2^64 - 1` the step
+/// `2^64 - 2` converts to the same `f64` (2^64), so the formula is `start + fl(end - start)`, which
+/// rounds past the end: `0.03 + (0.29 - 0.03)` is `0.29000000000000004` and `0.08 + (0.01 - 0.08)`
+/// is `0.009999999999999995` (both computed below). The documented range holds: exactly `end`.
+#[test]
+fn ramp_is_clamped_where_rounding_overshoots() {
+    let (steps, step) = (u64::MAX, u64::MAX - 1);
+    for (start, end) in [(0.03, 0.29), (0.08, 0.01), (0.11, 0.04)] {
+        let raw = start + (end - start) * (step as f64) / (steps as f64);
+        let (lo, hi) = (f64::min(start, end), f64::max(start, end));
+        assert!(raw < lo || raw > hi, "{start} -> {end}: the formula gives {raw}");
+        let s = Schedule::linear(start, end, steps).unwrap();
+        assert_eq!(s.p(step), end, "{start} -> {end} at step 2^64 - 2");
+        assert_eq!(linear_schedule(start, end, steps, step), end);
+    }
+    let d = Schedule::early_linear(0.08, steps).unwrap();
+    assert_eq!(d.p(step), 0.0);
+}
+
 #[test]
 fn invalid_probabilities_are_named() {
     for bad in [f64::NAN, -0.1, 1.5, f64::INFINITY] {
