@@ -36,7 +36,14 @@
 //! * [`schedule`]: drop-probability schedules over training steps (constant, linear ramp, early and
 //!   late dropout).
 //!
-//! The mask contract is documented in the README and in `kernels/dropfuse.h`.
+//! Getting started: [`Device::new`] opens a GPU. Every kernel call takes the stream to enqueue on
+//! ([`Device::stream`], or your own through [`Device::from_stream`]), validates its arguments
+//! first ([`Error::InvalidArgument`], nothing written) and returns without waiting (the few calls
+//! that read a value back say so); [`Device::download`] and [`Device::synchronize`] wait, and
+//! report a fault of a running kernel as [`Error::Cuda`]. The README has a complete example.
+//!
+//! The mask contract every random kernel follows is written out in [`reference`](mod@reference)
+//! (points 1-8), in the README and in `kernels/dropfuse.h`.
 
 mod alloc;
 pub mod bias_dropout_residual;
