@@ -8,8 +8,9 @@
 // both rows in flight per lane), then a 5-level butterfly gives every lane the row's sums, and
 // cos = dot / (max(sqrt(|a|^2), eps) * max(sqrt(|b|^2), eps)) (PyTorch 2.x, eps = 1e-8), all
 // without FMA contraction; a row whose sum of squares passes 2^120 (f32 overflow of the squares:
-// elements from about 2^64 / sqrt(H) on) is summed again scaled by 2^-90 (row_cosine). Padding tokens (mask byte 0) are not read. One thread then adds the
-// tile's similarities in ascending token order in f64 and writes the tile's sum and count.
+// elements from about 2^64 / sqrt(H) on) is summed again scaled by 2^-90 (row_cosine). Padding
+// tokens (mask byte 0) are not read. One thread then adds the tile's similarities in ascending
+// token order in f64 and writes the tile's sum and count.
 // Stage 2 (finalize_kernel, one block of 256 threads): thread t adds tiles t, t + 256, ... in
 // f64, a fixed tree adds the 256 results, and thread 0 adds the total to the layer's sum and
 // count. Every order depends on the shape only: results are deterministic, run to run and GPU to
