@@ -93,7 +93,6 @@ def install_fakes(torch):
 
 
 def run_one(path):
-    import torch  # noqa: F401  (installed by install_fakes' caller)
     sys.path.insert(0, PEERS)
     import dropout_torch
 
