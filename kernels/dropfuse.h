@@ -460,8 +460,9 @@ int dropfuse_importance_accumulate(dropfuse_dtype dtype, const void *input, cons
 
 /* ---- Multi-sample dropout head (src/multi_sample/head.rs: K masked copies, cuBLAS GEMMs, these) ----
  * dropfuse_weighted_ce with two more arguments: grad_scale (finite, > 0) multiplies the gradient
- * (coefficient (w_k / n_valid) * grad_scale, both products rounded to f32; a power of two scales the
- * gradient exactly, 1 gives dropfuse_weighted_ce's gradient bit for bit), and
+ * (coefficient (w_k / n_valid) * grad_scale in f32: n_valid converted to f32, exact up to 2^24 valid
+ * rows, then the quotient and the product each rounded to f32; a power of two scales the gradient
+ * exactly, 1 gives dropfuse_weighted_ce's gradient bit for bit), and
  * zero_grad_on_bad_label != 0 makes a bad label write zeros into grad (the loss is still not
  * written) instead of leaving grad untouched. grad_dtype may be any dtype when dtype is F32 (f32
  * logits from a GEMM, the gradient in the GEMM's input type); otherwise dtype or F32. */

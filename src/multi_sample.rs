@@ -487,8 +487,8 @@ impl WeightedCrossEntropy {
     }
 
     /// Multiplies the gradient by `scale` (finite, `> 0`; default 1), like a loss scale: the
-    /// coefficient `w_k / n_valid` is rounded to `f32` and then multiplied by `scale` (rounded
-    /// again), so a power of two scales the gradient exactly (barring overflow) and keeps small
+    /// coefficient `w_k / n_valid` is computed in `f32` (`n_valid` converted to `f32`, exact up to
+    /// 2^24 valid rows, the quotient rounded) and then multiplied by `scale` (rounded again), so a power of two scales the gradient exactly (barring overflow) and keeps small
     /// gradients out of the f16 subnormal range. The loss is not scaled.
     pub fn with_grad_scale(mut self, scale: f32) -> Result<Self> {
         if !(scale > 0.0 && scale.is_finite()) {
