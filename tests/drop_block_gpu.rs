@@ -402,15 +402,15 @@ fn gpu_drop_block_per_sample_huge() {
     per_sample_case(&dev, test, shape, huge::TWO_POW_32);
 }
 
-/// [`per_sample_case`] on [9, 3, 13, 11] (samples of 429 elements), probing the samples around the
-/// multiples of 1024.
+/// [`per_sample_case`] on [9, 3, 23, 21] (samples of 1449 elements), probing the samples around
+/// the multiples of 4096.
 #[test]
 fn gpu_drop_block_per_sample_probe_twin() {
     let test = "gpu_drop_block_per_sample_probe_twin";
     let Some(dev) = gpu(test) else {
         return;
     };
-    per_sample_case(&dev, test, [9, 3, 13, 11], 1024);
+    per_sample_case(&dev, test, [9, 3, 23, 21], 4096);
 }
 
 /// The per-sample instantiation of the apply kernel (kernels/drop_block.cu
@@ -419,7 +419,8 @@ fn gpu_drop_block_per_sample_probe_twin() {
 /// from its mask and stats (the same scales once more). The tensor's counter equals the sum of the
 /// samples'; the first two and last two samples and those around each multiple of `wrap` elements
 /// are checked whole against the reference's per-plane oracle and per-sample scale: counter, mask
-/// bits, and elements after each pass. Skipped (a SKIPPED line) when the GPU lacks the memory.
+/// bits, and elements after each pass; their scales must differ. Skipped (a SKIPPED line) when the
+/// GPU lacks the memory.
 fn per_sample_case(dev: &Device, test: &str, shape: [usize; 4], wrap: usize) {
     let [samples, c, h, w] = shape;
     let per_sample = c * h * w;
@@ -455,9 +456,11 @@ fn per_sample_case(dev: &Device, test: &str, shape: [usize; 4], wrap: usize) {
             (n, dropped, kept, scale)
         })
         .collect();
+    // Per-sample scales that differ between the probed samples (and are not all 1).
     assert!(
-        oracle.iter().any(|o| o.2 < per_sample as u64),
-        "no probed sample drops anything"
+        oracle.iter().any(|o| o.3 != oracle[0].3) && oracle.iter().any(|o| o.3 != 1.0),
+        "{test}: the probed samples' scales {:?} do not differ",
+        oracle.iter().map(|o| o.3).collect::<Vec<_>>()
     );
 
     let mut x = huge::value_tensor(dev, numel);
