@@ -9,6 +9,7 @@ mod common;
 
 use common::data::sprinkled;
 use common::guard::{dl, same_bits, upload_at, MASK_SENTINEL};
+use common::huge;
 use common::{gpu, ok, run_cases};
 use dropfuse::drop_block::{stats_len, DropBlock, Normalize};
 use dropfuse::dropout::mask_words;
@@ -384,6 +385,131 @@ fn gpu_drop_block_huge_tensor_over_2_pow_32_small_maps() {
         "gpu_drop_block_huge_tensor_over_2_pow_32_small_maps",
         [1_193_047, 1, 60, 60],
     );
+}
+
+/// DropBlock with per-sample normalisation over 2^32 elements: [`per_sample_case`] on
+/// [397 800, 3, 61, 59] f16 in place (4 295 046 600 elements, about 9.1 GB with the mask). Samples
+/// of 10 797 elements (odd): the one holding element 2^32 straddles it, and most samples begin
+/// inside a 16-byte vector and a mask word.
+#[test]
+fn gpu_drop_block_per_sample_huge() {
+    let test = "gpu_drop_block_per_sample_huge";
+    let Some(dev) = gpu(test) else {
+        return;
+    };
+    let shape = [397_800, 3, 61, 59];
+    assert!(shape.iter().product::<usize>() > huge::TWO_POW_32);
+    per_sample_case(&dev, test, shape, huge::TWO_POW_32);
+}
+
+/// [`per_sample_case`] on [9, 3, 23, 21] (samples of 1449 elements), probing the samples around
+/// the multiples of 4096.
+#[test]
+fn gpu_drop_block_per_sample_probe_twin() {
+    let test = "gpu_drop_block_per_sample_probe_twin";
+    let Some(dev) = gpu(test) else {
+        return;
+    };
+    per_sample_case(&dev, test, [9, 3, 23, 21], 4096);
+}
+
+/// The per-sample instantiation of the apply kernel (kernels/drop_block.cu
+/// `drop_block_apply_kernel<T, VEC, true>`: the scale changes at each sample boundary, element by
+/// element where a vector straddles one), f16 `x[i] = value(i)` in place: forward, then backward
+/// from its mask and stats (the same scales once more). The tensor's counter equals the sum of the
+/// samples'; the first two and last two samples and those around each multiple of `wrap` elements
+/// are checked whole against the reference's per-plane oracle and per-sample scale: counter, mask
+/// bits, and elements after each pass; their scales must differ. Skipped (a SKIPPED line) when the
+/// GPU lacks the memory.
+fn per_sample_case(dev: &Device, test: &str, shape: [usize; 4], wrap: usize) {
+    let [samples, c, h, w] = shape;
+    let per_sample = c * h * w;
+    let numel = samples * per_sample;
+    let need = numel * 2 + mask_words(numel) * 4 + (1 << 30);
+    if !huge::enough_memory(dev, test, need) {
+        return;
+    }
+    let s = dev.stream();
+    let cfg = DropBlock::new(0.2, 7)
+        .unwrap()
+        .with_normalize(Normalize::PerSample);
+    let state = PhiloxState::new(0xb10c_5a3e, 9);
+    let mut probe = vec![0, 1, samples - 2, samples - 1];
+    for b in huge::wraps(numel, wrap) {
+        probe.extend([(b - 1) / per_sample, b / per_sample, b / per_sample + 1]);
+    }
+    probe.retain(|&n| n < samples);
+    probe.sort_unstable();
+    probe.dedup();
+    // The reference per probed sample: its units' dropped flags (plane after plane), kept count
+    // and scale.
+    let oracle: Vec<(usize, Vec<bool>, u64, f32)> = probe
+        .iter()
+        .map(|&n| {
+            let mut dropped = Vec::with_capacity(per_sample);
+            for ch in 0..c {
+                let q = (n * c + ch) as u64;
+                dropped.extend(reference::plane_dropped(&cfg, &shape[2..], q, state).unwrap());
+            }
+            let kept = dropped.iter().filter(|&&d| !d).count() as u64;
+            let scale = reference::scales(&cfg, &[1, c, h, w], &[kept]).unwrap()[0];
+            (n, dropped, kept, scale)
+        })
+        .collect();
+    // Per-sample scales that differ between the probed samples (and are not all 1).
+    assert!(
+        oracle.iter().any(|o| o.3 != oracle[0].3) && oracle.iter().any(|o| o.3 != 1.0),
+        "{test}: the probed samples' scales {:?} do not differ",
+        oracle.iter().map(|o| o.3).collect::<Vec<_>>()
+    );
+
+    let mut x = huge::value_tensor(dev, numel);
+    let mut m = dev.zeros::<u32>(mask_words(numel)).unwrap();
+    let mut st = dev.zeros::<u64>(stats_len(&shape).unwrap()).unwrap();
+    cfg.forward_inplace(s, state, &shape, &mut x, &mut m, &mut st)
+        .unwrap();
+    let stats = dev.download(&st).unwrap();
+    assert_eq!(
+        stats[samples],
+        stats[..samples].iter().sum::<u64>(),
+        "{test}: total counter"
+    );
+    for (n, dropped, kept, _) in &oracle {
+        assert_eq!(stats[*n], *kept, "{test}: counter of sample {n}");
+        let e0 = n * per_sample;
+        let words = dev
+            .download(&m.slice(e0 / 32..(e0 + per_sample).div_ceil(32)))
+            .unwrap();
+        for (u, &d) in dropped.iter().enumerate() {
+            let bit = e0 % 32 + u;
+            let bit = (words[bit / 32] >> (bit % 32)) & 1 == 1;
+            assert_eq!(bit, !d, "{test}: mask bit of unit {u} of sample {n}");
+        }
+    }
+    for pass in 1..=2 {
+        if pass == 2 {
+            cfg.backward_inplace(s, &shape, &m, &st, &mut x).unwrap();
+        }
+        for (n, dropped, _, scale) in &oracle {
+            let e0 = n * per_sample;
+            let got = dev.download(&x.slice(e0..e0 + per_sample)).unwrap();
+            for (u, (&d, g)) in dropped.iter().zip(got).enumerate() {
+                let mut want = huge::value(e0 + u);
+                for _ in 0..pass {
+                    want = if d {
+                        f16::ZERO
+                    } else {
+                        f16::from_f32(want.to_f32() * scale)
+                    };
+                }
+                assert_eq!(
+                    g.to_bits(),
+                    want.to_bits(),
+                    "{test}: pass {pass}, unit {u} of sample {n} (dropped {d}, scale {scale})"
+                );
+            }
+        }
+    }
 }
 
 /// Planes are independent, so the first, middle and last samples (including those whose mask

@@ -8,11 +8,12 @@ mod common;
 
 use common::data::finite_values;
 use common::guard::{dl, expect_region, padded, sentinel, Bits, MASK_SENTINEL};
+use common::huge::{self, TWO_POW_32};
 use common::{gpu, ok, run_cases};
 use dropfuse::cudarc::driver::CudaContext;
 use dropfuse::dropout::mask_words;
 use dropfuse::reference::dropout as reference;
-use dropfuse::{Device, Dropout, Error, PhiloxState};
+use dropfuse::{Device, DevicePhilox, Dropout, Error, PhiloxState};
 use half::{bf16, f16};
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
@@ -481,6 +482,67 @@ fn gpu_huge_tensor_over_2_pow_32() {
     let rate = kept as f64 / n as f64;
     let sigma = (p * (1.0 - p) / n as f64).sqrt();
     assert!((rate - (1.0 - p)).abs() < 6.0 * sigma, "keep rate {rate}");
+}
+
+/// The mask-only launcher (`Dropout::mask`, kernels/dropout.cu `mask_kernel`) on 2^32 + 37
+/// elements (the last word partial): [`mask_only_case`], 512 MiB of device memory.
+#[test]
+fn gpu_mask_only_huge_over_2_pow_32() {
+    mask_only_case("gpu_mask_only_huge_over_2_pow_32", TWO_POW_32 + 37, TWO_POW_32);
+}
+
+/// [`mask_only_case`] on 3 * 1024 + 37 elements, probing around the multiples of 1024: the huge
+/// test's own logic, small enough for the emulated device.
+#[test]
+fn gpu_mask_only_probe_twin() {
+    mask_only_case("gpu_mask_only_probe_twin", 3 * 1024 + 37, 1024);
+}
+
+/// `Dropout::mask` of `n` elements twice: a host Philox state with element offset 0, then a device
+/// state (the kernel's other instantiation) with element offset 2^32 - 6 (no multiple of 4; global
+/// indices up to 2^33). Each time the mask words around each multiple of `wrap` elements and at
+/// both ends equal the reference's, and the kept count of the whole mask is within 6 sigma.
+fn mask_only_case(test: &str, n: usize, wrap: usize) {
+    let Some(dev) = gpu(test) else {
+        return;
+    };
+    let words = mask_words(n);
+    if !huge::enough_memory(&dev, test, words * 4 + (1 << 30)) {
+        return;
+    }
+    assert_eq!(wrap % 32, 0, "wrap: whole mask words");
+    let s = dev.stream();
+    let p = 0.3;
+    let state = PhiloxState::new(0x9e37_79b9_7f4a_7c15, 11);
+    let device_state = DevicePhilox::new(s, state).unwrap();
+    let mut m = dev.zeros::<u32>(words).unwrap();
+    for element_offset in [0, (1u64 << 32) - 6] {
+        let drop = Dropout::new(p).unwrap().with_element_offset(element_offset);
+        if element_offset == 0 {
+            drop.mask(s, state, n, &mut m).unwrap();
+        } else {
+            drop.mask(s, &device_state, n, &mut m).unwrap();
+        }
+        let got = dev.download(&m).unwrap();
+        for r in huge::windows(words, wrap / 32, 4, &[]) {
+            let first = r.start * 32;
+            let len = (r.end * 32).min(n) - first;
+            let want = reference::mask(p, state, element_offset + first as u64, len).unwrap();
+            assert_eq!(
+                got[r.clone()],
+                want,
+                "mask words {r:?} (element offset {element_offset})"
+            );
+        }
+        let kept: u64 = got.iter().map(|w| u64::from(w.count_ones())).sum();
+        let q = 1.0 - drop.threshold() as f64 / 4_294_967_296.0;
+        common::assert_binomial(
+            kept,
+            n as u64,
+            q,
+            &format!("kept (element offset {element_offset})"),
+        );
+    }
 }
 
 /// The threshold `round(p * 2^32)` and the scale `1 / (1 - p)` (f64, rounded once to f32) at

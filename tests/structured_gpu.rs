@@ -11,6 +11,7 @@ mod common;
 
 use common::data::finite_values;
 use common::guard::{expect_region, padded, same_or_both_nan, Bits, MASK_SENTINEL};
+use common::huge::{self, TWO_POW_32};
 use common::{bits, gpu, invalid_name, ok, run_cases};
 use dropfuse::cudarc::driver::CudaSlice;
 use dropfuse::reference::dropout::mask_bit;
@@ -525,6 +526,185 @@ fn gpu_channel_dropout_huge() {
             f16::from_f32(0.0)
         };
         assert_eq!(got.to_bits(), want.to_bits(), "element {i} (plane {plane})");
+    }
+}
+
+/// Locked (variational) dropout through the locked kernel (kernels/structured.cu `locked_kernel`):
+/// [`locked_case`] on two tensors over 2^32 f16 elements, about 8.6 GB each (in place, one at a
+/// time). B * H = 65 544 is a multiple of the f16 vector (the 16-byte path); 65 553 is odd (the
+/// element-wise path).
+#[test]
+fn gpu_locked_dropout_huge() {
+    let test = "gpu_locked_dropout_huge";
+    let Some(dev) = gpu(test) else {
+        return;
+    };
+    for shape in [[65_537, 2, 32_772], [65_537, 3, 21_851]] {
+        assert!(shape.iter().product::<usize>() > TWO_POW_32);
+        locked_case(&dev, test, shape, TWO_POW_32);
+    }
+}
+
+/// [`locked_case`] on small tensors (both paths), probing around the multiples of 512 and 256.
+#[test]
+fn gpu_locked_dropout_probe_twin() {
+    let test = "gpu_locked_dropout_probe_twin";
+    let Some(dev) = gpu(test) else {
+        return;
+    };
+    locked_case(&dev, test, [37, 2, 24], 512);
+    locked_case(&dev, test, [37, 3, 7], 256);
+}
+
+/// `StructuredDropout::locked` of `[T, B, H]` along axis 0: the groups `[(T, shared), (B * H,
+/// not shared)]` that the launcher sends to the locked kernel (decision offset 0, a multiple of 4);
+/// [`structured_passes`], probing the row boundaries nearest to each multiple of `wrap`.
+fn locked_case(dev: &Device, test: &str, shape: [usize; 3], wrap: usize) {
+    let drop = StructuredDropout::locked(&shape, 0, 0.3).unwrap();
+    let row = shape[1] * shape[2];
+    assert_eq!(
+        groups(drop.layout()),
+        [(shape[0], true), (row, false)],
+        "the locked kernel's layout"
+    );
+    structured_passes(dev, test, &drop, wrap, &[row]);
+}
+
+/// A layout of three groups through the general kernel (kernels/structured.cu `general_kernel`):
+/// [`general_case`] on [1025, 4097, 1023] f16 (4 296 011 775 elements, about 8.6 GB in place; odd,
+/// so the last 7 take the kernel's tail), 1 048 575 decisions.
+#[test]
+fn gpu_general_layout_huge() {
+    let test = "gpu_general_layout_huge";
+    let Some(dev) = gpu(test) else {
+        return;
+    };
+    let shape = [1025, 4097, 1023];
+    assert!(shape.iter().product::<usize>() > TWO_POW_32);
+    general_case(&dev, test, shape, TWO_POW_32);
+}
+
+/// [`general_case`] on [5, 37, 11] (2035 elements), probing around the multiples of 512.
+#[test]
+fn gpu_general_layout_probe_twin() {
+    let test = "gpu_general_layout_probe_twin";
+    let Some(dev) = gpu(test) else {
+        return;
+    };
+    general_case(&dev, test, [5, 37, 11], 512);
+}
+
+/// `StructuredDropout::locked` of `[T, B, H]` along the middle axis, groups `[(T, not shared), (B,
+/// shared), (H, not shared)]`: the general kernel (the forward with a mask is the dropout mask
+/// kernel on the decisions, then the general kernel applying it), decision offset 5 (no multiple
+/// of 4); [`structured_passes`], probing the row and plane boundaries nearest to each multiple of
+/// `wrap`.
+fn general_case(dev: &Device, test: &str, shape: [usize; 3], wrap: usize) {
+    let drop = StructuredDropout::locked(&shape, 1, 0.3)
+        .unwrap()
+        .with_decision_offset(5)
+        .unwrap();
+    assert_eq!(
+        groups(drop.layout()),
+        [(shape[0], false), (shape[1], true), (shape[2], false)],
+        "a general kernel's layout"
+    );
+    structured_passes(dev, test, &drop, wrap, &[shape[2], shape[1] * shape[2]]);
+}
+
+/// Embedding-row dropout, which the launcher sends to the planes kernel (kernels/structured.cu
+/// `planes_kernel`, [planes, shared plane] as channel dropout) but with a million short planes
+/// rather than a few long ones: [`embedding_rows_case`] on [1 048 577, 4097] f16 (4 296 019 969
+/// elements, about 8.6 GB in place; odd rows, so most rows begin inside a 16-byte vector; 32 769
+/// mask words, the last of 1 bit).
+#[test]
+fn gpu_embedding_rows_huge() {
+    let test = "gpu_embedding_rows_huge";
+    let Some(dev) = gpu(test) else {
+        return;
+    };
+    let shape = [1_048_577, 4097];
+    assert!(shape.iter().product::<usize>() > TWO_POW_32);
+    embedding_rows_case(&dev, test, shape, TWO_POW_32);
+}
+
+/// [`embedding_rows_case`] on [75, 33] (2475 elements), probing around the multiples of 512.
+#[test]
+fn gpu_embedding_rows_probe_twin() {
+    let test = "gpu_embedding_rows_probe_twin";
+    let Some(dev) = gpu(test) else {
+        return;
+    };
+    embedding_rows_case(&dev, test, [75, 33], 512);
+}
+
+/// `StructuredDropout::embedding_rows` of `[V, E]`, groups `[(V, not shared), (E, shared)]`;
+/// [`structured_passes`], probing the row boundaries nearest to each multiple of `wrap`.
+fn embedding_rows_case(dev: &Device, test: &str, shape: [usize; 2], wrap: usize) {
+    let drop = StructuredDropout::embedding_rows(&shape, 0.3).unwrap();
+    assert_eq!(
+        groups(drop.layout()),
+        [(shape[0], false), (shape[1], true)],
+        "the planes kernel's layout"
+    );
+    structured_passes(dev, test, &drop, wrap, &[shape[1]]);
+}
+
+/// `drop` on f16 `x[i] = value(i)` in place, three passes that each apply the same decisions
+/// once more: forward with the mask, backward from the mask, mask-free backward. The whole
+/// decision mask equals the reference's; after each pass the elements within 40 of 0, of the end,
+/// of each multiple of `wrap` and of the multiples of `periods` nearest to those are kept ones
+/// scaled once per pass (rounded each time) or +0, as their decision in the reference mask says.
+/// Skipped (a SKIPPED line) when the GPU lacks the memory: `numel` f16, the mask and 1 GiB.
+fn structured_passes(dev: &Device, test: &str, drop: &StructuredDropout, wrap: usize, periods: &[usize]) {
+    let n = drop.numel();
+    if !huge::enough_memory(dev, test, n * 2 + drop.mask_words() * 4 + (1 << 30)) {
+        return;
+    }
+    let s = dev.stream();
+    let layout = drop.layout();
+    let state = PhiloxState::new(0x5151_2323_7777_abcd, 42);
+    let want_m = reference::mask(layout, drop.p(), state, drop.decision_offset()).unwrap();
+    let kept: usize = want_m.iter().map(|w| w.count_ones() as usize).sum();
+    assert!(
+        kept > 0 && kept < drop.decisions(),
+        "{kept} of {} decisions kept: want both kinds",
+        drop.decisions()
+    );
+    let scale = drop.scale();
+    let windows = huge::windows(n, wrap, 40, &huge::boundaries_near_wraps(n, wrap, periods));
+    let mut x = huge::value_tensor(dev, n);
+    let mut m = dev.zeros::<u32>(drop.mask_words()).unwrap();
+    for pass in 1..=3 {
+        match pass {
+            1 => drop.forward_inplace(s, state, &mut x, &mut m).unwrap(),
+            2 => drop.backward_inplace(s, &m, &mut x).unwrap(),
+            _ => drop.backward_maskless_inplace(s, state, &mut x).unwrap(),
+        }
+        if pass == 1 {
+            assert_eq!(dev.download(&m).unwrap(), want_m, "{test}: decision mask");
+        }
+        for r in &windows {
+            let got = dev.download(&x.slice(r.clone())).unwrap();
+            for (i, g) in r.clone().zip(got) {
+                let d = layout.decision_of(i);
+                let keep = mask_bit(&want_m, d);
+                let mut want = huge::value(i);
+                for _ in 0..pass {
+                    want = if keep {
+                        f16::from_f32(want.to_f32() * scale)
+                    } else {
+                        f16::ZERO
+                    };
+                }
+                assert_eq!(
+                    g.to_bits(),
+                    want.to_bits(),
+                    "{test}: pass {pass}, element {i} (decision {d}, kept {keep}) of shape {:?}",
+                    layout.shape()
+                );
+            }
+        }
     }
 }
 

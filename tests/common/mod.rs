@@ -1,10 +1,12 @@
 //! Shared test helpers: the GPU (or a visible SKIPPED line), the proptest case count and runner,
-//! error and bit-pattern conversions; test data in [`data`], guarded device buffers in [`guard`].
+//! error and bit-pattern conversions; test data in [`data`], guarded device buffers in [`guard`],
+//! the helpers of the tests over 2^32 elements and their small twins in [`huge`].
 //! Each test binary compiles its own copy and uses only some of it, hence `allow(dead_code)`.
 #![allow(dead_code)]
 
 pub mod data;
 pub mod guard;
+pub mod huge;
 
 use std::io::Write;
 
