@@ -470,6 +470,9 @@ fn gpu_channel_dropout_huge() {
     assert!(n > 1 << 32);
     let p = 0.5;
     let drop = StructuredDropout::new(layout.clone(), p).unwrap();
+    if !huge::enough_memory(&dev, "gpu_channel_dropout_huge", n * 2 + (1 << 30)) {
+        return;
+    }
     let scale = drop.scale();
     // x[i] = value(i % 251), filled by copying one 64 MiB chunk repeatedly.
     let chunk = 251 * (1 << 17);
