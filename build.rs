@@ -202,9 +202,24 @@ fn host_emulation(manifest: &Path, out: &Path, cuda_include: &Path, cu: &[&PathB
         .flag("-x")
         .flag("c++")
         .warnings(false);
+    // Uninitialised locals (registers on a GPU) hold a recognisable pattern, not a stale stack
+    // value (the compilers that have the flag; tests/host_emu/poison_emu.cpp checks it).
+    if build
+        .is_flag_supported("-ftrivial-auto-var-init=pattern")
+        .unwrap_or(false)
+    {
+        build
+            .flag("-ftrivial-auto-var-init=pattern")
+            .define("DROPFUSE_EMU_AUTO_VAR_INIT", "1");
+    }
     for f in cu {
         build.file(f);
     }
+    // The emulator's poisoning self-test (`dropfuse_emu_poison_selftest`, run by
+    // tests/graph_gpu.rs on this build), linked like the kernels.
+    build
+        .define("DROPFUSE_EMU_NO_MAIN", "1")
+        .file(emu.join("poison_emu.cpp"));
     if let Err(e) = build.try_compile("dropfuse_kernels") {
         fail(&format!("the host emulation build of kernels/ failed: {e}"));
     }

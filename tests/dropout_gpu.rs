@@ -578,3 +578,20 @@ fn gpu_threshold_and_scale_rounding_edges() {
         check_case::<bf16>(&dev, &c).unwrap_or_else(|e| panic!("p = {p}: {e}"));
     }
 }
+
+/// The emulated device (`DROPFUSE_HOST_EMULATION=1` only) poisons what a GPU leaves undefined: the
+/// kernel library's self-test (`tests/host_emu/poison_emu.cpp`, linked like the kernels) reads
+/// static and dynamic shared memory and locals before any write and finds the poison.
+#[cfg(dropfuse_host_emulation)]
+#[test]
+fn emulated_device_poisons_uninitialised_shared_memory_and_locals() {
+    extern "C" {
+        fn dropfuse_emu_poison_selftest() -> i32;
+    }
+    // SAFETY: a host function of the emulated device's kernel library, no arguments.
+    let failures = unsafe { dropfuse_emu_poison_selftest() };
+    assert_eq!(
+        failures, 0,
+        "the emulator's poisoning self-test failed (its output above)"
+    );
+}

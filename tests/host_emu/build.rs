@@ -8,6 +8,10 @@
 //! on a GPU; those of kernels/common/vec.cuh trap in every build), an out-of-range shift or a
 //! signed overflow in a kernel then aborts the emulation. Without the runtime it builds and runs
 //! without it (a note in the output).
+//!
+//! Every build uses `-ftrivial-auto-var-init=pattern` when the compiler has it (and then defines
+//! `DROPFUSE_EMU_AUTO_VAR_INIT`): an uninitialised local (a register on a GPU) holds a recognisable
+//! pattern (0xFE bytes with g++) instead of a stale stack value.
 
 // Each test uses one of the two entry points.
 #![allow(dead_code)]
@@ -48,6 +52,17 @@ fn find_cxx() -> Option<PathBuf> {
     })
 }
 
+/// Uninitialised locals get a pattern (the module docs).
+const AUTO_VAR_INIT: &str = "-ftrivial-auto-var-init=pattern";
+
+/// Whether `cxx` accepts `flag` (it preprocesses an empty C++ file with it).
+fn supports(cxx: &Path, flag: &str) -> bool {
+    Command::new(cxx)
+        .args([flag, "-x", "c++", "-E", "-o", "/dev/null", "/dev/null"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
 /// Builds `tests/host_emu/<source>` with the host compiler and runs it; `None` (after a SKIPPED
 /// line) without a compiler or the CUDA headers.
 pub fn build_and_run(test: &str, source: &str) -> Option<String> {
@@ -72,6 +87,7 @@ fn build_and_run_with(test: &str, source: &str, ubsan: bool) -> Option<String> {
         return None;
     };
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let auto_var_init = supports(&cxx, AUTO_VAR_INIT);
     let name = source.replace('.', "_") + if ubsan { "_ubsan" } else { "" };
     let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
     let build = |sanitize: bool| {
@@ -79,6 +95,9 @@ fn build_and_run_with(test: &str, source: &str, ubsan: bool) -> Option<String> {
         cmd.args(["-std=c++17", "-O2", "-ffp-contract=off", "-Wno-unknown-pragmas"]);
         if sanitize {
             cmd.args(["-fsanitize=undefined", "-fno-sanitize-recover=all"]);
+        }
+        if auto_var_init {
+            cmd.args([AUTO_VAR_INIT, "-DDROPFUSE_EMU_AUTO_VAR_INIT=1"]);
         }
         cmd.arg("-I")
             .arg(&include)

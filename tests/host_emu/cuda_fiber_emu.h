@@ -7,8 +7,12 @@
 // warp intrinsic with the full mask needs all 32 lanes at the same intrinsic (divergence: reported).
 // Blocks run one after the other, in a random order (a kernel may not assume that block 0 runs
 // first, nor that the block that finishes last has the highest index), over 1D, 2D or 3D grids;
-// `__shared__` variables are function statics (one block at a time: faithful), the dynamic shared
-// memory is poisoned before every block. Atomics and fences are plain (blocks never overlap).
+// `__shared__` variables are function statics (one block at a time: faithful). What a GPU leaves
+// undefined is poisoned: before every block, its static `__shared__` variables and its dynamic
+// shared memory are filled with the next byte of 0xFF, 0x00, 0xA5 (kPoison: never the previous
+// block's values, never zero at every block), and the builds pass -ftrivial-auto-var-init=pattern
+// when the compiler has it (an uninitialised local holds 0xFE bytes with g++); poison_emu.cpp
+// checks both. Atomics and fences are plain (blocks never overlap).
 //
 // Used by tests/host_emu/*_emu.cpp (routing, importance, skip, graph-safe randomness, structured,
 // MC dropout), compiled with a plain host C++ compiler (-ffp-contract=off: the __fmul_rn /
@@ -28,6 +32,8 @@
 #include <stdint.h>
 #include <string.h>
 #include <dlfcn.h>
+#include <elf.h>
+#include <link.h>
 #include <setjmp.h>
 #include <ucontext.h>
 
@@ -39,6 +45,7 @@
 #include <map>
 #include <mutex>
 #include <random>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -55,7 +62,15 @@ using std::isnan;
 #define __device__
 #define __host__
 #define __forceinline__ inline
-#define __shared__ static
+// A static `__shared__` variable is a function static placed where launch() can find it and poison
+// it before every block: GCC's `noinit` attribute (section .noinit; the section attribute is not
+// used: g++ drops it on the statics of function templates, GCC bug 70435), otherwise a section
+// named emu_shared. See poison_shared().
+#if defined(__has_attribute) && __has_attribute(noinit)
+#define __shared__ static __attribute__((noinit))
+#else
+#define __shared__ static __attribute__((section("emu_shared")))
+#endif
 #define __launch_bounds__(...)
 #define __grid_constant__
 #define DROPFUSE_DYNAMIC_SHARED(type, name) type *name = reinterpret_cast<type *>(emu::g.dyn_smem.data())
@@ -111,6 +126,12 @@ struct Global {
   std::vector<unsigned char> dyn_smem;
   std::mt19937_64 rng{42};
   uint64_t launches = 0;
+  // Poisoning: every block starts with its static and dynamic shared memory filled with
+  // kPoison[blocks % 3] (`poison`: the running block's byte); `shared_spans`: per kernel, the
+  // static __shared__ sections of the object that holds it (poison_shared()).
+  uint64_t blocks = 0;
+  unsigned char poison = 0;
+  std::map<const void *, std::vector<std::pair<unsigned char *, size_t>>> shared_spans;
   std::map<const void *, uint64_t> launched;  // launches per kernel (coverage checks)
   const void *last_kernel = nullptr;
   dim3 last_grid;
@@ -276,6 +297,77 @@ inline uint64_t warp_op(int op, uint64_t v, int arg) {
   return g.fibers[g.cur].result;
 }
 
+// The bytes the shared memory holds at the start of a block, one per block in turn: all ones (a
+// NaN, -1, the largest count), zero (what a static holds at the first launch without poisoning)
+// and 0xA5 (a finite float, a negative integer, an invalid bool: UBSan reports its load). A read
+// of shared memory that no thread of the block wrote sees one of them, never the previous block's
+// values; one that is harmless with one pattern is caught with another.
+constexpr unsigned char kPoison[3] = {0xFF, 0x00, 0xA5};
+
+// The static __shared__ variables of the executable or shared library holding `code` (a kernel):
+// its sections .noinit, .noinit.* and emu_shared (see the __shared__ macro), read from its ELF
+// section headers (each loaded object has its own, found by the address of its code).
+inline std::vector<std::pair<unsigned char *, size_t>> shared_sections(const void *code) {
+  struct Find {
+    uintptr_t addr, bias = 0;
+    std::string path;
+  } f{reinterpret_cast<uintptr_t>(code)};
+  dl_iterate_phdr(
+      [](dl_phdr_info *info, size_t, void *data) -> int {
+        Find &f = *static_cast<Find *>(data);
+        for (int i = 0; i < info->dlpi_phnum; ++i) {
+          const ElfW(Phdr) &ph = info->dlpi_phdr[i];
+          const uintptr_t lo = info->dlpi_addr + ph.p_vaddr;
+          if (ph.p_type == PT_LOAD && f.addr >= lo && f.addr - lo < ph.p_memsz) {
+            f.bias = info->dlpi_addr;
+            f.path = info->dlpi_name != nullptr && info->dlpi_name[0] != 0 ? info->dlpi_name : "/proc/self/exe";
+            return 1;
+          }
+        }
+        return 0;
+      },
+      &f);
+  if (f.path.empty()) fatal("poisoning: no loaded object holds the kernel");
+  FILE *file = fopen(f.path.c_str(), "rb");
+  if (file == nullptr) fatal("poisoning: cannot open the kernel's object file");
+  auto read = [&](void *dst, size_t n, uint64_t at) {
+    if (fseek(file, static_cast<long>(at), SEEK_SET) != 0 || fread(dst, 1, n, file) != n)
+      fatal("poisoning: cannot read the kernel's ELF section headers");
+  };
+  ElfW(Ehdr) eh;
+  read(&eh, sizeof eh, 0);
+  if (memcmp(eh.e_ident, ELFMAG, SELFMAG) != 0 || eh.e_shentsize != sizeof(ElfW(Shdr)))
+    fatal("poisoning: the kernel's object file is not a native ELF file");
+  std::vector<ElfW(Shdr)> sh(1);
+  read(sh.data(), sizeof(ElfW(Shdr)), eh.e_shoff);
+  const size_t count = eh.e_shnum != 0 ? eh.e_shnum : sh[0].sh_size;  // SHN_UNDEF holds a large count
+  const size_t names_index = eh.e_shstrndx != SHN_XINDEX ? eh.e_shstrndx : sh[0].sh_link;
+  sh.resize(count);
+  read(sh.data(), count * sizeof(ElfW(Shdr)), eh.e_shoff);
+  if (names_index >= count) fatal("poisoning: no section name table");
+  std::string names(sh[names_index].sh_size, '\0');
+  read(names.data(), names.size(), sh[names_index].sh_offset);
+  fclose(file);
+  std::vector<std::pair<unsigned char *, size_t>> spans;
+  for (const ElfW(Shdr) &s : sh) {
+    if ((s.sh_flags & SHF_ALLOC) == 0 || s.sh_size == 0 || s.sh_name >= names.size()) continue;
+    const char *name = names.c_str() + s.sh_name;
+    if (strcmp(name, ".noinit") == 0 || strncmp(name, ".noinit.", 8) == 0 || strcmp(name, "emu_shared") == 0)
+      spans.emplace_back(reinterpret_cast<unsigned char *>(f.bias + s.sh_addr), static_cast<size_t>(s.sh_size));
+  }
+  return spans;
+}
+
+// Before a block: its static __shared__ variables (those of every kernel of the kernel's object:
+// blocks run one at a time) and its dynamic shared memory get the next poison byte.
+inline void poison_shared(const void *kernel, size_t smem) {
+  auto it = g.shared_spans.find(kernel);
+  if (it == g.shared_spans.end()) it = g.shared_spans.emplace(kernel, shared_sections(kernel)).first;
+  g.poison = kPoison[g.blocks++ % 3];
+  for (const auto &[p, n] : it->second) memset(p, g.poison, n);
+  g.dyn_smem.assign(smem + 16, g.poison);
+}
+
 // A launch: checks the configuration like the driver, then runs every block (in a random order).
 template <typename... P, typename... A>
 cudaError_t launch(void (*kernel)(P...), dim3 grid, unsigned block, size_t smem, A &&...args) {
@@ -302,7 +394,7 @@ cudaError_t launch(void (*kernel)(P...), dim3 grid, unsigned block, size_t smem,
   for (uint64_t b = 0; b < blocks; ++b) order[b] = b;
   std::shuffle(order.begin(), order.end(), g.rng);
   for (const uint64_t b : order) {
-    g.dyn_smem.assign(smem + 16, 0xA5);
+    poison_shared(reinterpret_cast<const void *>(kernel), smem);
     blockIdx = uint3{static_cast<unsigned>(b % grid.x), static_cast<unsigned>(b / grid.x % grid.y),
                      static_cast<unsigned>(b / grid.x / grid.y)};
     run_block(block);
@@ -543,11 +635,16 @@ cudaError_t enqueue(cudaStream_t stream, F op) {
 }
 }  // namespace emu
 
+// The closures handed to enqueue are named variables, never temporaries: with
+// -ftrivial-auto-var-init (tests/host_emu/build.rs, build.rs), g++ 12.2 clears the padding of a
+// by-copy lambda temporary at wrong offsets (those of a member after an array, less the array's
+// size), zeroing live bytes of the captured kernel parameters (multi_sample.cu's SampleParams).
 inline cudaError_t cudaMemsetAsync(void *p, int v, size_t n, cudaStream_t stream) {
-  return emu::enqueue(stream, [=]() {
+  const auto op = [=]() {
     memset(p, v, n);
     return cudaSuccess;
-  });
+  };
+  return emu::enqueue(stream, op);
 }
 
 namespace dropfuse {
@@ -556,8 +653,9 @@ cudaError_t launch_kernel(void (*kernel)(P...), dim3 grid, unsigned block, size_
                           A &&...args) {
   // The arguments are copied (converted to the kernel's parameter types) for a deferred launch.
   std::tuple<std::decay_t<P>...> params(std::forward<A>(args)...);
-  return emu::enqueue(stream, [=]() {
+  const auto op = [=]() {  // named: see cudaMemsetAsync
     return std::apply([&](const auto &...a) { return emu::launch(kernel, grid, block, smem, a...); }, params);
-  });
+  };
+  return emu::enqueue(stream, op);
 }
 }  // namespace dropfuse

@@ -45,7 +45,7 @@ cudaError_t launch_kernel(void (*kernel)(P...), dim3 grid, dim3 block, size_t sm
   const uint64_t blocks = static_cast<uint64_t>(grid.x) * grid.y * grid.z;
   if (blocks > 0xFFFFFFFFull) emu::fatal("2-D grid too large to emulate");
   std::tuple<std::decay_t<P>...> params(std::forward<A>(args)...);  // copied for a deferred launch
-  return emu::enqueue(stream, [=]() {
+  const auto op = [=]() {  // named, not a temporary: see cudaMemsetAsync in cuda_fiber_emu.h
     std::lock_guard<std::recursive_mutex> lock(emu::mu);  // `active` is shared with other launches
     emu2d::active = true;
     emu2d::grid = grid;
@@ -57,7 +57,8 @@ cudaError_t launch_kernel(void (*kernel)(P...), dim3 grid, dim3 block, size_t sm
         params);
     emu2d::active = false;
     return err;
-  });
+  };
+  return emu::enqueue(stream, op);
 }
 }  // namespace dropfuse
 
