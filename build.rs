@@ -216,7 +216,7 @@ fn host_emulation(manifest: &Path, out: &Path, cuda_include: &Path, cu: &[&PathB
         build.file(f);
     }
     // The emulator's poisoning self-test (`dropfuse_emu_poison_selftest`, run by
-    // tests/graph_gpu.rs on this build), linked like the kernels.
+    // tests/dropout_gpu.rs on this build), linked like the kernels.
     build
         .define("DROPFUSE_EMU_NO_MAIN", "1")
         .file(emu.join("poison_emu.cpp"));
