@@ -15,7 +15,7 @@
 # PHASES (default "bench peers tests tour fuzz huge") picks the phases and their order, e.g.
 # PHASES="tests tour fuzz" for a first call that checks before it measures.
 # DEADLINE (seconds from the start, default 540) stops starting new steps after it; every step
-# also has its own timeout. SANITIZE=memcheck|racecheck|synccheck runs phase 3 under
+# also has its own timeout. SANITIZE=memcheck|racecheck|synccheck|initcheck runs phase 3 under
 # compute-sanitizer instead of everything else (SANITIZE_TESTS="drop_block_gpu routing_gpu": only
 # those test executables). libcublas (the multi-sample head) is looked up in the Python
 # packages (PyTorch's nvidia wheels) and put on LD_LIBRARY_PATH.
