@@ -11,6 +11,7 @@ mod common;
 
 use common::data::{splitmix, unit};
 use common::guard::GUARD;
+use common::huge;
 use common::{bits, gpu, invalid_name, ok, run_cases};
 use dropfuse::cudarc::driver::CudaSlice;
 use dropfuse::mc_dropout::{summarize, McDropout, McOutputs, McStats32, McSummaryState};
@@ -163,19 +164,12 @@ fn gpu_replicas_huge() {
     let (p, eo) = (0.5, 5u64);
     let state = PhiloxState::new(123, 456);
     let mc = McDropout::new(p, r).unwrap().with_element_offset(eo);
-    let value = |i: usize| f16::from_f32((i % 251) as f32 * 0.25 - 31.0);
-    let chunk = 251 * (1 << 17);
-    let host: Vec<f16> = (0..chunk).map(value).collect();
-    let src = dev.upload(&host).unwrap();
-    let mut x = dev.zeros::<f16>(n).unwrap();
-    let mut at = 0;
-    while at < n {
-        let len = chunk.min(n - at);
-        dev.stream()
-            .memcpy_dtod(&src.slice(0..len), &mut x.slice_mut(at..at + len))
-            .unwrap();
-        at += len;
+    let need = (r + 1) * n * 2 + mc.masks_words(n) * 4 + (1 << 30);
+    if !huge::enough_memory(&dev, "gpu_replicas_huge", need) {
+        return;
     }
+    let value = huge::value;
+    let x = huge::value_tensor(&dev, n);
     let mut y = dev.zeros::<f16>(r * n).unwrap();
     let w = mask_words(n);
     let mut m = dev.upload(&vec![0xDEAD_BEEFu32; mc.masks_words(n)]).unwrap();

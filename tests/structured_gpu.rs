@@ -474,22 +474,8 @@ fn gpu_channel_dropout_huge() {
         return;
     }
     let scale = drop.scale();
-    // x[i] = value(i % 251), filled by copying one 64 MiB chunk repeatedly.
-    let chunk = 251 * (1 << 17);
-    let host: Vec<f16> = (0..chunk)
-        .map(|i| f16::from_f32((i % 251) as f32 * 0.25 - 31.0))
-        .collect();
-    let src = dev.upload(&host).unwrap();
-    let mut x = dev.zeros::<f16>(n).unwrap();
-    let mut at = 0;
-    while at < n {
-        let len = chunk.min(n - at);
-        dev.stream()
-            .memcpy_dtod(&src.slice(0..len), &mut x.slice_mut(at..at + len))
-            .unwrap();
-        at += len;
-    }
-    let value = |i: usize| f16::from_f32((i % 251) as f32 * 0.25 - 31.0);
+    let mut x = huge::value_tensor(&dev, n);
+    let value = huge::value;
     // Find a state that keeps some plane and drops another (3 decisions).
     let mut state = PhiloxState::new(77, 0);
     let want_m = loop {
